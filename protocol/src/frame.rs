@@ -1,0 +1,259 @@
+//! The frame layout: `[header, body]`, and `[topic, header, body]` on PUB.
+//!
+//! Decoding is strict and never panics: a foreign tag, an unknown version, a body
+//! that is not msgpack, an unknown `type` or a bad field each become a
+//! [`ProtocolError`] that names what was wrong, so the broker can answer with a typed
+//! error instead of crashing or staying silent.
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ProtocolError;
+
+/// Header frame of every Kiln message: the protocol family and its version.
+pub const PROTOCOL_TAG: &[u8] = b"KILN1";
+const PROTOCOL_FAMILY: &[u8] = b"KILN";
+
+/// A message enum that travels as an internally tagged msgpack map.
+pub trait WireMessage: Serialize + DeserializeOwned {
+    /// The `type` values this enum accepts, for error messages and docs.
+    const TYPES: &'static [&'static str];
+
+    /// Decodes `body` as the variant named `type_name` with field-path tracking, to
+    /// explain a failure of the fast decode. Only runs on the error path.
+    fn diagnose(type_name: &str, body: &[u8]) -> ProtocolError;
+}
+
+/// Encodes a message body with named fields (maps, not positional arrays), so peers
+/// in other languages see `{"type": "submit", ...}`.
+pub fn encode_body<T: Serialize>(msg: &T) -> Bytes {
+    // Our message types contain only maps with string keys, strings, numbers, bytes
+    // and sized sequences, which rmp-serde always encodes.
+    Bytes::from(rmp_serde::to_vec_named(msg).expect("kiln messages always encode"))
+}
+
+/// The two frames of a request, reply or worker message.
+pub fn encode<T: Serialize>(msg: &T) -> [Bytes; 2] {
+    [Bytes::from_static(PROTOCOL_TAG), encode_body(msg)]
+}
+
+/// Checks the header frame, telling a foreign protocol from another Kiln version.
+pub fn check_header(header: &[u8]) -> Result<(), ProtocolError> {
+    if header == PROTOCOL_TAG {
+        return Ok(());
+    }
+    let printable: String = String::from_utf8_lossy(&header[..header.len().min(32)]).into_owned();
+    if header.starts_with(PROTOCOL_FAMILY) {
+        Err(ProtocolError::UnsupportedVersion { found: printable })
+    } else {
+        Err(ProtocolError::ForeignTag(printable))
+    }
+}
+
+/// Decodes `[header, body]` after checking the frame count, header and size limit.
+pub fn decode<T: WireMessage>(frames: &[Bytes], max_bytes: usize) -> Result<T, ProtocolError> {
+    if frames.len() != 2 {
+        return Err(ProtocolError::FrameCount {
+            expected: 2,
+            got: frames.len(),
+        });
+    }
+    check_header(&frames[0])?;
+    decode_body(&frames[1], max_bytes)
+}
+
+/// Decodes one msgpack body. The fast path is a single `rmp_serde` decode; only when
+/// that fails is the body decoded again to find the type and field at fault.
+pub fn decode_body<T: WireMessage>(body: &[u8], max_bytes: usize) -> Result<T, ProtocolError> {
+    if body.len() > max_bytes {
+        return Err(ProtocolError::TooLarge {
+            size: body.len(),
+            limit: max_bytes,
+        });
+    }
+    match rmp_serde::from_slice::<T>(body) {
+        Ok(msg) => Ok(msg),
+        Err(_) => Err(explain::<T>(body)),
+    }
+}
+
+/// The envelope fields every message may carry, read without decoding the rest.
+#[derive(Debug, Default, Deserialize)]
+pub struct Envelope {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub req_id: Option<u64>,
+}
+
+/// Reads `type` and `req_id` from a body, if it is a map at all. Used to echo the
+/// `req_id` of a request that failed to decode.
+pub fn peek_envelope(body: &[u8]) -> Option<Envelope> {
+    // Non-map bodies and maps with a non-integer req_id yield None or a partial read.
+    rmp_serde::from_slice::<Envelope>(body).ok().or_else(|| {
+        #[derive(Deserialize)]
+        struct KindOnly {
+            #[serde(rename = "type")]
+            kind: Option<String>,
+        }
+        rmp_serde::from_slice::<KindOnly>(body)
+            .ok()
+            .map(|k| Envelope {
+                kind: k.kind,
+                req_id: None,
+            })
+    })
+}
+
+fn explain<T: WireMessage>(body: &[u8]) -> ProtocolError {
+    let Some(envelope) = peek_envelope(body) else {
+        return ProtocolError::Malformed(
+            "expected a msgpack map with a string `type` field".to_string(),
+        );
+    };
+    match envelope.kind {
+        None => ProtocolError::invalid("type", "missing: every message names its `type`"),
+        Some(kind) if T::TYPES.contains(&kind.as_str()) => T::diagnose(&kind, body),
+        Some(kind) => ProtocolError::UnknownType(kind.chars().take(64).collect()),
+    }
+}
+
+/// Decodes `body` as `V` with serde_path_to_error so the error names the field.
+/// The body still contains the `type` key, which `V` ignores.
+pub fn diagnose_as<V: DeserializeOwned>(body: &[u8]) -> ProtocolError {
+    let mut de = rmp_serde::Deserializer::new(body);
+    match serde_path_to_error::deserialize::<_, V>(&mut de) {
+        Ok(_) => ProtocolError::Malformed("message decodes only in part".to_string()),
+        Err(e) => {
+            let path = e.path().to_string();
+            let reason = e.into_inner().to_string();
+            if path == "." || path.is_empty() {
+                // A problem at the root: a missing field or a truncated body.
+                match missing_field(&reason) {
+                    Some(field) => ProtocolError::invalid(field, "missing"),
+                    None => ProtocolError::Malformed(reason),
+                }
+            } else {
+                ProtocolError::InvalidField {
+                    field: path,
+                    reason,
+                }
+            }
+        }
+    }
+}
+
+fn missing_field(reason: &str) -> Option<String> {
+    let rest = reason.strip_prefix("missing field `")?;
+    Some(rest.split('`').next()?.to_string())
+}
+
+/// Implements [`WireMessage`] for an internally tagged enum whose variants each wrap a
+/// struct, mapping each `type` name to its struct for error diagnosis.
+#[macro_export]
+macro_rules! wire_message {
+    ($enum:ty { $($name:literal => $variant:ty),* $(,)? }) => {
+        impl $crate::frame::WireMessage for $enum {
+            const TYPES: &'static [&'static str] = &[$($name),*];
+            fn diagnose(type_name: &str, body: &[u8]) -> $crate::error::ProtocolError {
+                match type_name {
+                    $($name => $crate::frame::diagnose_as::<$variant>(body),)*
+                    other => $crate::error::ProtocolError::UnknownType(other.to_string()),
+                }
+            }
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{Backend, JobSpec, Task};
+    use crate::request::{Request, Submit};
+
+    fn submit_body() -> Bytes {
+        encode_body(&Request::Submit(Submit {
+            req_id: 7,
+            job: JobSpec::new(Backend::Sim, Task::TextToImage).param("prompt", "x"),
+        }))
+    }
+
+    #[test]
+    fn round_trip_is_a_named_map() {
+        let body = submit_body();
+        // A map whose `type` is readable without knowing the schema.
+        let env = peek_envelope(&body).unwrap();
+        assert_eq!(env.kind.as_deref(), Some("submit"));
+        assert_eq!(env.req_id, Some(7));
+        let frames = [Bytes::from_static(PROTOCOL_TAG), body];
+        assert!(matches!(decode::<Request>(&frames, 1 << 20), Ok(Request::Submit(s)) if s.req_id == 7));
+    }
+
+    #[test]
+    fn header_and_size_errors_are_typed() {
+        let body = submit_body();
+        let foreign = [Bytes::from_static(b"HTTP/1.1"), body.clone()];
+        assert!(matches!(decode::<Request>(&foreign, 1 << 20), Err(ProtocolError::ForeignTag(_))));
+        let future = [Bytes::from_static(b"KILN9"), body.clone()];
+        assert!(matches!(
+            decode::<Request>(&future, 1 << 20),
+            Err(ProtocolError::UnsupportedVersion { .. })
+        ));
+        let one = [body.clone()];
+        assert!(matches!(decode::<Request>(&one, 1 << 20), Err(ProtocolError::FrameCount { got: 1, .. })));
+        let frames = [Bytes::from_static(PROTOCOL_TAG), body];
+        assert!(matches!(decode::<Request>(&frames, 10), Err(ProtocolError::TooLarge { limit: 10, .. })));
+    }
+
+    #[test]
+    fn body_errors_name_type_and_field() {
+        let truncated = &submit_body()[..20];
+        assert!(matches!(decode_body::<Request>(truncated, 1 << 20), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(decode_body::<Request>(b"\x01\x02\x03", 1 << 20), Err(ProtocolError::Malformed(_))));
+
+        let unknown = rmp_serde::to_vec_named(&serde_json::json!({"type": "explode", "req_id": 1})).unwrap();
+        assert_eq!(
+            decode_body::<Request>(&unknown, 1 << 20).unwrap_err(),
+            ProtocolError::UnknownType("explode".into())
+        );
+
+        let bad_backend = rmp_serde::to_vec_named(&serde_json::json!({
+            "type": "submit", "req_id": 1,
+            "job": {"backend": "dalle", "task": "text_to_image"}
+        }))
+        .unwrap();
+        match decode_body::<Request>(&bad_backend, 1 << 20).unwrap_err() {
+            ProtocolError::InvalidField { field, reason } => {
+                assert_eq!(field, "job.backend");
+                assert!(reason.contains("dalle"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let wrong_type = rmp_serde::to_vec_named(&serde_json::json!({
+            "type": "submit", "req_id": 1,
+            "job": {"backend": "sim", "task": "text_to_image", "priority": "high"}
+        }))
+        .unwrap();
+        assert!(matches!(
+            decode_body::<Request>(&wrong_type, 1 << 20).unwrap_err(),
+            ProtocolError::InvalidField { field, .. } if field == "job.priority"
+        ));
+
+        let missing = rmp_serde::to_vec_named(&serde_json::json!({"type": "get", "req_id": 1})).unwrap();
+        assert_eq!(
+            decode_body::<Request>(&missing, 1 << 20).unwrap_err(),
+            ProtocolError::invalid("job_id", "missing")
+        );
+
+        let typo = rmp_serde::to_vec_named(&serde_json::json!({
+            "type": "submit", "req_id": 1,
+            "job": {"backend": "sim", "task": "text_to_image", "priorty": 3}
+        }))
+        .unwrap();
+        assert!(matches!(
+            decode_body::<Request>(&typo, 1 << 20).unwrap_err(),
+            ProtocolError::InvalidField { reason, .. } if reason.contains("priorty")
+        ));
+    }
+}

@@ -1,0 +1,553 @@
+//! What a job is: its specification, its state, its outputs and its snapshot.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::ProtocolError;
+use crate::ids::{is_simple_name, ArtifactId, JobId};
+use crate::limits::{check, check_len, Limits};
+
+/// Free-form job parameters (`prompt`, `seed`, `width`, `steps`, …) passed through to
+/// the backend, which documents the ones it understands.
+pub type Params = Map<String, Value>;
+
+/// The generator a job runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    Comfyui,
+    Wan2gp,
+    /// Kiln's built-in simulator: renders a PNG from prompt and seed, needs no GPU.
+    Sim,
+}
+
+impl Backend {
+    pub const ALL: [Backend; 3] = [Backend::Comfyui, Backend::Wan2gp, Backend::Sim];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Comfyui => "comfyui",
+            Backend::Wan2gp => "wan2gp",
+            Backend::Sim => "sim",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Backend::ALL
+            .into_iter()
+            .find(|b| b.as_str() == s)
+            .ok_or_else(|| format!("unknown backend {s:?}; expected comfyui, wan2gp or sim"))
+    }
+}
+
+/// What kind of generation a job asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    TextToImage,
+    ImageToImage,
+    TextToVideo,
+    ImageToVideo,
+    /// A raw ComfyUI API-format graph in `workflow`, or a named `template`.
+    Workflow,
+}
+
+impl Task {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::TextToImage => "text_to_image",
+            Task::ImageToImage => "image_to_image",
+            Task::TextToVideo => "text_to_video",
+            Task::ImageToVideo => "image_to_video",
+            Task::Workflow => "workflow",
+        }
+    }
+
+    pub fn is_video(self) -> bool {
+        matches!(self, Task::TextToVideo | Task::ImageToVideo)
+    }
+}
+
+/// A LoRA applied to the job's model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraRef {
+    pub name: String,
+    #[serde(default = "one")]
+    pub strength: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// A file the job consumes, such as the init image of image-to-image. It travels
+/// inside the submit message (msgpack bin), bounded by `Limits::max_input_bytes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputFile {
+    pub name: String,
+    #[serde(default = "octet_stream")]
+    pub media_type: String,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+fn octet_stream() -> String {
+    "application/octet-stream".to_string()
+}
+
+/// Everything a client says about a job. Unknown fields are refused so that a typo
+/// (`priorty`) is an error rather than silently ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub backend: Backend,
+    pub task: Task,
+    #[serde(default)]
+    pub params: Params,
+    /// The model (checkpoint, Wan2GP model type) the job needs installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraRef>,
+    /// Smallest GPU memory, in MiB, the job can run in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_vram_mb: Option<u64>,
+    /// Labels every eligible worker must carry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// -10 (lowest) to 10 (highest); 0 by default.
+    #[serde(default)]
+    pub priority: i8,
+    /// Fail the job if it waits longer than this in the queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_timeout_s: Option<u32>,
+    /// Fail an attempt that runs longer than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_timeout_s: Option<u32>,
+    /// How many times the job may be started (worker loss, retryable failures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u8>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputFile>,
+    /// A raw ComfyUI API-format graph, for `task = workflow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<Value>,
+    /// A named workflow template installed on the workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// A retry of a submit with the same key returns the first job instead of a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+impl JobSpec {
+    /// A spec with only the required fields set.
+    pub fn new(backend: Backend, task: Task) -> Self {
+        JobSpec {
+            backend,
+            task,
+            params: Params::new(),
+            model: None,
+            loras: Vec::new(),
+            min_vram_mb: None,
+            labels: Vec::new(),
+            priority: 0,
+            queue_timeout_s: None,
+            run_timeout_s: None,
+            max_attempts: None,
+            inputs: Vec::new(),
+            workflow: None,
+            template: None,
+            idempotency_key: None,
+        }
+    }
+
+    /// Sets one parameter; a builder for tests and tools.
+    pub fn param(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.params.insert(key.to_string(), value.into());
+        self
+    }
+
+    pub fn prompt(&self) -> Option<&str> {
+        self.params.get("prompt").and_then(Value::as_str)
+    }
+
+    /// Checks every field against `limits`. Field names are given from the message
+    /// root (`job.params.prompt`) so the error tells the client exactly what to fix.
+    pub fn validate(&self, limits: &Limits) -> Result<(), ProtocolError> {
+        check("job.params", self.params.len() as u64, limits.max_params)?;
+        for key in ["prompt", "negative_prompt"] {
+            match self.params.get(key) {
+                None | Some(Value::Null) => {}
+                Some(Value::String(s)) => check(
+                    &format!("job.params.{key}"),
+                    s.chars().count() as u64,
+                    limits.max_prompt_chars,
+                )?,
+                Some(_) => {
+                    return Err(ProtocolError::invalid(
+                        format!("job.params.{key}"),
+                        "must be a string",
+                    ))
+                }
+            }
+        }
+        if !self.params.is_empty() {
+            let size = rmp_serde::to_vec_named(&self.params).map_or(u64::MAX, |v| v.len() as u64);
+            check("job.params", size, limits.max_params_bytes)?;
+        }
+        if let Some(model) = &self.model {
+            check_len("job.model", model, limits.max_name_len)?;
+            if model.is_empty() {
+                return Err(ProtocolError::invalid("job.model", "must not be empty"));
+            }
+        }
+        check("job.loras", self.loras.len() as u64, limits.max_loras)?;
+        for (i, lora) in self.loras.iter().enumerate() {
+            check_len(&format!("job.loras[{i}].name"), &lora.name, limits.max_name_len)?;
+            if !(lora.strength.is_finite() && (-10.0..=10.0).contains(&lora.strength)) {
+                return Err(ProtocolError::invalid(
+                    format!("job.loras[{i}].strength"),
+                    "must be between -10 and 10",
+                ));
+            }
+        }
+        check("job.labels", self.labels.len() as u64, limits.max_labels)?;
+        for (i, label) in self.labels.iter().enumerate() {
+            if !is_simple_name(label, limits.max_label_len as usize) {
+                return Err(ProtocolError::invalid(
+                    format!("job.labels[{i}]"),
+                    format!("must be 1-{} characters of [A-Za-z0-9._-]", limits.max_label_len),
+                ));
+            }
+        }
+        if !(-10..=10).contains(&self.priority) {
+            return Err(ProtocolError::invalid("job.priority", "must be between -10 and 10"));
+        }
+        for (field, value) in [
+            ("job.queue_timeout_s", self.queue_timeout_s),
+            ("job.run_timeout_s", self.run_timeout_s),
+        ] {
+            if let Some(v) = value {
+                if v == 0 {
+                    return Err(ProtocolError::invalid(field, "must be at least 1 second"));
+                }
+                check(field, v as u64, limits.max_timeout_s)?;
+            }
+        }
+        if let Some(attempts) = self.max_attempts {
+            if attempts == 0 {
+                return Err(ProtocolError::invalid("job.max_attempts", "must be at least 1"));
+            }
+            check("job.max_attempts", attempts as u64, limits.max_attempts)?;
+        }
+        check("job.inputs", self.inputs.len() as u64, limits.max_inputs)?;
+        for (i, input) in self.inputs.iter().enumerate() {
+            check_len(&format!("job.inputs[{i}].name"), &input.name, limits.max_name_len)?;
+            check(
+                &format!("job.inputs[{i}].data"),
+                input.data.len() as u64,
+                limits.max_input_bytes,
+            )?;
+            if crate::job::safe_file_name(&input.name).is_none() {
+                return Err(ProtocolError::invalid(
+                    format!("job.inputs[{i}].name"),
+                    "must be a plain file name without directories",
+                ));
+            }
+        }
+        if let Some(workflow) = &self.workflow {
+            if !workflow.is_object() {
+                return Err(ProtocolError::invalid(
+                    "job.workflow",
+                    "must be a ComfyUI API-format graph (a map of node id to node)",
+                ));
+            }
+            let size = rmp_serde::to_vec_named(workflow).map_or(u64::MAX, |v| v.len() as u64);
+            check("job.workflow", size, limits.max_workflow_bytes)?;
+        }
+        if let Some(template) = &self.template {
+            if !is_simple_name(template, limits.max_name_len as usize) {
+                return Err(ProtocolError::invalid(
+                    "job.template",
+                    "must be a template name of [A-Za-z0-9._-]",
+                ));
+            }
+        }
+        if self.task == Task::Workflow && self.workflow.is_none() && self.template.is_none() {
+            return Err(ProtocolError::invalid(
+                "job.workflow",
+                "task `workflow` needs a `workflow` graph or a `template` name",
+            ));
+        }
+        if let Some(key) = &self.idempotency_key {
+            check_len("job.idempotency_key", key, limits.max_idempotency_key_len)?;
+        }
+        Ok(())
+    }
+
+    /// The attempts a job gets when it does not say.
+    pub fn attempts_allowed(&self, default: u8) -> u8 {
+        self.max_attempts.unwrap_or(default).max(1)
+    }
+}
+
+/// Returns `name` if it is safe as a file name inside a directory: no separators, no
+/// `..`, no leading dot, no control characters, at most 255 bytes.
+pub fn safe_file_name(name: &str) -> Option<&str> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && !name.contains(['/', '\\', '\0'])
+        && !name.chars().any(char::is_control);
+    ok.then_some(name)
+}
+
+/// Where a job is in its life. Terminal states never change again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an attempt or a job failed, for clients to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The generator reported an error (bad workflow, missing node, exception).
+    Backend,
+    /// The GPU ran out of memory.
+    OutOfMemory,
+    /// The job's inputs were refused by the backend's own validation.
+    InvalidInput,
+    /// The worker disappeared (crash, network loss) while running the job.
+    WorkerLost,
+    /// The job waited in the queue longer than its queue timeout.
+    QueueTimeout,
+    /// The attempt ran longer than its run timeout.
+    RunTimeout,
+    /// The job used up its attempts; `message` names the last failure.
+    MaxAttempts,
+    /// No worker can run the job any more.
+    Unschedulable,
+    /// The broker could not store or verify the outputs.
+    Artifact,
+    /// Anything else inside Kiln.
+    Internal,
+}
+
+/// A failure report: what kind, a message for people, and whether another attempt
+/// could succeed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobError {
+    pub kind: FailureKind,
+    pub message: String,
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+impl JobError {
+    pub fn new(kind: FailureKind, message: impl Into<String>, retryable: bool) -> Self {
+        JobError {
+            kind,
+            message: message.into(),
+            retryable,
+        }
+    }
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.message)
+    }
+}
+
+/// One stored output of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactMeta {
+    pub id: ArtifactId,
+    pub name: String,
+    pub media_type: String,
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the bytes.
+    pub sha256: String,
+}
+
+/// How far an attempt has come.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Progress {
+    /// 0 to 100, never decreasing within an attempt.
+    pub pct: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
+    /// A short human-readable stage, e.g. `KSampler 12/30`.
+    #[serde(default)]
+    pub stage: String,
+}
+
+/// One recorded change of a job's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Transition {
+    pub at_ms: u64,
+    pub state: JobState,
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+/// The whole observable state of a job at sequence number `seq`: what `get` returns,
+/// and what a follower starts from after missing events (the Clone pattern).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSnapshot {
+    pub job_id: JobId,
+    /// The sequence number of the last event published for this job.
+    pub seq: u64,
+    pub state: JobState,
+    pub backend: Backend,
+    pub task: Task,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub priority: i8,
+    pub client: String,
+    /// The current or last attempt (0 before the first start).
+    pub attempt: u32,
+    pub max_attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+    #[serde(default)]
+    pub artifacts: Vec<ArtifactMeta>,
+    /// What the backend reported about the result (seed used, model loaded, timings).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub info: Map<String, Value>,
+    #[serde(default)]
+    pub cancel_requested: bool,
+    /// Jobs ahead of this one that the same workers could take, when queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u64>,
+    pub created_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+    /// Every state change, oldest first (omitted in `list` replies).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<Transition>,
+}
+
+/// Which jobs a `list` request wants.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListFilter {
+    /// Only jobs in these states (all when empty).
+    pub states: Vec<JobState>,
+    pub backend: Option<Backend>,
+    pub client: Option<String>,
+    pub worker: Option<String>,
+    /// At most this many, newest first (capped by `Limits::max_list`).
+    pub limit: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> JobSpec {
+        JobSpec::new(Backend::Sim, Task::TextToImage).param("prompt", "a kiln at dusk")
+    }
+
+    #[test]
+    fn a_plain_spec_validates() {
+        spec().validate(&Limits::default()).unwrap();
+    }
+
+    #[test]
+    fn each_limit_names_its_field() {
+        let limits = Limits {
+            max_prompt_chars: 4,
+            ..Limits::default()
+        };
+        let err = spec().validate(&limits).unwrap_err();
+        assert_eq!(
+            err,
+            ProtocolError::FieldTooLarge {
+                field: "job.params.prompt".into(),
+                limit: 4,
+                actual: 14
+            }
+        );
+        let mut s = spec();
+        s.priority = 11;
+        assert_eq!(
+            s.validate(&Limits::default()).unwrap_err().to_body().field.as_deref(),
+            Some("job.priority")
+        );
+        let mut s = spec();
+        s.inputs.push(InputFile {
+            name: "../../etc/passwd".into(),
+            media_type: "image/png".into(),
+            data: vec![1],
+        });
+        assert_eq!(
+            s.validate(&Limits::default()).unwrap_err().to_body().field.as_deref(),
+            Some("job.inputs[0].name")
+        );
+        let mut s = spec();
+        s.labels.push("has space".into());
+        assert!(s.validate(&Limits::default()).is_err());
+    }
+
+    #[test]
+    fn file_names_cannot_escape() {
+        for bad in ["", "..", "../x", "a/b", "a\\b", ".hidden", "a\0b", "a\nb"] {
+            assert!(safe_file_name(bad).is_none(), "{bad:?}");
+        }
+        assert_eq!(safe_file_name("out_00001_.png"), Some("out_00001_.png"));
+    }
+}

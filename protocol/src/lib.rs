@@ -1,0 +1,47 @@
+//! Kiln's wire protocol.
+//!
+//! Every ZeroMQ message Kiln sends is multipart `[header, body]`: `header` is the
+//! ASCII tag [`frame::PROTOCOL_TAG`] and `body` is one msgpack map written with
+//! `rmp_serde::to_vec_named`, an internally tagged enum (`{"type": "submit", ...}`).
+//! Events on the PUB socket are `[topic, header, body]`.
+//!
+//! The crate is shared by the broker, the worker, the CLI and the MCP gateway so that
+//! there is exactly one definition of every message. `docs/protocol.md` documents the
+//! same messages for people writing clients in other languages.
+
+pub mod client;
+pub mod error;
+pub mod event;
+pub mod frame;
+pub mod ids;
+pub mod job;
+pub mod limits;
+pub mod request;
+pub mod socket;
+pub mod worker;
+
+pub use client::{Client, ClientError, ClientOptions, Follow};
+pub use error::{ErrorBody, ErrorCode, ProtocolError};
+pub use event::{Event, Topic};
+pub use frame::{WireMessage, PROTOCOL_TAG};
+pub use ids::{ArtifactId, IdError, JobId};
+pub use job::*;
+pub use limits::Limits;
+pub use request::{Reply, Request};
+pub use worker::{BrokerMessage, WorkerMessage};
+
+/// The broker's and workers' software version, reported in `welcome` and `health`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Default heartbeat interval between workers and broker (Paranoid Pirate).
+pub const HEARTBEAT_INTERVAL_MS: u64 = 1_000;
+/// Missed heartbeats after which a peer is declared dead.
+pub const HEARTBEAT_LIVENESS: u32 = 3;
+
+/// Milliseconds since the Unix epoch: every timestamp on the wire uses this unit.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,334 @@
+//! Worker ⇄ broker messages on the backend ROUTER (default port 5556), and the
+//! descriptions of workers, GPUs and models that clients can ask for.
+//!
+//! The conversation follows the Paranoid Pirate pattern: a worker registers, both
+//! sides beat every second, and three missed beats declare the peer dead. Results
+//! are acknowledged (`result_ack`) because a ZeroMQ send is not a delivery.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::ErrorBody;
+use crate::ids::JobId;
+use crate::job::{Backend, JobError, JobSpec, Progress};
+use crate::wire_message;
+
+/// One attempt of one job: results and cancels name both, so a late message about
+/// an earlier attempt can never be mistaken for the current one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct JobRef {
+    pub job_id: JobId,
+    pub attempt: u32,
+}
+
+/// Where a worker's GPU figures come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuSource {
+    /// Read through NVML.
+    Nvml,
+    /// Declared in the worker's config (no NVIDIA library on this host).
+    Config,
+    /// Reported by the backend itself (ComfyUI's `/system_stats`).
+    Backend,
+    /// No GPU at all: a `sim` worker on a plain machine.
+    #[default]
+    None,
+}
+
+/// A GPU as a worker sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct GpuInfo {
+    pub index: u32,
+    pub name: String,
+    #[serde(default)]
+    pub uuid: String,
+    pub total_vram_mb: u64,
+    pub free_vram_mb: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization_pct: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_c: Option<u32>,
+    /// Memory shared with the CPU (DGX Spark GB10, Jetson): VRAM figures come from
+    /// system memory.
+    #[serde(default)]
+    pub unified_memory: bool,
+    #[serde(default)]
+    pub source: GpuSource,
+}
+
+/// A model file or model type a backend has installed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ModelEntry {
+    pub name: String,
+    /// The folder or family: `checkpoints`, `diffusion_models`, `loras`, `vae`, a Wan2GP
+    /// model type, …
+    pub kind: String,
+}
+
+/// What one backend on a worker can do right now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendInventory {
+    pub backend: Backend,
+    pub healthy: bool,
+    #[serde(default)]
+    pub models: Vec<ModelEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// A message from a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMessage {
+    Register(Register),
+    Heartbeat(Heartbeat),
+    Started(JobRef),
+    Progress(ProgressReport),
+    Upload(Upload),
+    Finished(Finished),
+    Goodbye(Goodbye),
+}
+
+wire_message!(WorkerMessage {
+    "register" => Register,
+    "heartbeat" => Heartbeat,
+    "started" => JobRef,
+    "progress" => ProgressReport,
+    "upload" => Upload,
+    "finished" => Finished,
+    "goodbye" => Goodbye,
+});
+
+/// The first message of every worker connection, and again after any reconnect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Register {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Stable name chosen by the operator, e.g. `box1-gpu0`.
+    pub worker_id: String,
+    /// Random per process, so the broker can tell a restart from a reconnect.
+    pub instance: String,
+    pub hostname: String,
+    pub version: String,
+    pub gpu: GpuInfo,
+    pub backends: Vec<BackendInventory>,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loaded_model: Option<String>,
+    /// The attempt this worker is running now, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<JobRef>,
+    /// An attempt this worker finished whose result the broker has not acknowledged;
+    /// the worker sends it again after `registered`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unacked: Option<JobRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub free_vram_mb: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization_pct: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_c: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<JobRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loaded_model: Option<String>,
+    /// False takes the worker out of scheduling until a later beat says true.
+    pub healthy: bool,
+    /// A refreshed inventory, sent only when it changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backends: Option<Vec<BackendInventory>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressReport {
+    pub job_id: JobId,
+    pub attempt: u32,
+    #[serde(flatten)]
+    pub progress: Progress,
+}
+
+/// A piece of one output file. Pieces of one file arrive in order from offset 0;
+/// the broker hashes them as they come and checks the total against `finished`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Upload {
+    pub job_id: JobId,
+    pub attempt: u32,
+    /// The output's position in the job's list of outputs.
+    pub index: u16,
+    pub name: String,
+    pub media_type: String,
+    pub offset: u64,
+    /// The file's full size.
+    pub total: u64,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// Describes one uploaded output in `finished`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputMeta {
+    pub index: u16,
+    pub name: String,
+    pub media_type: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    Succeeded {
+        outputs: Vec<OutputMeta>,
+        /// Backend facts about the result: `seed`, `model`, `load_ms`, `run_ms`, …
+        #[serde(default)]
+        info: Map<String, Value>,
+    },
+    Failed {
+        error: JobError,
+    },
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finished {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loaded_model: Option<String>,
+}
+
+/// A worker's polite exit: its job (if any) is requeued at once instead of after
+/// the liveness window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Goodbye {
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// A message from the broker to a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BrokerMessage {
+    Registered(Registered),
+    Heartbeat(BrokerBeat),
+    Assign(Assign),
+    Cancel(JobRef),
+    ResultAck(JobRef),
+    /// The broker does not know this connection (it restarted, or declared the worker
+    /// dead): register again.
+    Reregister(BrokerBeat),
+    Error(WorkerError),
+}
+
+wire_message!(BrokerMessage {
+    "registered" => Registered,
+    "heartbeat" => BrokerBeat,
+    "assign" => Assign,
+    "cancel" => JobRef,
+    "result_ack" => JobRef,
+    "reregister" => BrokerBeat,
+    "error" => WorkerError,
+});
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Registered {
+    pub heartbeat_ms: u64,
+    pub liveness: u32,
+    /// Upload chunk size the broker wants.
+    pub chunk_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BrokerBeat {}
+
+/// Run this attempt of this job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assign {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub job: Arc<JobSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerError {
+    pub error: ErrorBody,
+}
+
+/// What a worker is doing, as clients see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Idle,
+    Busy,
+    /// Its backend reports unhealthy: no new jobs until it recovers.
+    Unhealthy,
+    /// Missed its heartbeats or said goodbye; remembered for scheduling checks.
+    Offline,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Idle => "idle",
+            WorkerState::Busy => "busy",
+            WorkerState::Unhealthy => "unhealthy",
+            WorkerState::Offline => "offline",
+        }
+    }
+}
+
+/// A worker as the `workers` request reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub worker_id: String,
+    pub hostname: String,
+    pub state: WorkerState,
+    pub gpu: GpuInfo,
+    pub backends: Vec<BackendInventory>,
+    pub labels: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loaded_model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_job: Option<JobId>,
+    pub jobs_done: u64,
+    pub last_seen_ms: u64,
+    pub version: String,
+}
+
+/// A model and where it is, as the `models` request reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub kind: String,
+    pub backend: Backend,
+    /// Workers that have it installed.
+    pub workers: Vec<String>,
+    /// Workers that have it loaded right now.
+    pub loaded_on: Vec<String>,
+}
+
+/// The broker's answer to `health`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub version: String,
+    pub uptime_s: u64,
+    pub durable: bool,
+    pub workers_online: u64,
+    pub workers_idle: u64,
+    pub workers_busy: u64,
+    pub workers_unhealthy: u64,
+    pub queued: u64,
+    pub running: u64,
+    pub finished: u64,
+    /// Messages refused for being malformed, oversized, unknown or unauthenticated.
+    pub protocol_errors: u64,
+}
