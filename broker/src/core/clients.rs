@@ -1,0 +1,563 @@
+//! Client requests: authentication, submit, get, list, cancel, fetch and the
+//! read-only views (workers, models, health).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use kiln_protocol::ids::is_simple_name;
+use kiln_protocol::request::*;
+use kiln_protocol::worker::{BrokerMessage, HealthReport, JobRef, ModelInfo};
+use kiln_protocol::{
+    Backend, ErrorBody, ErrorCode, JobId, JobSnapshot, JobSpec, JobState, ListFilter,
+    ProtocolError, Reply, Request,
+};
+
+use super::auth::token_matches;
+use super::job::Job;
+use super::queue::Requirements;
+use super::registry::PeerId;
+use super::{ArtifactOp, Core, Output, Session, TimerKind};
+
+/// Refused connections remembered at most; beyond this the set starts over (a
+/// refused peer then gets one more error, never any service).
+const MAX_REFUSED: usize = 100_000;
+
+fn reply(out: &mut Vec<Output>, peer: PeerId, reply: Reply) {
+    out.push(Output::Reply { peer, reply });
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(code, message)
+}
+
+impl Core {
+    pub(super) fn on_bad_request(
+        &mut self,
+        now_ms: u64,
+        peer: PeerId,
+        req_id: Option<u64>,
+        err: ProtocolError,
+        out: &mut Vec<Output>,
+    ) {
+        self.stats.protocol_errors += 1;
+        if self.refused.contains(&peer) {
+            return;
+        }
+        if self.cfg.client_token.is_some() && !self.sessions.contains_key(&peer) {
+            // Strangers learn nothing about what they sent, only that they must
+            // authenticate.
+            self.refuse(peer, req_id, out);
+            return;
+        }
+        if let Some(s) = self.sessions.get_mut(&peer) {
+            s.last_seen_ms = now_ms;
+        }
+        tracing::debug!(error = %err, "refused a malformed request");
+        reply(out, peer, Reply::error(req_id, err));
+    }
+
+    fn refuse(&mut self, peer: PeerId, req_id: Option<u64>, out: &mut Vec<Output>) {
+        if self.refused.len() >= MAX_REFUSED {
+            self.refused.clear();
+        }
+        self.refused.insert(peer.clone());
+        tracing::warn!("refused an unauthenticated client connection");
+        reply(
+            out,
+            peer,
+            Reply::error(
+                req_id,
+                error(
+                    ErrorCode::Unauthenticated,
+                    "send `hello` with a valid token first",
+                ),
+            ),
+        );
+    }
+
+    pub(super) fn on_request(
+        &mut self,
+        now_ms: u64,
+        peer: PeerId,
+        request: Request,
+        out: &mut Vec<Output>,
+    ) {
+        let req_id = request.req_id();
+        if !self.sessions.contains_key(&peer) {
+            if self.refused.contains(&peer) {
+                self.stats.protocol_errors += 1;
+                return;
+            }
+            let authenticated = match (&self.cfg.client_token, &request) {
+                (None, _) => true,
+                (Some(expected), Request::Hello(h)) => token_matches(h.token.as_deref(), expected),
+                (Some(_), _) => false,
+            };
+            if !authenticated {
+                self.stats.protocol_errors += 1;
+                self.refuse(peer, Some(req_id), out);
+                return;
+            }
+            let name = default_client_name(&peer);
+            let name = self.client_name(&name);
+            self.sessions.insert(
+                peer.clone(),
+                Session {
+                    name,
+                    last_seen_ms: now_ms,
+                },
+            );
+        }
+        let session = self.sessions.get_mut(&peer).expect("session ensured above");
+        session.last_seen_ms = now_ms;
+        let client = session.name.clone();
+
+        match request {
+            Request::Hello(h) => {
+                if let Some(name) = &h.client {
+                    if !is_simple_name(name, self.cfg.limits.max_label_len as usize) {
+                        let err = ProtocolError::invalid(
+                            "client",
+                            "must be 1-64 characters of [A-Za-z0-9._-]",
+                        );
+                        reply(out, peer, Reply::error(Some(req_id), err));
+                        return;
+                    }
+                    let name = self.client_name(name);
+                    self.sessions.get_mut(&peer).expect("present").name = name;
+                }
+                let client = self.sessions[&peer].name.to_string();
+                let welcome = Welcome {
+                    req_id,
+                    version: kiln_protocol::VERSION.to_string(),
+                    client,
+                    limits: self.cfg.limits.clone(),
+                };
+                reply(out, peer, Reply::Welcome(welcome));
+            }
+            Request::Submit(s) => self.submit(now_ms, peer, client, req_id, s.job, out),
+            Request::Get(g) => {
+                let r = match self.jobs.get(&g.job_id) {
+                    Some(job) => {
+                        let mut snap = job.snapshot(true);
+                        snap.queue_position = self.queue_position(job);
+                        Reply::Job(JobReply { req_id, job: snap })
+                    }
+                    None => not_found(req_id, g.job_id),
+                };
+                reply(out, peer, r);
+            }
+            Request::List(l) => {
+                let jobs = self.list(&l.filter);
+                reply(out, peer, Reply::Jobs(JobsReply { req_id, jobs }));
+            }
+            Request::Cancel(c) => self.cancel(now_ms, peer, req_id, c.job_id, out),
+            Request::Fetch(f) => self.fetch(peer, req_id, f, out),
+            Request::Workers(_) => {
+                let mut workers: Vec<_> = self.workers.iter().map(|(_, w)| w.info()).collect();
+                workers.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+                reply(out, peer, Reply::Workers(WorkersReply { req_id, workers }));
+            }
+            Request::Models(_) => {
+                let models = self.models();
+                reply(out, peer, Reply::Models(ModelsReply { req_id, models }));
+            }
+            Request::Health(_) => {
+                let health = self.health(now_ms);
+                reply(out, peer, Reply::Health(HealthReply { req_id, health }));
+            }
+            Request::Ping(_) => reply(out, peer, Reply::Pong(Simple { req_id })),
+        }
+    }
+
+    fn submit(
+        &mut self,
+        now_ms: u64,
+        peer: PeerId,
+        client: std::sync::Arc<str>,
+        req_id: u64,
+        spec: JobSpec,
+        out: &mut Vec<Output>,
+    ) {
+        if let Err(e) = spec.validate(&self.cfg.limits) {
+            self.stats.protocol_errors += 1;
+            reply(out, peer, Reply::error(Some(req_id), e));
+            return;
+        }
+        if let Some(id) = spec
+            .idempotency_key
+            .as_ref()
+            .and_then(|k| self.idempotency.get(k))
+        {
+            let state = self.jobs.get(id).map_or(JobState::Queued, |j| j.state);
+            let accepted = Accepted {
+                req_id,
+                job_id: *id,
+                duplicate: true,
+                state,
+            };
+            reply(out, peer, Reply::Accepted(accepted));
+            return;
+        }
+        let req = Requirements {
+            backend: spec.backend,
+            model: spec.model.clone(),
+            min_vram_mb: spec.min_vram_mb.unwrap_or(0),
+            labels: spec.labels.clone(),
+        };
+        if let Err(why) = self.fleet_can_run(now_ms, &req) {
+            reply(
+                out,
+                peer,
+                Reply::error(Some(req_id), error(ErrorCode::Unschedulable, why)),
+            );
+            return;
+        }
+        let queued = self.queued_per_client.get(&client).copied().unwrap_or(0);
+        if queued >= self.cfg.limits.max_queued_per_client {
+            let mut body = error(
+                ErrorCode::QueueFull,
+                format!(
+                    "client {client} already has {queued} queued jobs, the limit is {}",
+                    self.cfg.limits.max_queued_per_client
+                ),
+            );
+            body.limit = Some(self.cfg.limits.max_queued_per_client);
+            reply(out, peer, Reply::error(Some(req_id), body));
+            return;
+        }
+
+        let id = JobId(self.next_job_id);
+        self.next_job_id += 1;
+        let enqueue_seq = self.next_enqueue_seq;
+        self.next_enqueue_seq += 1;
+        let queue_timeout = spec
+            .queue_timeout_s
+            .unwrap_or(self.cfg.default_queue_timeout_s);
+        let queue_deadline_ms = (queue_timeout > 0).then(|| now_ms + queue_timeout as u64 * 1000);
+        if let Some(key) = &spec.idempotency_key {
+            self.idempotency.insert(key.clone(), id);
+        }
+        let job = Job {
+            id,
+            max_attempts: spec.attempts_allowed(self.cfg.default_max_attempts) as u32,
+            min_vram_mb: req.min_vram_mb,
+            spec: std::sync::Arc::new(spec),
+            client,
+            state: JobState::Queued,
+            attempt: 0,
+            worker: None,
+            gpu: None,
+            seq: self.seq_floor,
+            error: None,
+            artifacts: Vec::new(),
+            info: Default::default(),
+            cancel_requested: false,
+            created_ms: now_ms,
+            started_ms: None,
+            finished_ms: None,
+            enqueue_seq,
+            history: Vec::new(),
+            queue_deadline_ms,
+            run_deadline_ms: None,
+            progress: None,
+            slot: None,
+            class: 0,
+            started: false,
+            finalizing: false,
+            uploads: Vec::new(),
+        };
+        self.jobs.insert(id, job);
+        self.stats.submitted += 1;
+        self.change(now_ms, id, JobState::Queued, "submitted", out);
+        if let Some(at) = queue_deadline_ms {
+            self.add_timer(at, TimerKind::QueueTimeout, id, 0);
+        }
+        self.enqueue(now_ms, id, out);
+        let state = self.jobs[&id].state;
+        reply(
+            out,
+            peer,
+            Reply::Accepted(Accepted {
+                req_id,
+                job_id: id,
+                duplicate: false,
+                state,
+            }),
+        );
+    }
+
+    /// Whether any worker the broker knows (online, or offline for less than the
+    /// fleet memory) could run jobs with these requirements; if not, why not, in
+    /// terms an operator can act on.
+    pub(super) fn fleet_can_run(&self, now_ms: u64, req: &Requirements) -> Result<(), String> {
+        let fleet: Vec<_> = self
+            .workers
+            .iter()
+            .map(|(_, w)| w)
+            .filter(|w| w.online || now_ms.saturating_sub(w.last_seen_ms) < self.cfg.fleet_memory_ms)
+            .collect();
+        if fleet.is_empty() {
+            return Err("no workers have registered with this broker".into());
+        }
+        if fleet.iter().any(|w| w.can_run(req)) {
+            return Ok(());
+        }
+        let with_backend: Vec<_> = fleet
+            .iter()
+            .filter(|w| w.backends.iter().any(|b| b.backend == req.backend))
+            .collect();
+        if with_backend.is_empty() {
+            let mut offered: Vec<Backend> = fleet
+                .iter()
+                .flat_map(|w| w.backends.iter().map(|b| b.backend))
+                .collect();
+            offered.sort();
+            offered.dedup();
+            let offered: Vec<&str> = offered.iter().map(|b| b.as_str()).collect();
+            return Err(format!(
+                "no worker offers backend {}; the fleet offers {}",
+                req.backend,
+                offered.join(", ")
+            ));
+        }
+        let mut why = String::new();
+        if let Some(model) = &req.model {
+            let has_model: Vec<_> = with_backend
+                .iter()
+                .filter(|w| w.can_run(&Requirements { model: Some(model.clone()), min_vram_mb: 0, labels: vec![], backend: req.backend }))
+                .collect();
+            if has_model.is_empty() {
+                let _ = write!(
+                    why,
+                    "model {model:?} is not installed on any {} worker",
+                    req.backend
+                );
+                return Err(why);
+            }
+        }
+        let largest = with_backend
+            .iter()
+            .max_by_key(|w| w.gpu.total_vram_mb)
+            .expect("non-empty");
+        if largest.gpu.total_vram_mb < req.min_vram_mb {
+            return Err(format!(
+                "needs {} MiB of GPU memory; the largest {} GPU has {} MiB ({} on {})",
+                req.min_vram_mb,
+                req.backend,
+                largest.gpu.total_vram_mb,
+                largest.gpu.name,
+                largest.id
+            ));
+        }
+        if !req.labels.is_empty()
+            && !with_backend
+                .iter()
+                .any(|w| req.labels.iter().all(|l| w.labels.contains(l)))
+        {
+            return Err(format!(
+                "no {} worker carries all of the labels [{}]",
+                req.backend,
+                req.labels.join(", ")
+            ));
+        }
+        Err(format!(
+            "no single {} worker has the model, memory and labels together",
+            req.backend
+        ))
+    }
+
+    fn cancel(&mut self, now_ms: u64, peer: PeerId, req_id: u64, id: JobId, out: &mut Vec<Output>) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            reply(out, peer, not_found(req_id, id));
+            return;
+        };
+        let state = match job.state {
+            JobState::Queued => {
+                self.end_queued(now_ms, id, JobState::Cancelled, None, out);
+                JobState::Cancelled
+            }
+            JobState::Running => {
+                if !job.cancel_requested {
+                    job.cancel_requested = true;
+                    let attempt = job.attempt;
+                    let worker = job.worker.clone();
+                    if let Some(peer) = worker
+                        .and_then(|w| self.workers.by_id(&w))
+                        .and_then(|idx| self.workers.get(idx).peer.clone())
+                    {
+                        out.push(Output::ToWorker {
+                            peer,
+                            msg: BrokerMessage::Cancel(JobRef { job_id: id, attempt }),
+                        });
+                    }
+                    self.publish_job(now_ms, id, "cancel requested".into(), out);
+                    let grace = self.cfg.cancel_grace_ms;
+                    self.add_timer(now_ms + grace, TimerKind::CancelGrace, id, attempt);
+                }
+                JobState::Running
+            }
+            JobState::Cancelled => JobState::Cancelled,
+            done @ (JobState::Succeeded | JobState::Failed) => {
+                let body = error(
+                    ErrorCode::InvalidState,
+                    format!("job {id} already {done}; nothing to cancel"),
+                );
+                reply(out, peer, Reply::error(Some(req_id), body));
+                return;
+            }
+        };
+        reply(
+            out,
+            peer,
+            Reply::Cancelled(CancelReply {
+                req_id,
+                job_id: id,
+                state,
+            }),
+        );
+    }
+
+    fn fetch(&mut self, peer: PeerId, req_id: u64, f: Fetch, out: &mut Vec<Output>) {
+        let meta = self
+            .jobs
+            .get(&f.artifact_id.job)
+            .and_then(|j| j.artifacts.iter().find(|a| a.id == f.artifact_id));
+        let Some(meta) = meta else {
+            let body = error(
+                ErrorCode::NotFound,
+                format!("no artifact {}", f.artifact_id),
+            );
+            reply(out, peer, Reply::error(Some(req_id), body));
+            return;
+        };
+        if f.offset > meta.size {
+            let err = ProtocolError::invalid(
+                "offset",
+                format!("{} is past the end of a {}-byte artifact", f.offset, meta.size),
+            );
+            reply(out, peer, Reply::error(Some(req_id), err));
+            return;
+        }
+        let max = self.cfg.limits.max_chunk_bytes;
+        let len = f.max_len.unwrap_or(max).clamp(1, max).min(meta.size - f.offset);
+        out.push(Output::Artifact(ArtifactOp::Read {
+            peer,
+            req_id,
+            meta: meta.clone(),
+            offset: f.offset,
+            len,
+        }));
+    }
+
+    fn list(&self, filter: &ListFilter) -> Vec<JobSnapshot> {
+        let limit = filter
+            .limit
+            .unwrap_or(self.cfg.limits.max_list)
+            .min(self.cfg.limits.max_list) as usize;
+        let mut matching: Vec<&Job> = self
+            .jobs
+            .values()
+            .filter(|j| filter.states.is_empty() || filter.states.contains(&j.state))
+            .filter(|j| filter.backend.is_none_or(|b| j.spec.backend == b))
+            .filter(|j| filter.client.as_deref().is_none_or(|c| &*j.client == c))
+            .filter(|j| {
+                filter
+                    .worker
+                    .as_deref()
+                    .is_none_or(|w| j.worker.as_deref() == Some(w))
+            })
+            .collect();
+        // Newest first; select before sorting so a huge table costs O(n).
+        if matching.len() > limit {
+            matching.select_nth_unstable_by(limit, |a, b| b.id.cmp(&a.id));
+            matching.truncate(limit);
+        }
+        matching.sort_unstable_by(|a, b| b.id.cmp(&a.id));
+        matching.into_iter().map(|j| j.snapshot(false)).collect()
+    }
+
+    /// Queued jobs that the same workers would take first (higher priority, or
+    /// the same priority and older). Exact, but O(queue), so only computed for
+    /// queues up to 50,000 jobs.
+    fn queue_position(&self, job: &Job) -> Option<u64> {
+        let slot = job.slot?;
+        if self.queue.len() > 50_000 {
+            return None;
+        }
+        Some(
+            self.queue
+                .iter()
+                .filter(|(_, s)| {
+                    s.class == slot.class
+                        && (s.priority > slot.priority
+                            || (s.priority == slot.priority && s.seq < slot.seq))
+                })
+                .count() as u64,
+        )
+    }
+
+    fn models(&self) -> Vec<ModelInfo> {
+        let mut models: BTreeMap<(Backend, String), ModelInfo> = BTreeMap::new();
+        for (_, w) in self.workers.iter().filter(|(_, w)| w.online) {
+            for inv in &w.backends {
+                for m in &inv.models {
+                    let entry = models
+                        .entry((inv.backend, m.name.clone()))
+                        .or_insert_with(|| ModelInfo {
+                            name: m.name.clone(),
+                            kind: m.kind.clone(),
+                            backend: inv.backend,
+                            workers: Vec::new(),
+                            loaded_on: Vec::new(),
+                        });
+                    entry.workers.push(w.id.to_string());
+                    if w.loaded_model.as_deref() == Some(m.name.as_str()) {
+                        entry.loaded_on.push(w.id.to_string());
+                    }
+                }
+            }
+        }
+        models.into_values().collect()
+    }
+
+    fn health(&self, now_ms: u64) -> HealthReport {
+        let mut h = HealthReport {
+            version: kiln_protocol::VERSION.to_string(),
+            uptime_s: now_ms.saturating_sub(self.started_ms) / 1000,
+            durable: self.cfg.persist,
+            workers_online: 0,
+            workers_idle: 0,
+            workers_busy: 0,
+            workers_unhealthy: 0,
+            queued: self.queue.len() as u64,
+            running: self.running as u64,
+            finished: self.stats.succeeded + self.stats.failed + self.stats.cancelled,
+            protocol_errors: self.stats.protocol_errors,
+        };
+        for (_, w) in self.workers.iter() {
+            use kiln_protocol::worker::WorkerState::*;
+            match w.state() {
+                Idle => h.workers_idle += 1,
+                Busy => h.workers_busy += 1,
+                Unhealthy => h.workers_unhealthy += 1,
+                Offline => continue,
+            }
+            h.workers_online += 1;
+        }
+        h
+    }
+}
+
+fn not_found(req_id: u64, id: JobId) -> Reply {
+    Reply::error(Some(req_id), error(ErrorCode::NotFound, format!("no job {id}")))
+}
+
+/// A connection without a `hello` name is filed under its routing id.
+fn default_client_name(peer: &PeerId) -> String {
+    let mut s = String::from("conn-");
+    for b in peer.iter().take(6) {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}

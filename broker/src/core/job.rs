@@ -1,0 +1,116 @@
+//! A job as the broker keeps it: the client's spec plus everything that happened.
+//! The serialized form is the durable record; fields marked `skip` are rebuilt.
+
+use std::sync::Arc;
+
+use kiln_protocol::{
+    ArtifactMeta, JobError, JobId, JobSnapshot, JobSpec, JobState, Progress, Transition,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::queue::{ClassId, Slot};
+
+/// History entries kept per job; the oldest are dropped beyond this, so a job that
+/// bounces between workers cannot grow without limit.
+pub const MAX_HISTORY: usize = 64;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub spec: Arc<JobSpec>,
+    pub client: Arc<str>,
+    pub state: JobState,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub worker: Option<Arc<str>>,
+    pub gpu: Option<String>,
+    pub seq: u64,
+    pub error: Option<JobError>,
+    pub artifacts: Vec<ArtifactMeta>,
+    pub info: Map<String, Value>,
+    pub cancel_requested: bool,
+    pub created_ms: u64,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    /// Global order of (re)queueing: FIFO within a client, and queue order on
+    /// recovery.
+    pub enqueue_seq: u64,
+    /// The VRAM a worker must have; raised above a GPU that ran out of memory.
+    pub min_vram_mb: u64,
+    pub history: Vec<Transition>,
+    /// Deadline of the queue timeout, fixed at submit.
+    pub queue_deadline_ms: Option<u64>,
+    /// Deadline of the current attempt's run timeout.
+    pub run_deadline_ms: Option<u64>,
+    #[serde(skip)]
+    pub progress: Option<Progress>,
+    #[serde(skip)]
+    pub slot: Option<Slot>,
+    #[serde(skip)]
+    pub class: ClassId,
+    /// The worker acknowledged the current assignment.
+    #[serde(skip)]
+    pub started: bool,
+    /// The worker reported success and the outputs are being verified.
+    #[serde(skip)]
+    pub finalizing: bool,
+    #[serde(skip)]
+    pub uploads: Vec<Upload>,
+}
+
+/// An output being received for the current attempt.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub index: u16,
+    pub name: String,
+    pub media_type: String,
+    pub total: u64,
+    pub received: u64,
+}
+
+impl Job {
+    pub fn record(&mut self, at_ms: u64, note: impl Into<String>) {
+        if self.history.len() >= MAX_HISTORY {
+            self.history.remove(1); // keep the first entry: when it was submitted
+        }
+        self.history.push(Transition {
+            at_ms,
+            state: self.state,
+            attempt: self.attempt,
+            worker: self.worker.as_deref().map(str::to_string),
+            note: note.into(),
+        });
+    }
+
+    pub fn snapshot(&self, with_history: bool) -> JobSnapshot {
+        JobSnapshot {
+            job_id: self.id,
+            seq: self.seq,
+            state: self.state,
+            backend: self.spec.backend,
+            task: self.spec.task,
+            model: self.spec.model.clone(),
+            priority: self.spec.priority,
+            client: self.client.to_string(),
+            attempt: self.attempt,
+            max_attempts: self.max_attempts,
+            worker: self.worker.as_deref().map(str::to_string),
+            gpu: self.gpu.clone(),
+            progress: self.progress.clone(),
+            error: self.error.clone(),
+            artifacts: self.artifacts.clone(),
+            info: self.info.clone(),
+            cancel_requested: self.cancel_requested,
+            queue_position: None,
+            created_ms: self.created_ms,
+            started_ms: self.started_ms,
+            finished_ms: self.finished_ms,
+            history: if with_history {
+                self.history.clone()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! The one place where jobs change state, and the scheduling decisions that cause
+//! those changes: enqueue, assign, requeue, finish.
+
+use kiln_protocol::event::{JobStateEvent, WorkerStateEvent};
+use kiln_protocol::worker::{Assign, BrokerMessage, JobRef};
+use kiln_protocol::{ArtifactMeta, Event, FailureKind, JobError, JobId, JobState};
+
+use super::queue::{Requirements, Slot};
+use super::registry::WorkerIdx;
+use super::{ArtifactOp, Core, Output, Record, TimerKind};
+
+impl Core {
+    /// Moves a job to `state`: updates counters, records the transition in its
+    /// history, bumps its sequence number, persists its record and publishes the
+    /// change. Callers set the other fields (worker, error, attempt) first.
+    pub(super) fn change(
+        &mut self,
+        now_ms: u64,
+        id: JobId,
+        state: JobState,
+        note: impl Into<String>,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let old = job.state;
+        if old == JobState::Running && state != JobState::Running {
+            self.running -= 1;
+        } else if old != JobState::Running && state == JobState::Running {
+            self.running += 1;
+        }
+        if state.is_terminal() && !old.is_terminal() {
+            job.finished_ms = Some(now_ms);
+            match state {
+                JobState::Succeeded => self.stats.succeeded += 1,
+                JobState::Failed => self.stats.failed += 1,
+                _ => self.stats.cancelled += 1,
+            }
+        }
+        job.state = state;
+        let note = note.into();
+        job.record(now_ms, note.clone());
+        self.publish_job(now_ms, id, note, out);
+    }
+
+    /// Persists and publishes the job's current state without a state change (a
+    /// cancel request on a running job).
+    pub(super) fn publish_job(
+        &mut self,
+        now_ms: u64,
+        id: JobId,
+        note: String,
+        out: &mut Vec<Output>,
+    ) {
+        let persist = self.cfg.persist;
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        job.seq += 1;
+        if persist {
+            out.push(Output::Persist(Record::Job {
+                id,
+                bytes: rmp_serde::to_vec_named(&*job).expect("job records encode"),
+            }));
+        }
+        out.push(Output::Publish(Event::JobState(JobStateEvent {
+            job_id: id,
+            seq: job.seq,
+            state: job.state,
+            attempt: job.attempt,
+            worker: job.worker.as_deref().map(str::to_string),
+            error: job.error.clone(),
+            artifacts: job.artifacts.clone(),
+            cancel_requested: job.cancel_requested,
+            note,
+            at_ms: now_ms,
+        })));
+    }
+
+    pub(super) fn publish_worker(&self, now_ms: u64, idx: WorkerIdx, out: &mut Vec<Output>) {
+        let w = self.workers.get(idx);
+        out.push(Output::Publish(Event::WorkerState(WorkerStateEvent {
+            worker_id: w.id.to_string(),
+            state: w.state(),
+            job_id: w.current.map(|r| r.job_id),
+            at_ms: now_ms,
+        })));
+    }
+
+    pub(super) fn requirements(&self, id: JobId) -> Requirements {
+        let job = &self.jobs[&id];
+        Requirements {
+            backend: job.spec.backend,
+            model: job.spec.model.clone(),
+            min_vram_mb: job.min_vram_mb,
+            labels: job.spec.labels.clone(),
+        }
+    }
+
+    /// Puts a job (new, recovered or requeued) in line, or straight onto the best
+    /// idle worker. Among idle workers that can run it, one with the job's model
+    /// already loaded wins, then the one with the most free memory.
+    pub(super) fn enqueue(&mut self, now_ms: u64, id: JobId, out: &mut Vec<Output>) {
+        let req = self.requirements(id);
+        let backend = req.backend;
+        let model = req.model.clone();
+        let class = self.queue.class_of(req);
+        let mut best: Option<(bool, u64, WorkerIdx)> = None;
+        let idle: Vec<WorkerIdx> = self.workers.idle().collect();
+        for idx in idle {
+            let req = self.queue.requirements(class);
+            let w = self.workers.get_mut(idx);
+            if !w.can_run_class(class, req) || !w.backend_healthy(backend) {
+                continue;
+            }
+            let key = (
+                model.is_some() && w.loaded_model == model,
+                w.gpu.free_vram_mb,
+                idx,
+            );
+            if best.is_none_or(|b| (key.0, key.1) > (b.0, b.1)) {
+                best = Some(key);
+            }
+        }
+        let job = self.jobs.get_mut(&id).expect("enqueued job exists");
+        job.class = class;
+        if let Some((_, _, idx)) = best {
+            self.assign(now_ms, id, idx, out);
+            return;
+        }
+        let slot = Slot {
+            priority: job.spec.priority,
+            class,
+            seq: job.enqueue_seq,
+        };
+        job.slot = Some(slot);
+        let client = job.client.clone();
+        self.queue.push(id, &client, slot);
+        *self.queued_per_client.entry(client).or_insert(0) += 1;
+    }
+
+    /// Takes a job out of the queue (cancel, timeout, adoption).
+    pub(super) fn unqueue(&mut self, id: JobId) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        if let Some(slot) = job.slot.take() {
+            let client = job.client.clone();
+            if self.queue.remove(&client, slot) {
+                self.decrement_queued(&client);
+            }
+        }
+    }
+
+    fn decrement_queued(&mut self, client: &std::sync::Arc<str>) {
+        if let Some(n) = self.queued_per_client.get_mut(client) {
+            *n -= 1;
+            if *n == 0 {
+                self.queued_per_client.remove(client);
+            }
+        }
+    }
+
+    /// Starts the next attempt of a job on a worker.
+    pub(super) fn assign(&mut self, now_ms: u64, id: JobId, idx: WorkerIdx, out: &mut Vec<Output>) {
+        let default_run = self.cfg.default_run_timeout_s;
+        let liveness_ms = self.cfg.liveness_ms();
+        let w = self.workers.get_mut(idx);
+        let Some(peer) = w.peer.clone() else {
+            return;
+        };
+        let worker_id = w.id.clone();
+        let gpu = w.gpu_label();
+        let job = self.jobs.get_mut(&id).expect("assigned job exists");
+        job.attempt += 1;
+        job.worker = Some(worker_id.clone());
+        job.gpu = Some(gpu);
+        job.started_ms = Some(now_ms);
+        job.progress = None;
+        job.started = false;
+        job.finalizing = false;
+        job.uploads.clear();
+        job.error = None;
+        let run_timeout = job.spec.run_timeout_s.unwrap_or(default_run);
+        job.run_deadline_ms = (run_timeout > 0).then(|| now_ms + run_timeout as u64 * 1000);
+        let attempt = job.attempt;
+        let spec = job.spec.clone();
+        let run_deadline = job.run_deadline_ms;
+        let w = self.workers.get_mut(idx);
+        w.current = Some(JobRef { job_id: id, attempt });
+        self.workers.refresh_idle(idx);
+        out.push(Output::ToWorker {
+            peer,
+            msg: BrokerMessage::Assign(Assign {
+                job_id: id,
+                attempt,
+                job: spec,
+            }),
+        });
+        self.change(
+            now_ms,
+            id,
+            JobState::Running,
+            format!("attempt {attempt} on {worker_id}"),
+            out,
+        );
+        self.publish_worker(now_ms, idx, out);
+        self.add_timer(now_ms + 2 * liveness_ms, TimerKind::StartAck, id, attempt);
+        if let Some(at) = run_deadline {
+            self.add_timer(at, TimerKind::RunTimeout, id, attempt);
+        }
+    }
+
+    /// Gives an idle, healthy worker the next job it can run, if any.
+    pub(super) fn dispatch(&mut self, now_ms: u64, idx: WorkerIdx, out: &mut Vec<Output>) {
+        let w = self.workers.get(idx);
+        if !(w.online && w.healthy && w.current.is_none() && w.peer.is_some()) {
+            return;
+        }
+        let classes = self.queue.class_count();
+        let mut runnable = Vec::with_capacity(classes);
+        for class in 0..classes as u32 {
+            let req = self.queue.requirements(class);
+            let backend = req.backend;
+            let w = self.workers.get_mut(idx);
+            runnable.push(w.can_run_class(class, req) && w.backend_healthy(backend));
+        }
+        let Some(id) = self.queue.pop_for(|class| runnable[class as usize]) else {
+            return;
+        };
+        let job = self.jobs.get_mut(&id).expect("queued job exists");
+        job.slot = None;
+        let client = job.client.clone();
+        self.decrement_queued(&client);
+        self.assign(now_ms, id, idx, out);
+    }
+
+    /// Frees a worker after its attempt ended and offers it the next job.
+    pub(super) fn release_worker(&mut self, now_ms: u64, idx: WorkerIdx, out: &mut Vec<Output>) {
+        let w = self.workers.get_mut(idx);
+        if w.current.take().is_some() {
+            w.jobs_done += 1;
+        }
+        self.workers.refresh_idle(idx);
+        self.publish_worker(now_ms, idx, out);
+        self.dispatch(now_ms, idx, out);
+    }
+
+    /// Ends the current attempt of a running job that did not succeed: a retryable
+    /// failure with attempts left goes back in line (keeping its place), anything
+    /// else ends the job. A job whose cancel was requested ends cancelled.
+    pub(super) fn end_attempt(&mut self, now_ms: u64, id: JobId, error: JobError, out: &mut Vec<Output>) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        if job.state != JobState::Running {
+            return;
+        }
+        let attempt = job.attempt;
+        if !job.uploads.is_empty() || job.finalizing {
+            out.push(Output::Artifact(ArtifactOp::Discard { job_id: id, attempt }));
+        }
+        job.uploads.clear();
+        job.finalizing = false;
+        job.progress = None;
+        job.run_deadline_ms = None;
+        if job.cancel_requested {
+            job.error = None;
+            self.change(now_ms, id, JobState::Cancelled, "cancelled", out);
+            return;
+        }
+        if error.retryable && job.attempt < job.max_attempts {
+            let note = format!("attempt {attempt} failed, requeued: {}", error.message);
+            tracing::info!(job = %id, attempt, "{note}");
+            job.worker = None;
+            job.gpu = None;
+            job.error = Some(error);
+            self.change(now_ms, id, JobState::Queued, note, out);
+            self.enqueue(now_ms, id, out);
+            return;
+        }
+        let error = if error.retryable {
+            JobError::new(
+                FailureKind::MaxAttempts,
+                format!(
+                    "gave up after {} of {} attempts; last failure ({:?}): {}",
+                    job.attempt, job.max_attempts, error.kind, error.message
+                ),
+                false,
+            )
+        } else {
+            error
+        };
+        let note = format!("failed: {}", error.message);
+        job.error = Some(error);
+        self.change(now_ms, id, JobState::Failed, note, out);
+    }
+
+    /// Ends a job with its outputs stored.
+    pub(super) fn succeed(
+        &mut self,
+        now_ms: u64,
+        id: JobId,
+        artifacts: Vec<ArtifactMeta>,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        self.artifact_bytes += artifacts.iter().map(|a| a.size).sum::<u64>();
+        job.artifacts = artifacts;
+        job.finalizing = false;
+        job.uploads.clear();
+        job.run_deadline_ms = None;
+        job.error = None;
+        if let Some(p) = job.progress.as_mut() {
+            p.pct = 100.0;
+        }
+        let note = format!("{} output(s)", job.artifacts.len());
+        self.change(now_ms, id, JobState::Succeeded, note, out);
+    }
+
+    /// Ends a queued job without running it (cancel, queue timeout).
+    pub(super) fn end_queued(
+        &mut self,
+        now_ms: u64,
+        id: JobId,
+        state: JobState,
+        error: Option<JobError>,
+        out: &mut Vec<Output>,
+    ) {
+        self.unqueue(id);
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let note = match &error {
+            Some(e) => format!("{:?}: {}", e.kind, e.message),
+            None => state.as_str().to_string(),
+        };
+        job.error = error;
+        self.change(now_ms, id, state, note, out);
+    }
+}

@@ -1,0 +1,383 @@
+//! The broker's logic as a state machine without I/O.
+//!
+//! [`Core::handle`] takes the time and one [`Input`] (a decoded client request, a
+//! worker message, a completed artifact operation, a tick) and appends
+//! [`Output`]s: messages to send, events to publish, records to persist and
+//! artifact operations to perform. [`Core::poll_timeout`] says when the next tick is
+//! due. Nothing here touches a socket, a file or the clock, so the whole scheduler,
+//! the heartbeats, requeues and cancels are tested deterministically with a
+//! simulated clock, and a simulation of 1,000 workers and a million jobs runs in a
+//! benchmark. The socket shell in [`crate::net`] drives it.
+//!
+//! Every change of a job's state goes through [`lifecycle`], which records the
+//! transition, bumps the job's sequence number, persists it and publishes it.
+
+mod auth;
+mod clients;
+pub mod job;
+mod lifecycle;
+pub mod queue;
+pub mod registry;
+#[cfg(test)]
+mod tests;
+mod workers;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::Arc;
+
+use kiln_protocol::worker::{BrokerMessage, OutputMeta, WorkerMessage};
+use kiln_protocol::{
+    ArtifactMeta, Event, JobId, Limits, ProtocolError, Reply, Request,
+};
+
+pub use job::Job;
+pub use queue::{Queue, Requirements};
+pub use registry::{FleetRecord, PeerId, Registry, Worker, WorkerIdx};
+
+/// The core's settings, derived from the broker config.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub heartbeat_ms: u64,
+    pub liveness: u32,
+    pub default_max_attempts: u8,
+    /// 0 = jobs may wait forever.
+    pub default_queue_timeout_s: u32,
+    /// 0 = no run timeout.
+    pub default_run_timeout_s: u32,
+    pub cancel_grace_ms: u64,
+    pub fleet_memory_ms: u64,
+    pub limits: Limits,
+    pub client_token: Option<String>,
+    pub worker_token: Option<String>,
+    /// Emit [`Record`]s for a store. Off for the in-memory broker and benchmarks.
+    pub persist: bool,
+    /// Finished jobs older than this are removed (0 = never).
+    pub retention_max_age_ms: u64,
+    /// Oldest finished jobs are removed while artifacts exceed this (0 = no limit).
+    pub retention_max_bytes: u64,
+    pub retention_sweep_ms: u64,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            heartbeat_ms: kiln_protocol::HEARTBEAT_INTERVAL_MS,
+            liveness: kiln_protocol::HEARTBEAT_LIVENESS,
+            default_max_attempts: 3,
+            default_queue_timeout_s: 0,
+            default_run_timeout_s: 0,
+            cancel_grace_ms: 30_000,
+            fleet_memory_ms: 600_000,
+            limits: Limits::default(),
+            client_token: None,
+            worker_token: None,
+            persist: false,
+            retention_max_age_ms: 0,
+            retention_max_bytes: 0,
+            retention_sweep_ms: 60_000,
+        }
+    }
+}
+
+impl CoreConfig {
+    /// How long a worker may stay silent before it is declared dead.
+    pub fn liveness_ms(&self) -> u64 {
+        self.heartbeat_ms * self.liveness as u64
+    }
+}
+
+/// Something that happened, for the core to react to.
+#[derive(Debug)]
+pub enum Input {
+    /// A decoded request from a client connection.
+    Request { peer: PeerId, request: Request },
+    /// A client message that failed to decode or check.
+    BadRequest {
+        peer: PeerId,
+        req_id: Option<u64>,
+        error: ProtocolError,
+    },
+    /// A decoded message from a worker connection.
+    Worker { peer: PeerId, msg: WorkerMessage },
+    /// A worker message that failed to decode.
+    BadWorkerMessage { peer: PeerId, error: ProtocolError },
+    /// The artifact store finished verifying a job's outputs.
+    ArtifactsStored {
+        job_id: JobId,
+        attempt: u32,
+        result: Result<Vec<ArtifactMeta>, String>,
+    },
+    /// Messages to this peer could not be delivered (its queue is full or it is
+    /// gone).
+    PeerUnreachable { peer: PeerId, worker: bool },
+    /// Time passed; run whatever is due.
+    Tick,
+}
+
+/// Something the shell must do.
+#[derive(Debug, Clone)]
+pub enum Output {
+    Reply { peer: PeerId, reply: Reply },
+    ToWorker { peer: PeerId, msg: BrokerMessage },
+    Publish(Event),
+    Persist(Record),
+    Artifact(ArtifactOp),
+}
+
+/// A durable write. Every job transition produces its full record.
+#[derive(Debug, Clone)]
+pub enum Record {
+    Job { id: JobId, bytes: Vec<u8> },
+    DeleteJob(JobId),
+    Worker { id: String, bytes: Vec<u8> },
+    DeleteWorker(String),
+}
+
+/// Work for the artifact store.
+#[derive(Debug, Clone)]
+pub enum ArtifactOp {
+    /// Append an uploaded piece to the attempt's staging file.
+    Write {
+        job_id: JobId,
+        attempt: u32,
+        index: u16,
+        name: String,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Check sizes and hashes of the staged outputs and move them into place; the
+    /// store answers with [`Input::ArtifactsStored`].
+    Finalize {
+        job_id: JobId,
+        attempt: u32,
+        outputs: Vec<OutputMeta>,
+    },
+    /// Drop the staged outputs of an attempt that will not complete.
+    Discard { job_id: JobId, attempt: u32 },
+    /// Read a piece of a stored artifact and send it to a client.
+    Read {
+        peer: PeerId,
+        req_id: u64,
+        meta: ArtifactMeta,
+        offset: u64,
+        len: u64,
+    },
+    /// Remove all files of a job (retention).
+    Delete { job_id: JobId },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    QueueTimeout,
+    RunTimeout,
+    CancelGrace,
+    StartAck,
+}
+
+/// A deadline on one attempt of one job. Timers are never removed: when one fires
+/// it checks that its job is still in the situation it was set for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Timer {
+    at_ms: u64,
+    kind: TimerKind,
+    job_id: JobId,
+    attempt: u32,
+}
+
+/// A client connection the broker has let in.
+#[derive(Debug)]
+struct Session {
+    name: Arc<str>,
+    last_seen_ms: u64,
+}
+
+/// Counters for `health`.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub protocol_errors: u64,
+    pub submitted: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub stale_results: u64,
+}
+
+/// All broker state; see the module docs.
+pub struct Core {
+    cfg: CoreConfig,
+    jobs: HashMap<JobId, Job>,
+    queue: Queue,
+    workers: Registry,
+    idempotency: HashMap<String, JobId>,
+    sessions: HashMap<PeerId, Session>,
+    refused: HashSet<PeerId>,
+    client_names: HashMap<String, Arc<str>>,
+    queued_per_client: HashMap<Arc<str>, u64>,
+    timers: BinaryHeap<Reverse<Timer>>,
+    next_job_id: u64,
+    next_enqueue_seq: u64,
+    /// Sequence numbers of this boot start above every number of earlier boots.
+    seq_floor: u64,
+    running: usize,
+    artifact_bytes: u64,
+    started_ms: u64,
+    next_worker_scan_ms: u64,
+    next_session_sweep_ms: u64,
+    next_retention_ms: u64,
+    stats: Stats,
+}
+
+impl Core {
+    pub fn new(cfg: CoreConfig, now_ms: u64) -> Core {
+        Core {
+            next_retention_ms: now_ms + cfg.retention_sweep_ms,
+            cfg,
+            jobs: HashMap::new(),
+            queue: Queue::new(),
+            workers: Registry::default(),
+            idempotency: HashMap::new(),
+            sessions: HashMap::new(),
+            refused: HashSet::new(),
+            client_names: HashMap::new(),
+            queued_per_client: HashMap::new(),
+            timers: BinaryHeap::new(),
+            next_job_id: 1,
+            next_enqueue_seq: 1,
+            seq_floor: 0,
+            running: 0,
+            artifact_bytes: 0,
+            started_ms: now_ms,
+            next_worker_scan_ms: now_ms,
+            next_session_sweep_ms: now_ms + 60_000,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn job(&self, id: JobId) -> Option<&Job> {
+        self.jobs.get(&id)
+    }
+
+    pub fn jobs_len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn running(&self) -> usize {
+        self.running
+    }
+
+    pub fn workers(&self) -> &Registry {
+        &self.workers
+    }
+
+    /// Reacts to one input. Outputs are appended to `out` in the order they must
+    /// happen.
+    pub fn handle(&mut self, now_ms: u64, input: Input, out: &mut Vec<Output>) {
+        match input {
+            Input::Request { peer, request } => self.on_request(now_ms, peer, request, out),
+            Input::BadRequest {
+                peer,
+                req_id,
+                error,
+            } => self.on_bad_request(now_ms, peer, req_id, error, out),
+            Input::Worker { peer, msg } => self.on_worker_message(now_ms, peer, msg, out),
+            Input::BadWorkerMessage { peer, error } => {
+                self.stats.protocol_errors += 1;
+                tracing::warn!(error = %error, "undecodable worker message");
+                out.push(Output::ToWorker {
+                    peer,
+                    msg: BrokerMessage::Error(kiln_protocol::worker::WorkerError {
+                        error: error.to_body(),
+                    }),
+                });
+            }
+            Input::ArtifactsStored {
+                job_id,
+                attempt,
+                result,
+            } => self.on_artifacts_stored(now_ms, job_id, attempt, result, out),
+            Input::PeerUnreachable { peer, worker } => {
+                if worker {
+                    if let Some(idx) = self.workers.by_peer(&peer) {
+                        self.worker_lost(now_ms, idx, "its connection stalled or closed", out);
+                    }
+                } else {
+                    self.sessions.remove(&peer);
+                }
+            }
+            Input::Tick => self.on_tick(now_ms, out),
+        }
+    }
+
+    /// When the core next needs a [`Input::Tick`], in ms on the same clock as `now`.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let timer = self.timers.peek().map(|Reverse(t)| t.at_ms);
+        let scan = (!self.workers.is_empty()).then_some(self.next_worker_scan_ms);
+        let retention = (self.cfg.retention_max_age_ms > 0 || self.cfg.retention_max_bytes > 0)
+            .then_some(self.next_retention_ms);
+        [timer, scan, retention, Some(self.next_session_sweep_ms)]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn on_tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        while let Some(Reverse(t)) = self.timers.peek().copied() {
+            if t.at_ms > now_ms {
+                break;
+            }
+            self.timers.pop();
+            self.on_timer(now_ms, t, out);
+        }
+        if now_ms >= self.next_worker_scan_ms {
+            self.next_worker_scan_ms = now_ms + (self.cfg.heartbeat_ms / 2).max(1);
+            self.scan_workers(now_ms, out);
+        }
+        if now_ms >= self.next_session_sweep_ms {
+            self.next_session_sweep_ms = now_ms + 60_000;
+            // Connections idle for an hour are forgotten; they say hello again.
+            self.sessions
+                .retain(|_, s| now_ms.saturating_sub(s.last_seen_ms) < 3_600_000);
+        }
+        if now_ms >= self.next_retention_ms {
+            self.next_retention_ms = now_ms + self.cfg.retention_sweep_ms.max(1);
+            self.apply_retention(now_ms, out);
+        }
+    }
+
+    fn add_timer(&mut self, at_ms: u64, kind: TimerKind, job_id: JobId, attempt: u32) {
+        self.timers.push(Reverse(Timer {
+            at_ms,
+            kind,
+            job_id,
+            attempt,
+        }));
+    }
+
+    /// Interns a client name so that every job of a client shares one allocation.
+    fn client_name(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.client_names.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.client_names.insert(name.to_string(), n.clone());
+        n
+    }
+
+    /// The job ids of the store's next records must not collide with recovered ones.
+    pub fn next_job_id(&self) -> u64 {
+        self.next_job_id
+    }
+}

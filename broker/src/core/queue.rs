@@ -1,0 +1,282 @@
+//! The queue of waiting jobs, shaped for the scheduler's three rules:
+//! higher priority first; within a priority, round-robin between clients; FIFO
+//! within a client. Jobs are further grouped by *class* (their requirements), so a
+//! worker looking for work skips whole classes it cannot run instead of scanning
+//! jobs: a job waiting for a 48 GiB GPU never blocks a small job behind it.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use kiln_protocol::{Backend, JobId};
+
+/// Index of a [`Requirements`] in the queue's class table.
+pub type ClassId = u32;
+
+/// What a worker must have to run a job. Jobs with equal requirements form a class.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Requirements {
+    pub backend: Backend,
+    pub model: Option<String>,
+    pub min_vram_mb: u64,
+    /// Sorted and deduplicated.
+    pub labels: Vec<String>,
+}
+
+/// Where a queued job sits, so it can be removed without a search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub priority: i8,
+    pub class: ClassId,
+    pub seq: u64,
+}
+
+#[derive(Default)]
+pub struct Queue {
+    classes: Vec<Requirements>,
+    class_ids: HashMap<Requirements, ClassId>,
+    levels: BTreeMap<Reverse<i8>, Level>,
+    len: usize,
+}
+
+/// One priority level: clients in round-robin order, each with its lanes.
+#[derive(Default)]
+struct Level {
+    ring: Vec<Arc<str>>,
+    cursor: usize,
+    lanes: HashMap<Arc<str>, Lanes>,
+}
+
+/// One client's waiting jobs at one priority, a FIFO per class keyed by enqueue
+/// sequence number.
+#[derive(Default)]
+struct Lanes {
+    by_class: Vec<(ClassId, BTreeMap<u64, JobId>)>,
+}
+
+impl Queue {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The class id for `req`, creating it on first sight. Classes are few (one per
+    /// distinct backend/model/VRAM/labels combination) and never removed.
+    pub fn class_of(&mut self, mut req: Requirements) -> ClassId {
+        req.labels.sort();
+        req.labels.dedup();
+        if let Some(&id) = self.class_ids.get(&req) {
+            return id;
+        }
+        let id = self.classes.len() as ClassId;
+        self.classes.push(req.clone());
+        self.class_ids.insert(req, id);
+        id
+    }
+
+    pub fn requirements(&self, class: ClassId) -> &Requirements {
+        &self.classes[class as usize]
+    }
+
+    pub fn class_count(&self) -> usize {
+        self.classes.len()
+    }
+
+    pub fn push(&mut self, job: JobId, client: &Arc<str>, slot: Slot) {
+        let level = self.levels.entry(Reverse(slot.priority)).or_default();
+        let lanes = level.lanes.entry(client.clone()).or_insert_with(|| {
+            level.ring.push(client.clone());
+            Lanes::default()
+        });
+        let lane = match lanes.by_class.iter_mut().position(|(c, _)| *c == slot.class) {
+            Some(i) => &mut lanes.by_class[i].1,
+            None => {
+                lanes.by_class.push((slot.class, BTreeMap::new()));
+                &mut lanes.by_class.last_mut().expect("just pushed").1
+            }
+        };
+        lane.insert(slot.seq, job);
+        self.len += 1;
+    }
+
+    /// Removes a queued job (cancel, timeout). Returns whether it was there.
+    pub fn remove(&mut self, client: &Arc<str>, slot: Slot) -> bool {
+        let key = Reverse(slot.priority);
+        let Some(level) = self.levels.get_mut(&key) else {
+            return false;
+        };
+        let Some(lanes) = level.lanes.get_mut(client) else {
+            return false;
+        };
+        let Some(i) = lanes.by_class.iter().position(|(c, _)| *c == slot.class) else {
+            return false;
+        };
+        if lanes.by_class[i].1.remove(&slot.seq).is_none() {
+            return false;
+        }
+        self.len -= 1;
+        if lanes.by_class[i].1.is_empty() {
+            lanes.by_class.swap_remove(i);
+        }
+        if lanes.by_class.is_empty() {
+            Self::drop_client(level, client);
+        }
+        if level.lanes.is_empty() {
+            self.levels.remove(&key);
+        }
+        true
+    }
+
+    /// Takes the next job for a worker that can run the classes for which
+    /// `can_run` says true: the highest priority level with such a job, the next
+    /// client in that level's rotation that has one, and that client's oldest.
+    pub fn pop_for(&mut self, mut can_run: impl FnMut(ClassId) -> bool) -> Option<JobId> {
+        let mut found = None;
+        for (key, level) in self.levels.iter_mut() {
+            let n = level.ring.len();
+            for step in 0..n {
+                let at = (level.cursor + step) % n;
+                let lanes = level.lanes.get_mut(&level.ring[at]).expect("ring matches lanes");
+                let best = lanes
+                    .by_class
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (class, _))| can_run(*class))
+                    .filter_map(|(i, (_, q))| q.first_key_value().map(|(seq, _)| (*seq, i)))
+                    .min();
+                let Some((seq, i)) = best else { continue };
+                let job = lanes.by_class[i].1.remove(&seq).expect("seen above");
+                if lanes.by_class[i].1.is_empty() {
+                    lanes.by_class.swap_remove(i);
+                }
+                if lanes.by_class.is_empty() {
+                    let client = level.ring[at].clone();
+                    Self::drop_client(level, &client);
+                    // The next client has moved into position `at`.
+                    level.cursor = if level.ring.is_empty() { 0 } else { at % level.ring.len() };
+                } else {
+                    level.cursor = (at + 1) % n;
+                }
+                found = Some((*key, job));
+                break;
+            }
+            if found.is_some() {
+                break;
+            }
+        }
+        let (key, job) = found?;
+        self.len -= 1;
+        if self.levels.get(&key).is_some_and(|l| l.lanes.is_empty()) {
+            self.levels.remove(&key);
+        }
+        Some(job)
+    }
+
+    fn drop_client(level: &mut Level, client: &Arc<str>) {
+        level.lanes.remove(client);
+        if let Some(pos) = level.ring.iter().position(|c| c == client) {
+            level.ring.remove(pos);
+            if pos < level.cursor {
+                level.cursor -= 1;
+            }
+            if level.cursor >= level.ring.len() {
+                level.cursor = 0;
+            }
+        }
+    }
+
+    /// Every queued job's id with its slot, highest priority first (for queue
+    /// positions and debugging; O(n)).
+    pub fn iter(&self) -> impl Iterator<Item = (JobId, Slot)> + '_ {
+        self.levels.iter().flat_map(|(Reverse(priority), level)| {
+            level.lanes.values().flat_map(move |lanes| {
+                lanes.by_class.iter().flat_map(move |(class, q)| {
+                    q.iter().map(move |(seq, job)| {
+                        (
+                            *job,
+                            Slot {
+                                priority: *priority,
+                                class: *class,
+                                seq: *seq,
+                            },
+                        )
+                    })
+                })
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(vram: u64) -> Requirements {
+        Requirements {
+            backend: Backend::Sim,
+            model: None,
+            min_vram_mb: vram,
+            labels: vec![],
+        }
+    }
+
+    #[test]
+    fn priority_then_round_robin_then_fifo() {
+        let mut q = Queue::new();
+        let c = q.class_of(req(0));
+        let (a, b): (Arc<str>, Arc<str>) = ("alice".into(), "bob".into());
+        let mut seq = 0;
+        let mut push = |q: &mut Queue, id: u64, client: &Arc<str>, priority: i8| {
+            seq += 1;
+            q.push(JobId(id), client, Slot { priority, class: c, seq });
+        };
+        // Alice floods first, Bob arrives later, one urgent job last.
+        for id in 1..=4 {
+            push(&mut q, id, &a, 0);
+        }
+        for id in 5..=6 {
+            push(&mut q, id, &b, 0);
+        }
+        push(&mut q, 7, &b, 5);
+        let order: Vec<u64> = std::iter::from_fn(|| q.pop_for(|_| true)).map(|j| j.0).collect();
+        assert_eq!(order, [7, 1, 5, 2, 6, 3, 4]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_big_job_does_not_block_a_small_one() {
+        let mut q = Queue::new();
+        let big = q.class_of(req(40_000));
+        let small = q.class_of(req(4_000));
+        let c: Arc<str> = "c".into();
+        q.push(JobId(1), &c, Slot { priority: 0, class: big, seq: 1 });
+        q.push(JobId(2), &c, Slot { priority: 0, class: small, seq: 2 });
+        // A 24 GiB worker can only run the small class.
+        assert_eq!(q.pop_for(|class| class == small), Some(JobId(2)));
+        assert_eq!(q.pop_for(|class| class == small), None);
+        assert_eq!(q.pop_for(|_| true), Some(JobId(1)));
+    }
+
+    #[test]
+    fn remove_keeps_rotation_consistent() {
+        let mut q = Queue::new();
+        let k = q.class_of(req(0));
+        let clients: Vec<Arc<str>> = ["a", "b", "c"].iter().map(|s| Arc::from(*s)).collect();
+        for (i, c) in clients.iter().enumerate() {
+            q.push(JobId(i as u64 + 1), c, Slot { priority: 0, class: k, seq: i as u64 + 1 });
+        }
+        assert_eq!(q.pop_for(|_| true), Some(JobId(1)));
+        assert!(q.remove(&clients[1], Slot { priority: 0, class: k, seq: 2 }));
+        assert!(!q.remove(&clients[1], Slot { priority: 0, class: k, seq: 2 }));
+        assert_eq!(q.pop_for(|_| true), Some(JobId(3)));
+        assert_eq!(q.len(), 0);
+        assert_eq!(q.iter().count(), 0);
+    }
+}

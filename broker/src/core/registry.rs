@@ -1,0 +1,287 @@
+//! The workers the broker knows: online ones it schedules on, and recently offline
+//! ones it remembers so that a restarting worker does not make jobs unschedulable.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kiln_protocol::worker::{BackendInventory, GpuInfo, JobRef, WorkerInfo, WorkerState};
+use kiln_protocol::Backend;
+use serde::{Deserialize, Serialize};
+
+use super::queue::{ClassId, Requirements};
+
+/// A ZeroMQ routing identity: which connection a message came from or goes to.
+pub type PeerId = Bytes;
+
+/// Index of a worker in the registry's slab.
+pub type WorkerIdx = usize;
+
+/// What the broker persists about a worker so that, after a restart, it still knows
+/// what the fleet can run before the workers re-register.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetRecord {
+    pub worker_id: String,
+    pub hostname: String,
+    pub gpu: GpuInfo,
+    pub backends: Vec<BackendInventory>,
+    pub labels: Vec<String>,
+    pub last_seen_ms: u64,
+    pub version: String,
+}
+
+#[derive(Debug)]
+pub struct Worker {
+    pub id: Arc<str>,
+    pub peer: Option<PeerId>,
+    pub instance: String,
+    pub hostname: String,
+    pub version: String,
+    pub gpu: GpuInfo,
+    pub backends: Vec<BackendInventory>,
+    models: HashSet<(Backend, String)>,
+    pub labels: Vec<String>,
+    pub loaded_model: Option<String>,
+    pub healthy: bool,
+    pub online: bool,
+    /// When an online worker is declared dead without a sign of life.
+    pub expires_ms: u64,
+    pub last_seen_ms: u64,
+    /// The attempt assigned to this worker, until its result is stored.
+    pub current: Option<JobRef>,
+    pub jobs_done: u64,
+    /// Per class: 0 not yet computed, 1 can run, 2 cannot.
+    compat: Vec<u8>,
+}
+
+impl Worker {
+    pub fn from_record(r: FleetRecord) -> Worker {
+        let mut w = Worker {
+            id: r.worker_id.into(),
+            peer: None,
+            instance: String::new(),
+            hostname: r.hostname,
+            version: r.version,
+            gpu: r.gpu,
+            backends: Vec::new(),
+            models: HashSet::new(),
+            labels: r.labels,
+            loaded_model: None,
+            healthy: false,
+            online: false,
+            expires_ms: 0,
+            last_seen_ms: r.last_seen_ms,
+            current: None,
+            jobs_done: 0,
+            compat: Vec::new(),
+        };
+        w.set_backends(r.backends);
+        w
+    }
+
+    pub fn record(&self) -> FleetRecord {
+        FleetRecord {
+            worker_id: self.id.to_string(),
+            hostname: self.hostname.clone(),
+            gpu: self.gpu.clone(),
+            backends: self.backends.clone(),
+            labels: self.labels.clone(),
+            last_seen_ms: self.last_seen_ms,
+            version: self.version.clone(),
+        }
+    }
+
+    /// Replaces the inventory and forgets cached class compatibility.
+    pub fn set_backends(&mut self, backends: Vec<BackendInventory>) {
+        self.models = backends
+            .iter()
+            .flat_map(|b| b.models.iter().map(|m| (b.backend, m.name.clone())))
+            .collect();
+        self.backends = backends;
+        self.compat.clear();
+    }
+
+    pub fn set_labels(&mut self, labels: Vec<String>) {
+        self.labels = labels;
+        self.compat.clear();
+    }
+
+    pub fn set_total_vram(&mut self, gpu: GpuInfo) {
+        if gpu.total_vram_mb != self.gpu.total_vram_mb {
+            self.compat.clear();
+        }
+        self.gpu = gpu;
+    }
+
+    /// Whether the worker could ever run jobs with these requirements (ignoring
+    /// health and whether it is busy).
+    pub fn can_run(&self, req: &Requirements) -> bool {
+        self.backends.iter().any(|b| b.backend == req.backend)
+            && req
+                .model
+                .as_ref()
+                .is_none_or(|m| self.models.contains(&(req.backend, m.clone())))
+            && self.gpu.total_vram_mb >= req.min_vram_mb
+            && req.labels.iter().all(|l| self.labels.contains(l))
+    }
+
+    /// [`Worker::can_run`] memoised per class.
+    pub fn can_run_class(&mut self, class: ClassId, req: &Requirements) -> bool {
+        let i = class as usize;
+        if self.compat.len() <= i {
+            self.compat.resize(i + 1, 0);
+        }
+        if self.compat[i] == 0 {
+            self.compat[i] = if self.can_run(req) { 1 } else { 2 };
+        }
+        self.compat[i] == 1
+    }
+
+    /// Healthy for this backend right now.
+    pub fn backend_healthy(&self, backend: Backend) -> bool {
+        self.healthy
+            && self
+                .backends
+                .iter()
+                .any(|b| b.backend == backend && b.healthy)
+    }
+
+    pub fn state(&self) -> WorkerState {
+        if !self.online {
+            WorkerState::Offline
+        } else if self.current.is_some() {
+            WorkerState::Busy
+        } else if !self.healthy {
+            WorkerState::Unhealthy
+        } else {
+            WorkerState::Idle
+        }
+    }
+
+    pub fn info(&self) -> WorkerInfo {
+        WorkerInfo {
+            worker_id: self.id.to_string(),
+            hostname: self.hostname.clone(),
+            state: self.state(),
+            gpu: self.gpu.clone(),
+            backends: self.backends.clone(),
+            labels: self.labels.clone(),
+            loaded_model: self.loaded_model.clone(),
+            current_job: self.current.map(|r| r.job_id),
+            jobs_done: self.jobs_done,
+            last_seen_ms: self.last_seen_ms,
+            version: self.version.clone(),
+        }
+    }
+
+    /// "box1-gpu0 (RTX 4090)", for progress messages.
+    pub fn gpu_label(&self) -> String {
+        format!("{} ({})", self.id, self.gpu.name)
+    }
+}
+
+/// All workers, addressable by slab index, routing identity and worker id.
+#[derive(Default)]
+pub struct Registry {
+    slab: Vec<Option<Worker>>,
+    free: Vec<WorkerIdx>,
+    by_peer: HashMap<PeerId, WorkerIdx>,
+    by_id: HashMap<Arc<str>, WorkerIdx>,
+    /// Online, healthy workers without a job: candidates for a new job.
+    idle: BTreeSet<WorkerIdx>,
+}
+
+impl Registry {
+    pub fn get(&self, idx: WorkerIdx) -> &Worker {
+        self.slab[idx].as_ref().expect("live worker index")
+    }
+
+    pub fn get_mut(&mut self, idx: WorkerIdx) -> &mut Worker {
+        self.slab[idx].as_mut().expect("live worker index")
+    }
+
+    pub fn by_peer(&self, peer: &PeerId) -> Option<WorkerIdx> {
+        self.by_peer.get(peer).copied()
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<WorkerIdx> {
+        self.by_id.get(id).copied()
+    }
+
+    pub fn insert(&mut self, worker: Worker) -> WorkerIdx {
+        let id = worker.id.clone();
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.slab[i] = Some(worker);
+                i
+            }
+            None => {
+                self.slab.push(Some(worker));
+                self.slab.len() - 1
+            }
+        };
+        self.by_id.insert(id, idx);
+        idx
+    }
+
+    pub fn remove(&mut self, idx: WorkerIdx) -> Option<Worker> {
+        let w = self.slab.get_mut(idx)?.take()?;
+        self.by_id.remove(&w.id);
+        if let Some(p) = &w.peer {
+            self.by_peer.remove(p);
+        }
+        self.idle.remove(&idx);
+        self.free.push(idx);
+        Some(w)
+    }
+
+    /// Binds a worker to a (new) connection.
+    pub fn attach_peer(&mut self, idx: WorkerIdx, peer: PeerId) {
+        let w = self.slab[idx].as_mut().expect("live worker index");
+        if let Some(old) = w.peer.replace(peer.clone()) {
+            self.by_peer.remove(&old);
+        }
+        self.by_peer.insert(peer, idx);
+    }
+
+    pub fn detach_peer(&mut self, idx: WorkerIdx) {
+        let w = self.slab[idx].as_mut().expect("live worker index");
+        if let Some(old) = w.peer.take() {
+            self.by_peer.remove(&old);
+        }
+    }
+
+    /// Re-derives whether the worker belongs in the idle set; call after changing
+    /// `online`, `healthy` or `current`.
+    pub fn refresh_idle(&mut self, idx: WorkerIdx) {
+        let w = self.get(idx);
+        if w.online && w.healthy && w.current.is_none() {
+            self.idle.insert(idx);
+        } else {
+            self.idle.remove(&idx);
+        }
+    }
+
+    pub fn idle(&self) -> impl Iterator<Item = WorkerIdx> + '_ {
+        self.idle.iter().copied()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (WorkerIdx, &Worker)> {
+        self.slab
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| w.as_ref().map(|w| (i, w)))
+    }
+
+    pub fn indices(&self) -> Vec<WorkerIdx> {
+        self.iter().map(|(i, _)| i).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}

@@ -1,0 +1,9 @@
+//! The Kiln broker.
+//!
+//! - [`core`]: the scheduler, registry, heartbeats, requeue and cancel logic as a
+//!   state machine without I/O.
+//! - [`store`]: the durable job store (redb) with group commit.
+//! - [`artifacts`]: output files on disk, with their size and sha256.
+//! - [`net`]: the thin async shell: frontend ROUTER, backend ROUTER, events PUB.
+
+pub mod core;

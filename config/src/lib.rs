@@ -1,0 +1,518 @@
+//! Settings for every Kiln daemon, loaded one way.
+//!
+//! One schema ([`KilnConfig`]) with a table per program: `[broker]`, `[worker]`,
+//! `[client]` (the CLI and scripts). Each program loads the whole thing and uses
+//! its table, so one file can describe a box and `kiln config check` can validate it.
+//!
+//! Layers, lowest first: built-in defaults, then each TOML file in the order given,
+//! then `KILN_*` environment variables with `__` between levels
+//! (`KILN_BROKER__FRONTEND=tcp://10.0.0.2:5555`). Only variables that start with a
+//! table name are read, so unrelated `KILN_*` variables do not trip the
+//! unknown-key check. Errors name the key and where its value came from.
+
+mod secret;
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use kiln_protocol::Limits;
+use serde::{Deserialize, Serialize};
+
+pub use secret::{resolve as resolve_secret, Secret};
+
+/// Everything that can be wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    /// One or more keys failed to parse; each line names the key and its source.
+    #[error("invalid configuration:\n{}", .0.join("\n"))]
+    Parse(Vec<String>),
+    #[error("invalid configuration: `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// The whole configuration of one box.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KilnConfig {
+    pub broker: BrokerConfig,
+    pub worker: WorkerConfig,
+    pub client: ClientConfig,
+}
+
+/// The broker daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// ROUTER for clients. Loopback by default: the zeromq crate has no
+    /// authentication at the transport level and a hostile peer can crash it, so
+    /// bind other addresses only on a private network (see the README).
+    pub frontend: String,
+    /// ROUTER for workers.
+    pub backend: String,
+    /// PUB for events.
+    pub events: String,
+    /// Where the job store and artifacts live.
+    pub state_dir: PathBuf,
+    /// Keep jobs in a redb store and reply `accepted` only after commit. `false` keeps
+    /// everything in memory (benchmarks, throwaway demos).
+    pub durable: bool,
+    pub heartbeat_ms: u64,
+    /// Missed heartbeats after which a worker is declared dead.
+    pub liveness: u32,
+    /// Attempts a job gets when it does not say.
+    pub default_max_attempts: u8,
+    /// Queue timeout for jobs that do not set one (0 = wait forever).
+    pub default_queue_timeout_s: u32,
+    /// Run timeout for jobs that do not set one (0 = none).
+    pub default_run_timeout_s: u32,
+    /// How long a cancelled running job may take to confirm before it is recorded
+    /// as cancelled anyway.
+    pub cancel_grace_s: u32,
+    /// How long an offline worker still counts when deciding whether a job could
+    /// ever run (so a restarting worker does not make jobs unschedulable).
+    pub fleet_memory_s: u64,
+    /// Messages queued for one peer before further ones are dropped (clients) or the
+    /// peer is declared stalled (workers).
+    pub peer_queue: usize,
+    /// Required from clients in `hello` when set.
+    pub client_token: Option<Secret>,
+    pub client_token_file: Option<PathBuf>,
+    /// Required from workers in `register` when set.
+    pub worker_token: Option<Secret>,
+    pub worker_token_file: Option<PathBuf>,
+    pub limits: Limits,
+    pub retention: RetentionConfig,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            frontend: "tcp://127.0.0.1:5555".into(),
+            backend: "tcp://127.0.0.1:5556".into(),
+            events: "tcp://127.0.0.1:5557".into(),
+            state_dir: default_state_dir(),
+            durable: true,
+            heartbeat_ms: kiln_protocol::HEARTBEAT_INTERVAL_MS,
+            liveness: kiln_protocol::HEARTBEAT_LIVENESS,
+            default_max_attempts: 3,
+            default_queue_timeout_s: 0,
+            default_run_timeout_s: 0,
+            cancel_grace_s: 30,
+            fleet_memory_s: 600,
+            peer_queue: 8192,
+            client_token: None,
+            client_token_file: None,
+            worker_token: None,
+            worker_token_file: None,
+            limits: Limits::default(),
+            retention: RetentionConfig::default(),
+        }
+    }
+}
+
+/// How long finished jobs and their artifacts are kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Finished jobs older than this are deleted with their artifacts (0 = forever).
+    pub max_age_s: u64,
+    /// When artifacts take more than this, the oldest finished jobs go first
+    /// (0 = no limit).
+    pub max_artifact_bytes: u64,
+    /// How often retention runs.
+    pub sweep_interval_s: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            max_age_s: 7 * 24 * 3600,
+            max_artifact_bytes: 50 * 1024 * 1024 * 1024,
+            sweep_interval_s: 60,
+        }
+    }
+}
+
+/// One worker daemon (one GPU).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Stable name, unique in the fleet; `<hostname>-gpu<index>` when unset.
+    pub id: Option<String>,
+    /// The broker's backend ROUTER.
+    pub broker: String,
+    pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
+    pub gpu: GpuConfig,
+    /// Labels jobs can require (`labels = ["fast", "nvlink"]`).
+    pub labels: Vec<String>,
+    /// Backends this worker offers, in order of preference.
+    pub backends: Vec<kiln_protocol::Backend>,
+    pub heartbeat_ms: u64,
+    pub liveness: u32,
+    /// Scratch space for outputs before upload.
+    pub work_dir: Option<PathBuf>,
+    pub sim: SimConfig,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            id: None,
+            broker: "tcp://127.0.0.1:5556".into(),
+            token: None,
+            token_file: None,
+            gpu: GpuConfig::default(),
+            labels: Vec::new(),
+            backends: vec![kiln_protocol::Backend::Sim],
+            heartbeat_ms: kiln_protocol::HEARTBEAT_INTERVAL_MS,
+            liveness: kiln_protocol::HEARTBEAT_LIVENESS,
+            work_dir: None,
+            sim: SimConfig::default(),
+        }
+    }
+}
+
+/// Which GPU a worker drives, and what to report when NVML cannot say.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GpuConfig {
+    /// NVML index (PCI bus order) of the GPU this worker drives.
+    pub index: u32,
+    /// Ask NVML. `false` uses only the values below.
+    pub nvml: bool,
+    /// Path of `libnvidia-ml.so.1` when it is not on the loader path.
+    pub nvml_library: Option<PathBuf>,
+    /// Declared GPU name, used when NVML is absent or disabled.
+    pub name: Option<String>,
+    /// Declared memory in MiB, used when NVML is absent or disabled, or to cap it.
+    pub total_vram_mb: Option<u64>,
+    pub uuid: Option<String>,
+    /// Declare unified memory (GB10, Jetson) when NVML is absent.
+    pub unified_memory: Option<bool>,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            index: 0,
+            nvml: true,
+            nvml_library: None,
+            name: None,
+            total_vram_mb: None,
+            uuid: None,
+            unified_memory: None,
+        }
+    }
+}
+
+/// The built-in `sim` backend: real PNGs, simulated time, no GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    /// Time per reported step.
+    pub step_ms: u64,
+    /// Steps when the job does not set `params.steps`.
+    pub default_steps: u32,
+    /// Simulated model load time when a job switches model.
+    pub load_ms: u64,
+    /// Model names the simulator claims to have installed.
+    pub models: Vec<String>,
+    /// Honour `params.fault` (`fail`, `oom`, `hang`, `crash`); for tests only.
+    pub allow_faults: bool,
+    /// Largest image side the simulator will render.
+    pub max_side: u32,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            step_ms: 50,
+            default_steps: 20,
+            load_ms: 0,
+            models: vec!["sim-sd15".into(), "sim-sdxl".into(), "sim-wan".into()],
+            allow_faults: false,
+            max_side: 2048,
+        }
+    }
+}
+
+/// The CLI, the MCP gateway and other clients of the broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    pub broker: String,
+    pub events: String,
+    pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
+    /// Name for fairness and `list` filters (the connection id when unset).
+    pub name: Option<String>,
+    pub request_timeout_s: u64,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            broker: "tcp://127.0.0.1:5555".into(),
+            events: "tcp://127.0.0.1:5557".into(),
+            token: None,
+            token_file: None,
+            name: None,
+            request_timeout_s: 15,
+        }
+    }
+}
+
+/// `$XDG_STATE_HOME/kiln`, else `~/.local/state/kiln`, else `/var/lib/kiln`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("kiln");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(home).join(".local/state/kiln");
+    }
+    PathBuf::from("/var/lib/kiln")
+}
+
+/// The tables a `KILN_<TABLE>__...` variable may address.
+const TABLES: [&str; 3] = ["broker", "worker", "client"];
+
+impl KilnConfig {
+    /// Loads defaults, then `files` in order (each must exist), then the environment.
+    pub fn load(files: &[PathBuf]) -> Result<KilnConfig, ConfigError> {
+        Self::figment(files)?
+            .extract::<KilnConfig>()
+            .map_err(describe)
+            .and_then(|c| c.validated())
+    }
+
+    /// The layered figment, for callers that want to inspect where values came from.
+    pub fn figment(files: &[PathBuf]) -> Result<Figment, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(KilnConfig::default()));
+        for file in files {
+            if !file.is_file() {
+                return Err(ConfigError::MissingFile(file.clone()));
+            }
+            // file_exact: no search of parent directories for relative paths.
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        let env = Env::prefixed("KILN_")
+            .filter(|key| {
+                TABLES
+                    .iter()
+                    .any(|t| key.as_str().to_ascii_lowercase().starts_with(&format!("{t}__")))
+            })
+            .split("__");
+        Ok(figment.merge(env))
+    }
+
+    /// Checks what serde cannot: endpoints, ranges, names.
+    pub fn validated(self) -> Result<KilnConfig, ConfigError> {
+        let b = &self.broker;
+        for (key, ep) in [
+            ("broker.frontend", &b.frontend),
+            ("broker.backend", &b.backend),
+            ("broker.events", &b.events),
+            ("worker.broker", &self.worker.broker),
+            ("client.broker", &self.client.broker),
+            ("client.events", &self.client.events),
+        ] {
+            check_endpoint(key, ep)?;
+        }
+        if b.heartbeat_ms < 10 {
+            return invalid("broker.heartbeat_ms", "must be at least 10");
+        }
+        if b.liveness == 0 || self.worker.liveness == 0 {
+            return invalid("broker.liveness", "must be at least 1");
+        }
+        if b.default_max_attempts == 0 {
+            return invalid("broker.default_max_attempts", "must be at least 1");
+        }
+        if b.peer_queue < 16 {
+            return invalid("broker.peer_queue", "must be at least 16");
+        }
+        if let Some(id) = &self.worker.id {
+            if !kiln_protocol::ids::is_simple_name(id, 64) {
+                return invalid("worker.id", "must be 1-64 characters of [A-Za-z0-9._-]");
+            }
+        }
+        for label in &self.worker.labels {
+            if !kiln_protocol::ids::is_simple_name(label, 64) {
+                return invalid("worker.labels", &format!("label {label:?} must be 1-64 characters of [A-Za-z0-9._-]"));
+            }
+        }
+        if self.worker.backends.is_empty() {
+            return invalid("worker.backends", "list at least one backend");
+        }
+        if self.worker.sim.max_side < 8 {
+            return invalid("worker.sim.max_side", "must be at least 8");
+        }
+        Ok(self)
+    }
+
+    /// The broker's client token, resolved from inline, file or credential.
+    pub fn broker_client_token(&self) -> Result<Option<Secret>, ConfigError> {
+        let b = &self.broker;
+        resolve_secret("broker.client_token", &b.client_token, &b.client_token_file, "kiln-client-token")
+    }
+
+    pub fn broker_worker_token(&self) -> Result<Option<Secret>, ConfigError> {
+        let b = &self.broker;
+        resolve_secret("broker.worker_token", &b.worker_token, &b.worker_token_file, "kiln-worker-token")
+    }
+
+    pub fn worker_token(&self) -> Result<Option<Secret>, ConfigError> {
+        let w = &self.worker;
+        resolve_secret("worker.token", &w.token, &w.token_file, "kiln-worker-token")
+    }
+
+    pub fn client_token(&self) -> Result<Option<Secret>, ConfigError> {
+        let c = &self.client;
+        resolve_secret("client.token", &c.token, &c.token_file, "kiln-client-token")
+    }
+}
+
+fn invalid<T>(key: &str, message: &str) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.to_string(),
+    })
+}
+
+/// Accepts `tcp://host:port` and `ipc://path`, the transports Kiln's sockets use.
+fn check_endpoint(key: &str, ep: &str) -> Result<(), ConfigError> {
+    let ok = if let Some(rest) = ep.strip_prefix("tcp://") {
+        rest.rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+    } else {
+        ep.strip_prefix("ipc://").is_some_and(|p| !p.is_empty())
+    };
+    if ok {
+        Ok(())
+    } else {
+        invalid(key, &format!("{ep:?} is not an endpoint like tcp://127.0.0.1:5555"))
+    }
+}
+
+/// Turns figment's errors into one line per key, each naming the value's source.
+fn describe(err: figment::Error) -> ConfigError {
+    ConfigError::Parse(
+        err.into_iter()
+            .map(|e| {
+                let key = e.path.join(".");
+                let source = e
+                    .metadata
+                    .as_ref()
+                    .map(|m| match &m.source {
+                        Some(src) => format!("{} ({src})", m.name),
+                        None => m.name.to_string(),
+                    })
+                    .unwrap_or_else(|| "defaults".into());
+                if key.is_empty() {
+                    format!("  {} [from {source}]", e.kind)
+                } else {
+                    format!("  `{key}`: {} [from {source}]", e.kind)
+                }
+            })
+            .collect(),
+    )
+}
+
+/// True when `path` names a loopback or local-socket endpoint.
+pub fn is_loopback_endpoint(ep: &str) -> bool {
+    if ep.starts_with("ipc://") {
+        return true;
+    }
+    let host = ep
+        .strip_prefix("tcp://")
+        .and_then(|r| r.rsplit_once(':'))
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .unwrap_or("");
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Reads a config file list from `KILN_CONFIG` (colon-separated) when no file was
+/// named on the command line; `/etc/kiln/kiln.toml` is used when it exists.
+pub fn default_files() -> Vec<PathBuf> {
+    if let Some(list) = std::env::var_os("KILN_CONFIG").filter(|v| !v.is_empty()) {
+        return std::env::split_paths(&list).collect();
+    }
+    let system = Path::new("/etc/kiln/kiln.toml");
+    if system.is_file() {
+        vec![system.to_path_buf()]
+    } else {
+        Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_are_loopback_and_valid() {
+        let c = KilnConfig::default().validated().unwrap();
+        for ep in [&c.broker.frontend, &c.broker.backend, &c.broker.events] {
+            assert!(is_loopback_endpoint(ep), "{ep}");
+        }
+        assert!(!is_loopback_endpoint("tcp://0.0.0.0:5555"));
+        assert!(is_loopback_endpoint("tcp://[::1]:5555"));
+    }
+
+    #[test]
+    fn file_then_env_layering_and_errors_name_key_and_source() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "kiln.toml",
+                "[broker]\nfrontend = \"tcp://127.0.0.1:6000\"\nheartbeat_ms = 500\n[worker.sim]\nstep_ms = 5\n",
+            )?;
+            jail.set_env("KILN_BROKER__HEARTBEAT_MS", "250");
+            jail.set_env("KILN_TEST_COMFYUI_URL", "http://elsewhere");
+            jail.set_env("KILN_WORKER__LABELS", "[\"fast\", \"big\"]");
+            let c = KilnConfig::load(&["kiln.toml".into()]).unwrap();
+            assert_eq!(c.broker.frontend, "tcp://127.0.0.1:6000");
+            assert_eq!(c.broker.heartbeat_ms, 250, "environment wins over the file");
+            assert_eq!(c.worker.sim.step_ms, 5);
+            assert_eq!(c.worker.labels, ["fast", "big"]);
+
+            jail.set_env("KILN_BROKER__HEARTBEAT_MS", "soon");
+            let err = KilnConfig::load(&["kiln.toml".into()]).unwrap_err().to_string();
+            assert!(err.contains("broker.heartbeat_ms"), "{err}");
+            assert!(err.contains("KILN_"), "{err}");
+            jail.set_env("KILN_BROKER__HEARTBEAT_MS", "250");
+
+            jail.create_file("typo.toml", "[broker]\nfrontnd = \"tcp://127.0.0.1:1\"\n")?;
+            let err = KilnConfig::load(&["typo.toml".into()]).unwrap_err().to_string();
+            assert!(err.contains("frontnd") && err.contains("typo.toml"), "{err}");
+
+            let err = KilnConfig::load(&["absent.toml".into()]).unwrap_err();
+            assert!(matches!(err, ConfigError::MissingFile(_)));
+
+            jail.create_file("bad.toml", "[client]\nbroker = \"localhost\"\n")?;
+            let err = KilnConfig::load(&["bad.toml".into()]).unwrap_err().to_string();
+            assert!(err.contains("client.broker"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn tokens_resolve_from_file_and_stay_redacted() {
+        Jail::expect_with(|jail| {
+            jail.create_file("token", "  s3cret\n")?;
+            jail.create_file("kiln.toml", "[broker]\nclient_token_file = \"token\"\nworker_token = 12345\n")?;
+            let c = KilnConfig::load(&["kiln.toml".into()]).unwrap();
+            let t = c.broker_client_token().unwrap().unwrap();
+            assert_eq!(t.expose(), "s3cret");
+            assert_eq!(format!("{t:?}"), "<redacted>");
+            assert_eq!(c.broker_worker_token().unwrap().unwrap().expose(), "12345");
+            Ok(())
+        });
+    }
+}
