@@ -7,3 +7,8 @@
 //! - [`net`]: the thin async shell: frontend ROUTER, backend ROUTER, events PUB.
 
 pub mod core;
+pub mod artifacts;
+pub mod net;
+pub mod store;
+
+pub use net::{Broker, BrokerError, BrokerSettings, Endpoints};

@@ -10,6 +10,7 @@
 //! table name are read, so unrelated `KILN_*` variables do not trip the
 //! unknown-key check. Errors name the key and where its value came from.
 
+pub mod logging;
 mod secret;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,72 @@
+//! `kiln-broker`: the queue, the job table, the worker registry and the artifact
+//! store, behind three ZeroMQ sockets.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use kiln_broker::{Broker, BrokerSettings};
+use kiln_config::KilnConfig;
+
+#[derive(Parser)]
+#[command(version, about = "Kiln broker: dispatches generation jobs to per-GPU workers")]
+struct Args {
+    /// Config file(s), layered in order (default: $KILN_CONFIG or /etc/kiln/kiln.toml).
+    #[arg(long = "config", short = 'c')]
+    config: Vec<PathBuf>,
+    /// Override `broker.state_dir`.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Keep jobs in memory only (no store; for benchmarks and throwaway runs).
+    #[arg(long)]
+    in_memory: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    kiln_config::logging::init("info");
+    let args = Args::parse();
+    let files = if args.config.is_empty() { kiln_config::default_files() } else { args.config };
+    let mut cfg = KilnConfig::load(&files)?;
+    if let Some(dir) = args.state_dir {
+        cfg.broker.state_dir = dir;
+    }
+    if args.in_memory {
+        cfg.broker.durable = false;
+    }
+    for (name, ep) in [("frontend", &cfg.broker.frontend), ("backend", &cfg.broker.backend), ("events", &cfg.broker.events)] {
+        if !kiln_config::is_loopback_endpoint(ep) {
+            tracing::warn!(
+                "broker.{name} = {ep} is not loopback: the ZeroMQ transport has no authentication or encryption and a hostile peer can crash it; expose it only on a private network or VPN (see README, 'Several boxes')"
+            );
+        }
+    }
+    let settings = BrokerSettings::from_config(&cfg)?;
+    let mut broker = Broker::start(settings).await.context("starting the broker")?;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let watchdog = sd_notify::watchdog_enabled();
+    if let Some(interval) = watchdog {
+        tracing::info!(?interval, "systemd watchdog enabled");
+    }
+    let mut tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |w| w / 2));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            r = broker.wait() => return r.context("broker stopped"),
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tick.tick() => {
+                // Pet the watchdog only while the core loop is turning.
+                let stale = kiln_protocol::unix_ms().saturating_sub(broker.last_alive_ms());
+                if watchdog.is_some() && stale < 5_000 {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    broker.shutdown().await?;
+    Ok(())
+}

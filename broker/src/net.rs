@@ -1,0 +1,653 @@
+//! The socket shell around the core.
+//!
+//! ```text
+//!  frontend ROUTER ──recv task──┐                         ┌─► per-peer send tasks ─► frontend/backend ROUTER
+//!  backend  ROUTER ──recv task──┼─► router task (Core) ───┼─► committer thread (redb, group commit) ─┘
+//!                               │        │                └─► PUB task ─► events PUB
+//!  artifact thread ◄────────────┘◄───────┘ (writes, verifies and reads output files)
+//! ```
+//!
+//! - Receive tasks decode frames in parallel with the core and feed one channel.
+//! - The router task owns the [`Core`]: it takes every input that is waiting, runs
+//!   it through `handle`, and passes the outputs on as one batch. No lock is shared
+//!   with network tasks (the rumqttd model).
+//! - The committer thread writes the batch's records in one redb transaction (all
+//!   batches waiting are grouped) and only then sends the batch's replies, worker
+//!   messages and events. So `accepted` always follows the commit, and nothing a
+//!   client hears about can be lost by a crash.
+//! - Each peer has its own send task with a bounded queue, so a stalled peer never
+//!   blocks the broker: its messages are dropped (clients re-query) or, for a
+//!   worker, the worker is declared unreachable.
+
+use std::collections::HashMap;
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kiln_config::{ConfigError, KilnConfig};
+use kiln_protocol::frame::{self, peek_envelope, PROTOCOL_TAG};
+use kiln_protocol::request::{Chunk, Reply};
+use kiln_protocol::{ErrorBody, ErrorCode, Request, WorkerMessage};
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use zeromq::{
+    PubSocket, RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend,
+    ZmqMessage,
+};
+
+use crate::artifacts::ArtifactStore;
+use crate::core::{ArtifactOp, Core, CoreConfig, Input, Output, PeerId, Record};
+use crate::store::{Store, StoreError};
+
+/// Everything the broker needs to run, resolved from [`KilnConfig`].
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    pub core: CoreConfig,
+    pub frontend: String,
+    pub backend: String,
+    pub events: String,
+    pub state_dir: PathBuf,
+    pub durable: bool,
+    pub peer_queue: usize,
+}
+
+impl BrokerSettings {
+    pub fn from_config(cfg: &KilnConfig) -> Result<BrokerSettings, ConfigError> {
+        let b = &cfg.broker;
+        let core = CoreConfig {
+            heartbeat_ms: b.heartbeat_ms,
+            liveness: b.liveness,
+            default_max_attempts: b.default_max_attempts,
+            default_queue_timeout_s: b.default_queue_timeout_s,
+            default_run_timeout_s: b.default_run_timeout_s,
+            cancel_grace_ms: b.cancel_grace_s as u64 * 1000,
+            fleet_memory_ms: b.fleet_memory_s * 1000,
+            limits: b.limits.clone(),
+            client_token: cfg.broker_client_token()?.map(|s| s.expose().to_string()),
+            worker_token: cfg.broker_worker_token()?.map(|s| s.expose().to_string()),
+            persist: b.durable,
+            retention_max_age_ms: b.retention.max_age_s * 1000,
+            retention_max_bytes: b.retention.max_artifact_bytes,
+            retention_sweep_ms: b.retention.sweep_interval_s.max(1) * 1000,
+        };
+        Ok(BrokerSettings {
+            core,
+            frontend: b.frontend.clone(),
+            backend: b.backend.clone(),
+            events: b.events.clone(),
+            state_dir: b.state_dir.clone(),
+            durable: b.durable,
+            peer_queue: b.peer_queue,
+        })
+    }
+}
+
+/// Why the broker could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot bind {endpoint}: {reason}")]
+    Bind { endpoint: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("artifact directory {path}: {source}")]
+    Artifacts {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the job store failed, stopping so that nothing unrecorded is acknowledged: {0}")]
+    CommitFailed(String),
+}
+
+/// The endpoints actually bound (port 0 resolved), for tests and `kiln up`.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub frontend: String,
+    pub backend: String,
+    pub events: String,
+}
+
+/// A running broker. Dropping it does not stop it; call [`Broker::shutdown`].
+pub struct Broker {
+    endpoints: Endpoints,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), BrokerError>>,
+    alive: Arc<AtomicU64>,
+}
+
+/// Milliseconds on a monotone clock anchored at the Unix time of start-up, so that
+/// timestamps read like wall-clock time but never run backwards.
+#[derive(Clone, Copy)]
+struct Clock {
+    start: Instant,
+    start_unix_ms: u64,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            start: Instant::now(),
+            start_unix_ms: kiln_protocol::unix_ms(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start_unix_ms + self.start.elapsed().as_millis() as u64
+    }
+
+    fn instant_at(&self, ms: u64) -> tokio::time::Instant {
+        let offset = ms.saturating_sub(self.start_unix_ms);
+        tokio::time::Instant::from_std(self.start + Duration::from_millis(offset))
+    }
+}
+
+impl Broker {
+    /// Opens the store, recovers, binds the three sockets and starts serving.
+    /// Returns once the broker is ready to accept clients and workers.
+    pub async fn start(settings: BrokerSettings) -> Result<Broker, BrokerError> {
+        let clock = Clock::new();
+        let mut core = Core::new(settings.core.clone(), clock.now_ms());
+        let mut store = None;
+        if settings.durable {
+            let mut s = Store::open(&settings.state_dir)?;
+            let loaded = s.load()?;
+            let mut out = Vec::new();
+            let (n_jobs, boot) = (loaded.jobs.len(), loaded.boot);
+            core.recover(clock.now_ms(), loaded.boot, loaded.jobs, loaded.fleet, loaded.next_job_id, &mut out);
+            let records: Vec<Record> = out
+                .into_iter()
+                .filter_map(|o| match o {
+                    Output::Persist(r) => Some(r),
+                    _ => None,
+                })
+                .collect();
+            s.commit(&records)?;
+            tracing::info!(
+                jobs = n_jobs, queued = core.queued(), running = core.running(), boot,
+                "recovered the job store"
+            );
+            store = Some(s);
+        }
+        let artifacts = ArtifactStore::open(&settings.state_dir).map_err(|source| BrokerError::Artifacts {
+            path: settings.state_dir.join("artifacts"),
+            source,
+        })?;
+
+        let mut frontend = RouterSocket::new();
+        let frontend_ep = bind(&mut frontend, &settings.frontend).await?;
+        let mut backend = RouterSocket::new();
+        let backend_ep = bind(&mut backend, &settings.backend).await?;
+        let mut events = PubSocket::new();
+        let events_ep = bind(&mut events, &settings.events).await?;
+        let endpoints = Endpoints {
+            frontend: frontend_ep,
+            backend: backend_ep,
+            events: events_ep,
+        };
+        tracing::info!(frontend = %endpoints.frontend, backend = %endpoints.backend, events = %endpoints.events, durable = settings.durable, "broker listening");
+
+        let (inputs_tx, inputs_rx) = mpsc::channel::<Input>(65_536);
+        let (front_tx, front_rx) = frontend.split();
+        let (back_tx, back_rx) = backend.split();
+        let max = settings.core.limits.max_message_bytes as usize;
+        tokio::spawn(recv_loop(front_rx, inputs_tx.clone(), max, Side::Clients));
+        tokio::spawn(recv_loop(back_rx, inputs_tx.clone(), max, Side::Workers));
+
+        let rt = Handle::current();
+        let clients = Arc::new(Outbox::new(front_tx, settings.peer_queue, rt.clone(), Side::Clients, inputs_tx.clone()));
+        let workers = Arc::new(Outbox::new(back_tx, settings.peer_queue, rt.clone(), Side::Workers, inputs_tx.clone()));
+        let (pub_tx, pub_rx) = mpsc::channel::<ZmqMessage>(65_536);
+        tokio::spawn(publish_loop(events, pub_rx));
+
+        let (art_tx, art_rx) = mpsc::channel::<ArtifactOp>(256);
+        // Verifications come back on their own unbounded channel: the router may be
+        // waiting for room in `art_tx`, so the artifact thread must never wait on it.
+        let (stored_tx, stored_rx) = mpsc::unbounded_channel::<Input>();
+        {
+            let clients = clients.clone();
+            std::thread::Builder::new()
+                .name("kiln-artifacts".into())
+                .spawn(move || artifact_loop(artifacts, art_rx, clients, stored_tx))
+                .expect("spawn artifact thread");
+        }
+        let (commit_tx, commit_rx) = mpsc::channel::<Batch>(1024);
+        let (fatal_tx, fatal_rx) = oneshot::channel::<String>();
+        {
+            let ctx = Dispatch {
+                clients,
+                workers,
+                events: pub_tx,
+                artifacts: art_tx.clone(),
+            };
+            std::thread::Builder::new()
+                .name("kiln-commit".into())
+                .spawn(move || commit_loop(store, commit_rx, ctx, fatal_tx))
+                .expect("spawn committer thread");
+        }
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let alive = Arc::new(AtomicU64::new(clock.now_ms()));
+        let task = tokio::spawn(route_loop(
+            core,
+            clock,
+            inputs_rx,
+            stored_rx,
+            commit_tx,
+            art_tx,
+            shutdown_rx,
+            fatal_rx,
+            alive.clone(),
+        ));
+        drop(inputs_tx);
+        Ok(Broker {
+            endpoints,
+            shutdown,
+            task,
+            alive,
+        })
+    }
+
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// Milliseconds (Unix) when the core loop last ran; a watchdog checks it.
+    pub fn last_alive_ms(&self) -> u64 {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    /// Runs until the broker stops by itself (a fatal store error).
+    pub async fn wait(&mut self) -> Result<(), BrokerError> {
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => Err(BrokerError::CommitFailed(format!("broker task failed: {e}"))),
+        }
+    }
+
+    /// Stops serving; pending commits finish first.
+    pub async fn shutdown(self) -> Result<(), BrokerError> {
+        let _ = self.shutdown.send(true);
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(BrokerError::CommitFailed(format!("broker task failed: {e}"))),
+        }
+    }
+}
+
+/// Binds a socket. TCP listeners get keepalive (idle 5 s, 2 s × 3 probes) so dead
+/// peers are noticed, and address reuse so a restarted broker rebinds at once.
+async fn bind<S: Socket>(socket: &mut S, endpoint: &str) -> Result<String, BrokerError> {
+    let fail = |reason: String| BrokerError::Bind {
+        endpoint: endpoint.to_string(),
+        reason,
+    };
+    let Some(hostport) = endpoint.strip_prefix("tcp://") else {
+        return socket
+            .bind(endpoint)
+            .await
+            .map(|e| e.to_string())
+            .map_err(|e| fail(e.to_string()));
+    };
+    let addr = hostport
+        .to_socket_addrs()
+        .map_err(|e| fail(e.to_string()))?
+        .next()
+        .ok_or_else(|| fail("address resolves to nothing".into()))?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    sock.set_reuse_address(true).map_err(|e| fail(e.to_string()))?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(2))
+        .with_retries(3);
+    sock.set_tcp_keepalive(&keepalive).map_err(|e| fail(e.to_string()))?;
+    sock.bind(&addr.into()).map_err(|e| fail(e.to_string()))?;
+    sock.listen(1024).map_err(|e| fail(e.to_string()))?;
+    let listener: std::net::TcpListener = sock.into();
+    socket
+        .bind_listener(listener)
+        .await
+        .map(|e| e.to_string())
+        .map_err(|e| fail(e.to_string()))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Clients,
+    Workers,
+}
+
+/// Reads one ROUTER, decodes, and feeds the core. Decoding happens here, off the
+/// core's thread.
+async fn recv_loop(mut rx: RouterRecvHalf, inputs: mpsc::Sender<Input>, max_bytes: usize, side: Side) {
+    loop {
+        let msg = match rx.recv().await {
+            Ok(m) => m,
+            Err(zeromq::ZmqError::NoMessage) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "receive error; continuing");
+                continue;
+            }
+        };
+        let mut frames = msg.into_vec();
+        if frames.is_empty() {
+            continue;
+        }
+        let peer: PeerId = frames.remove(0);
+        let input = match side {
+            Side::Clients => match frame::decode::<Request>(&frames, max_bytes) {
+                Ok(request) => Input::Request { peer, request },
+                Err(error) => {
+                    let req_id = frames
+                        .get(1)
+                        .filter(|b| b.len() <= max_bytes)
+                        .and_then(|b| peek_envelope(b))
+                        .and_then(|e| e.req_id);
+                    Input::BadRequest { peer, req_id, error }
+                }
+            },
+            Side::Workers => match frame::decode::<WorkerMessage>(&frames, max_bytes) {
+                Ok(msg) => Input::Worker { peer, msg },
+                Err(error) => Input::BadWorkerMessage { peer, error },
+            },
+        };
+        if inputs.send(input).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Outputs of one router pass: records to commit, then what may follow the commit.
+#[derive(Default)]
+struct Batch {
+    records: Vec<Record>,
+    after: Vec<Output>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn route_loop(
+    mut core: Core,
+    clock: Clock,
+    mut inputs: mpsc::Receiver<Input>,
+    mut stored: mpsc::UnboundedReceiver<Input>,
+    commits: mpsc::Sender<Batch>,
+    artifacts: mpsc::Sender<ArtifactOp>,
+    mut shutdown: watch::Receiver<bool>,
+    mut fatal: oneshot::Receiver<String>,
+    alive: Arc<AtomicU64>,
+) -> Result<(), BrokerError> {
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        // Wake at least once a second so the watchdog sees a live loop.
+        let wake = core
+            .poll_timeout()
+            .unwrap_or(u64::MAX)
+            .min(clock.now_ms() + 1_000);
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            reason = &mut fatal => return Err(BrokerError::CommitFailed(reason.unwrap_or_else(|_| "committer stopped".into()))),
+            input = stored.recv() => match input {
+                Some(i) => i,
+                None => break,
+            },
+            input = inputs.recv() => match input {
+                Some(i) => i,
+                None => break,
+            },
+            _ = tokio::time::sleep_until(clock.instant_at(wake)) => Input::Tick,
+        };
+        let now = clock.now_ms();
+        alive.store(now, Ordering::Relaxed);
+        core.handle(now, first, &mut out);
+        while let Ok(input) = stored.try_recv() {
+            core.handle(now, input, &mut out);
+        }
+        for _ in 0..1023 {
+            match inputs.try_recv() {
+                Ok(input) => core.handle(now, input, &mut out),
+                Err(_) => break,
+            }
+        }
+        if core.poll_timeout().is_some_and(|t| t <= now) {
+            core.handle(now, Input::Tick, &mut out);
+        }
+        let mut batch = Batch::default();
+        for o in out.drain(..) {
+            match o {
+                Output::Persist(r) => batch.records.push(r),
+                Output::Artifact(op @ ArtifactOp::Delete { .. }) => batch.after.push(Output::Artifact(op)),
+                Output::Artifact(op) => {
+                    if artifacts.send(op).await.is_err() {
+                        tracing::error!("artifact thread is gone");
+                    }
+                }
+                other => batch.after.push(other),
+            }
+        }
+        if !(batch.records.is_empty() && batch.after.is_empty()) && commits.send(batch).await.is_err() {
+            return Err(BrokerError::CommitFailed("committer stopped".into()));
+        }
+    }
+    // Dropping `commits` lets the committer finish what it has and exit.
+    Ok(())
+}
+
+/// Where the committer sends things.
+struct Dispatch {
+    clients: Arc<Outbox>,
+    workers: Arc<Outbox>,
+    events: mpsc::Sender<ZmqMessage>,
+    artifacts: mpsc::Sender<ArtifactOp>,
+}
+
+fn commit_loop(mut store: Option<Store>, mut batches: mpsc::Receiver<Batch>, ctx: Dispatch, fatal: oneshot::Sender<String>) {
+    let mut group: Vec<Batch> = Vec::new();
+    while let Some(first) = batches.blocking_recv() {
+        group.push(first);
+        while let Ok(b) = batches.try_recv() {
+            group.push(b);
+        }
+        if let Some(store) = store.as_mut() {
+            let records = group.iter().flat_map(|b| b.records.iter());
+            if let Err(e) = store.commit(records) {
+                tracing::error!(error = %e, "job store commit failed");
+                let _ = fatal.send(e.to_string());
+                return;
+            }
+        }
+        for batch in group.drain(..) {
+            for o in batch.after {
+                dispatch(&ctx, o);
+            }
+        }
+    }
+}
+
+fn dispatch(ctx: &Dispatch, o: Output) {
+    match o {
+        Output::Reply { peer, reply } => ctx.clients.send(peer, frame::encode_body(&reply)),
+        Output::ToWorker { peer, msg } => ctx.workers.send(peer, frame::encode_body(&msg)),
+        Output::Publish(event) => {
+            let frames = vec![
+                Bytes::from(event.topic()),
+                Bytes::from_static(PROTOCOL_TAG),
+                frame::encode_body(&event),
+            ];
+            let msg = ZmqMessage::try_from(frames).expect("three frames");
+            // PUB is lossy by design; a follower that misses events resyncs.
+            let _ = ctx.events.try_send(msg);
+        }
+        Output::Artifact(op) => {
+            let _ = ctx.artifacts.blocking_send(op);
+        }
+        Output::Persist(_) => unreachable!("records are committed, not dispatched"),
+    }
+}
+
+async fn publish_loop(mut socket: PubSocket, mut rx: mpsc::Receiver<ZmqMessage>) {
+    while let Some(msg) = rx.recv().await {
+        if let Err(e) = socket.send(msg).await {
+            tracing::debug!(error = %e, "publish failed");
+        }
+    }
+}
+
+fn artifact_loop(
+    mut store: ArtifactStore,
+    mut ops: mpsc::Receiver<ArtifactOp>,
+    clients: Arc<Outbox>,
+    stored: mpsc::UnboundedSender<Input>,
+) {
+    // A failed write poisons that attempt's upload; finalize then reports it.
+    let mut broken: HashMap<(kiln_protocol::JobId, u32), String> = HashMap::new();
+    while let Some(op) = ops.blocking_recv() {
+        match op {
+            ArtifactOp::Write { job_id, attempt, index, name: _, offset, data } => {
+                if let Err(e) = store.write(job_id, attempt, index, offset, &data) {
+                    tracing::warn!(job = %job_id, attempt, "{e}");
+                    broken.insert((job_id, attempt), e);
+                }
+            }
+            ArtifactOp::Finalize { job_id, attempt, outputs } => {
+                let result = match broken.remove(&(job_id, attempt)) {
+                    Some(e) => {
+                        store.discard(job_id, attempt);
+                        Err(e)
+                    }
+                    None => store.finalize(job_id, attempt, &outputs),
+                };
+                if stored.send(Input::ArtifactsStored { job_id, attempt, result }).is_err() {
+                    return;
+                }
+            }
+            ArtifactOp::Discard { job_id, attempt } => {
+                broken.remove(&(job_id, attempt));
+                store.discard(job_id, attempt);
+            }
+            ArtifactOp::Read { peer, req_id, meta, offset, len } => {
+                let reply = match store.read(&meta, offset, len) {
+                    Ok(data) => Reply::Chunk(Chunk {
+                        req_id,
+                        artifact_id: meta.id,
+                        offset,
+                        total: meta.size,
+                        sha256: meta.sha256.clone(),
+                        media_type: meta.media_type.clone(),
+                        name: meta.name.clone(),
+                        eof: offset + data.len() as u64 >= meta.size,
+                        data,
+                    }),
+                    Err(e) => {
+                        tracing::error!(artifact = %meta.id, error = %e, "cannot read artifact");
+                        Reply::error(
+                            Some(req_id),
+                            ErrorBody::new(ErrorCode::Internal, format!("cannot read artifact {}: {e}", meta.id)),
+                        )
+                    }
+                };
+                clients.send(peer, frame::encode_body(&reply));
+            }
+            ArtifactOp::Delete { job_id } => store.delete(job_id),
+        }
+    }
+}
+
+/// How long a peer task waits on one send before declaring the peer stalled.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// An idle peer task exits after this; the next message starts a new one.
+const PEER_IDLE: Duration = Duration::from_secs(300);
+
+/// Sends to the peers of one ROUTER, each through its own task and bounded queue.
+struct Outbox {
+    router: RouterSendHalf,
+    peers: Mutex<HashMap<PeerId, mpsc::Sender<ZmqMessage>>>,
+    capacity: usize,
+    rt: Handle,
+    side: Side,
+    inputs: mpsc::Sender<Input>,
+}
+
+impl Outbox {
+    fn new(router: RouterSendHalf, capacity: usize, rt: Handle, side: Side, inputs: mpsc::Sender<Input>) -> Outbox {
+        Outbox {
+            router,
+            peers: Mutex::new(HashMap::new()),
+            capacity,
+            rt,
+            side,
+            inputs,
+        }
+    }
+
+    fn send(&self, peer: PeerId, body: Bytes) {
+        let frames = vec![peer.clone(), Bytes::from_static(PROTOCOL_TAG), body];
+        let mut msg = ZmqMessage::try_from(frames).expect("three frames");
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        for _ in 0..2 {
+            let tx = peers.entry(peer.clone()).or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(self.capacity);
+                self.rt.spawn(peer_task(self.router.clone(), rx, peer.clone(), self.side, self.inputs.clone()));
+                tx
+            });
+            match tx.try_send(msg) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(side = ?self.side, "a peer's send queue is full; dropping its messages");
+                    peers.remove(&peer);
+                    self.report_stalled(peer);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(m)) => {
+                    peers.remove(&peer);
+                    msg = m;
+                }
+            }
+        }
+    }
+
+    fn report_stalled(&self, peer: PeerId) {
+        let worker = self.side == Side::Workers;
+        let _ = self.inputs.try_send(Input::PeerUnreachable { peer, worker });
+    }
+}
+
+async fn peer_task(mut router: RouterSendHalf, mut rx: mpsc::Receiver<ZmqMessage>, peer: PeerId, side: Side, inputs: mpsc::Sender<Input>) {
+    loop {
+        let msg = match tokio::time::timeout(PEER_IDLE, rx.recv()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(_) => {
+                // Idle: close, but deliver anything that raced in.
+                rx.close();
+                while let Ok(m) = rx.try_recv() {
+                    let _ = tokio::time::timeout(SEND_TIMEOUT, router.send(m)).await;
+                }
+                return;
+            }
+        };
+        match tokio::time::timeout(SEND_TIMEOUT, router.send(msg)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // Not connected (any more). A worker keeps its job until its
+                // heartbeats stop: it may be reconnecting.
+                tracing::debug!(side = ?side, error = %e, "peer not reachable");
+                rx.close();
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(side = ?side, "a peer stopped reading for {SEND_TIMEOUT:?}; treating it as unreachable");
+                let _ = inputs.try_send(Input::PeerUnreachable { peer, worker: side == Side::Workers });
+                rx.close();
+                return;
+            }
+        }
+    }
+}
