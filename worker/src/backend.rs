@@ -1,0 +1,173 @@
+//! What a generator looks like to the worker.
+//!
+//! Each backend (sim, ComfyUI, Wan2GP) implements [`Backend`]; the runner knows
+//! nothing else about them. A job gets a [`ProgressSink`] to report into and a
+//! [`CancellationToken`] to honour, and returns its outputs as files or bytes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use kiln_protocol::worker::{GpuInfo, ModelEntry};
+use kiln_protocol::{JobError, JobId, JobSpec, Progress};
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+pub use tokio_util::sync::CancellationToken;
+
+/// One attempt of one job, as handed to a backend.
+#[derive(Debug, Clone)]
+pub struct JobRun {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub spec: Arc<JobSpec>,
+    /// Scratch space for this attempt; removed after its result is acknowledged.
+    pub work_dir: PathBuf,
+}
+
+/// Where an output's bytes are.
+#[derive(Debug, Clone)]
+pub enum OutputData {
+    Bytes(Vec<u8>),
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct OutputFile {
+    /// A plain file name (no directories).
+    pub name: String,
+    pub media_type: String,
+    pub data: OutputData,
+}
+
+/// A successful attempt.
+#[derive(Debug, Clone, Default)]
+pub struct RunOutput {
+    pub outputs: Vec<OutputFile>,
+    /// Facts for the client: `seed`, `model`, `width`, `run_ms`, …
+    pub info: Map<String, Value>,
+}
+
+/// How an attempt ended without success.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunError {
+    /// The cancel token fired and the backend stopped.
+    Cancelled,
+    Failed(JobError),
+}
+
+impl From<JobError> for RunError {
+    fn from(e: JobError) -> Self {
+        RunError::Failed(e)
+    }
+}
+
+/// Whether a backend can take jobs now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub healthy: bool,
+    pub detail: Option<String>,
+}
+
+impl Health {
+    pub fn ok() -> Health {
+        Health { healthy: true, detail: None }
+    }
+
+    pub fn down(detail: impl Into<String>) -> Health {
+        Health { healthy: false, detail: Some(detail.into()) }
+    }
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> kiln_protocol::Backend;
+
+    /// Installed models (checkpoints, LoRAs, model types) by kind.
+    async fn inventory(&self) -> Vec<ModelEntry>;
+
+    async fn health(&self) -> Health;
+
+    /// Runs one attempt. Must return promptly with [`RunError::Cancelled`] once
+    /// `cancel` fires.
+    async fn run(&self, job: JobRun, progress: ProgressSink, cancel: CancellationToken) -> Result<RunOutput, RunError>;
+
+    /// The model currently loaded on the GPU, for the broker's affinity.
+    fn loaded_model(&self) -> Option<String> {
+        None
+    }
+
+    /// GPU figures the backend itself can report, used when NVML cannot.
+    async fn gpu_hint(&self) -> Option<GpuInfo> {
+        None
+    }
+
+    /// Stops whatever the backend started (a managed ComfyUI, a bridge process).
+    async fn shutdown(&self) {}
+}
+
+/// A backend's progress reports. Only the latest value matters: the runner sends
+/// at most ten a second to the broker, always the newest.
+#[derive(Clone)]
+pub struct ProgressSink {
+    tx: Arc<watch::Sender<Option<Progress>>>,
+}
+
+impl ProgressSink {
+    pub fn new() -> (ProgressSink, watch::Receiver<Option<Progress>>) {
+        let (tx, rx) = watch::channel(None);
+        (ProgressSink { tx: Arc::new(tx) }, rx)
+    }
+
+    pub fn report(&self, progress: Progress) {
+        self.tx.send_replace(Some(progress));
+    }
+
+    /// Step `step` of `steps`, mapped into the share `[from, to]` of the whole job.
+    pub fn step(&self, step: u32, steps: u32, from: f64, to: f64, stage: impl Into<String>) {
+        let frac = if steps == 0 { 1.0 } else { step as f64 / steps as f64 };
+        self.report(Progress {
+            pct: from + (to - from) * frac.clamp(0.0, 1.0),
+            step: Some(step),
+            steps: Some(steps),
+            stage: stage.into(),
+        });
+    }
+
+    /// A stage without steps at `pct`.
+    pub fn stage(&self, pct: f64, stage: impl Into<String>) {
+        self.report(Progress {
+            pct,
+            step: None,
+            steps: None,
+            stage: stage.into(),
+        });
+    }
+}
+
+/// Reads an integer parameter, checking its range; the error names the field.
+pub fn int_param(spec: &JobSpec, key: &str, default: i64, min: i64, max: i64) -> Result<i64, JobError> {
+    match spec.params.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => match v.as_i64() {
+            Some(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(JobError::new(
+                kiln_protocol::FailureKind::InvalidInput,
+                format!("params.{key} must be an integer from {min} to {max}, got {v}"),
+                false,
+            )),
+        },
+    }
+}
+
+/// Reads a string parameter.
+pub fn str_param<'a>(spec: &'a JobSpec, key: &str) -> Result<Option<&'a str>, JobError> {
+    match spec.params.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(JobError::new(
+            kiln_protocol::FailureKind::InvalidInput,
+            format!("params.{key} must be a string, got {v}"),
+            false,
+        )),
+    }
+}

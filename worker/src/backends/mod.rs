@@ -1,0 +1,3 @@
+//! The generators a worker can drive.
+
+pub mod sim;

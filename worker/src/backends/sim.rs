@@ -1,0 +1,381 @@
+//! The `sim` backend: Kiln's stand-in generator for machines without a GPU.
+//!
+//! It renders a real PNG (an animated PNG for video tasks) whose pixels depend on
+//! the prompt and the seed, reports steps at a configurable pace, honours cancel,
+//! and, when the worker's config sets `allow_faults`, can be told through
+//! `params.fault` to fail, run out of memory, hang or crash the worker. It is the
+//! default of `kiln demo` and the test double for the whole system; it is not a
+//! generator and never claims to be one (outputs are named `sim_*`).
+//!
+//! Parameters: `prompt`, `seed` (default: derived from the prompt), `width` and
+//! `height` (default 512, up to `max_side`), `steps` (default from config, 0 for a
+//! no-op), `step_ms` (per-job pace override), `count` (images, 1-8), `frames`
+//! (video tasks, 2-48), `fps`, `fault` (`fail`, `fail_retryable`, `oom`, `hang`,
+//! `crash`).
+
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use kiln_config::SimConfig;
+use kiln_protocol::worker::ModelEntry;
+use kiln_protocol::{FailureKind, JobError, JobSpec};
+use serde_json::json;
+
+use crate::backend::*;
+
+pub struct SimBackend {
+    cfg: SimConfig,
+    loaded: Mutex<Option<String>>,
+}
+
+impl SimBackend {
+    pub fn new(cfg: SimConfig) -> SimBackend {
+        SimBackend {
+            cfg,
+            loaded: Mutex::new(None),
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> RunError {
+    RunError::Failed(JobError::new(FailureKind::InvalidInput, msg, false))
+}
+
+#[async_trait]
+impl Backend for SimBackend {
+    fn kind(&self) -> kiln_protocol::Backend {
+        kiln_protocol::Backend::Sim
+    }
+
+    async fn inventory(&self) -> Vec<ModelEntry> {
+        self.cfg
+            .models
+            .iter()
+            .map(|m| ModelEntry {
+                name: m.clone(),
+                kind: "sim".into(),
+            })
+            .collect()
+    }
+
+    async fn health(&self) -> Health {
+        Health::ok()
+    }
+
+    fn loaded_model(&self) -> Option<String> {
+        self.loaded.lock().ok()?.clone()
+    }
+
+    async fn run(&self, job: JobRun, progress: ProgressSink, cancel: CancellationToken) -> Result<RunOutput, RunError> {
+        let started = Instant::now();
+        let spec = &job.spec;
+        let prompt = str_param(spec, "prompt")?.unwrap_or("").to_string();
+        let max_side = self.cfg.max_side as i64;
+        let width = int_param(spec, "width", 512, 8, max_side)? as u32;
+        let height = int_param(spec, "height", 512, 8, max_side)? as u32;
+        let steps = int_param(spec, "steps", self.cfg.default_steps as i64, 0, 10_000)? as u32;
+        let step_ms = int_param(spec, "step_ms", self.cfg.step_ms as i64, 0, 60_000)? as u64;
+        let count = int_param(spec, "count", 1, 1, 8)? as u32;
+        let frames = int_param(spec, "frames", 8, 2, 48)? as u32;
+        let fps = int_param(spec, "fps", 8, 1, 60)? as u16;
+        let seed = match spec.params.get("seed") {
+            None | Some(serde_json::Value::Null) => fnv(prompt.as_bytes()) & 0xffff_ffff,
+            Some(v) => v
+                .as_u64()
+                .or_else(|| v.as_i64().map(|i| i as u64))
+                .ok_or_else(|| invalid(format!("params.seed must be an integer, got {v}")))?,
+        };
+        let fault = str_param(spec, "fault")?.map(str::to_string);
+        if fault.is_some() && !self.cfg.allow_faults {
+            return Err(invalid("params.fault is only honoured when the worker's sim.allow_faults is set"));
+        }
+
+        if let Some(model) = &spec.model {
+            if !self.cfg.models.contains(model) {
+                return Err(invalid(format!("model {model:?} is not installed on this sim worker")));
+            }
+            let switching = self.loaded_model().as_deref() != Some(model.as_str());
+            if switching {
+                progress.stage(0.0, format!("loading {model}"));
+                sleep_or_cancel(Duration::from_millis(self.cfg.load_ms), &cancel).await?;
+                *self.loaded.lock().expect("not poisoned") = Some(model.clone());
+            }
+        }
+
+        match fault.as_deref() {
+            None => {}
+            Some("fail") => {
+                return Err(RunError::Failed(JobError::new(FailureKind::Backend, "simulated failure (params.fault = fail)", false)))
+            }
+            Some("fail_retryable") => {
+                return Err(RunError::Failed(JobError::new(FailureKind::Backend, "simulated transient failure", true)))
+            }
+            Some("oom") => {
+                return Err(RunError::Failed(JobError::new(
+                    FailureKind::OutOfMemory,
+                    "simulated CUDA out of memory",
+                    true,
+                )))
+            }
+            Some("hang") => {
+                progress.stage(1.0, "hanging (params.fault = hang)");
+                cancel.cancelled().await;
+                return Err(RunError::Cancelled);
+            }
+            Some("crash") => {
+                tracing::error!(job = %job.job_id, "params.fault = crash: aborting the worker process");
+                std::process::abort();
+            }
+            Some(other) => return Err(invalid(format!("unknown params.fault {other:?}; expected fail, fail_retryable, oom, hang or crash"))),
+        }
+
+        for step in 1..=steps {
+            sleep_or_cancel(Duration::from_millis(step_ms), &cancel).await?;
+            progress.step(step, steps, 0.0, 95.0, format!("sampling {step}/{steps}"));
+        }
+        if cancel.is_cancelled() {
+            return Err(RunError::Cancelled);
+        }
+        progress.stage(96.0, "encoding");
+        let video = spec.task.is_video();
+        let inputs_hash = spec.inputs.iter().fold(0u64, |h, i| h ^ fnv(&i.data));
+        let mut outputs = Vec::new();
+        for i in 0..count {
+            let item_seed = seed.wrapping_add(i as u64) ^ inputs_hash;
+            let (data, name, media_type) = if video {
+                let data = render_apng(&prompt, item_seed, width, height, frames, fps).map_err(internal)?;
+                (data, format!("sim_{}_{i}.png", job.job_id), "image/apng")
+            } else {
+                let data = render_png(&prompt, item_seed, width, height).map_err(internal)?;
+                (data, format!("sim_{}_{i}.png", job.job_id), "image/png")
+            };
+            outputs.push(OutputFile {
+                name,
+                media_type: media_type.into(),
+                data: OutputData::Bytes(data),
+            });
+        }
+        let info = json!({
+            "seed": seed,
+            "width": width,
+            "height": height,
+            "steps": steps,
+            "model": spec.model.clone().unwrap_or_else(|| "sim".into()),
+            "run_ms": started.elapsed().as_millis() as u64,
+            "generator": "kiln sim backend (not a real model)",
+        });
+        Ok(RunOutput {
+            outputs,
+            info: info.as_object().cloned().unwrap_or_default(),
+        })
+    }
+}
+
+fn internal(e: png::EncodingError) -> RunError {
+    RunError::Failed(JobError::new(FailureKind::Internal, format!("PNG encoding failed: {e}"), false))
+}
+
+async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> Result<(), RunError> {
+    if d.is_zero() {
+        return if cancel.is_cancelled() { Err(RunError::Cancelled) } else { Ok(()) };
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(d) => Ok(()),
+        _ = cancel.cancelled() => Err(RunError::Cancelled),
+    }
+}
+
+/// FNV-1a: a small, stable hash so the same prompt and seed always give the same
+/// picture on every platform.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// RGB pixels of one frame: overlapping colour waves whose directions, speeds and
+/// hues come from a hash of prompt and seed, so different prompts look different.
+fn pixels(prompt: &str, seed: u64, width: u32, height: u32, t: f32) -> Vec<u8> {
+    let h = fnv(prompt.as_bytes()) ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let param = |k: u32| ((h >> (k * 5)) & 0x1f) as f32 / 31.0;
+    let waves: Vec<(f32, f32, f32, f32)> = (0..3)
+        .map(|c| {
+            let k = c * 4;
+            (
+                (param(k) - 0.5) * 0.08,
+                (param(k + 1) - 0.5) * 0.08,
+                param(k + 2) * std::f32::consts::TAU,
+                0.5 + param(k + 3),
+            )
+        })
+        .collect();
+    let mut out = Vec::with_capacity((width * height * 3) as usize);
+    for y in 0..height {
+        for x in 0..width {
+            for (fx, fy, phase, amp) in &waves {
+                let v = (x as f32 * fx + y as f32 * fy + phase + t).sin() * amp;
+                out.push(((v * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0) as u8);
+            }
+        }
+    }
+    out
+}
+
+fn render_png(prompt: &str, seed: u64, width: u32, height: u32) -> Result<Vec<u8>, png::EncodingError> {
+    let mut buf = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut buf, width, height);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.add_text_chunk("Software".into(), "kiln sim backend".into())?;
+        enc.add_text_chunk("Description".into(), prompt.chars().take(200).collect())?;
+        let mut w = enc.write_header()?;
+        w.write_image_data(&pixels(prompt, seed, width, height, 0.0))?;
+        w.finish()?;
+    }
+    Ok(buf)
+}
+
+fn render_apng(prompt: &str, seed: u64, width: u32, height: u32, frames: u32, fps: u16) -> Result<Vec<u8>, png::EncodingError> {
+    let mut buf = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut buf, width, height);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.set_animated(frames, 0)?;
+        enc.set_frame_delay(1, fps)?;
+        let mut w = enc.write_header()?;
+        for f in 0..frames {
+            w.write_image_data(&pixels(prompt, seed, width, height, f as f32 * 0.4))?;
+        }
+        w.finish()?;
+    }
+    let _ = buf.flush();
+    Ok(buf)
+}
+
+/// The sim backend's default spec, for `kiln demo` and examples.
+pub fn demo_spec(prompt: &str, seed: u64) -> JobSpec {
+    JobSpec::new(kiln_protocol::Backend::Sim, kiln_protocol::Task::TextToImage)
+        .param("prompt", prompt)
+        .param("seed", seed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn job(spec: JobSpec) -> JobRun {
+        JobRun {
+            job_id: kiln_protocol::JobId(1),
+            attempt: 1,
+            spec: Arc::new(spec),
+            work_dir: std::env::temp_dir(),
+        }
+    }
+
+    fn fast() -> SimConfig {
+        SimConfig {
+            step_ms: 1,
+            allow_faults: true,
+            ..SimConfig::default()
+        }
+    }
+
+    fn png_bytes(out: &RunOutput) -> &[u8] {
+        match &out.outputs[0].data {
+            OutputData::Bytes(b) => b,
+            OutputData::File(_) => panic!("sim returns bytes"),
+        }
+    }
+
+    #[tokio::test]
+    async fn renders_a_decodable_png_that_depends_on_prompt_and_seed() {
+        let sim = SimBackend::new(fast());
+        let run = |p: &str, s: u64| {
+            let spec = demo_spec(p, s).param("width", 64).param("height", 48).param("steps", 3);
+            let (sink, _rx) = ProgressSink::new();
+            sim.run(job(spec), sink, CancellationToken::new())
+        };
+        let a = run("a red kiln", 1).await.unwrap();
+        let b = run("a red kiln", 1).await.unwrap();
+        let c = run("a red kiln", 2).await.unwrap();
+        let d = run("a blue kiln", 1).await.unwrap();
+        assert_eq!(png_bytes(&a), png_bytes(&b), "deterministic");
+        assert_ne!(png_bytes(&a), png_bytes(&c), "seed matters");
+        assert_ne!(png_bytes(&a), png_bytes(&d), "prompt matters");
+        let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes(&a).to_vec()));
+        let reader = decoder.read_info().unwrap();
+        assert_eq!((reader.info().width, reader.info().height), (64, 48));
+        assert_eq!(a.info["seed"], 1);
+    }
+
+    #[tokio::test]
+    async fn video_tasks_make_an_animated_png() {
+        let sim = SimBackend::new(fast());
+        let spec = JobSpec::new(kiln_protocol::Backend::Sim, kiln_protocol::Task::TextToVideo)
+            .param("prompt", "waves")
+            .param("width", 32)
+            .param("height", 32)
+            .param("frames", 4)
+            .param("steps", 0);
+        let (sink, _rx) = ProgressSink::new();
+        let out = sim.run(job(spec), sink, CancellationToken::new()).await.unwrap();
+        assert_eq!(out.outputs[0].media_type, "image/apng");
+        let reader = png::Decoder::new(std::io::Cursor::new(png_bytes(&out).to_vec())).read_info().unwrap();
+        assert_eq!(reader.info().animation_control().unwrap().num_frames, 4);
+    }
+
+    #[tokio::test]
+    async fn progress_steps_and_cancel() {
+        let sim = SimBackend::new(SimConfig { step_ms: 5, ..fast() });
+        let (sink, mut rx) = ProgressSink::new();
+        let cancel = CancellationToken::new();
+        let spec = demo_spec("slow", 1).param("steps", 10_000).param("width", 8).param("height", 8);
+        let task = {
+            let cancel = cancel.clone();
+            let fut = sim.run(job(spec), sink, cancel);
+            async move { fut.await }
+        };
+        let watcher = async {
+            rx.changed().await.unwrap();
+            let p = rx.borrow().clone().unwrap();
+            assert!(p.stage.starts_with("sampling 1/10000"), "{}", p.stage);
+            cancel.cancel();
+        };
+        let (result, ()) = tokio::join!(task, watcher);
+        assert_eq!(result.unwrap_err(), RunError::Cancelled);
+    }
+
+    #[tokio::test]
+    async fn faults_need_permission_and_map_to_typed_errors() {
+        let strict = SimBackend::new(SimConfig::default());
+        let (sink, _rx) = ProgressSink::new();
+        let err = strict.run(job(demo_spec("x", 1).param("fault", "oom")), sink.clone(), CancellationToken::new()).await.unwrap_err();
+        assert!(matches!(err, RunError::Failed(e) if e.kind == FailureKind::InvalidInput));
+
+        let lax = SimBackend::new(fast());
+        let err = lax.run(job(demo_spec("x", 1).param("fault", "oom")), sink.clone(), CancellationToken::new()).await.unwrap_err();
+        assert!(matches!(err, RunError::Failed(e) if e.kind == FailureKind::OutOfMemory && e.retryable));
+        let err = lax.run(job(demo_spec("x", 1).param("fault", "fail")), sink.clone(), CancellationToken::new()).await.unwrap_err();
+        assert!(matches!(err, RunError::Failed(e) if !e.retryable));
+        let err = lax.run(job(demo_spec("x", 1).param("width", 100_000)), sink, CancellationToken::new()).await.unwrap_err();
+        assert!(matches!(err, RunError::Failed(e) if e.message.contains("params.width")));
+    }
+
+    #[tokio::test]
+    async fn model_switches_are_reported() {
+        let sim = SimBackend::new(fast());
+        assert_eq!(sim.loaded_model(), None);
+        let mut spec = demo_spec("x", 1).param("steps", 0).param("width", 8).param("height", 8);
+        spec.model = Some("sim-sdxl".into());
+        let (sink, _rx) = ProgressSink::new();
+        sim.run(job(spec.clone()), sink.clone(), CancellationToken::new()).await.unwrap();
+        assert_eq!(sim.loaded_model().as_deref(), Some("sim-sdxl"));
+        spec.model = Some("not-installed".into());
+        assert!(sim.run(job(spec), sink, CancellationToken::new()).await.is_err());
+    }
+}

@@ -1,0 +1,64 @@
+//! `kiln-worker`: drives one GPU for the broker.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use kiln_config::KilnConfig;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(version, about = "Kiln worker: runs generation jobs on one GPU")]
+struct Args {
+    /// Config file(s), layered in order (default: $KILN_CONFIG or /etc/kiln/kiln.toml).
+    #[arg(long = "config", short = 'c')]
+    config: Vec<PathBuf>,
+    /// Override `worker.gpu.index` (systemd passes the instance name).
+    #[arg(long)]
+    gpu: Option<u32>,
+    /// Override `worker.id`.
+    #[arg(long)]
+    id: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    kiln_config::logging::init("info");
+    let args = Args::parse();
+    let files = if args.config.is_empty() { kiln_config::default_files() } else { args.config };
+    let mut cfg = KilnConfig::load(&files)?;
+    if let Some(gpu) = args.gpu {
+        cfg.worker.gpu.index = gpu;
+    }
+    if args.id.is_some() {
+        cfg.worker.id = args.id;
+    }
+    let cfg = cfg.validated()?;
+    let worker = kiln_worker::build(&cfg)?;
+    let status = worker.status().await.context("probing the GPU")?;
+    tracing::info!(
+        worker = %worker.settings().worker_id,
+        gpu = %status.gpu.name,
+        total_vram_mb = status.gpu.total_vram_mb,
+        unified = status.gpu.unified_memory,
+        source = ?status.gpu.source,
+        healthy = status.healthy,
+        "worker ready"
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            shutdown.cancel();
+        });
+    }
+    worker.run(status, shutdown).await?;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! The Kiln worker: one process per GPU.
+//!
+//! - [`gpu`]: what the GPU is, through NVML behind a trait, with config fallbacks.
+//! - [`backend`]: the trait every generator implements.
+//! - [`backends`]: sim (built in), ComfyUI, Wan2GP.
+//! - [`runner`]: the broker connection, heartbeats, one job at a time, uploads.
+
+pub mod backend;
+pub mod backends;
+pub mod gpu;
+pub mod runner;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_config::{ConfigError, KilnConfig};
+use kiln_protocol::Backend as Kind;
+
+pub use runner::{Status, Worker, WorkerSettings};
+
+/// Why a worker cannot be built from its config.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("backend {0} is not available in this build of the worker")]
+    Unsupported(Kind),
+}
+
+/// Builds a worker and its backends from the config.
+pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
+    let w = &cfg.worker;
+    let worker_id = w
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("{}-gpu{}", runner::hostname(), w.gpu.index));
+    let mut backends: Vec<Arc<dyn backend::Backend>> = Vec::new();
+    for kind in &w.backends {
+        match kind {
+            Kind::Sim => backends.push(Arc::new(backends::sim::SimBackend::new(w.sim.clone()))),
+            other => return Err(BuildError::Unsupported(*other)),
+        }
+    }
+    let sim_only = w.backends.iter().all(|b| *b == Kind::Sim);
+    let probe = gpu::GpuProbe::from_config(&w.gpu, sim_only);
+    if let Some(why) = probe.nvml_unavailable() {
+        if w.gpu.name.is_some() && w.gpu.total_vram_mb.is_some() {
+            tracing::warn!("NVML is not available ({why}); using the GPU declared in [worker.gpu]");
+        } else if sim_only {
+            tracing::info!("NVML is not available ({why}); this sim-only worker reports a simulated GPU");
+        } else {
+            tracing::warn!("NVML is not available ({why}) and no GPU is declared in [worker.gpu]");
+        }
+    }
+    let work_dir = w
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("kiln-worker-{worker_id}")));
+    let settings = WorkerSettings {
+        worker_id,
+        broker: w.broker.clone(),
+        token: cfg.worker_token()?.map(|s| s.expose().to_string()),
+        heartbeat_ms: w.heartbeat_ms,
+        liveness: w.liveness,
+        labels: w.labels.clone(),
+        work_dir,
+        reconnect_min: Duration::from_secs(1),
+        reconnect_max: Duration::from_secs(32),
+    };
+    Ok(Worker::new(settings, backends, probe))
+}

@@ -1,0 +1,657 @@
+//! The worker's life: register with the broker, beat, run one job at a time,
+//! stream its progress and outputs back, and survive the broker going away.
+//!
+//! The connection follows the Paranoid Pirate pattern. Any sign that the broker is
+//! gone (the socket monitor reports a disconnect, or no message for `liveness`
+//! heartbeats) drops the DEALER, and a fresh one with the same identity registers
+//! again after a backoff of 1 s doubling to 32 s. A job keeps running across
+//! reconnects; its result is kept until the broker acknowledges it and is sent
+//! again after every re-registration.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kiln_protocol::client::hex;
+use kiln_protocol::frame;
+use kiln_protocol::job::safe_file_name;
+use kiln_protocol::socket::{Backoff, DealerConn, Incoming};
+use kiln_protocol::worker::*;
+use kiln_protocol::{ErrorCode, FailureKind, JobError, JobSpec, Progress};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Backend, JobRun, OutputData, ProgressSink, RunError};
+use crate::gpu::{GpuError, GpuProbe};
+
+/// Resolved settings of one worker.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub worker_id: String,
+    pub broker: String,
+    pub token: Option<String>,
+    pub heartbeat_ms: u64,
+    pub liveness: u32,
+    pub labels: Vec<String>,
+    pub work_dir: PathBuf,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error("work directory {path}: {source}")]
+    WorkDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the worker can report about itself right now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    pub gpu: GpuInfo,
+    pub backends: Vec<BackendInventory>,
+    pub healthy: bool,
+}
+
+pub struct Worker {
+    settings: WorkerSettings,
+    backends: Vec<Arc<dyn Backend>>,
+    probe: Arc<GpuProbe>,
+    instance: String,
+}
+
+/// Prepared outputs and outcome of a finished attempt, kept until acknowledged.
+struct Done {
+    r: JobRef,
+    outcome: Outcome,
+    files: Vec<(OutputMeta, OutputData)>,
+    loaded_model: Option<String>,
+    work_dir: PathBuf,
+}
+
+struct Running {
+    r: JobRef,
+    cancel: CancellationToken,
+    progress: watch::Receiver<Option<Progress>>,
+}
+
+/// Where the upload of an unacknowledged result stands.
+struct Cursor {
+    file: usize,
+    offset: u64,
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+    Refused(String),
+}
+
+impl Worker {
+    pub fn new(settings: WorkerSettings, backends: Vec<Arc<dyn Backend>>, probe: GpuProbe) -> Worker {
+        Worker {
+            settings,
+            backends,
+            probe: Arc::new(probe),
+            instance: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
+
+    pub fn settings(&self) -> &WorkerSettings {
+        &self.settings
+    }
+
+    /// Reads the GPU and asks every backend for health and inventory. The worker
+    /// is ready for systemd once this succeeds.
+    pub async fn status(&self) -> Result<Status, GpuError> {
+        let mut backends = Vec::with_capacity(self.backends.len());
+        let mut hint = None;
+        for b in &self.backends {
+            let health = b.health().await;
+            let models = if health.healthy { b.inventory().await } else { Vec::new() };
+            if hint.is_none() {
+                hint = b.gpu_hint().await;
+            }
+            backends.push(BackendInventory {
+                backend: b.kind(),
+                healthy: health.healthy,
+                models,
+                detail: health.detail,
+            });
+        }
+        let probe = self.probe.clone();
+        let probed = tokio::task::spawn_blocking(move || probe.probe())
+            .await
+            .unwrap_or_else(|e| Err(GpuError::Nvml(format!("probe task failed: {e}"))));
+        let gpu = match (probed, hint) {
+            (Ok(g), _) if g.source == GpuSource::Nvml => g,
+            (_, Some(mut h)) => {
+                h.source = GpuSource::Backend;
+                h
+            }
+            (Ok(g), None) => g,
+            (Err(e), None) => return Err(e),
+        };
+        let healthy = backends.iter().any(|b| b.healthy);
+        Ok(Status { gpu, backends, healthy })
+    }
+
+    /// Runs until `shutdown` fires. A running job is cancelled and the broker told
+    /// goodbye, so it requeues at once.
+    pub async fn run(self, first: Status, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        std::fs::create_dir_all(&self.settings.work_dir).map_err(|source| WorkerError::WorkDir {
+            path: self.settings.work_dir.clone(),
+            source,
+        })?;
+        let this = Arc::new(self);
+        let (status_tx, status_rx) = watch::channel(first);
+        tokio::spawn(sample_status(this.clone(), status_tx, shutdown.clone()));
+        let (done_tx, done_rx) = mpsc::channel::<Done>(4);
+        let mut session = Session {
+            worker: this.clone(),
+            status: status_rx,
+            done_tx,
+            done_rx,
+            running: None,
+            unacked: None,
+            cursor: None,
+            chunk_bytes: 1024 * 1024,
+            sent_inventory: None,
+        };
+        let identity = Bytes::from(format!("{}/{}", this.settings.worker_id, this.instance));
+        let mut backoff = Backoff::new(this.settings.reconnect_min, this.settings.reconnect_max);
+        loop {
+            let conn = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                c = DealerConn::connect(&this.settings.broker, Some(identity.clone()), Duration::from_secs(5)) => c,
+            };
+            let end = match conn {
+                Ok(conn) => session.serve(conn, &shutdown, &mut backoff).await,
+                Err(e) => SessionEnd::Lost(format!("cannot connect to {}: {e}", this.settings.broker)),
+            };
+            let delay = match end {
+                SessionEnd::Shutdown => break,
+                SessionEnd::Lost(why) => {
+                    let d = backoff.next_delay();
+                    tracing::warn!("lost the broker ({why}); reconnecting in {d:?}");
+                    d
+                }
+                SessionEnd::Refused(why) => {
+                    let d = backoff.next_delay();
+                    tracing::error!("the broker refused this worker: {why}; retrying in {d:?}");
+                    d
+                }
+            };
+            // Keep taking in a finishing job while waiting to reconnect.
+            let wake = Instant::now() + delay;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep_until(wake) => break,
+                    done = session.done_rx.recv() => if let Some(d) = done { session.finish(d) },
+                }
+            }
+        }
+        if let Some(r) = &session.running {
+            r.cancel.cancel();
+        }
+        for b in &this.backends {
+            b.shutdown().await;
+        }
+        Ok(())
+    }
+}
+
+/// Refreshes GPU figures every two heartbeats and backend health every five
+/// seconds (inventory every minute, or when health changes).
+async fn sample_status(worker: Arc<Worker>, tx: watch::Sender<Status>, shutdown: CancellationToken) {
+    let period = Duration::from_millis((worker.settings.heartbeat_ms * 2).max(500));
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        ticks += 1;
+        let mut status = tx.borrow().clone();
+        let probe = worker.probe.clone();
+        if let Ok(Ok(gpu)) = tokio::task::spawn_blocking(move || probe.probe()).await {
+            if gpu.source == status.gpu.source {
+                status.gpu = gpu;
+            }
+        }
+        if ticks % ((5_000 / period.as_millis() as u64).max(1)) == 0 {
+            let full_refresh = ticks % ((60_000 / period.as_millis() as u64).max(1)) == 0;
+            for (inv, b) in status.backends.iter_mut().zip(&worker.backends) {
+                let health = b.health().await;
+                let changed = health.healthy != inv.healthy;
+                if changed {
+                    tracing::info!(backend = %b.kind(), healthy = health.healthy, detail = ?health.detail, "backend health changed");
+                }
+                inv.healthy = health.healthy;
+                inv.detail = health.detail;
+                if health.healthy && (changed || full_refresh) {
+                    inv.models = b.inventory().await;
+                }
+            }
+            status.healthy = status.backends.iter().any(|b| b.healthy);
+        }
+        tx.send_if_modified(|s| {
+            let changed = *s != status;
+            *s = status;
+            changed
+        });
+    }
+}
+
+struct Session {
+    worker: Arc<Worker>,
+    status: watch::Receiver<Status>,
+    done_tx: mpsc::Sender<Done>,
+    done_rx: mpsc::Receiver<Done>,
+    running: Option<Running>,
+    unacked: Option<Done>,
+    cursor: Option<Cursor>,
+    chunk_bytes: u64,
+    /// The inventory last sent, so heartbeats carry it only when it changed.
+    sent_inventory: Option<Vec<BackendInventory>>,
+}
+
+async fn progress_changed(running: &mut Option<Running>) {
+    match running {
+        Some(r) => {
+            if r.progress.changed().await.is_err() {
+                std::future::pending::<()>().await
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+impl Session {
+    async fn send(&self, conn: &mut DealerConn, msg: &WorkerMessage) -> Result<(), String> {
+        conn.send(frame::encode(msg)).await.map_err(|e| format!("send failed: {e}"))
+    }
+
+    fn register_msg(&self) -> WorkerMessage {
+        let s = &self.worker.settings;
+        let status = self.status.borrow();
+        WorkerMessage::Register(Register {
+            token: s.token.clone(),
+            worker_id: s.worker_id.clone(),
+            instance: self.worker.instance.clone(),
+            hostname: hostname(),
+            version: kiln_protocol::VERSION.to_string(),
+            gpu: status.gpu.clone(),
+            backends: status.backends.clone(),
+            labels: s.labels.clone(),
+            loaded_model: self.loaded_model(),
+            current: self.running.as_ref().map(|r| r.r),
+            unacked: self.unacked.as_ref().map(|d| d.r),
+        })
+    }
+
+    fn loaded_model(&self) -> Option<String> {
+        self.worker.backends.iter().find_map(|b| b.loaded_model())
+    }
+
+    /// A job task finished: keep its result until the broker acknowledges it.
+    fn finish(&mut self, done: Done) {
+        if self.running.as_ref().is_some_and(|r| r.r == done.r) {
+            self.running = None;
+        }
+        self.unacked = Some(done);
+        self.cursor = Some(Cursor { file: 0, offset: 0 });
+    }
+
+    async fn serve(&mut self, mut conn: DealerConn, shutdown: &CancellationToken, backoff: &mut Backoff) -> SessionEnd {
+        let s = self.worker.settings.clone();
+        let mut heartbeat_ms = s.heartbeat_ms;
+        let mut liveness = s.liveness;
+        if let Err(e) = self.send(&mut conn, &self.register_msg()).await {
+            return SessionEnd::Lost(e);
+        }
+        let mut registered = false;
+        let mut last_heard = Instant::now();
+        let mut last_progress = Instant::now() - Duration::from_secs(1);
+        let mut progress_due: Option<Instant> = None;
+        let mut beat = tokio::time::interval(Duration::from_millis(heartbeat_ms));
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let uploading = registered && self.cursor.is_some() && self.unacked.is_some();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    if let Some(r) = &self.running {
+                        r.cancel.cancel();
+                    }
+                    let _ = self.send(&mut conn, &WorkerMessage::Goodbye(Goodbye { reason: "worker shutting down".into() })).await;
+                    return SessionEnd::Shutdown;
+                }
+                incoming = conn.next() => match incoming {
+                    Incoming::Lost => return SessionEnd::Lost("connection closed".into()),
+                    Incoming::Error(e) => tracing::debug!(error = %e, "receive error; continuing"),
+                    Incoming::Frames(frames) => {
+                        last_heard = Instant::now();
+                        let msg = match frame::decode::<BrokerMessage>(&frames, usize::MAX) {
+                            Ok(m) => m,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "undecodable message from the broker");
+                                continue;
+                            }
+                        };
+                        match msg {
+                            BrokerMessage::Registered(r) => {
+                                registered = true;
+                                backoff.reset();
+                                self.sent_inventory = Some(self.status.borrow().backends.clone());
+                                self.chunk_bytes = r.chunk_bytes.clamp(4096, 16 * 1024 * 1024);
+                                if r.heartbeat_ms != heartbeat_ms {
+                                    heartbeat_ms = r.heartbeat_ms.max(10);
+                                    beat = tokio::time::interval(Duration::from_millis(heartbeat_ms));
+                                }
+                                liveness = r.liveness.max(1);
+                                if self.unacked.is_some() {
+                                    self.cursor = Some(Cursor { file: 0, offset: 0 });
+                                }
+                                tracing::info!(broker = %s.broker, worker = %s.worker_id, "registered with the broker");
+                            }
+                            BrokerMessage::Heartbeat(_) => {}
+                            BrokerMessage::Assign(a) => {
+                                if let Err(e) = self.on_assign(&mut conn, a).await {
+                                    return SessionEnd::Lost(e);
+                                }
+                            }
+                            BrokerMessage::Cancel(r) => {
+                                if let Some(run) = self.running.as_ref().filter(|run| run.r == r) {
+                                    tracing::info!(job = %r.job_id, attempt = r.attempt, "cancelling at the broker's request");
+                                    run.cancel.cancel();
+                                }
+                            }
+                            BrokerMessage::ResultAck(r) => {
+                                if self.unacked.as_ref().is_some_and(|d| d.r == r) {
+                                    let done = self.unacked.take().expect("checked");
+                                    self.cursor = None;
+                                    let _ = std::fs::remove_dir_all(&done.work_dir);
+                                }
+                            }
+                            BrokerMessage::Reregister(_) => {
+                                registered = false;
+                                if let Err(e) = self.send(&mut conn, &self.register_msg()).await {
+                                    return SessionEnd::Lost(e);
+                                }
+                            }
+                            BrokerMessage::Error(e) => {
+                                if e.error.code == ErrorCode::Unauthenticated {
+                                    return SessionEnd::Refused(e.error.message);
+                                }
+                                tracing::warn!(error = %e.error, "the broker reported an error");
+                                if !registered {
+                                    return SessionEnd::Refused(e.error.message);
+                                }
+                            }
+                        }
+                    }
+                },
+                done = self.done_rx.recv() => {
+                    if let Some(done) = done {
+                        self.finish(done);
+                    }
+                }
+                _ = progress_changed(&mut self.running) => {
+                    progress_due = Some(last_progress + Duration::from_millis(100));
+                }
+                _ = sleep_until_opt(progress_due), if registered => {
+                    progress_due = None;
+                    last_progress = Instant::now();
+                    if let Some(run) = &mut self.running {
+                        let p = run.progress.borrow_and_update().clone();
+                        if let Some(progress) = p {
+                            let msg = WorkerMessage::Progress(ProgressReport { job_id: run.r.job_id, attempt: run.r.attempt, progress });
+                            if let Err(e) = self.send(&mut conn, &msg).await {
+                                return SessionEnd::Lost(e);
+                            }
+                        }
+                    }
+                }
+                _ = beat.tick() => {
+                    let silent = last_heard.elapsed();
+                    if silent > Duration::from_millis(heartbeat_ms * liveness as u64) {
+                        return SessionEnd::Lost(format!("no word from the broker for {silent:?}"));
+                    }
+                    if !registered {
+                        // Registration unanswered: ask again (the broker may have
+                        // been starting).
+                        if let Err(e) = self.send(&mut conn, &self.register_msg()).await {
+                            return SessionEnd::Lost(e);
+                        }
+                        continue;
+                    }
+                    let msg = self.heartbeat_msg();
+                    if let Err(e) = self.send(&mut conn, &msg).await {
+                        return SessionEnd::Lost(e);
+                    }
+                }
+                _ = std::future::ready(()), if uploading => {
+                    if let Err(e) = self.upload_next(&mut conn).await {
+                        return SessionEnd::Lost(e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn heartbeat_msg(&mut self) -> WorkerMessage {
+        let status = self.status.borrow().clone();
+        let backends = if self.sent_inventory.as_ref() != Some(&status.backends) {
+            self.sent_inventory = Some(status.backends.clone());
+            Some(status.backends)
+        } else {
+            None
+        };
+        WorkerMessage::Heartbeat(Heartbeat {
+            free_vram_mb: status.gpu.free_vram_mb,
+            utilization_pct: status.gpu.utilization_pct,
+            temperature_c: status.gpu.temperature_c,
+            current: self.running.as_ref().map(|r| r.r),
+            loaded_model: self.loaded_model(),
+            healthy: status.healthy,
+            backends,
+        })
+    }
+
+    async fn on_assign(&mut self, conn: &mut DealerConn, a: Assign) -> Result<(), String> {
+        let r = JobRef { job_id: a.job_id, attempt: a.attempt };
+        if let Some(busy) = &self.running {
+            if busy.r == r {
+                return Ok(()); // a duplicate
+            }
+            tracing::warn!(job = %a.job_id, busy_with = %busy.r.job_id, "assigned a job while busy; refusing it");
+            let err = JobError::new(FailureKind::Internal, format!("worker is busy with {}", busy.r.job_id), true);
+            let msg = WorkerMessage::Finished(Finished { job_id: a.job_id, attempt: a.attempt, outcome: Outcome::Failed { error: err }, loaded_model: None });
+            return self.send(conn, &msg).await;
+        }
+        if self.unacked.take().is_some() {
+            // The broker moved on without wanting that result.
+            self.cursor = None;
+        }
+        let Some(backend) = self.worker.backends.iter().find(|b| b.kind() == a.job.backend).cloned() else {
+            let err = JobError::new(FailureKind::InvalidInput, format!("this worker has no {} backend", a.job.backend), false);
+            let msg = WorkerMessage::Finished(Finished { job_id: a.job_id, attempt: a.attempt, outcome: Outcome::Failed { error: err }, loaded_model: None });
+            return self.send(conn, &msg).await;
+        };
+        tracing::info!(job = %a.job_id, attempt = a.attempt, backend = %a.job.backend, "starting");
+        let (sink, progress) = ProgressSink::new();
+        let cancel = CancellationToken::new();
+        self.running = Some(Running { r, cancel: cancel.clone(), progress });
+        let work_dir = self.worker.settings.work_dir.join(format!("{}-{}", a.job_id, a.attempt));
+        tokio::spawn(run_job(backend, r, a.job, work_dir, sink, cancel, self.done_tx.clone()));
+        self.send(conn, &WorkerMessage::Started(r)).await
+    }
+
+    /// Sends the next piece of the unacknowledged result, then `finished`.
+    async fn upload_next(&mut self, conn: &mut DealerConn) -> Result<(), String> {
+        let (Some(done), Some(cursor)) = (&self.unacked, &mut self.cursor) else {
+            return Ok(());
+        };
+        if cursor.file >= done.files.len() {
+            let msg = WorkerMessage::Finished(Finished {
+                job_id: done.r.job_id,
+                attempt: done.r.attempt,
+                outcome: done.outcome.clone(),
+                loaded_model: done.loaded_model.clone(),
+            });
+            self.cursor = None;
+            return self.send(conn, &msg).await;
+        }
+        let (meta, data) = &done.files[cursor.file];
+        let len = self.chunk_bytes.min(meta.size - cursor.offset);
+        let piece = match read_piece(data, cursor.offset, len) {
+            Ok(p) => p,
+            Err(e) => {
+                // The file vanished from the work dir: report the attempt failed.
+                let err = JobError::new(FailureKind::Internal, format!("cannot read output {}: {e}", meta.name), true);
+                let msg = WorkerMessage::Finished(Finished { job_id: done.r.job_id, attempt: done.r.attempt, outcome: Outcome::Failed { error: err }, loaded_model: None });
+                self.cursor = None;
+                return self.send(conn, &msg).await;
+            }
+        };
+        let msg = WorkerMessage::Upload(Upload {
+            job_id: done.r.job_id,
+            attempt: done.r.attempt,
+            index: meta.index,
+            name: meta.name.clone(),
+            media_type: meta.media_type.clone(),
+            offset: cursor.offset,
+            total: meta.size,
+            data: piece,
+        });
+        cursor.offset += len;
+        if cursor.offset >= meta.size {
+            cursor.file += 1;
+            cursor.offset = 0;
+        }
+        self.send(conn, &msg).await
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn read_piece(data: &OutputData, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    match data {
+        OutputData::Bytes(b) => Ok(b[offset as usize..(offset + len) as usize].to_vec()),
+        OutputData::File(path) => {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = std::fs::File::open(path)?;
+            f.seek(SeekFrom::Start(offset))?;
+            let mut buf = vec![0; len as usize];
+            f.read_exact(&mut buf)?;
+            Ok(buf)
+        }
+    }
+}
+
+/// Runs one attempt on its backend and prepares the result (sizes, hashes).
+async fn run_job(
+    backend: Arc<dyn Backend>,
+    r: JobRef,
+    spec: Arc<JobSpec>,
+    work_dir: PathBuf,
+    sink: ProgressSink,
+    cancel: CancellationToken,
+    done: mpsc::Sender<Done>,
+) {
+    let _ = tokio::fs::create_dir_all(&work_dir).await;
+    let run = JobRun { job_id: r.job_id, attempt: r.attempt, spec, work_dir: work_dir.clone() };
+    let b = backend.clone();
+    let result = match tokio::spawn(async move { b.run(run, sink, cancel).await }).await {
+        Ok(result) => result,
+        Err(e) => Err(RunError::Failed(JobError::new(FailureKind::Internal, format!("backend task failed: {e}"), true))),
+    };
+    let (outcome, files) = match result {
+        Ok(out) => match tokio::task::spawn_blocking(move || prepare(out)).await {
+            Ok(Ok((outcome, files))) => (outcome, files),
+            Ok(Err(e)) => (Outcome::Failed { error: e }, Vec::new()),
+            Err(e) => (Outcome::Failed { error: JobError::new(FailureKind::Internal, e.to_string(), true) }, Vec::new()),
+        },
+        Err(RunError::Cancelled) => (Outcome::Cancelled, Vec::new()),
+        Err(RunError::Failed(error)) => (Outcome::Failed { error }, Vec::new()),
+    };
+    match &outcome {
+        Outcome::Succeeded { outputs, .. } => tracing::info!(job = %r.job_id, attempt = r.attempt, outputs = outputs.len(), "succeeded"),
+        Outcome::Failed { error } => tracing::warn!(job = %r.job_id, attempt = r.attempt, error = %error, "failed"),
+        Outcome::Cancelled => tracing::info!(job = %r.job_id, attempt = r.attempt, "cancelled"),
+    }
+    let _ = done
+        .send(Done { r, outcome, files, loaded_model: backend.loaded_model(), work_dir })
+        .await;
+}
+
+/// Hashes and sizes each output, giving each a unique, safe name.
+fn prepare(out: crate::backend::RunOutput) -> Result<(Outcome, Vec<(OutputMeta, OutputData)>), JobError> {
+    let mut files = Vec::with_capacity(out.outputs.len());
+    let mut names = std::collections::HashSet::new();
+    for (i, o) in out.outputs.into_iter().enumerate() {
+        let mut name = match safe_file_name(&o.name) {
+            Some(n) => n.to_string(),
+            None => o.name.replace(['/', '\\', '\0'], "_").trim_start_matches('.').to_string(),
+        };
+        if name.is_empty() {
+            name = format!("output_{i}");
+        }
+        if !names.insert(name.clone()) {
+            name = format!("{i}_{name}");
+            names.insert(name.clone());
+        }
+        let (size, sha) = match &o.data {
+            OutputData::Bytes(b) => (b.len() as u64, hex(&Sha256::digest(b))),
+            OutputData::File(p) => hash_file(p).map_err(|e| {
+                JobError::new(FailureKind::Internal, format!("cannot read output {}: {e}", p.display()), true)
+            })?,
+        };
+        files.push((
+            OutputMeta { index: i as u16, name, media_type: o.media_type, size, sha256: sha },
+            o.data,
+        ));
+    }
+    let outputs = files.iter().map(|(m, _)| m.clone()).collect();
+    Ok((Outcome::Succeeded { outputs, info: out.info }, files))
+}
+
+fn hash_file(path: &std::path::Path) -> std::io::Result<(u64, String)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((size, hex(&h.finalize())))
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
