@@ -1,0 +1,196 @@
+//! Fleet commands: workers, models, health, gpu-info, config check.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use kiln_config::KilnConfig;
+use kiln_protocol::Client;
+use kiln_worker::gpu::{self, GpuProbe};
+use serde_json::Value;
+
+use crate::print_json;
+use crate::table::Table;
+
+
+fn gib(mb: u64) -> String {
+    format!("{:.1}", mb as f64 / 1024.0)
+}
+
+pub async fn workers(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
+    let workers = client.workers().await?;
+    if json {
+        print_json(&workers);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = Table::new(["WORKER", "HOST", "GPU", "VRAM FREE/TOTAL GiB", "LOADED MODEL", "STATE", "JOB", "BACKENDS"]);
+    for w in workers {
+        let backends: Vec<String> = w
+            .backends
+            .iter()
+            .map(|b| format!("{}{}", b.backend, if b.healthy { "" } else { " (down)" }))
+            .collect();
+        let gpu = if w.gpu.unified_memory { format!("{} (unified)", w.gpu.name) } else { w.gpu.name.clone() };
+        t.row([
+            w.worker_id,
+            w.hostname,
+            gpu,
+            format!("{} / {}", gib(w.gpu.free_vram_mb), gib(w.gpu.total_vram_mb)),
+            w.loaded_model.unwrap_or_else(|| "-".into()),
+            w.state.as_str().to_string(),
+            w.current_job.map(|j| j.to_string()).unwrap_or_else(|| "-".into()),
+            backends.join(", "),
+        ]);
+    }
+    t.print();
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn models(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
+    let models = client.models().await?;
+    if json {
+        print_json(&models);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = Table::new(["MODEL", "KIND", "BACKEND", "WORKERS", "LOADED ON"]);
+    for m in models {
+        t.row([m.name, m.kind, m.backend.to_string(), m.workers.join(","), m.loaded_on.join(",")]);
+    }
+    t.print();
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn health(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
+    let h = client.health().await?;
+    if json {
+        print_json(&h);
+    } else {
+        println!("broker {} up {} s, {}", h.version, h.uptime_s, if h.durable { "durable" } else { "in memory" });
+        println!(
+            "workers {} online ({} idle, {} busy, {} unhealthy)",
+            h.workers_online, h.workers_idle, h.workers_busy, h.workers_unhealthy
+        );
+        println!("jobs {} queued, {} running, {} finished", h.queued, h.running, h.finished);
+        println!("protocol errors {}", h.protocol_errors);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints every GPU NVML sees with recommended settings. Exit code 3 when no GPU
+/// could be read at all.
+pub fn gpu_info(cfg: &KilnConfig, json: bool) -> anyhow::Result<ExitCode> {
+    let probe = GpuProbe::from_config(&cfg.worker.gpu, false);
+    let mut gpus = Vec::new();
+    match probe.device_count() {
+        Ok(n) => {
+            for i in 0..n {
+                gpus.push(probe.probe_index(i));
+            }
+        }
+        Err(_) => gpus.push(probe.probe()),
+    }
+    let read: Vec<_> = gpus.into_iter().filter_map(Result::ok).collect();
+    if json {
+        let rows: Vec<Value> = read
+            .iter()
+            .map(|g| {
+                let rec = gpu::recommended(g.total_vram_mb);
+                serde_json::json!({
+                    "gpu": g,
+                    "recommended": rec.map(|(_, profile, res, frames)| serde_json::json!({
+                        "profile": profile, "max_resolution": res, "max_frames": frames
+                    })),
+                })
+            })
+            .collect();
+        print_json(&serde_json::json!({
+            "nvml": probe.nvml_unavailable().is_none(),
+            "nvml_error": probe.nvml_unavailable(),
+            "driver": probe.driver_version(),
+            "gpus": rows,
+        }));
+    } else {
+        match probe.nvml_unavailable() {
+            None => println!("NVML: available, driver {}", probe.driver_version().unwrap_or_else(|| "?".into())),
+            Some(why) => println!("NVML: not available ({why})"),
+        }
+        for g in &read {
+            println!();
+            println!("GPU {}: {} {}", g.index, g.name, g.uuid);
+            println!(
+                "  memory   {} GiB total, {} GiB free{}",
+                gib(g.total_vram_mb),
+                gib(g.free_vram_mb),
+                if g.unified_memory { " (unified: shared with the CPU, read from /proc/meminfo)" } else { "" }
+            );
+            if let Some(u) = g.utilization_pct {
+                println!("  load     {u}%");
+            }
+            if let Some(t) = g.temperature_c {
+                println!("  temp     {t} C");
+            }
+            println!("  source   {:?}", g.source);
+            match gpu::recommended(g.total_vram_mb) {
+                Some((_, profile, res, frames)) => {
+                    println!("  suggest  {profile}, video up to {res} and {frames} frames")
+                }
+                None => println!("  suggest  under 6 GiB: small image models only"),
+            }
+        }
+    }
+    if read.is_empty() {
+        if !json {
+            println!("\nNo GPU could be read. Declare one in [worker.gpu] (name, total_vram_mb) or run the sim backend.");
+        }
+        return Ok(ExitCode::from(3));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Validates the configuration (already loaded) and prints it with tokens hidden.
+pub fn config_check(cfg: &KilnConfig, files: &[PathBuf], json: bool) -> anyhow::Result<ExitCode> {
+    // Tokens in files must be readable too.
+    cfg.broker_client_token()?;
+    cfg.broker_worker_token()?;
+    cfg.worker_token()?;
+    cfg.client_token()?;
+    let mut value = serde_json::to_value(cfg)?;
+    redact(&mut value);
+    if json {
+        print_json(&serde_json::json!({ "files": files, "config": value }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if files.is_empty() {
+        println!("# no config file: built-in defaults and KILN_* environment only");
+    }
+    for f in files {
+        println!("# loaded {}", f.display());
+    }
+    for (name, ep) in [
+        ("broker.frontend", &cfg.broker.frontend),
+        ("broker.backend", &cfg.broker.backend),
+        ("broker.events", &cfg.broker.events),
+    ] {
+        if !kiln_config::is_loopback_endpoint(ep) {
+            println!("# note: {name} = {ep} is reachable from the network; keep it on a private network or VPN");
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    println!("# configuration is valid");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn redact(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for (k, val) in map.iter_mut() {
+                if k.ends_with("token") && !val.is_null() {
+                    *val = Value::String("<redacted>".into());
+                } else {
+                    redact(val);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
+    }
+}

@@ -1,0 +1,4 @@
+pub mod demo;
+pub mod fleet;
+pub mod jobs;
+pub mod up;

@@ -1,0 +1,114 @@
+//! `kiln up`: a broker and one worker per GPU on this box, in one process.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use kiln_broker::{Broker, BrokerSettings};
+use kiln_config::KilnConfig;
+use kiln_protocol::Backend;
+use kiln_worker::gpu::GpuProbe;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Run this many sim workers instead of one per GPU (no GPU needed).
+    #[arg(long)]
+    sim: Option<u32>,
+    /// Only these GPU indices (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    gpus: Vec<u32>,
+}
+
+/// A broker and its workers running in this process.
+pub struct Local {
+    pub broker: Broker,
+    pub workers: Vec<JoinHandle<()>>,
+    pub stop: CancellationToken,
+}
+
+impl Local {
+    /// Starts a broker from `cfg.broker` and one worker per config in `workers`
+    /// (their `broker` endpoint is pointed at the new broker).
+    pub async fn start(cfg: &KilnConfig, workers: Vec<KilnConfig>) -> anyhow::Result<Local> {
+        let broker = Broker::start(BrokerSettings::from_config(cfg)?).await.context("starting the broker")?;
+        let stop = CancellationToken::new();
+        let mut handles = Vec::new();
+        for mut wcfg in workers {
+            wcfg.worker.broker = broker.endpoints().backend.clone();
+            let worker = kiln_worker::build(&wcfg)?;
+            let status = worker.status().await.with_context(|| format!("probing GPU {}", wcfg.worker.gpu.index))?;
+            let stop = stop.clone();
+            let id = worker.settings().worker_id.clone();
+            handles.push(tokio::spawn(async move {
+                if let Err(e) = worker.run(status, stop).await {
+                    tracing::error!(worker = %id, error = %e, "worker stopped");
+                }
+            }));
+        }
+        Ok(Local { broker, workers: handles, stop })
+    }
+
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        for h in self.workers {
+            let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
+        }
+        self.broker.shutdown().await?;
+        Ok(())
+    }
+}
+
+/// The worker configs for this box: one per GPU NVML sees (or `--gpus`), or one for
+/// the declared GPU, or sim workers.
+fn plan(cfg: &KilnConfig, args: &UpArgs) -> anyhow::Result<Vec<KilnConfig>> {
+    let host = kiln_worker::runner::hostname();
+    let with = |index: u32, sim: bool| {
+        let mut c = cfg.clone();
+        c.worker.gpu.index = index;
+        if sim {
+            c.worker.backends = vec![Backend::Sim];
+            c.worker.id = Some(format!("{host}-sim{index}"));
+        } else if cfg.worker.id.is_none() || index > 0 {
+            c.worker.id = Some(format!("{host}-gpu{index}"));
+        }
+        c
+    };
+    if let Some(n) = args.sim {
+        return Ok((0..n).map(|i| with(i, true)).collect());
+    }
+    if !args.gpus.is_empty() {
+        return Ok(args.gpus.iter().map(|i| with(*i, false)).collect());
+    }
+    let sim_only = cfg.worker.backends.iter().all(|b| *b == Backend::Sim);
+    let probe = GpuProbe::from_config(&cfg.worker.gpu, sim_only);
+    match probe.device_count() {
+        Ok(n) if n > 0 => Ok((0..n).map(|i| with(i, false)).collect()),
+        _ => {
+            if probe.probe().is_ok() {
+                Ok(vec![with(cfg.worker.gpu.index, false)])
+            } else {
+                bail!(
+                    "no GPU found ({}); declare one in [worker.gpu] or use `kiln up --sim 2`",
+                    probe.nvml_unavailable().unwrap_or("NVML sees no devices")
+                )
+            }
+        }
+    }
+}
+
+pub async fn run(cfg: KilnConfig, args: UpArgs) -> anyhow::Result<()> {
+    let workers = plan(&cfg, &args)?;
+    let n = workers.len();
+    let local = Local::start(&cfg, workers).await?;
+    let ep = local.broker.endpoints().clone();
+    println!("kiln up: broker on {} (clients), {} (workers), {} (events); {n} worker(s)", ep.frontend, ep.backend, ep.events);
+    println!("press Ctrl-C to stop");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    local.shutdown().await
+}
