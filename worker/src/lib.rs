@@ -44,7 +44,9 @@ pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
     let sim_only = w.backends.iter().all(|b| *b == Kind::Sim);
     let probe = gpu::GpuProbe::from_config(&w.gpu, sim_only);
     if let Some(why) = probe.nvml_unavailable() {
-        if w.gpu.name.is_some() && w.gpu.total_vram_mb.is_some() {
+        if !w.gpu.nvml {
+            tracing::info!("NVML disabled in the config; using the GPU declared in [worker.gpu]");
+        } else if w.gpu.name.is_some() && w.gpu.total_vram_mb.is_some() {
             tracing::warn!("NVML is not available ({why}); using the GPU declared in [worker.gpu]");
         } else if sim_only {
             tracing::info!("NVML is not available ({why}); this sim-only worker reports a simulated GPU");

@@ -25,7 +25,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    kiln_config::logging::init("info");
+    kiln_config::logging::init("info,zeromq=warn");
     let args = Args::parse();
     let files = if args.config.is_empty() { kiln_config::default_files() } else { args.config };
     let mut cfg = KilnConfig::load(&files)?;

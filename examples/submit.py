@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Submit a job to a Kiln broker, follow its progress, download its outputs.
+
+Plain pyzmq + msgpack, no Kiln code: everything here follows docs/protocol.md.
+
+    pip install pyzmq msgpack
+    python examples/submit.py --prompt "a kiln at dusk" --out outputs/
+
+Environment: KILN_BROKER (default tcp://127.0.0.1:5555), KILN_EVENTS
+(default tcp://127.0.0.1:5557), KILN_TOKEN (when the broker requires one).
+"""
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+import uuid
+
+import msgpack
+import zmq
+
+TAG = b"KILN1"
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+class Broker:
+    """A DEALER to the broker's frontend. Every request carries a req_id that the
+    reply echoes; this simple client has one request in flight at a time."""
+
+    def __init__(self, ctx, endpoint, timeout_s=15.0):
+        self.sock = ctx.socket(zmq.DEALER)
+        # Never set ZMQ_HEARTBEAT_* options: the broker's zeromq stack treats ZMTP
+        # PINGs as errors. Liveness is handled by the protocol itself.
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.timeout_ms = int(timeout_s * 1000)
+        self.next_id = 1
+
+    def request(self, kind, **fields):
+        req_id = self.next_id
+        self.next_id += 1
+        body = dict(fields, type=kind, req_id=req_id)
+        self.sock.send_multipart([TAG, msgpack.packb(body, use_bin_type=True)])
+        while True:
+            if not self.sock.poll(self.timeout_ms):
+                raise TimeoutError(f"no reply to {kind} within {self.timeout_ms} ms")
+            header, raw = self.sock.recv_multipart()
+            if header != TAG:
+                raise RuntimeError(f"unexpected header {header!r}")
+            reply = msgpack.unpackb(raw, raw=False)
+            if reply.get("req_id") != req_id:
+                continue  # a late reply to an earlier request
+            if reply["type"] == "error":
+                err = reply["error"]
+                raise RuntimeError(f"{err['code']}: {err['message']} (field {err.get('field')})")
+            return reply
+
+
+def follow(broker, sub, job_id, resync_s=1.0):
+    """Yields snapshots of the job until it ends. Events carry a per-job seq; a gap
+    or a quiet spell is repaired with a `get` snapshot (the Clone pattern)."""
+    snap = broker.request("get", job_id=job_id)["job"]
+    yield snap
+    while snap["state"] not in TERMINAL:
+        if sub.poll(int(resync_s * 1000)):
+            topic, header, raw = sub.recv_multipart()
+            event = msgpack.unpackb(raw, raw=False)
+            seq = event.get("seq", 0)
+            if seq <= snap["seq"]:
+                continue
+            if seq == snap["seq"] + 1 and event["type"] == "job_progress":
+                snap["seq"] = seq
+                snap["progress"] = {k: event.get(k) for k in ("pct", "step", "steps", "stage")}
+                yield snap
+                continue
+        # A state change, a gap, or silence: take the broker's snapshot.
+        fresh = broker.request("get", job_id=job_id)["job"]
+        if fresh["seq"] > snap["seq"]:
+            snap = fresh
+            yield snap
+
+
+def download(broker, artifact, out_dir):
+    """Fetches an artifact chunk by chunk and checks its sha256."""
+    data = bytearray()
+    digest = hashlib.sha256()
+    while True:
+        chunk = broker.request("fetch", artifact_id=artifact["id"], offset=len(data))
+        data += chunk["data"]
+        digest.update(chunk["data"])
+        if chunk["eof"]:
+            break
+    if digest.hexdigest() != artifact["sha256"]:
+        raise RuntimeError(f"sha256 mismatch for {artifact['id']}")
+    path = os.path.join(out_dir, artifact["name"])
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--broker", default=os.environ.get("KILN_BROKER", "tcp://127.0.0.1:5555"))
+    p.add_argument("--events", default=os.environ.get("KILN_EVENTS", "tcp://127.0.0.1:5557"))
+    p.add_argument("--token", default=os.environ.get("KILN_TOKEN"))
+    p.add_argument("--backend", default="sim")
+    p.add_argument("--task", default="text_to_image")
+    p.add_argument("--prompt", default="a kiln glowing at dusk")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", default=".")
+    args = p.parse_args()
+
+    ctx = zmq.Context()
+    broker = Broker(ctx, args.broker)
+    hello = {"client": "submit-py"}
+    if args.token:
+        hello["token"] = args.token
+    welcome = broker.request("hello", **hello)
+    print(f"connected to kiln {welcome['version']} as {welcome['client']}", file=sys.stderr)
+
+    job = {
+        "backend": args.backend,
+        "task": args.task,
+        "params": {"prompt": args.prompt, "steps": args.steps, "seed": args.seed},
+        # A retry of this submit with the same key returns the same job.
+        "idempotency_key": str(uuid.uuid4()),
+    }
+    accepted = broker.request("submit", job=job)
+    job_id = accepted["job_id"]
+    print(f"submitted {job_id}", file=sys.stderr)
+
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.connect(args.events)
+    sub.setsockopt_string(zmq.SUBSCRIBE, f"job/{job_id}/")
+
+    started = time.monotonic()
+    last = None
+    for snap in follow(broker, sub, job_id):
+        prog = snap.get("progress") or {}
+        line = f"{job_id} {snap['state']:>9} seq={snap['seq']} {prog.get('pct', 0):5.1f}% {prog.get('stage', '')}"
+        if line != last:
+            print(line, file=sys.stderr)
+            last = line
+    if snap["state"] != "succeeded":
+        err = snap.get("error") or {}
+        print(f"{job_id} {snap['state']}: {err.get('message', '')}", file=sys.stderr)
+        return 1
+    os.makedirs(args.out, exist_ok=True)
+    for artifact in snap["artifacts"]:
+        path = download(broker, artifact, args.out)
+        print(path)
+    print(f"done in {time.monotonic() - started:.2f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+//! Starts the real Kiln binaries for integration tests.
+//!
+//! Every process gets its own free TCP ports, a throwaway state directory and a
+//! config file written here, and logs to a file that is printed when a test fails.
+//! Readiness is awaited on the broker's own answers, never on fixed sleeps.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`, which the
+//! test script does); [`bin`] finds them next to the test executable.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_protocol::{Client, ClientOptions};
+
+/// The path of a workspace binary (`kiln-broker`, `kiln-worker`, `kiln`, `kiln-mcp`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits until `check` returns `Some`, re-checking every 20 ms, or panics with
+/// `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A child process whose stderr goes to a log file; killed when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    log: PathBuf,
+    cmd: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, program: &Path, args: &[String], env: &[(String, String)], log: PathBuf) -> Proc {
+        let mut p = Proc {
+            name: name.to_string(),
+            child: None,
+            log,
+            cmd: std::iter::once(program.display().to_string()).chain(args.iter().cloned()).collect(),
+            env: env.to_vec(),
+        };
+        p.start();
+        p
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let mut cmd = Command::new(&self.cmd[0]);
+        cmd.args(&self.cmd[1..])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .env("KILN_LOG", "info,zeromq=warn,kiln_broker=debug")
+            .env_remove("KILN_CONFIG");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().unwrap_or_else(|e| panic!("spawning {}: {e}", self.cmd[0])));
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit (SIGKILL after 10 s).
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Freezes the process (SIGSTOP), as if cut off from the network.
+    pub fn pause(&self) {
+        unsafe {
+            libc::kill(self.pid(), libc::SIGSTOP);
+        }
+    }
+
+    pub fn resume(&self) {
+        unsafe {
+            libc::kill(self.pid(), libc::SIGCONT);
+        }
+    }
+
+    /// Starts the same command again (after `kill9` or `stop`).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.start();
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let c = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- log of {} ({}) -----\n{}", self.name, self.log.display(), self.log());
+        }
+        self.kill9();
+    }
+}
+
+/// Settings of a test broker.
+#[derive(Clone)]
+pub struct BrokerOpts {
+    pub durable: bool,
+    pub client_token: Option<String>,
+    pub worker_token: Option<String>,
+    pub heartbeat_ms: u64,
+    /// Extra lines appended to the `[broker]` table.
+    pub extra: String,
+}
+
+impl Default for BrokerOpts {
+    fn default() -> Self {
+        BrokerOpts {
+            durable: true,
+            client_token: None,
+            worker_token: None,
+            heartbeat_ms: 1000,
+            extra: String::new(),
+        }
+    }
+}
+
+/// A `kiln-broker` process on free ports.
+pub struct Broker {
+    pub proc: Proc,
+    pub frontend: String,
+    pub backend: String,
+    pub events: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub opts: BrokerOpts,
+}
+
+/// A test's scratch space: config files, state directories and logs.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch { dir: tempfile::Builder::new().prefix("kiln-test-").tempdir().expect("temp dir") }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts a broker and waits until it answers.
+    pub async fn broker(&self, opts: BrokerOpts) -> Broker {
+        let (f, b, e) = (free_port(), free_port(), free_port());
+        let dir = self.path().join(format!("broker-{f}"));
+        std::fs::create_dir_all(&dir).expect("broker dir");
+        let mut toml = String::from("[broker]\n");
+        let _ = writeln!(toml, "frontend = \"tcp://127.0.0.1:{f}\"");
+        let _ = writeln!(toml, "backend = \"tcp://127.0.0.1:{b}\"");
+        let _ = writeln!(toml, "events = \"tcp://127.0.0.1:{e}\"");
+        let _ = writeln!(toml, "state_dir = \"{}\"", dir.join("state").display());
+        let _ = writeln!(toml, "durable = {}", opts.durable);
+        let _ = writeln!(toml, "heartbeat_ms = {}", opts.heartbeat_ms);
+        if let Some(t) = &opts.client_token {
+            let _ = writeln!(toml, "client_token = \"{t}\"");
+        }
+        if let Some(t) = &opts.worker_token {
+            let _ = writeln!(toml, "worker_token = \"{t}\"");
+        }
+        toml.push_str(&opts.extra);
+        toml.push('\n');
+        let config = dir.join("broker.toml");
+        std::fs::write(&config, toml).expect("broker config");
+        let proc = Proc::spawn(
+            "kiln-broker",
+            &bin("kiln-broker"),
+            &["--config".into(), config.display().to_string()],
+            &[],
+            dir.join("broker.log"),
+        );
+        let broker = Broker {
+            proc,
+            frontend: format!("tcp://127.0.0.1:{f}"),
+            backend: format!("tcp://127.0.0.1:{b}"),
+            events: format!("tcp://127.0.0.1:{e}"),
+            dir,
+            config,
+            opts,
+        };
+        broker.wait_ready().await;
+        broker
+    }
+
+    /// Starts a sim worker against `broker` and waits until the broker lists it.
+    pub async fn worker(&self, broker: &Broker, opts: WorkerOpts) -> Proc {
+        let p = self.worker_unchecked(broker, &opts);
+        let client = broker.client();
+        let id = opts.id.clone();
+        eventually(&format!("worker {id} to register"), Duration::from_secs(20), || {
+            let (client, id) = (client.clone(), id.clone());
+            async move {
+                let workers = client.workers().await.ok()?;
+                workers
+                    .iter()
+                    .any(|w| w.worker_id == id && w.state != kiln_protocol::worker::WorkerState::Offline)
+                    .then_some(())
+            }
+        })
+        .await;
+        p
+    }
+
+    /// Starts a worker without waiting for it to register.
+    pub fn worker_unchecked(&self, broker: &Broker, opts: &WorkerOpts) -> Proc {
+        let dir = self.path().join(format!("worker-{}", opts.id));
+        std::fs::create_dir_all(&dir).expect("worker dir");
+        let mut toml = String::from("[worker]\n");
+        let _ = writeln!(toml, "id = \"{}\"", opts.id);
+        let _ = writeln!(toml, "broker = \"{}\"", broker.backend);
+        let _ = writeln!(toml, "heartbeat_ms = {}", broker.opts.heartbeat_ms);
+        let _ = writeln!(toml, "work_dir = \"{}\"", dir.join("work").display());
+        let backends: Vec<String> = opts.backends.iter().map(|b| format!("\"{b}\"")).collect();
+        let _ = writeln!(toml, "backends = [{}]", backends.join(", "));
+        let labels: Vec<String> = opts.labels.iter().map(|b| format!("\"{b}\"")).collect();
+        let _ = writeln!(toml, "labels = [{}]", labels.join(", "));
+        if let Some(t) = &opts.token {
+            let _ = writeln!(toml, "token = \"{t}\"");
+        }
+        let _ = writeln!(toml, "[worker.gpu]\nnvml = false\nname = \"test GPU\"\ntotal_vram_mb = {}", opts.vram_mb);
+        let _ = writeln!(toml, "[worker.sim]\nstep_ms = {}\nallow_faults = {}", opts.step_ms, opts.allow_faults);
+        toml.push_str(&opts.extra);
+        toml.push('\n');
+        let config = dir.join("worker.toml");
+        std::fs::write(&config, toml).expect("worker config");
+        Proc::spawn(
+            &format!("kiln-worker {}", opts.id),
+            &bin("kiln-worker"),
+            &["--config".into(), config.display().to_string()],
+            &opts.env,
+            dir.join(format!("worker-{}.log", free_port())),
+        )
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Settings of a test worker.
+#[derive(Clone)]
+pub struct WorkerOpts {
+    pub id: String,
+    pub vram_mb: u64,
+    pub step_ms: u64,
+    pub allow_faults: bool,
+    pub labels: Vec<String>,
+    pub backends: Vec<String>,
+    pub token: Option<String>,
+    /// Extra TOML appended at the end (tables of other backends).
+    pub extra: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl WorkerOpts {
+    pub fn sim(id: &str) -> WorkerOpts {
+        WorkerOpts {
+            id: id.into(),
+            vram_mb: 24_576,
+            step_ms: 10,
+            allow_faults: true,
+            labels: Vec::new(),
+            backends: vec!["sim".into()],
+            token: None,
+            extra: String::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+impl Broker {
+    pub fn client_options(&self) -> ClientOptions {
+        let mut o = ClientOptions::new(self.frontend.clone(), self.events.clone());
+        o.token = self.opts.client_token.clone();
+        o.request_timeout = Duration::from_secs(20);
+        o.resync_interval = Duration::from_millis(500);
+        o
+    }
+
+    /// A client of this broker (with its token).
+    pub fn client(&self) -> Client {
+        Client::connect(self.client_options())
+    }
+
+    /// Waits until the broker answers a ping.
+    pub async fn wait_ready(&self) {
+        let client = self.client();
+        eventually("the broker to answer", Duration::from_secs(20), || {
+            let client = client.clone();
+            async move { client.ping().await.ok() }
+        })
+        .await;
+    }
+
+    /// `kill -9` the broker and start it again on the same ports and state.
+    pub async fn crash_and_restart(&mut self) {
+        self.proc.kill9();
+        self.proc.restart();
+        self.wait_ready().await;
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.log()
+    }
+}
