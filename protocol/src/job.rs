@@ -149,6 +149,10 @@ pub struct JobSpec {
     /// A retry of a submit with the same key returns the first job instead of a new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// After running out of memory on the largest GPU, retry at a lower setting
+    /// (smaller resolution or fewer frames) instead of failing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_degrade: bool,
 }
 
 impl JobSpec {
@@ -170,6 +174,7 @@ impl JobSpec {
             workflow: None,
             template: None,
             idempotency_key: None,
+            allow_degrade: false,
         }
     }
 
@@ -468,6 +473,10 @@ pub struct JobSnapshot {
     pub info: Map<String, Value>,
     #[serde(default)]
     pub cancel_requested: bool,
+    /// How many steps below the requested setting the job now runs, after running
+    /// out of memory (see `JobSpec::allow_degrade`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub degrade: u8,
     /// Jobs ahead of this one that the same workers could take, when queued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<u64>,
@@ -479,6 +488,10 @@ pub struct JobSnapshot {
     /// Every state change, oldest first (omitted in `list` replies).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<Transition>,
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
 }
 
 /// Which jobs a `list` request wants.

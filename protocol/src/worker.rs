@@ -256,6 +256,9 @@ pub struct Assign {
     pub job_id: JobId,
     pub attempt: u32,
     pub job: Arc<JobSpec>,
+    /// Run this many steps below the requested setting (after out-of-memory).
+    #[serde(default)]
+    pub degrade: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

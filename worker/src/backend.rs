@@ -20,6 +20,10 @@ pub struct JobRun {
     pub job_id: JobId,
     pub attempt: u32,
     pub spec: Arc<JobSpec>,
+    /// Run this many settings below what the spec asks (the broker lowers it after
+    /// the job ran out of memory on the largest GPU); each backend documents what
+    /// a level means for it.
+    pub degrade: u8,
     /// Scratch space for this attempt; removed after its result is acknowledged.
     pub work_dir: PathBuf,
 }

@@ -492,7 +492,7 @@ impl Session {
         let cancel = CancellationToken::new();
         self.running = Some(Running { r, cancel: cancel.clone(), progress });
         let work_dir = self.worker.settings.work_dir.join(format!("{}-{}", a.job_id, a.attempt));
-        tokio::spawn(run_job(backend, r, a.job, work_dir, sink, cancel, self.done_tx.clone()));
+        tokio::spawn(run_job(backend, r, a.job, a.degrade, work_dir, sink, cancel, self.done_tx.clone()));
         self.send(conn, &WorkerMessage::Started(r)).await
     }
 
@@ -564,17 +564,19 @@ fn read_piece(data: &OutputData, offset: u64, len: u64) -> std::io::Result<Vec<u
 }
 
 /// Runs one attempt on its backend and prepares the result (sizes, hashes).
+#[allow(clippy::too_many_arguments)]
 async fn run_job(
     backend: Arc<dyn Backend>,
     r: JobRef,
     spec: Arc<JobSpec>,
+    degrade: u8,
     work_dir: PathBuf,
     sink: ProgressSink,
     cancel: CancellationToken,
     done: mpsc::Sender<Done>,
 ) {
     let _ = tokio::fs::create_dir_all(&work_dir).await;
-    let run = JobRun { job_id: r.job_id, attempt: r.attempt, spec, work_dir: work_dir.clone() };
+    let run = JobRun { job_id: r.job_id, attempt: r.attempt, spec, degrade, work_dir: work_dir.clone() };
     let b = backend.clone();
     let result = match tokio::spawn(async move { b.run(run, sink, cancel).await }).await {
         Ok(result) => result,

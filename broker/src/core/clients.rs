@@ -260,6 +260,7 @@ impl Core {
             history: Vec::new(),
             queue_deadline_ms,
             run_deadline_ms: None,
+            degrade: 0,
             progress: None,
             slot: None,
             class: 0,

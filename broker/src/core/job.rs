@@ -43,6 +43,9 @@ pub struct Job {
     pub queue_deadline_ms: Option<u64>,
     /// Deadline of the current attempt's run timeout.
     pub run_deadline_ms: Option<u64>,
+    /// Steps below the requested setting, raised after out-of-memory.
+    #[serde(default)]
+    pub degrade: u8,
     #[serde(skip)]
     pub progress: Option<Progress>,
     #[serde(skip)]
@@ -102,6 +105,7 @@ impl Job {
             artifacts: self.artifacts.clone(),
             info: self.info.clone(),
             cancel_requested: self.cancel_requested,
+            degrade: self.degrade,
             queue_position: None,
             created_ms: self.created_ms,
             started_ms: self.started_ms,

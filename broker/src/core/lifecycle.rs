@@ -186,6 +186,7 @@ impl Core {
         job.run_deadline_ms = (run_timeout > 0).then(|| now_ms + run_timeout as u64 * 1000);
         let attempt = job.attempt;
         let spec = job.spec.clone();
+        let degrade = job.degrade;
         let run_deadline = job.run_deadline_ms;
         let w = self.workers.get_mut(idx);
         w.current = Some(JobRef { job_id: id, attempt });
@@ -196,6 +197,7 @@ impl Core {
                 job_id: id,
                 attempt,
                 job: spec,
+                degrade,
             }),
         });
         self.change(

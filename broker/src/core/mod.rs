@@ -20,7 +20,7 @@ pub mod queue;
 pub mod registry;
 #[cfg(test)]
 mod tests;
-mod workers;
+pub(crate) mod workers;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};

@@ -714,3 +714,26 @@ fn malformed_requests_get_typed_errors_and_are_counted() {
     assert!(matches!(&out[..], [Output::Reply { reply: Reply::Error(e), .. }] if e.req_id == Some(4) && e.error.code == ErrorCode::UnknownType));
     assert_eq!(sim.core.stats().protocol_errors, 1);
 }
+
+#[test]
+fn out_of_memory_on_the_largest_gpu_degrades_when_allowed() {
+    let mut sim = Sim::new();
+    sim.register("only", 8_000);
+    let mut s = spec();
+    s.allow_degrade = true;
+    s.max_attempts = Some(10);
+    let (job, _) = sim.submit(s);
+    let oom = JobError::new(FailureKind::OutOfMemory, "CUDA out of memory", true);
+    for level in 1..=super::workers::MAX_DEGRADE {
+        let out = sim.finish("only", job, level as u32, Outcome::Failed { error: oom.clone() });
+        let degrade = out.iter().find_map(|o| match o {
+            Output::ToWorker { msg: BrokerMessage::Assign(a), .. } => Some(a.degrade),
+            _ => None,
+        });
+        assert_eq!(degrade, Some(level), "retried one setting lower");
+        let snap = sim.core.job(job).unwrap().snapshot(true);
+        assert!(snap.history.iter().any(|t| t.note.contains(&format!("next lower setting, level {level}"))));
+    }
+    sim.finish("only", job, 4, Outcome::Failed { error: oom });
+    assert_eq!(sim.state(job), JobState::Failed, "no lower setting left");
+}

@@ -24,6 +24,9 @@ fn worker_error(out: &mut Vec<Output>, peer: PeerId, error: ErrorBody) {
     to_worker(out, peer, BrokerMessage::Error(WorkerError { error }));
 }
 
+/// Lowest setting a job is taken down to after running out of memory.
+pub const MAX_DEGRADE: u8 = 3;
+
 /// Most models one worker may report (bounds the broker's memory per worker).
 const MAX_MODELS: usize = 20_000;
 
@@ -438,7 +441,8 @@ impl Core {
     }
 
     /// Out of memory on this GPU: the next attempt needs a bigger one. If the
-    /// fleet has none, the failure is final.
+    /// fleet has none, a job that allows it runs again one setting lower;
+    /// otherwise the failure is final.
     fn after_out_of_memory(&mut self, now_ms: u64, idx: WorkerIdx, id: JobId, error: JobError) -> JobError {
         let w = self.workers.get(idx);
         let (had, name, wid) = (w.gpu.total_vram_mb, w.gpu.name.clone(), w.id.clone());
@@ -453,7 +457,19 @@ impl Core {
                 true,
             ),
             Err(_) => {
-                self.jobs.get_mut(&id).expect("exists").min_vram_mb = before;
+                let job = self.jobs.get_mut(&id).expect("exists");
+                job.min_vram_mb = before;
+                if job.spec.allow_degrade && job.degrade < MAX_DEGRADE {
+                    job.degrade += 1;
+                    return JobError::new(
+                        FailureKind::OutOfMemory,
+                        format!(
+                            "{} (on {wid}, {name} with {had} MiB; no GPU in the fleet has more, so retrying at the next lower setting, level {})",
+                            error.message, job.degrade
+                        ),
+                        true,
+                    );
+                }
                 JobError::new(
                     FailureKind::OutOfMemory,
                     format!("{} (on {wid}, {name} with {had} MiB; no GPU in the fleet has more)", error.message),

@@ -73,8 +73,11 @@ impl Backend for SimBackend {
         let spec = &job.spec;
         let prompt = str_param(spec, "prompt")?.unwrap_or("").to_string();
         let max_side = self.cfg.max_side as i64;
-        let width = int_param(spec, "width", 512, 8, max_side)? as u32;
-        let height = int_param(spec, "height", 512, 8, max_side)? as u32;
+        // Each degrade level halves the sides, as a real backend would lower the
+        // resolution after running out of memory.
+        let shrink = |side: i64| ((side >> job.degrade.min(4)) as u32).max(8);
+        let width = shrink(int_param(spec, "width", 512, 8, max_side)?);
+        let height = shrink(int_param(spec, "height", 512, 8, max_side)?);
         let steps = int_param(spec, "steps", self.cfg.default_steps as i64, 0, 10_000)? as u32;
         let step_ms = int_param(spec, "step_ms", self.cfg.step_ms as i64, 0, 60_000)? as u64;
         let count = int_param(spec, "count", 1, 1, 8)? as u32;
@@ -162,6 +165,7 @@ impl Backend for SimBackend {
             "width": width,
             "height": height,
             "steps": steps,
+            "degrade": job.degrade,
             "model": spec.model.clone().unwrap_or_else(|| "sim".into()),
             "run_ms": started.elapsed().as_millis() as u64,
             "generator": "kiln sim backend (not a real model)",
@@ -273,6 +277,7 @@ mod tests {
             job_id: kiln_protocol::JobId(1),
             attempt: 1,
             spec: Arc::new(spec),
+            degrade: 0,
             work_dir: std::env::temp_dir(),
         }
     }
