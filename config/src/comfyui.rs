@@ -120,12 +120,21 @@ impl ComfyUiConfig {
             ComfyUiMode::Attach => {
                 let rest = self.url.strip_prefix("http://");
                 if rest.is_none_or(|r| r.trim_end_matches('/').is_empty()) {
-                    return invalid("url", &format!("{:?} must be a plain http:// URL such as http://127.0.0.1:8188", self.url));
+                    return invalid(
+                        "url",
+                        &format!(
+                            "{:?} must be a plain http:// URL such as http://127.0.0.1:8188",
+                            self.url
+                        ),
+                    );
                 }
             }
             ComfyUiMode::Managed => {
                 if self.main_py.is_none() {
-                    return invalid("main_py", "managed mode needs the path of ComfyUI's main.py");
+                    return invalid(
+                        "main_py",
+                        "managed mode needs the path of ComfyUI's main.py",
+                    );
                 }
             }
         }
@@ -136,7 +145,10 @@ impl ComfyUiConfig {
             return invalid("poll_ms", "must be at least 50");
         }
         if self.restart_min_s == 0 || self.restart_max_s < self.restart_min_s {
-            return invalid("restart_min_s", "must be at least 1 and at most restart_max_s");
+            return invalid(
+                "restart_min_s",
+                "must be at least 1 and at most restart_max_s",
+            );
         }
         Ok(())
     }
@@ -159,6 +171,10 @@ mod tests {
             mode: ComfyUiMode::Managed,
             ..ComfyUiConfig::default()
         };
-        assert!(managed.validate().unwrap_err().to_string().contains("worker.comfyui.main_py"));
+        assert!(managed
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("worker.comfyui.main_py"));
     }
 }

@@ -23,7 +23,8 @@ fn python() -> String {
 }
 
 fn workflow(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixtures().join("workflows").join(format!("{name}.json"))).unwrap();
+    let text =
+        std::fs::read_to_string(fixtures().join("workflows").join(format!("{name}.json"))).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -57,7 +58,11 @@ fn fake_args(dir: &Path, version: &str) -> Vec<String> {
         args.extend(["--model".into(), m.into()]);
     }
     // The Wan templates load these by default.
-    for m in ["text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae/wan_2.1_vae.safetensors", "clip_vision/clip_vision_h.safetensors"] {
+    for m in [
+        "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+        "vae/wan_2.1_vae.safetensors",
+        "clip_vision/clip_vision_h.safetensors",
+    ] {
         args.extend(["--model".into(), m.into()]);
     }
     args
@@ -77,18 +82,34 @@ impl Fake {
         std::fs::create_dir_all(&dir).unwrap();
         let mut args = fake_args(&dir, version);
         args.extend(["--port".into(), port.to_string()]);
-        let proc = Proc::spawn("fake ComfyUI", Path::new(&python()), &args, &[], dir.join("fake.log"));
+        let proc = Proc::spawn(
+            "fake ComfyUI",
+            Path::new(&python()),
+            &args,
+            &[],
+            dir.join("fake.log"),
+        );
         let fake = Fake {
             _proc: proc,
             url: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::new(),
         };
-        eventually("the fake ComfyUI to answer", Duration::from_secs(20), || async { fake.get("/system_stats").await }).await;
+        eventually(
+            "the fake ComfyUI to answer",
+            Duration::from_secs(20),
+            || async { fake.get("/system_stats").await },
+        )
+        .await;
         fake
     }
 
     async fn get(&self, path: &str) -> Option<Value> {
-        let resp = self.http.get(format!("{}{path}", self.url)).send().await.ok()?;
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .ok()?;
         if !resp.status().is_success() {
             return None;
         }
@@ -108,7 +129,11 @@ impl Fake {
     /// The requests the fake has seen, oldest first.
     async fn log(&self) -> Vec<String> {
         let v = self.get("/fake/log").await.unwrap();
-        v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
     }
 }
 
@@ -122,20 +147,33 @@ fn comfy_opts(id: &str, comfyui_toml: &str) -> WorkerOpts {
 
 /// A broker and a worker attached to `fake`; waits until the worker is healthy.
 async fn attached(s: &Scratch, fake: &Fake, id: &str) -> (Broker, Proc) {
-    let broker = s.broker(BrokerOpts { heartbeat_ms: 200, ..BrokerOpts::default() }).await;
-    let worker = s.worker(&broker, comfy_opts(id, &format!("url = \"{}\"", fake.url))).await;
+    let broker = s
+        .broker(BrokerOpts {
+            heartbeat_ms: 200,
+            ..BrokerOpts::default()
+        })
+        .await;
+    let worker = s
+        .worker(&broker, comfy_opts(id, &format!("url = \"{}\"", fake.url)))
+        .await;
     wait_healthy(&broker.client(), id).await;
     (broker, worker)
 }
 
 async fn wait_healthy(client: &Client, id: &str) {
-    eventually(&format!("worker {id} to be healthy"), Duration::from_secs(30), || async {
-        let workers = client.workers().await.ok()?;
-        workers
-            .iter()
-            .any(|w| w.worker_id == id && matches!(w.state, WorkerState::Idle | WorkerState::Busy))
-            .then_some(())
-    })
+    eventually(
+        &format!("worker {id} to be healthy"),
+        Duration::from_secs(30),
+        || async {
+            let workers = client.workers().await.ok()?;
+            workers
+                .iter()
+                .any(|w| {
+                    w.worker_id == id && matches!(w.state, WorkerState::Idle | WorkerState::Busy)
+                })
+                .then_some(())
+        },
+    )
     .await;
 }
 
@@ -150,7 +188,10 @@ async fn run_to_end(client: &Client, id: JobId) -> (JobSnapshot, Vec<f64>) {
     let mut follow = client.follow(id).await.unwrap();
     let mut pcts = Vec::new();
     let mut last = None;
-    while let Some(snap) = tokio::time::timeout(Duration::from_secs(60), follow.next()).await.expect("the job to move on") {
+    while let Some(snap) = tokio::time::timeout(Duration::from_secs(60), follow.next())
+        .await
+        .expect("the job to move on")
+    {
         let snap = snap.unwrap();
         if let (JobState::Running, Some(p)) = (snap.state, &snap.progress) {
             pcts.push(p.pct);
@@ -164,19 +205,29 @@ async fn succeed(client: &Client, spec: JobSpec) -> (JobSnapshot, Vec<(String, S
     let id = client.submit(spec).await.unwrap().job_id;
     let (done, pcts) = run_to_end(client, id).await;
     assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
-    assert!(pcts.windows(2).all(|w| w[0] <= w[1]), "progress is monotone: {pcts:?}");
+    assert!(
+        pcts.windows(2).all(|w| w[0] <= w[1]),
+        "progress is monotone: {pcts:?}"
+    );
     let mut files = Vec::new();
     for meta in &done.artifacts {
         let art = client.fetch_artifact(meta.id).await.unwrap();
         assert_eq!(hex(&Sha256::digest(&art.data)), meta.sha256);
-        files.push((meta.name.clone(), meta.media_type.clone(), art.data.to_vec()));
+        files.push((
+            meta.name.clone(),
+            meta.media_type.clone(),
+            art.data.to_vec(),
+        ));
     }
     (done, files)
 }
 
 async fn fail(client: &Client, spec: JobSpec) -> JobSnapshot {
     let id = client.submit(spec).await.unwrap().job_id;
-    let done = tokio::time::timeout(Duration::from_secs(60), client.wait(id)).await.unwrap().unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(60), client.wait(id))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(done.state, JobState::Failed, "{done:?}");
     done
 }
@@ -191,9 +242,20 @@ async fn comfyui_brings_home_every_output_kind_with_monotone_progress() {
     // Inventory: models by folder, and the templates.
     let workers = client.workers().await.unwrap();
     let inv = &workers[0].backends[0];
-    assert!(inv.models.iter().any(|m| m.name == "sd15.safetensors" && m.kind == "checkpoints"), "{inv:?}");
-    assert!(inv.models.iter().any(|m| m.name == "detail.safetensors" && m.kind == "loras"));
-    assert!(inv.models.iter().any(|m| m.name == "text_to_image" && m.kind == "workflow_template"));
+    assert!(
+        inv.models
+            .iter()
+            .any(|m| m.name == "sd15.safetensors" && m.kind == "checkpoints"),
+        "{inv:?}"
+    );
+    assert!(inv
+        .models
+        .iter()
+        .any(|m| m.name == "detail.safetensors" && m.kind == "loras"));
+    assert!(inv
+        .models
+        .iter()
+        .any(|m| m.name == "text_to_image" && m.kind == "workflow_template"));
 
     // Text to image through the built-in template, with a LoRA: step progress.
     let mut spec = JobSpec::new(Backend::Comfyui, Task::TextToImage)
@@ -202,7 +264,10 @@ async fn comfyui_brings_home_every_output_kind_with_monotone_progress() {
         .param("width", 512)
         .param("height", 512);
     spec.model = Some("sd15.safetensors".into());
-    spec.loras = vec![kiln_protocol::LoraRef { name: "detail.safetensors".into(), strength: 0.7 }];
+    spec.loras = vec![kiln_protocol::LoraRef {
+        name: "detail.safetensors".into(),
+        strength: 0.7,
+    }];
     let id = client.submit(spec.clone()).await.unwrap().job_id;
     let mut follow = client.follow(id).await.unwrap();
     let mut stages = Vec::new();
@@ -217,13 +282,22 @@ async fn comfyui_brings_home_every_output_kind_with_monotone_progress() {
     let done = done.unwrap();
     assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
     assert!(stages.windows(2).all(|w| w[0].0 <= w[1].0), "{stages:?}");
-    assert!(stages.iter().any(|(_, st)| st.starts_with("KSampler ") && st.contains("/60 (node")), "{stages:?}");
+    assert!(
+        stages
+            .iter()
+            .any(|(_, st)| st.starts_with("KSampler ") && st.contains("/60 (node")),
+        "{stages:?}"
+    );
     assert_eq!(done.artifacts.len(), 1);
     assert_eq!(done.artifacts[0].media_type, "image/png");
     assert!(done.info["seed"].as_u64().is_some());
     assert_eq!(done.info["model"], "sd15.safetensors");
     let worker = client.workers().await.unwrap().remove(0);
-    assert_eq!(worker.loaded_model.as_deref(), Some("sd15.safetensors"), "affinity sees the loaded model");
+    assert_eq!(
+        worker.loaded_model.as_deref(),
+        Some("sd15.safetensors"),
+        "affinity sees the loaded model"
+    );
     // A new job without a seed gets a new seed, so the cache cannot answer it.
     let (again, _) = succeed(&client, spec).await;
     assert_ne!(again.info["seed"], done.info["seed"]);
@@ -243,24 +317,46 @@ async fn comfyui_brings_home_every_output_kind_with_monotone_progress() {
 
     // Text output.
     let (_, files) = succeed(&client, raw("05_text_getimagesize")).await;
-    assert_eq!(files, vec![("3_text_0.txt".to_string(), "text/plain".to_string(), b"320".to_vec())]);
+    assert_eq!(
+        files,
+        vec![(
+            "3_text_0.txt".to_string(),
+            "text/plain".to_string(),
+            b"320".to_vec()
+        )]
+    );
 
     // An upload in a subfolder; the temp preview is not an output next to a saved image.
     let mut sub = raw("10_loadimage_subfolder_preview");
     sub.inputs.push(input("upload_test.png", "image/png"));
     let (_, files) = succeed(&client, sub).await;
-    assert_eq!(files.len(), 1, "{:?}", files.iter().map(|f| &f.0).collect::<Vec<_>>());
+    assert_eq!(
+        files.len(),
+        1,
+        "{:?}",
+        files.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
     assert!(files[0].0.starts_with("from_upload_"), "{}", files[0].0);
     let log = fake.log().await;
-    assert!(log.iter().any(|l| l == "POST /upload/image kiln/upload_test.png"), "{log:?}");
+    assert!(
+        log.iter()
+            .any(|l| l == "POST /upload/image kiln/upload_test.png"),
+        "{log:?}"
+    );
 
     // Image to image and text to video through the built-in templates.
-    let mut i2i = JobSpec::new(Backend::Comfyui, Task::ImageToImage).param("prompt", "glaze").param("strength", 0.4).param("steps", 5);
+    let mut i2i = JobSpec::new(Backend::Comfyui, Task::ImageToImage)
+        .param("prompt", "glaze")
+        .param("strength", 0.4)
+        .param("steps", 5);
     i2i.model = Some("sd15.safetensors".into());
     i2i.inputs.push(input("upload_test.png", "image/png"));
     let (_, files) = succeed(&client, i2i).await;
     assert_eq!(files[0].1, "image/png");
-    let mut t2v = JobSpec::new(Backend::Comfyui, Task::TextToVideo).param("prompt", "waves").param("steps", 5).param("frames", 17);
+    let mut t2v = JobSpec::new(Backend::Comfyui, Task::TextToVideo)
+        .param("prompt", "waves")
+        .param("steps", 5)
+        .param("frames", 17);
     t2v.model = Some("wan2.1_t2v_1.3B_fp16.safetensors".into());
     let (_, files) = succeed(&client, t2v).await;
     assert_eq!(files[0].1, "video/mp4");
@@ -274,19 +370,40 @@ async fn comfyui_validation_and_runtime_errors_name_the_node() {
     let client = broker.client();
 
     // Checked against /object_info before anything is queued.
-    let mut spec = JobSpec::new(Backend::Comfyui, Task::TextToImage).param("prompt", "x").param("width", 8).param("sampler", "bogus");
+    let mut spec = JobSpec::new(Backend::Comfyui, Task::TextToImage)
+        .param("prompt", "x")
+        .param("width", 8)
+        .param("sampler", "bogus");
     spec.model = Some("sd15.safetensors".into());
     let done = fail(&client, spec).await;
     let err = done.error.unwrap();
     assert_eq!(err.kind, FailureKind::InvalidInput);
-    assert!(err.message.contains("node 4 (EmptyLatentImage) input width: value 8 is smaller than the minimum 16"), "{}", err.message);
+    assert!(
+        err.message.contains(
+            "node 4 (EmptyLatentImage) input width: value 8 is smaller than the minimum 16"
+        ),
+        "{}",
+        err.message
+    );
     assert!(err.message.contains("node 5 (KSampler) input sampler_name: value \"bogus\" is not in the list; allowed: \"euler\""), "{}", err.message);
     assert_eq!(done.attempt, 1, "invalid input is not retried");
     let mut unknown = raw("01_empty_invert_save");
     unknown.workflow.as_mut().unwrap()["2"]["class_type"] = json!("NoSuchNode");
     let err = fail(&client, unknown).await.error.unwrap();
-    assert!(err.message.contains("node 2 (NoSuchNode): node class NoSuchNode is not installed"), "{}", err.message);
-    assert!(!fake.log().await.iter().any(|l| l.starts_with("POST /prompt")), "nothing was queued");
+    assert!(
+        err.message
+            .contains("node 2 (NoSuchNode): node class NoSuchNode is not installed"),
+        "{}",
+        err.message
+    );
+    assert!(
+        !fake
+            .log()
+            .await
+            .iter()
+            .any(|l| l.starts_with("POST /prompt")),
+        "nothing was queued"
+    );
 
     // What only the server checks comes back from its 400 with the node's details.
     let mut mismatch = JobSpec::new(Backend::Comfyui, Task::Workflow);
@@ -296,7 +413,12 @@ async fn comfyui_validation_and_runtime_errors_name_the_node() {
     }));
     let err = fail(&client, mismatch).await.error.unwrap();
     assert_eq!(err.kind, FailureKind::InvalidInput);
-    assert!(err.message.contains("node 3 (SaveImage): return_type_mismatch"), "{}", err.message);
+    assert!(
+        err.message
+            .contains("node 3 (SaveImage): return_type_mismatch"),
+        "{}",
+        err.message
+    );
 
     // A graph that validates but fails at run time (recorded trace 07).
     let mut broken = raw("07_runtime_error_broken_upload");
@@ -304,15 +426,25 @@ async fn comfyui_validation_and_runtime_errors_name_the_node() {
     let done = fail(&client, broken).await;
     let err = done.error.unwrap();
     assert_eq!(err.kind, FailureKind::Backend);
-    assert!(err.message.contains("node 1 (LoadImage) failed: PIL.UnidentifiedImageError"), "{}", err.message);
+    assert!(
+        err.message
+            .contains("node 1 (LoadImage) failed: PIL.UnidentifiedImageError"),
+        "{}",
+        err.message
+    );
     assert_eq!(done.attempt, 1);
 }
 
 async fn wait_progress(client: &Client, id: JobId) {
-    eventually("the job to report step progress", Duration::from_secs(30), || async {
-        let j = client.get(id).await.ok()?;
-        (j.state == JobState::Running && j.progress.as_ref().is_some_and(|p| p.step.is_some())).then_some(())
-    })
+    eventually(
+        "the job to report step progress",
+        Duration::from_secs(30),
+        || async {
+            let j = client.get(id).await.ok()?;
+            (j.state == JobState::Running && j.progress.as_ref().is_some_and(|p| p.step.is_some()))
+                .then_some(())
+        },
+    )
     .await;
 }
 
@@ -328,7 +460,10 @@ fn slow_job(steps: u32) -> JobSpec {
 
 async fn cancel_and_confirm(client: &Client, id: JobId) -> JobSnapshot {
     client.cancel(id).await.unwrap();
-    let done = tokio::time::timeout(Duration::from_secs(30), client.wait(id)).await.unwrap().unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(done.state, JobState::Cancelled, "{done:?}");
     done
 }
@@ -344,29 +479,63 @@ async fn comfyui_cancel_while_running_and_while_pending_uses_the_jobs_api() {
     wait_progress(&client, id).await;
     cancel_and_confirm(&client, id).await;
     let log = fake.log().await;
-    let prompt = log.iter().rev().find_map(|l| l.strip_prefix("POST /prompt ")).unwrap().to_string();
-    assert!(log.contains(&format!("POST /api/jobs/{prompt}/cancel")), "{log:?}");
+    let prompt = log
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("POST /prompt "))
+        .unwrap()
+        .to_string();
+    assert!(
+        log.contains(&format!("POST /api/jobs/{prompt}/cancel")),
+        "{log:?}"
+    );
     let history = fake.get(&format!("/history/{prompt}")).await.unwrap();
-    assert_eq!(history[&prompt]["status"]["messages"].as_array().unwrap().last().unwrap()[0], "execution_interrupted");
+    assert_eq!(
+        history[&prompt]["status"]["messages"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()[0],
+        "execution_interrupted"
+    );
 
     // Pending: someone else's long prompt holds ComfyUI, ours waits in its queue.
     let mut busy = workflow("08_slow_interruptible");
     busy["1"]["inputs"]["batch_size"] = json!(30);
-    let resp = fake.post("/prompt", json!({"prompt": busy, "client_id": "bystander"})).await;
+    let resp = fake
+        .post("/prompt", json!({"prompt": busy, "client_id": "bystander"}))
+        .await;
     assert!(resp.status().is_success());
     let id = client.submit(slow_job(5)).await.unwrap().job_id;
-    let queued = eventually("our prompt to wait in ComfyUI's queue", Duration::from_secs(20), || async {
-        let q = fake.get("/queue").await?;
-        let pending = q["queue_pending"].as_array()?;
-        pending.first().and_then(|item| item[1].as_str().map(String::from))
-    })
+    let queued = eventually(
+        "our prompt to wait in ComfyUI's queue",
+        Duration::from_secs(20),
+        || async {
+            let q = fake.get("/queue").await?;
+            let pending = q["queue_pending"].as_array()?;
+            pending
+                .first()
+                .and_then(|item| item[1].as_str().map(String::from))
+        },
+    )
     .await;
     cancel_and_confirm(&client, id).await;
-    assert!(fake.log().await.contains(&format!("POST /api/jobs/{queued}/cancel")));
-    assert_eq!(fake.get(&format!("/history/{queued}")).await.unwrap(), json!({}), "a dequeued prompt leaves no history");
+    assert!(fake
+        .log()
+        .await
+        .contains(&format!("POST /api/jobs/{queued}/cancel")));
+    assert_eq!(
+        fake.get(&format!("/history/{queued}")).await.unwrap(),
+        json!({}),
+        "a dequeued prompt leaves no history"
+    );
     let q = fake.get("/queue").await.unwrap();
     assert_eq!(q["queue_pending"], json!([]));
-    assert_eq!(q["queue_running"].as_array().unwrap().len(), 1, "the bystander still runs");
+    assert_eq!(
+        q["queue_running"].as_array().unwrap().len(),
+        1,
+        "the bystander still runs"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,9 +551,21 @@ async fn comfyui_v0_3_64_without_jobs_api_is_cancelled_by_interrupt() {
     wait_progress(&client, id).await;
     cancel_and_confirm(&client, id).await;
     let log = fake.log().await;
-    let prompt = log.iter().rev().find_map(|l| l.strip_prefix("POST /prompt ")).unwrap().to_string();
-    assert!(log.contains(&format!("POST /interrupt {prompt}")), "{log:?}");
-    assert!(log.iter().any(|l| l.starts_with("POST /queue delete") && l.contains(&prompt)), "{log:?}");
+    let prompt = log
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("POST /prompt "))
+        .unwrap()
+        .to_string();
+    assert!(
+        log.contains(&format!("POST /interrupt {prompt}")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("POST /queue delete") && l.contains(&prompt)),
+        "{log:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -400,14 +581,27 @@ async fn comfyui_websocket_drop_mid_job_reconnects_and_finishes() {
     let (done, pcts) = run_to_end(&client, id).await;
     assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
     assert!(pcts.windows(2).all(|w| w[0] <= w[1]), "{pcts:?}");
-    let sockets: Vec<String> = fake.log().await.into_iter().filter(|l| l.starts_with("WS ")).collect();
-    assert!(sockets.len() >= 2 && sockets.iter().all(|c| *c == sockets[0]), "reconnected with the same client id: {sockets:?}");
+    let sockets: Vec<String> = fake
+        .log()
+        .await
+        .into_iter()
+        .filter(|l| l.starts_with("WS "))
+        .collect();
+    assert!(
+        sockets.len() >= 2 && sockets.iter().all(|c| *c == sockets[0]),
+        "reconnected with the same client id: {sockets:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn comfyui_killed_mid_job_in_managed_mode_is_restarted_and_the_job_retried() {
     let s = Scratch::new();
-    let broker = s.broker(BrokerOpts { heartbeat_ms: 200, ..BrokerOpts::default() }).await;
+    let broker = s
+        .broker(BrokerOpts {
+            heartbeat_ms: 200,
+            ..BrokerOpts::default()
+        })
+        .await;
     let dir = s.path().join("managed");
     std::fs::create_dir_all(&dir).unwrap();
     let pid_file = dir.join("comfyui.pid");
@@ -427,22 +621,45 @@ async fn comfyui_killed_mid_job_in_managed_mode_is_restarted_and_the_job_retried
 
     let id = client.submit(slow_job(400)).await.unwrap().job_id;
     wait_progress(&client, id).await;
-    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     unsafe {
         libc::kill(pid, libc::SIGKILL);
     }
-    let done = tokio::time::timeout(Duration::from_secs(90), client.wait(id)).await.unwrap().unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(90), client.wait(id))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(done.state, JobState::Succeeded, "{done:?}");
     assert_eq!(done.attempt, 2, "the vanished prompt was retried");
-    assert_ne!(std::fs::read_to_string(&pid_file).unwrap(), first_pid, "a new ComfyUI process");
+    assert_ne!(
+        std::fs::read_to_string(&pid_file).unwrap(),
+        first_pid,
+        "a new ComfyUI process"
+    );
     let log = worker.log();
-    assert!(log.contains("comfyui[gpu0] fake ComfyUI 0.27.0 listening"), "ComfyUI's output is in the worker's log");
+    assert!(
+        log.contains("comfyui[gpu0] fake ComfyUI 0.27.0 listening"),
+        "ComfyUI's output is in the worker's log"
+    );
     assert!(log.contains("managed ComfyUI is down"), "{log}");
 
     // The worker stops its ComfyUI when it stops.
-    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     worker.stop();
-    assert!(!Path::new(&format!("/proc/{pid}")).exists() || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(" Z "));
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(" Z ")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -453,7 +670,9 @@ async fn real_comfyui_runs_the_reference_workflows() {
     };
     let s = Scratch::new();
     let broker = s.broker(BrokerOpts::default()).await;
-    let _w = s.worker(&broker, comfy_opts("real", &format!("url = \"{url}\""))).await;
+    let _w = s
+        .worker(&broker, comfy_opts("real", &format!("url = \"{url}\"")))
+        .await;
     let client = broker.client();
     wait_healthy(&client, "real").await;
     for (name, inputs, kinds) in [
@@ -461,8 +680,16 @@ async fn real_comfyui_runs_the_reference_workflows() {
         ("04_progress_ws_preview", vec![], vec!["image/png"; 4]),
         ("05_text_getimagesize", vec![], vec!["text/plain"]),
         ("06_video_mp4_webp", vec![], vec!["video/mp4", "image/webp"]),
-        ("09_audio_roundtrip", vec![input("tone.wav", "audio/wav")], vec!["audio/flac"]),
-        ("10_loadimage_subfolder_preview", vec![input("upload_test.png", "image/png")], vec!["image/png"]),
+        (
+            "09_audio_roundtrip",
+            vec![input("tone.wav", "audio/wav")],
+            vec!["audio/flac"],
+        ),
+        (
+            "10_loadimage_subfolder_preview",
+            vec![input("upload_test.png", "image/png")],
+            vec!["image/png"],
+        ),
     ] {
         let mut spec = raw(name);
         spec.inputs = inputs;

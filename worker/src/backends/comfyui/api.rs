@@ -19,7 +19,11 @@ pub enum ApiError {
     #[error("ComfyUI at {url} is unreachable: {message}")]
     Unreachable { url: String, message: String },
     #[error("{what} answered HTTP {status}: {body}")]
-    Status { what: String, status: u16, body: String },
+    Status {
+        what: String,
+        status: u16,
+        body: String,
+    },
     #[error("{what} answered something unexpected: {message}")]
     Decode { what: String, message: String },
     #[error("writing {path}: {message}")]
@@ -36,7 +40,10 @@ impl ApiError {
 #[derive(Debug)]
 pub enum Submitted {
     /// Queued. `node_errors` can be non-empty: the graph was only partly accepted.
-    Queued { number: f64, node_errors: Map<String, Value> },
+    Queued {
+        number: f64,
+        node_errors: Map<String, Value>,
+    },
     /// HTTP 400: `{error, node_errors}`.
     Rejected(Value),
 }
@@ -114,7 +121,11 @@ impl Api {
         }
     }
 
-    async fn send(&self, what: &str, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ApiError> {
+    async fn send(
+        &self,
+        what: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ApiError> {
         let resp = req.send().await.map_err(|e| self.unreachable(e))?;
         let status = resp.status().as_u16();
         if (200..300).contains(&status) {
@@ -145,7 +156,11 @@ impl Api {
     }
 
     async fn get_json(&self, path: &str) -> Result<Value, ApiError> {
-        self.json(&format!("GET {path}"), self.http.get(format!("{}{path}", self.base))).await
+        self.json(
+            &format!("GET {path}"),
+            self.http.get(format!("{}{path}", self.base)),
+        )
+        .await
     }
 
     /// `GET /system_stats`: the readiness probe and the VRAM figures.
@@ -157,7 +172,10 @@ impl Api {
     pub async fn object_info(&self) -> Result<Map<String, Value>, ApiError> {
         match self.get_json("/object_info").await? {
             Value::Object(m) => Ok(m),
-            other => Err(decode("GET /object_info", format!("not an object: {}", short(&other)))),
+            other => Err(decode(
+                "GET /object_info",
+                format!("not an object: {}", short(&other)),
+            )),
         }
     }
 
@@ -166,23 +184,41 @@ impl Api {
         let url = reqwest::Url::parse(&format!("{}/object_info/", self.base))
             .and_then(|u| u.join(&encode_segment(class)))
             .map_err(|e| decode("GET /object_info/{class}", e.to_string()))?;
-        let v = self.json("GET /object_info/{class}", self.http.get(url)).await?;
+        let v = self
+            .json("GET /object_info/{class}", self.http.get(url))
+            .await?;
         Ok(v.get(class).cloned())
     }
 
     /// `GET /models/{folder}`: the file names in a model folder; `None` when the
     /// server has no such folder (404).
     pub async fn models_in(&self, folder: &str) -> Result<Option<Vec<String>>, ApiError> {
-        match self.get_json(&format!("/models/{}", encode_segment(folder))).await {
-            Ok(Value::Array(items)) => Ok(Some(items.into_iter().filter_map(|v| v.as_str().map(String::from)).collect())),
-            Ok(other) => Err(decode("GET /models/{folder}", format!("not a list: {}", short(&other)))),
+        match self
+            .get_json(&format!("/models/{}", encode_segment(folder)))
+            .await
+        {
+            Ok(Value::Array(items)) => Ok(Some(
+                items
+                    .into_iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect(),
+            )),
+            Ok(other) => Err(decode(
+                "GET /models/{folder}",
+                format!("not a list: {}", short(&other)),
+            )),
             Err(ApiError::Status { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     /// `POST /prompt` with our own id and the worker's WebSocket client id.
-    pub async fn submit(&self, graph: &Value, prompt_id: &str, client_id: &str) -> Result<Submitted, ApiError> {
+    pub async fn submit(
+        &self,
+        graph: &Value,
+        prompt_id: &str,
+        client_id: &str,
+    ) -> Result<Submitted, ApiError> {
         let body = json!({"prompt": graph, "prompt_id": prompt_id, "client_id": client_id});
         let what = "POST /prompt";
         let resp = self
@@ -199,7 +235,11 @@ impl Api {
         match (status, parsed) {
             (200, Ok(v)) => Ok(Submitted::Queued {
                 number: v.get("number").and_then(Value::as_f64).unwrap_or(0.0),
-                node_errors: v.get("node_errors").and_then(Value::as_object).cloned().unwrap_or_default(),
+                node_errors: v
+                    .get("node_errors")
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default(),
             }),
             (400, Ok(v)) => Ok(Submitted::Rejected(v)),
             (_, _) => Err(ApiError::Status {
@@ -220,9 +260,11 @@ impl Api {
     pub async fn queue_place(&self, prompt_id: &str) -> Result<QueuePlace, ApiError> {
         let v = self.get_json("/queue").await?;
         let holds = |key: &str| {
-            v.get(key)
-                .and_then(Value::as_array)
-                .is_some_and(|items| items.iter().any(|item| item.get(1).and_then(Value::as_str) == Some(prompt_id)))
+            v.get(key).and_then(Value::as_array).is_some_and(|items| {
+                items
+                    .iter()
+                    .any(|item| item.get(1).and_then(Value::as_str) == Some(prompt_id))
+            })
         };
         Ok(if holds("queue_running") {
             QueuePlace::Running
@@ -236,10 +278,16 @@ impl Api {
     /// `POST /api/jobs/{id}/cancel` (v0.27): dequeues a pending prompt or interrupts
     /// it atomically if it runs. `None` when the server has no jobs API.
     pub async fn cancel_job(&self, prompt_id: &str) -> Result<Option<bool>, ApiError> {
-        let req = self.http.post(format!("{}/api/jobs/{prompt_id}/cancel", self.base));
+        let req = self
+            .http
+            .post(format!("{}/api/jobs/{prompt_id}/cancel", self.base));
         match self.json("POST /api/jobs/{id}/cancel", req).await {
-            Ok(v) => Ok(Some(v.get("cancelled").and_then(Value::as_bool).unwrap_or(false))),
-            Err(ApiError::Status { status: 404 | 405, .. }) => Ok(None),
+            Ok(v) => Ok(Some(
+                v.get("cancelled").and_then(Value::as_bool).unwrap_or(false),
+            )),
+            Err(ApiError::Status {
+                status: 404 | 405, ..
+            }) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -258,18 +306,33 @@ impl Api {
 
     /// `POST /upload/image` into `input/<subfolder>`; the answer names the file as
     /// the server stored it, which can differ from `name`.
-    pub async fn upload(&self, name: &str, media_type: &str, data: Vec<u8>, subfolder: &str) -> Result<FileRef, ApiError> {
+    pub async fn upload(
+        &self,
+        name: &str,
+        media_type: &str,
+        data: Vec<u8>,
+        subfolder: &str,
+    ) -> Result<FileRef, ApiError> {
         let what = "POST /upload/image";
         let part = reqwest::multipart::Part::bytes(data)
             .file_name(name.to_string())
             .mime_str(media_type)
-            .or_else(|_| reqwest::multipart::Part::bytes(Vec::new()).mime_str("application/octet-stream"))
+            .or_else(|_| {
+                reqwest::multipart::Part::bytes(Vec::new()).mime_str("application/octet-stream")
+            })
             .map_err(|e| decode(what, e.to_string()))?;
         let form = reqwest::multipart::Form::new()
             .part("image", part)
             .text("type", "input")
             .text("subfolder", subfolder.to_string());
-        let v = self.json(what, self.http.post(format!("{}/upload/image", self.base)).multipart(form)).await?;
+        let v = self
+            .json(
+                what,
+                self.http
+                    .post(format!("{}/upload/image", self.base))
+                    .multipart(form),
+            )
+            .await?;
         serde_json::from_value(v).map_err(|e| decode(what, e.to_string()))
     }
 
@@ -329,11 +392,19 @@ mod tests {
 
     #[test]
     fn file_refs_read_history_items_and_upload_answers() {
-        let item: FileRef = serde_json::from_value(json!({"filename": "invert_00001_.png", "subfolder": "fixture", "type": "output"})).unwrap();
+        let item: FileRef = serde_json::from_value(
+            json!({"filename": "invert_00001_.png", "subfolder": "fixture", "type": "output"}),
+        )
+        .unwrap();
         assert_eq!(item.kind, "output");
-        let up: FileRef = serde_json::from_value(json!({"name": "upload_test.png", "subfolder": "jobs/abc", "type": "input"})).unwrap();
+        let up: FileRef = serde_json::from_value(
+            json!({"name": "upload_test.png", "subfolder": "jobs/abc", "type": "input"}),
+        )
+        .unwrap();
         assert_eq!(up.input_path(), "jobs/abc/upload_test.png");
-        let flat: FileRef = serde_json::from_value(json!({"name": "a (1).png", "subfolder": "", "type": "input"})).unwrap();
+        let flat: FileRef =
+            serde_json::from_value(json!({"name": "a (1).png", "subfolder": "", "type": "input"}))
+                .unwrap();
         assert_eq!(flat.input_path(), "a (1).png");
     }
 

@@ -21,9 +21,16 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 pub enum WsEvent {
     /// A JSON frame `{"type": kind, "data": data}`.
-    Json { kind: String, data: Value },
+    Json {
+        kind: String,
+        data: Value,
+    },
     /// A preview image (binary type 1, or type 4 with its metadata).
-    Preview { prompt_id: Option<String>, image_type: String, image: Bytes },
+    Preview {
+        prompt_id: Option<String>,
+        image_type: String,
+        image: Bytes,
+    },
     /// The socket is (again) connected; anything before may have been missed.
     Connected,
     Disconnected,
@@ -44,7 +51,11 @@ impl WsEvent {
 /// and are broadcast to every socket, so they are of no use to a job: `None`, as for
 /// unknown types.
 pub fn decode_binary(frame: &[u8]) -> Option<WsEvent> {
-    let u32_at = |at: usize| frame.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    let u32_at = |at: usize| {
+        frame
+            .get(at..at + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
     match u32_at(0)? {
         1 => {
             let image_type = match u32_at(4)? {
@@ -62,8 +73,15 @@ pub fn decode_binary(frame: &[u8]) -> Option<WsEvent> {
             let len = u32_at(4)? as usize;
             let meta: Value = serde_json::from_slice(frame.get(8..8 + len)?).ok()?;
             Some(WsEvent::Preview {
-                prompt_id: meta.get("prompt_id").and_then(Value::as_str).map(String::from),
-                image_type: meta.get("image_type").and_then(Value::as_str).unwrap_or("image/png").into(),
+                prompt_id: meta
+                    .get("prompt_id")
+                    .and_then(Value::as_str)
+                    .map(String::from),
+                image_type: meta
+                    .get("image_type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("image/png")
+                    .into(),
                 image: Bytes::copy_from_slice(&frame[8 + len..]),
             })
         }
@@ -106,7 +124,9 @@ impl EventStream {
     /// Waits until the socket is connected, at most `timeout`.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         let mut rx = self.connected.clone();
-        tokio::time::timeout(timeout, rx.wait_for(|c| *c)).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(timeout, rx.wait_for(|c| *c))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
 
@@ -114,7 +134,12 @@ impl EventStream {
 const SILENCE_LIMIT: Duration = Duration::from_secs(30);
 const PING_EVERY: Duration = Duration::from_secs(10);
 
-async fn run_socket(url: String, tx: broadcast::Sender<WsEvent>, connected: watch::Sender<bool>, shutdown: CancellationToken) {
+async fn run_socket(
+    url: String,
+    tx: broadcast::Sender<WsEvent>,
+    connected: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let attempt = tokio::select! {
@@ -202,7 +227,11 @@ mod tests {
         let mut t1 = vec![0, 0, 0, 1, 0, 0, 0, 2];
         t1.extend_from_slice(b"\x89PNGdata");
         match decode_binary(&t1).unwrap() {
-            WsEvent::Preview { prompt_id, image_type, image } => {
+            WsEvent::Preview {
+                prompt_id,
+                image_type,
+                image,
+            } => {
                 assert_eq!((prompt_id, image_type.as_str()), (None, "image/png"));
                 assert_eq!(&image[..4], b"\x89PNG");
             }
@@ -225,7 +254,8 @@ mod tests {
 
     #[test]
     fn text_frames_keep_type_and_data() {
-        let ev = decode_text(r#"{"type": "executing", "data": {"node": null, "prompt_id": "p1"}}"#).unwrap();
+        let ev = decode_text(r#"{"type": "executing", "data": {"node": null, "prompt_id": "p1"}}"#)
+            .unwrap();
         assert_eq!(ev.prompt_id(), Some("p1"));
         assert!(decode_text("not json").is_none());
     }

@@ -75,10 +75,22 @@ pub enum TemplateError {
 }
 
 const BUILT_IN: [(&str, &str); 4] = [
-    ("text_to_image", include_str!("templates/text_to_image.json")),
-    ("image_to_image", include_str!("templates/image_to_image.json")),
-    ("text_to_video", include_str!("templates/text_to_video.json")),
-    ("image_to_video", include_str!("templates/image_to_video.json")),
+    (
+        "text_to_image",
+        include_str!("templates/text_to_image.json"),
+    ),
+    (
+        "image_to_image",
+        include_str!("templates/image_to_image.json"),
+    ),
+    (
+        "text_to_video",
+        include_str!("templates/text_to_video.json"),
+    ),
+    (
+        "image_to_video",
+        include_str!("templates/image_to_video.json"),
+    ),
 ];
 
 impl Template {
@@ -90,19 +102,26 @@ impl Template {
         let t: Template = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
         for (name, binding) in &t.params {
             for target in binding.targets() {
-                let node = t
-                    .workflow
-                    .get(&target.node)
-                    .ok_or_else(|| invalid(format!("params.{name} names node {} which is not in the workflow", target.node)))?;
+                let node = t.workflow.get(&target.node).ok_or_else(|| {
+                    invalid(format!(
+                        "params.{name} names node {} which is not in the workflow",
+                        target.node
+                    ))
+                })?;
                 if node.get("inputs").and_then(Value::as_object).is_none() {
-                    return Err(invalid(format!("node {} has no inputs object", target.node)));
+                    return Err(invalid(format!(
+                        "node {} has no inputs object",
+                        target.node
+                    )));
                 }
             }
         }
         if let Some(anchor) = &t.loras {
             for (node, _) in std::iter::once(&anchor.model).chain(anchor.clip.as_ref()) {
                 if !t.workflow.contains_key(node) {
-                    return Err(invalid(format!("loras names node {node} which is not in the workflow")));
+                    return Err(invalid(format!(
+                        "loras names node {node} which is not in the workflow"
+                    )));
                 }
             }
         }
@@ -121,21 +140,35 @@ impl Templates {
     pub fn load(dir: Option<&Path>) -> Result<Templates, TemplateError> {
         let mut by_name = BTreeMap::new();
         for (name, text) in BUILT_IN {
-            by_name.insert(name.to_string(), Template::parse(&format!("built-in {name}"), text)?);
+            by_name.insert(
+                name.to_string(),
+                Template::parse(&format!("built-in {name}"), text)?,
+            );
         }
         if let Some(dir) = dir {
             let folder = |e: std::io::Error| TemplateError::Folder {
                 path: dir.display().to_string(),
                 message: e.to_string(),
             };
-            let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(folder)?.filter_map(Result::ok).map(|e| e.path()).collect();
+            let mut entries: Vec<_> = std::fs::read_dir(dir)
+                .map_err(folder)?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .collect();
             entries.sort();
             for path in entries {
-                let Some(name) = path.file_stem().and_then(|s| s.to_str()).filter(|_| path.extension().is_some_and(|e| e == "json")) else {
+                let Some(name) = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .filter(|_| path.extension().is_some_and(|e| e == "json"))
+                else {
                     continue;
                 };
                 let shown = path.display().to_string();
-                let text = std::fs::read_to_string(&path).map_err(|e| TemplateError::Invalid { path: shown.clone(), message: e.to_string() })?;
+                let text = std::fs::read_to_string(&path).map_err(|e| TemplateError::Invalid {
+                    path: shown.clone(),
+                    message: e.to_string(),
+                })?;
                 by_name.insert(name.to_string(), Template::parse(&shown, &text)?);
             }
         }
@@ -182,7 +215,11 @@ pub fn fresh_seed() -> u64 {
 fn seed_of(spec: &JobSpec) -> Result<u64, JobError> {
     match spec.params.get("seed") {
         None | Some(Value::Null) => Ok(fresh_seed()),
-        Some(v) => v.as_u64().ok_or_else(|| invalid(format!("params.seed must be a non-negative integer, got {v}"))),
+        Some(v) => v.as_u64().ok_or_else(|| {
+            invalid(format!(
+                "params.seed must be a non-negative integer, got {v}"
+            ))
+        }),
     }
 }
 
@@ -198,7 +235,11 @@ pub fn task_template(task: Task) -> Option<&'static str> {
 }
 
 fn set_input(graph: &mut Map<String, Value>, target: &Target, value: Value) {
-    if let Some(inputs) = graph.get_mut(&target.node).and_then(|n| n.get_mut("inputs")).and_then(Value::as_object_mut) {
+    if let Some(inputs) = graph
+        .get_mut(&target.node)
+        .and_then(|n| n.get_mut("inputs"))
+        .and_then(Value::as_object_mut)
+    {
         inputs.insert(target.input.clone(), value);
     }
 }
@@ -218,30 +259,49 @@ fn degrade_frames(frames: u64, degrade: u8) -> u64 {
 }
 
 /// Builds the graph of a template for a job.
-pub fn from_template(t: &Template, spec: &JobSpec, prefix: &str, inputs: &[Uploaded], degrade: u8) -> Result<Prepared, JobError> {
+pub fn from_template(
+    t: &Template,
+    spec: &JobSpec,
+    prefix: &str,
+    inputs: &[Uploaded],
+    degrade: u8,
+) -> Result<Prepared, JobError> {
     let mut graph = t.workflow.clone();
     let mut seed = None;
     let mut model = None;
     for (name, binding) in &t.params {
-        let value = match name.as_str() {
-            "model" => match &spec.model {
-                Some(m) => Some(Value::from(m.clone())),
-                None => None,
-            },
-            "image" => match inputs.first() {
-                Some(up) => Some(Value::from(up.path.clone())),
-                None => return Err(invalid("job.inputs: this workflow needs an input image (the first input is used)")),
-            },
-            "seed" => {
-                let s = seed_of(spec)?;
-                seed = Some(s);
-                Some(Value::from(s))
-            }
-            "filename_prefix" => Some(spec.params.get(name).cloned().unwrap_or_else(|| Value::from(prefix))),
-            "denoise" => spec.params.get("denoise").or_else(|| spec.params.get("strength")).cloned(),
-            "count" => spec.params.get("count").or_else(|| spec.params.get("batch_size")).cloned(),
-            _ => spec.params.get(name).cloned(),
-        };
+        let value =
+            match name.as_str() {
+                "model" => spec.model.as_ref().map(|m| Value::from(m.clone())),
+                "image" => match inputs.first() {
+                    Some(up) => Some(Value::from(up.path.clone())),
+                    None => return Err(invalid(
+                        "job.inputs: this workflow needs an input image (the first input is used)",
+                    )),
+                },
+                "seed" => {
+                    let s = seed_of(spec)?;
+                    seed = Some(s);
+                    Some(Value::from(s))
+                }
+                "filename_prefix" => Some(
+                    spec.params
+                        .get(name)
+                        .cloned()
+                        .unwrap_or_else(|| Value::from(prefix)),
+                ),
+                "denoise" => spec
+                    .params
+                    .get("denoise")
+                    .or_else(|| spec.params.get("strength"))
+                    .cloned(),
+                "count" => spec
+                    .params
+                    .get("count")
+                    .or_else(|| spec.params.get("batch_size"))
+                    .cloned(),
+                _ => spec.params.get(name).cloned(),
+            };
         let value = value.filter(|v| !v.is_null());
         if let Some(value) = value {
             for target in binding.targets() {
@@ -249,7 +309,12 @@ pub fn from_template(t: &Template, spec: &JobSpec, prefix: &str, inputs: &[Uploa
             }
         }
         if name == "model" {
-            model = binding.targets().first().and_then(|tg| get_input(&graph, tg)).and_then(Value::as_str).map(String::from);
+            model = binding
+                .targets()
+                .first()
+                .and_then(|tg| get_input(&graph, tg))
+                .and_then(Value::as_str)
+                .map(String::from);
             if model.as_deref().is_none_or(str::is_empty) {
                 return Err(invalid("job.model is required: name the model file to load (see the worker's inventory)"));
             }
@@ -257,38 +322,58 @@ pub fn from_template(t: &Template, spec: &JobSpec, prefix: &str, inputs: &[Uploa
         if degrade > 0 && matches!(name.as_str(), "width" | "height" | "frames") {
             for target in binding.targets() {
                 if let Some(n) = get_input(&graph, target).and_then(Value::as_u64) {
-                    let lowered = if name == "frames" { degrade_frames(n, degrade) } else { degrade_side(n, degrade) };
+                    let lowered = if name == "frames" {
+                        degrade_frames(n, degrade)
+                    } else {
+                        degrade_side(n, degrade)
+                    };
                     set_input(&mut graph, target, Value::from(lowered));
                 }
             }
         }
     }
-    let known = |k: &str| t.params.contains_key(k) || matches!(k, "overrides" | "strength" | "batch_size");
+    let known =
+        |k: &str| t.params.contains_key(k) || matches!(k, "overrides" | "strength" | "batch_size");
     let ignored = spec.params.keys().filter(|k| !known(k)).cloned().collect();
     apply_overrides(&mut graph, spec)?;
     if let Some(anchor) = &t.loras {
         chain_loras(&mut graph, anchor, spec)?;
     } else if !spec.loras.is_empty() {
-        return Err(invalid("job.loras: this template does not say where LoRAs go (no `loras` anchor)"));
+        return Err(invalid(
+            "job.loras: this template does not say where LoRAs go (no `loras` anchor)",
+        ));
     }
     substitute_inputs(&mut graph, inputs);
-    Ok(Prepared { graph, seed, model, ignored })
+    Ok(Prepared {
+        graph,
+        seed,
+        model,
+        ignored,
+    })
 }
 
 /// Inputs that carry a seed in stock and common custom nodes.
 const SEED_INPUTS: [&str; 2] = ["seed", "noise_seed"];
 /// Inputs that name the main model in stock loaders.
-const MODEL_INPUTS: [(&str, &str); 2] = [("CheckpointLoaderSimple", "ckpt_name"), ("UNETLoader", "unet_name")];
+const MODEL_INPUTS: [(&str, &str); 2] = [
+    ("CheckpointLoaderSimple", "ckpt_name"),
+    ("UNETLoader", "unet_name"),
+];
 
 /// Prepares a raw API-format graph: overrides, the job's model and seed, LoRAs
 /// after the first model loader, and input file names.
-pub fn from_raw(workflow: &Value, spec: &JobSpec, inputs: &[Uploaded]) -> Result<Prepared, JobError> {
-    let mut graph = workflow
-        .as_object()
-        .cloned()
-        .ok_or_else(|| invalid("job.workflow must be an API-format graph (a map of node id to node)"))?;
+pub fn from_raw(
+    workflow: &Value,
+    spec: &JobSpec,
+    inputs: &[Uploaded],
+) -> Result<Prepared, JobError> {
+    let mut graph = workflow.as_object().cloned().ok_or_else(|| {
+        invalid("job.workflow must be an API-format graph (a map of node id to node)")
+    })?;
     for (id, node) in &graph {
-        if !node.get("inputs").is_some_and(Value::is_object) || !node.get("class_type").is_some_and(Value::is_string) {
+        if !node.get("inputs").is_some_and(Value::is_object)
+            || !node.get("class_type").is_some_and(Value::is_string)
+        {
             return Err(invalid(format!("job.workflow node {id} needs a class_type and an inputs object (API format, not the UI's workflow format)")));
         }
     }
@@ -314,9 +399,15 @@ pub fn from_raw(workflow: &Value, spec: &JobSpec, inputs: &[Uploaded]) -> Result
                 inputs_map.insert((*input).into(), Value::from(m.clone()));
             }
             if model.is_none() {
-                model = inputs_map.get(*input).and_then(Value::as_str).map(String::from);
+                model = inputs_map
+                    .get(*input)
+                    .and_then(Value::as_str)
+                    .map(String::from);
                 let clip = (class == "CheckpointLoaderSimple").then(|| (id.clone(), 1));
-                anchor = Some(LoraAnchor { model: (id.clone(), 0), clip });
+                anchor = Some(LoraAnchor {
+                    model: (id.clone(), 0),
+                    clip,
+                });
             }
         }
     }
@@ -329,7 +420,12 @@ pub fn from_raw(workflow: &Value, spec: &JobSpec, inputs: &[Uploaded]) -> Result
         graph,
         seed: seeded.then_some(seed),
         model,
-        ignored: spec.params.keys().filter(|k| !matches!(k.as_str(), "overrides" | "seed")).cloned().collect(),
+        ignored: spec
+            .params
+            .keys()
+            .filter(|k| !matches!(k.as_str(), "overrides" | "seed"))
+            .cloned()
+            .collect(),
     })
 }
 
@@ -342,14 +438,20 @@ fn apply_overrides(graph: &mut Map<String, Value>, spec: &JobSpec) -> Result<(),
         .as_object()
         .ok_or_else(|| invalid("params.overrides must be a map of node id to {input: value}"))?;
     for (node, values) in overrides {
-        let values = values
-            .as_object()
-            .ok_or_else(|| invalid(format!("params.overrides.{node} must be a map of input name to value")))?;
+        let values = values.as_object().ok_or_else(|| {
+            invalid(format!(
+                "params.overrides.{node} must be a map of input name to value"
+            ))
+        })?;
         let inputs = graph
             .get_mut(node)
             .and_then(|n| n.get_mut("inputs"))
             .and_then(Value::as_object_mut)
-            .ok_or_else(|| invalid(format!("params.overrides: node {node} is not in the workflow")))?;
+            .ok_or_else(|| {
+                invalid(format!(
+                    "params.overrides: node {node} is not in the workflow"
+                ))
+            })?;
         for (k, v) in values {
             inputs.insert(k.clone(), v.clone());
         }
@@ -359,21 +461,29 @@ fn apply_overrides(graph: &mut Map<String, Value>, spec: &JobSpec) -> Result<(),
 
 /// Inserts one LoRA loader per job LoRA after `anchor`, and points every former
 /// consumer of the anchor's outputs at the end of the chain.
-fn chain_loras(graph: &mut Map<String, Value>, anchor: &LoraAnchor, spec: &JobSpec) -> Result<(), JobError> {
+fn chain_loras(
+    graph: &mut Map<String, Value>,
+    anchor: &LoraAnchor,
+    spec: &JobSpec,
+) -> Result<(), JobError> {
     if spec.loras.is_empty() {
         return Ok(());
     }
     let link = |(node, slot): &(String, u32)| json!([node, slot]);
     let (model_anchor, clip_anchor) = (link(&anchor.model), anchor.clip.as_ref().map(link));
-    let mut next_id = graph.keys().filter_map(|k| k.parse::<u64>().ok()).max().unwrap_or(0) + 1;
+    let first_id = graph
+        .keys()
+        .filter_map(|k| k.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+        + 1;
     let (mut model_out, mut clip_out) = (model_anchor.clone(), clip_anchor.clone());
     let mut added = Vec::new();
     for (i, lora) in spec.loras.iter().enumerate() {
         if lora.name.is_empty() {
             return Err(invalid(format!("job.loras[{i}].name must not be empty")));
         }
-        let id = next_id.to_string();
-        next_id += 1;
+        let id = (first_id + i as u64).to_string();
         let node = match &clip_out {
             Some(clip) => json!({"class_type": "LoraLoader", "inputs": {
                 "model": model_out, "clip": clip, "lora_name": lora.name,
@@ -388,7 +498,9 @@ fn chain_loras(graph: &mut Map<String, Value>, anchor: &LoraAnchor, spec: &JobSp
         added.push((id, node));
     }
     for node in graph.values_mut() {
-        let Some(inputs) = node.get_mut("inputs").and_then(Value::as_object_mut) else { continue };
+        let Some(inputs) = node.get_mut("inputs").and_then(Value::as_object_mut) else {
+            continue;
+        };
         for v in inputs.values_mut() {
             if *v == model_anchor {
                 *v = model_out.clone();
@@ -408,7 +520,9 @@ fn substitute_inputs(graph: &mut Map<String, Value>, inputs: &[Uploaded]) {
         return;
     }
     for node in graph.values_mut() {
-        let Some(map) = node.get_mut("inputs").and_then(Value::as_object_mut) else { continue };
+        let Some(map) = node.get_mut("inputs").and_then(Value::as_object_mut) else {
+            continue;
+        };
         for v in map.values_mut() {
             let Some(s) = v.as_str() else { continue };
             let last = s.rsplit('/').next().unwrap_or(s);
@@ -436,18 +550,46 @@ mod tests {
     #[test]
     fn built_in_templates_load_and_bind_parameters() {
         let templates = Templates::load(None).unwrap();
-        assert_eq!(templates.names().collect::<Vec<_>>(), ["image_to_image", "image_to_video", "text_to_image", "text_to_video"]);
-        let p = from_template(templates.get("text_to_image").unwrap(), &t2i(), "kiln/job7", &[], 0).unwrap();
+        assert_eq!(
+            templates.names().collect::<Vec<_>>(),
+            [
+                "image_to_image",
+                "image_to_video",
+                "text_to_image",
+                "text_to_video"
+            ]
+        );
+        let p = from_template(
+            templates.get("text_to_image").unwrap(),
+            &t2i(),
+            "kiln/job7",
+            &[],
+            0,
+        )
+        .unwrap();
         assert_eq!(p.graph["1"]["inputs"]["ckpt_name"], "sdxl.safetensors");
         assert_eq!(p.graph["2"]["inputs"]["text"], "a kiln");
         assert_eq!(p.graph["4"]["inputs"]["width"], 768);
-        assert_eq!(p.graph["4"]["inputs"]["height"], 1024, "template default kept");
+        assert_eq!(
+            p.graph["4"]["inputs"]["height"], 1024,
+            "template default kept"
+        );
         assert_eq!(p.graph["5"]["inputs"]["seed"], 42);
         assert_eq!(p.graph["7"]["inputs"]["filename_prefix"], "kiln/job7");
-        assert_eq!((p.seed, p.model.as_deref()), (Some(42), Some("sdxl.safetensors")));
+        assert_eq!(
+            (p.seed, p.model.as_deref()),
+            (Some(42), Some("sdxl.safetensors"))
+        );
         // Degraded twice: a quarter of each side.
-        let p = from_template(templates.get("text_to_image").unwrap(), &t2i(), "k", &[], 2).unwrap();
-        assert_eq!((p.graph["4"]["inputs"]["width"].as_u64(), p.graph["4"]["inputs"]["height"].as_u64()), (Some(192), Some(256)));
+        let p =
+            from_template(templates.get("text_to_image").unwrap(), &t2i(), "k", &[], 2).unwrap();
+        assert_eq!(
+            (
+                p.graph["4"]["inputs"]["width"].as_u64(),
+                p.graph["4"]["inputs"]["height"].as_u64()
+            ),
+            (Some(192), Some(256))
+        );
     }
 
     #[test]
@@ -455,9 +597,17 @@ mod tests {
         let templates = Templates::load(None).unwrap();
         let mut spec = t2i();
         spec.model = None;
-        let err = from_template(templates.get("text_to_image").unwrap(), &spec, "k", &[], 0).unwrap_err();
+        let err =
+            from_template(templates.get("text_to_image").unwrap(), &spec, "k", &[], 0).unwrap_err();
         assert!(err.message.contains("job.model"), "{}", err.message);
-        let err = from_template(templates.get("image_to_video").unwrap(), &t2i(), "k", &[], 0).unwrap_err();
+        let err = from_template(
+            templates.get("image_to_video").unwrap(),
+            &t2i(),
+            "k",
+            &[],
+            0,
+        )
+        .unwrap_err();
         assert!(err.message.contains("job.inputs"), "{}", err.message);
     }
 
@@ -476,17 +626,33 @@ mod tests {
     fn loras_chain_after_the_loader_and_consumers_are_rewired() {
         let templates = Templates::load(None).unwrap();
         let mut spec = t2i();
-        spec.loras = vec![LoraRef { name: "a.safetensors".into(), strength: 0.5 }, LoraRef { name: "b.safetensors".into(), strength: 1.0 }];
+        spec.loras = vec![
+            LoraRef {
+                name: "a.safetensors".into(),
+                strength: 0.5,
+            },
+            LoraRef {
+                name: "b.safetensors".into(),
+                strength: 1.0,
+            },
+        ];
         let p = from_template(templates.get("text_to_image").unwrap(), &spec, "k", &[], 0).unwrap();
         assert_eq!(p.graph["8"]["inputs"]["model"], json!(["1", 0]));
         assert_eq!(p.graph["9"]["inputs"]["model"], json!(["8", 0]));
         assert_eq!(p.graph["9"]["inputs"]["clip"], json!(["8", 1]));
-        assert_eq!(p.graph["5"]["inputs"]["model"], json!(["9", 0]), "the sampler uses the last LoRA");
+        assert_eq!(
+            p.graph["5"]["inputs"]["model"],
+            json!(["9", 0]),
+            "the sampler uses the last LoRA"
+        );
         assert_eq!(p.graph["2"]["inputs"]["clip"], json!(["9", 1]));
         // Wan: model-only LoRAs.
         let mut spec = JobSpec::new(Backend::Comfyui, Task::TextToVideo).param("prompt", "waves");
         spec.model = Some("wan.safetensors".into());
-        spec.loras = vec![LoraRef { name: "motion.safetensors".into(), strength: 0.8 }];
+        spec.loras = vec![LoraRef {
+            name: "motion.safetensors".into(),
+            strength: 0.8,
+        }];
         let p = from_template(templates.get("text_to_video").unwrap(), &spec, "k", &[], 0).unwrap();
         assert_eq!(p.graph["12"]["class_type"], "LoraLoaderModelOnly");
         assert_eq!(p.graph["4"]["inputs"]["model"], json!(["12", 0]));
@@ -499,14 +665,22 @@ mod tests {
             "2": {"class_type": "KSampler", "inputs": {"seed": 5, "steps": 20}},
             "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
         });
-        let spec = JobSpec::new(Backend::Comfyui, Task::Workflow).param("overrides", json!({"2": {"steps": 4}}));
-        let up = [Uploaded { name: "upload_test.png".into(), path: "kiln/upload_test (1).png".into() }];
+        let spec = JobSpec::new(Backend::Comfyui, Task::Workflow)
+            .param("overrides", json!({"2": {"steps": 4}}));
+        let up = [Uploaded {
+            name: "upload_test.png".into(),
+            path: "kiln/upload_test (1).png".into(),
+        }];
         let p = from_raw(&wf, &spec, &up).unwrap();
         assert_eq!(p.graph["1"]["inputs"]["image"], "kiln/upload_test (1).png");
         assert_eq!(p.graph["2"]["inputs"]["steps"], 4);
         assert_eq!(p.graph["2"]["inputs"]["seed"].as_u64(), p.seed);
-        let bad = JobSpec::new(Backend::Comfyui, Task::Workflow).param("overrides", json!({"9": {"x": 1}}));
-        assert!(from_raw(&wf, &bad, &[]).unwrap_err().message.contains("node 9"));
+        let bad = JobSpec::new(Backend::Comfyui, Task::Workflow)
+            .param("overrides", json!({"9": {"x": 1}}));
+        assert!(from_raw(&wf, &bad, &[])
+            .unwrap_err()
+            .message
+            .contains("node 9"));
         let ui_format = json!({"nodes": [], "links": []});
         assert!(from_raw(&ui_format, &spec, &[]).is_err());
     }
@@ -521,8 +695,15 @@ mod tests {
         .unwrap();
         let t = Templates::load(Some(dir.path())).unwrap();
         assert!(t.get("invert").is_some() && t.get("text_to_image").is_some());
-        std::fs::write(dir.path().join("broken.json"), r#"{"workflow": {}, "params": {"x": {"node": "9", "input": "y"}}}"#).unwrap();
+        std::fs::write(
+            dir.path().join("broken.json"),
+            r#"{"workflow": {}, "params": {"x": {"node": "9", "input": "y"}}}"#,
+        )
+        .unwrap();
         let err = Templates::load(Some(dir.path())).unwrap_err().to_string();
-        assert!(err.contains("broken.json") && err.contains("params.x names node 9"), "{err}");
+        assert!(
+            err.contains("broken.json") && err.contains("params.x names node 9"),
+            "{err}"
+        );
     }
 }

@@ -28,7 +28,9 @@ pub fn verdict(entry: &Value) -> Verdict {
     let last = status["messages"].as_array().and_then(|m| m.last());
     match last.and_then(|m| m.get(0)).and_then(Value::as_str) {
         Some("execution_success") => Verdict::Success,
-        Some("execution_error") => Verdict::Error(last.and_then(|m| m.get(1)).cloned().unwrap_or(Value::Null)),
+        Some("execution_error") => {
+            Verdict::Error(last.and_then(|m| m.get(1)).cloned().unwrap_or(Value::Null))
+        }
         Some("execution_interrupted") => Verdict::Interrupted,
         _ => match status["status_str"].as_str() {
             Some("success") => Verdict::Success,
@@ -41,7 +43,12 @@ pub fn verdict(entry: &Value) -> Verdict {
 /// exception, and whether it was the GPU running out of memory.
 pub fn runtime_failure(payload: &Value) -> JobError {
     let text = |k: &str| payload.get(k).and_then(Value::as_str).unwrap_or("").trim();
-    let (node, class, exc, msg) = (text("node_id"), text("node_type"), text("exception_type"), text("exception_message"));
+    let (node, class, exc, msg) = (
+        text("node_id"),
+        text("node_type"),
+        text("exception_type"),
+        text("exception_message"),
+    );
     let oom = exc.contains("OutOfMemory") || msg.to_ascii_lowercase().contains("out of memory");
     let message = format!("ComfyUI node {node} ({class}) failed: {exc}: {msg}");
     if oom {
@@ -66,7 +73,10 @@ fn node_order(id: &str) -> (u64, String) {
 }
 
 pub fn produced(outputs: &Value) -> Produced {
-    let mut nodes: Vec<(&String, &Value)> = outputs.as_object().map(|m| m.iter().collect()).unwrap_or_default();
+    let mut nodes: Vec<(&String, &Value)> = outputs
+        .as_object()
+        .map(|m| m.iter().collect())
+        .unwrap_or_default();
     nodes.sort_by_key(|(id, _)| node_order(id));
     let mut saved = Vec::new();
     let mut temp = Vec::new();
@@ -97,7 +107,10 @@ pub fn produced(outputs: &Value) -> Produced {
 
 /// A media type from a file name, for servers that answer `application/octet-stream`.
 pub fn media_type_of(name: &str) -> &'static str {
-    let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
     match ext.as_str() {
         "png" => "image/png",
         "jpg" | "jpeg" => "image/jpeg",
@@ -123,17 +136,31 @@ mod tests {
     use super::*;
 
     fn entry(name: &str) -> Value {
-        let path = format!("{}/../tests/fixtures/comfyui/traces/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/../tests/fixtures/comfyui/traces/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         v.as_object().unwrap().values().next().unwrap().clone()
     }
 
     #[test]
     fn verdicts_come_from_the_last_message() {
-        assert_eq!(verdict(&entry("history_01_empty_invert_save.json")), Verdict::Success);
-        assert_eq!(verdict(&entry("history_08_cancel_job_api.json")), Verdict::Interrupted);
-        assert_eq!(verdict(&entry("history_08_interrupt_prompt.json")), Verdict::Interrupted);
-        let Verdict::Error(payload) = verdict(&entry("history_07_runtime_error.json")) else { panic!() };
+        assert_eq!(
+            verdict(&entry("history_01_empty_invert_save.json")),
+            Verdict::Success
+        );
+        assert_eq!(
+            verdict(&entry("history_08_cancel_job_api.json")),
+            Verdict::Interrupted
+        );
+        assert_eq!(
+            verdict(&entry("history_08_interrupt_prompt.json")),
+            Verdict::Interrupted
+        );
+        let Verdict::Error(payload) = verdict(&entry("history_07_runtime_error.json")) else {
+            panic!()
+        };
         let err = runtime_failure(&payload);
         assert_eq!(err.kind, FailureKind::Backend);
         assert!(err.message.starts_with("ComfyUI node 1 (LoadImage) failed: PIL.UnidentifiedImageError: cannot identify image file"), "{}", err.message);
@@ -142,7 +169,11 @@ mod tests {
     #[test]
     fn every_output_kind_is_found() {
         let video = produced(&entry("history_06_video_mp4_webp.json")["outputs"]);
-        let names: Vec<&str> = video.files.iter().map(|(_, f)| f.filename.as_str()).collect();
+        let names: Vec<&str> = video
+            .files
+            .iter()
+            .map(|(_, f)| f.filename.as_str())
+            .collect();
         assert_eq!(names, ["video_00001_.mp4", "anim_00001_.webp"]);
         let audio = produced(&entry("history_09_audio_roundtrip.json")["outputs"]);
         assert_eq!(audio.files[0].1.filename, "audio_00001.flac");

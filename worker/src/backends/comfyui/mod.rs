@@ -78,7 +78,11 @@ fn unreachable_failure(e: &ApiError) -> RunError {
 
 impl ComfyUiBackend {
     /// `worker_id` names the WebSocket client; `gpu_index` pins a managed server.
-    pub fn new(cfg: ComfyUiConfig, gpu_index: u32, worker_id: &str) -> Result<ComfyUiBackend, TemplateError> {
+    pub fn new(
+        cfg: ComfyUiConfig,
+        gpu_index: u32,
+        worker_id: &str,
+    ) -> Result<ComfyUiBackend, TemplateError> {
         let templates = Templates::load(cfg.templates_dir.as_deref())?;
         let base = match cfg.mode {
             ComfyUiMode::Attach => cfg.url.clone(),
@@ -115,9 +119,17 @@ impl ComfyUiBackend {
                     restart_max: Duration::from_secs(self.cfg.restart_max_s),
                 };
                 let port = managed_port(&self.cfg, self.gpu_index);
-                Supervisor::spawn(Launch::from_config(&self.cfg, self.gpu_index, port), self.api.clone(), timing, self.gpu_index)
+                Supervisor::spawn(
+                    Launch::from_config(&self.cfg, self.gpu_index, port),
+                    self.api.clone(),
+                    timing,
+                    self.gpu_index,
+                )
             });
-            let events = EventStream::spawn(self.api.ws_url(&self.client_id), self.shutdown.child_token());
+            let events = EventStream::spawn(
+                self.api.ws_url(&self.client_id),
+                self.shutdown.child_token(),
+            );
             Running { events, supervisor }
         })
     }
@@ -135,18 +147,34 @@ impl ComfyUiBackend {
 
     /// Waits until the server answers and the WebSocket is up, as long as
     /// `unreachable_timeout_s` allows (a managed server may be restarting).
-    async fn wait_ready(&self, cancel: &CancellationToken, progress: &ProgressSink) -> Result<(), RunError> {
+    async fn wait_ready(
+        &self,
+        cancel: &CancellationToken,
+        progress: &ProgressSink,
+    ) -> Result<(), RunError> {
         let running = self.running();
         let deadline = Instant::now() + Duration::from_secs(self.cfg.unreachable_timeout_s);
         let mut said = false;
         loop {
             let http = self.api.system_stats().await;
-            if http.is_ok() && running.events.wait_connected(Duration::from_millis(500)).await {
+            if http.is_ok()
+                && running
+                    .events
+                    .wait_connected(Duration::from_millis(500))
+                    .await
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let why = http.err().map_or_else(|| "its WebSocket does not connect".to_string(), |e| e.to_string());
-                return Err(failed(FailureKind::Backend, format!("ComfyUI is not available: {why}"), true));
+                let why = http.err().map_or_else(
+                    || "its WebSocket does not connect".to_string(),
+                    |e| e.to_string(),
+                );
+                return Err(failed(
+                    FailureKind::Backend,
+                    format!("ComfyUI is not available: {why}"),
+                    true,
+                ));
             }
             if !said {
                 progress.stage(0.0, "waiting for ComfyUI");
@@ -180,35 +208,75 @@ impl ComfyUiBackend {
         let spec = &job.spec;
         let prefix = format!("kiln/job{}-{}", job.job_id, job.attempt);
         if let Some(workflow) = &spec.workflow {
-            return Ok(("workflow".into(), graph::from_raw(workflow, spec, uploaded)?));
+            return Ok((
+                "workflow".into(),
+                graph::from_raw(workflow, spec, uploaded)?,
+            ));
         }
         let name = match (&spec.template, graph::task_template(spec.task)) {
             (Some(t), _) => t.clone(),
             (None, Some(t)) => t.to_string(),
-            (None, None) => return Err(failed(FailureKind::InvalidInput, "task `workflow` needs a `workflow` graph or a `template` name", false)),
+            (None, None) => {
+                return Err(failed(
+                    FailureKind::InvalidInput,
+                    "task `workflow` needs a `workflow` graph or a `template` name",
+                    false,
+                ))
+            }
         };
         let template = self.templates.get(&name).ok_or_else(|| {
             let names: Vec<&str> = self.templates.names().collect();
-            failed(FailureKind::InvalidInput, format!("job.template: no template {name:?} on this worker; installed: {}", names.join(", ")), false)
+            failed(
+                FailureKind::InvalidInput,
+                format!(
+                    "job.template: no template {name:?} on this worker; installed: {}",
+                    names.join(", ")
+                ),
+                false,
+            )
         })?;
-        Ok((name, graph::from_template(template, spec, &prefix, uploaded, job.degrade)?))
+        Ok((
+            name,
+            graph::from_template(template, spec, &prefix, uploaded, job.degrade)?,
+        ))
     }
 
     /// Checks the graph against `/object_info`, re-reading it once when a value
     /// is missing from a list or a class is unknown (new uploads, new models).
-    async fn validate(&self, graph: &Map<String, Value>) -> Result<Arc<Map<String, Value>>, RunError> {
-        let mut info = self.object_info(false).await.map_err(|e| unreachable_failure(&e))?;
+    async fn validate(
+        &self,
+        graph: &Map<String, Value>,
+    ) -> Result<Arc<Map<String, Value>>, RunError> {
+        let mut info = self
+            .object_info(false)
+            .await
+            .map_err(|e| unreachable_failure(&e))?;
         let mut problems = validate::check(graph, &info);
-        let stale = problems.iter().any(|p| matches!(p.kind, validate::ProblemKind::NotInList | validate::ProblemKind::UnknownClass));
+        let stale = problems.iter().any(|p| {
+            matches!(
+                p.kind,
+                validate::ProblemKind::NotInList | validate::ProblemKind::UnknownClass
+            )
+        });
         if stale {
-            info = self.object_info(true).await.map_err(|e| unreachable_failure(&e))?;
+            info = self
+                .object_info(true)
+                .await
+                .map_err(|e| unreachable_failure(&e))?;
             problems = validate::check(graph, &info);
         }
         if problems.is_empty() {
             return Ok(info);
         }
         let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        Err(failed(FailureKind::InvalidInput, format!("the workflow does not fit this ComfyUI: {}", text.join("; ")), false))
+        Err(failed(
+            FailureKind::InvalidInput,
+            format!(
+                "the workflow does not fit this ComfyUI: {}",
+                text.join("; ")
+            ),
+            false,
+        ))
     }
 
     /// Follows `prompt_id` until it is over; returns its history entry.
@@ -265,7 +333,11 @@ impl ComfyUiBackend {
                 Err(e) if e.is_unreachable() => {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
                     if since.elapsed() > Duration::from_secs(self.cfg.unreachable_timeout_s) {
-                        return Err(failed(FailureKind::Backend, format!("lost ComfyUI during the job: {e}"), true));
+                        return Err(failed(
+                            FailureKind::Backend,
+                            format!("lost ComfyUI during the job: {e}"),
+                            true,
+                        ));
                     }
                 }
                 Err(e) => tracing::warn!(prompt_id, error = %e, "reconciling the prompt failed"),
@@ -287,16 +359,27 @@ impl ComfyUiBackend {
 
     /// API.md §11: the jobs API cancel when the server has it, else delete from
     /// the queue and interrupt by prompt id; then wait for ComfyUI to confirm.
-    async fn cancel_prompt(&self, prompt_id: &str, rx: &mut broadcast::Receiver<WsEvent>) -> RunError {
+    async fn cancel_prompt(
+        &self,
+        prompt_id: &str,
+        rx: &mut broadcast::Receiver<WsEvent>,
+    ) -> RunError {
         match self.api.cancel_job(prompt_id).await {
-            Ok(Some(cancelled)) => tracing::info!(prompt_id, cancelled, "cancelled through the jobs API"),
+            Ok(Some(cancelled)) => {
+                tracing::info!(prompt_id, cancelled, "cancelled through the jobs API")
+            }
             other => {
                 if let Err(e) = other {
                     tracing::debug!(prompt_id, error = %e, "jobs API cancel failed; falling back");
                 }
                 let deleted = self.api.delete_pending(prompt_id).await;
                 let interrupted = self.api.interrupt(prompt_id).await;
-                tracing::info!(prompt_id, deleted = deleted.is_ok(), interrupted = interrupted.is_ok(), "cancelled with /queue delete and /interrupt");
+                tracing::info!(
+                    prompt_id,
+                    deleted = deleted.is_ok(),
+                    interrupted = interrupted.is_ok(),
+                    "cancelled with /queue delete and /interrupt"
+                );
             }
         }
         let confirm = async {
@@ -319,21 +402,40 @@ impl ComfyUiBackend {
                 }
             }
         };
-        if tokio::time::timeout(Duration::from_secs(self.cfg.cancel_timeout_s), confirm).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(self.cfg.cancel_timeout_s), confirm)
+            .await
+            .is_err()
+        {
             tracing::warn!(prompt_id, "ComfyUI did not confirm the cancel in time");
         }
         RunError::Cancelled
     }
 
-    async fn download(&self, job: &JobRun, entry: &Value, progress: &ProgressSink) -> Result<Vec<OutputFile>, RunError> {
+    async fn download(
+        &self,
+        job: &JobRun,
+        entry: &Value,
+        progress: &ProgressSink,
+    ) -> Result<Vec<OutputFile>, RunError> {
         let produced = history::produced(&entry["outputs"]);
         let total = produced.files.len() as u32;
         let mut outputs = Vec::new();
         for (i, (node, file)) in produced.files.iter().enumerate() {
-            progress.step(i as u32, total, progress::RUN_SHARE, 100.0, format!("downloading {}", file.filename));
-            let name = safe_file_name(&file.filename).map_or_else(|| format!("{node}_output_{i}"), String::from);
+            progress.step(
+                i as u32,
+                total,
+                progress::RUN_SHARE,
+                100.0,
+                format!("downloading {}", file.filename),
+            );
+            let name = safe_file_name(&file.filename)
+                .map_or_else(|| format!("{node}_output_{i}"), String::from);
             let dest = job.work_dir.join(format!("{i}_{name}"));
-            let served = self.api.download(file, &dest).await.map_err(|e| unreachable_failure(&e))?;
+            let served = self
+                .api
+                .download(file, &dest)
+                .await
+                .map_err(|e| unreachable_failure(&e))?;
             let media_type = served
                 .filter(|t| t != "application/octet-stream" && !t.is_empty())
                 .unwrap_or_else(|| history::media_type_of(&file.filename).to_string());
@@ -378,7 +480,10 @@ pub fn rejection_message(body: &Value) -> String {
     let mut parts = Vec::new();
     let err = &body["error"];
     if let Some(kind) = err.get("type").and_then(Value::as_str) {
-        let details = err.get("details").and_then(Value::as_str).filter(|d| !d.is_empty());
+        let details = err
+            .get("details")
+            .and_then(Value::as_str)
+            .filter(|d| !d.is_empty());
         let message = err.get("message").and_then(Value::as_str).unwrap_or("");
         parts.push(match details {
             Some(d) => format!("{kind}: {message} ({d})"),
@@ -387,11 +492,23 @@ pub fn rejection_message(body: &Value) -> String {
     }
     let nodes: BTreeMap<(u64, String), &Value> = body["node_errors"]
         .as_object()
-        .map(|m| m.iter().map(|(k, v)| ((k.parse().unwrap_or(u64::MAX), k.clone()), v)).collect())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| ((k.parse().unwrap_or(u64::MAX), k.clone()), v))
+                .collect()
+        })
         .unwrap_or_default();
     for ((_, id), node) in nodes {
-        let class = node.get("class_type").and_then(Value::as_str).unwrap_or("?");
-        for e in node.get("errors").and_then(Value::as_array).into_iter().flatten() {
+        let class = node
+            .get("class_type")
+            .and_then(Value::as_str)
+            .unwrap_or("?");
+        for e in node
+            .get("errors")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let kind = e.get("type").and_then(Value::as_str).unwrap_or("error");
             let message = e.get("message").and_then(Value::as_str).unwrap_or("");
             let details = e.get("details").and_then(Value::as_str).unwrap_or("");
@@ -414,7 +531,10 @@ impl Backend for ComfyUiBackend {
         let mut models = Vec::new();
         for folder in &self.cfg.model_folders {
             match self.api.models_in(folder).await {
-                Ok(Some(names)) => models.extend(names.into_iter().map(|name| ModelEntry { name, kind: folder.clone() })),
+                Ok(Some(names)) => models.extend(names.into_iter().map(|name| ModelEntry {
+                    name,
+                    kind: folder.clone(),
+                })),
                 Ok(None) => {}
                 Err(e) => tracing::debug!(folder, error = %e, "cannot list a model folder"),
             }
@@ -432,7 +552,9 @@ impl Backend for ComfyUiBackend {
             match sup.state() {
                 ProcState::Ready => {}
                 ProcState::Starting => return Health::down("managed ComfyUI is starting"),
-                ProcState::Down(why) => return Health::down(format!("managed ComfyUI is down ({why}); restarting")),
+                ProcState::Down(why) => {
+                    return Health::down(format!("managed ComfyUI is down ({why}); restarting"))
+                }
                 ProcState::Stopped => return Health::down("managed ComfyUI is stopped"),
             }
         }
@@ -440,7 +562,10 @@ impl Backend for ComfyUiBackend {
             return Health::down(e.to_string());
         }
         if !running.events.wait_connected(Duration::from_secs(2)).await {
-            return Health::down(format!("ComfyUI at {} answers HTTP but its WebSocket does not connect", self.api.base()));
+            return Health::down(format!(
+                "ComfyUI at {} answers HTTP but its WebSocket does not connect",
+                self.api.base()
+            ));
         }
         Health::ok()
     }
@@ -452,10 +577,18 @@ impl Backend for ComfyUiBackend {
     async fn gpu_hint(&self) -> Option<GpuInfo> {
         let stats = self.api.system_stats().await.ok()?;
         let dev = stats.get("devices")?.get(0)?;
-        let mb = |k: &str| dev.get(k).and_then(Value::as_u64).map(|b| b / (1024 * 1024));
+        let mb = |k: &str| {
+            dev.get(k)
+                .and_then(Value::as_u64)
+                .map(|b| b / (1024 * 1024))
+        };
         Some(GpuInfo {
             index: self.gpu_index,
-            name: dev.get("name").and_then(Value::as_str).unwrap_or("ComfyUI device").to_string(),
+            name: dev
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("ComfyUI device")
+                .to_string(),
             total_vram_mb: mb("vram_total")?,
             free_vram_mb: mb("vram_free")?,
             unified_memory: dev.get("type").and_then(Value::as_str) == Some("cpu"),
@@ -463,7 +596,12 @@ impl Backend for ComfyUiBackend {
         })
     }
 
-    async fn run(&self, job: JobRun, progress: ProgressSink, cancel: CancellationToken) -> Result<RunOutput, RunError> {
+    async fn run(
+        &self,
+        job: JobRun,
+        progress: ProgressSink,
+        cancel: CancellationToken,
+    ) -> Result<RunOutput, RunError> {
         let started = Instant::now();
         self.wait_ready(&cancel, &progress).await?;
         progress.stage(0.0, "preparing the workflow");
@@ -477,7 +615,8 @@ impl Backend for ComfyUiBackend {
             return Err(RunError::Cancelled);
         }
         let graph = Value::Object(prepared.graph.clone());
-        let mut tracker = progress::Tracker::new(&graph, validate::nodes_to_run(&prepared.graph, &info));
+        let mut tracker =
+            progress::Tracker::new(&graph, validate::nodes_to_run(&prepared.graph, &info));
         // Subscribe before posting: events can arrive before the HTTP answer.
         let mut rx = self.running().events.subscribe();
         let prompt_id = uuid::Uuid::new_v4().hyphenated().to_string();
@@ -486,28 +625,58 @@ impl Backend for ComfyUiBackend {
                 // Partly accepted: the rest would run without the failing outputs.
                 let _ = self.cancel_prompt(&prompt_id, &mut rx).await;
                 let body = json!({"node_errors": node_errors});
-                return Err(failed(FailureKind::InvalidInput, rejection_message(&body), false));
+                return Err(failed(
+                    FailureKind::InvalidInput,
+                    rejection_message(&body),
+                    false,
+                ));
             }
             Ok(Submitted::Queued { .. }) => {}
-            Ok(Submitted::Rejected(body)) => return Err(failed(FailureKind::InvalidInput, rejection_message(&body), false)),
+            Ok(Submitted::Rejected(body)) => {
+                return Err(failed(
+                    FailureKind::InvalidInput,
+                    rejection_message(&body),
+                    false,
+                ))
+            }
             Err(e) => return Err(unreachable_failure(&e)),
         }
         tracing::info!(job = %job.job_id, prompt_id, source, "queued on ComfyUI");
         progress.stage(0.0, "queued in ComfyUI");
-        let entry = self.follow(&prompt_id, &mut rx, &mut tracker, &progress, &cancel).await?;
+        let entry = self
+            .follow(&prompt_id, &mut rx, &mut tracker, &progress, &cancel)
+            .await?;
         match history::verdict(&entry) {
             Verdict::Success => {}
-            Verdict::Error(payload) => return Err(RunError::Failed(history::runtime_failure(&payload))),
+            Verdict::Error(payload) => {
+                return Err(RunError::Failed(history::runtime_failure(&payload)))
+            }
             Verdict::Interrupted if cancel.is_cancelled() => return Err(RunError::Cancelled),
-            Verdict::Interrupted => return Err(failed(FailureKind::Backend, "the prompt was interrupted by someone else on the ComfyUI server", true)),
-            Verdict::Unknown(status) => return Err(failed(FailureKind::Backend, format!("ComfyUI finished the prompt with status {status:?}"), false)),
+            Verdict::Interrupted => {
+                return Err(failed(
+                    FailureKind::Backend,
+                    "the prompt was interrupted by someone else on the ComfyUI server",
+                    true,
+                ))
+            }
+            Verdict::Unknown(status) => {
+                return Err(failed(
+                    FailureKind::Backend,
+                    format!("ComfyUI finished the prompt with status {status:?}"),
+                    false,
+                ))
+            }
         }
         if let Some(model) = &prepared.model {
             *self.loaded.lock().expect("not poisoned") = Some(model.clone());
         }
         let outputs = self.download(&job, &entry, &progress).await?;
         if outputs.is_empty() {
-            return Err(failed(FailureKind::Backend, "the workflow finished without any output (no saved file, preview or text)", false));
+            return Err(failed(
+                FailureKind::Backend,
+                "the workflow finished without any output (no saved file, preview or text)",
+                false,
+            ));
         }
         progress.stage(100.0, "done");
         let mut info = Map::new();
@@ -523,7 +692,10 @@ impl Backend for ComfyUiBackend {
             info.insert("ignored_params".into(), prepared.ignored.into());
         }
         info.insert("degrade".into(), job.degrade.into());
-        info.insert("run_ms".into(), (started.elapsed().as_millis() as u64).into());
+        info.insert(
+            "run_ms".into(),
+            (started.elapsed().as_millis() as u64).into(),
+        );
         Ok(RunOutput { outputs, info })
     }
 
@@ -542,15 +714,33 @@ mod tests {
     #[test]
     fn rejections_name_node_class_and_details() {
         let cases: Value = serde_json::from_str(
-            &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/comfyui/traces/invalid_prompts.json")).unwrap(),
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../tests/fixtures/comfyui/traces/invalid_prompts.json"
+            ))
+            .unwrap(),
         )
         .unwrap();
-        let by_case = |name: &str| cases.as_array().unwrap().iter().find(|c| c["case"] == name).unwrap()["response"].clone();
+        let by_case = |name: &str| {
+            cases
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["case"] == name)
+                .unwrap()["response"]
+                .clone()
+        };
         let msg = rejection_message(&by_case("return type mismatch (LATENT into IMAGE)"));
         assert!(msg.contains("node 3 (SaveImage): return_type_mismatch: Return type mismatch between linked nodes: images, received_type(LATENT) mismatch input_type(IMAGE)"), "{msg}");
         let msg = rejection_message(&by_case("unknown node class"));
-        assert!(msg.contains("missing_node_type: Node 'NoSuchNode' not found"), "{msg}");
+        assert!(
+            msg.contains("missing_node_type: Node 'NoSuchNode' not found"),
+            "{msg}"
+        );
         let msg = rejection_message(&by_case("combo value not in list + self-cycle"));
-        assert!(msg.contains("upscale_method: 'bogus' not in ['nearest-exact'"), "{msg}");
+        assert!(
+            msg.contains("upscale_method: 'bogus' not in ['nearest-exact'"),
+            "{msg}"
+        );
     }
 }

@@ -36,7 +36,9 @@ impl Tracker {
             .as_object()
             .map(|g| {
                 g.iter()
-                    .filter_map(|(id, n)| Some((id.clone(), n.get("class_type")?.as_str()?.to_string())))
+                    .filter_map(|(id, n)| {
+                        Some((id.clone(), n.get("class_type")?.as_str()?.to_string()))
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -77,7 +79,12 @@ impl Tracker {
     pub fn on_event(&mut self, kind: &str, data: &Value) -> Option<Progress> {
         match kind {
             "execution_cached" => {
-                for id in data.get("nodes").and_then(Value::as_array).into_iter().flatten() {
+                for id in data
+                    .get("nodes")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
                     if let Some(id) = id.as_str() {
                         self.finish_node(id);
                     }
@@ -118,14 +125,27 @@ impl Tracker {
                 let class = self.class_of.get(id).map_or(id.as_str(), String::as_str);
                 match self.bar {
                     Some((v, m)) => (
-                        format!("{class} {}/{} (node {position} of {})", v as u64, m as u64, self.to_run.len()),
+                        format!(
+                            "{class} {}/{} (node {position} of {})",
+                            v as u64,
+                            m as u64,
+                            self.to_run.len()
+                        ),
                         Some(v as u32),
                         Some(m as u32),
                     ),
-                    None => (format!("{class} (node {position} of {})", self.to_run.len()), None, None),
+                    None => (
+                        format!("{class} (node {position} of {})", self.to_run.len()),
+                        None,
+                        None,
+                    ),
                 }
             }
-            None => (format!("{} of {} nodes done", self.done.len(), self.to_run.len()), None, None),
+            None => (
+                format!("{} of {} nodes done", self.done.len(), self.to_run.len()),
+                None,
+                None,
+            ),
         };
         Progress {
             pct: self.pct,
@@ -142,13 +162,21 @@ mod tests {
     use serde_json::json;
 
     fn lines(path: &str) -> Vec<(String, Value)> {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/comfyui/traces/");
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/comfyui/traces/"
+        );
         std::fs::read_to_string(format!("{dir}{path}"))
             .unwrap()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter(|v| v["kind"] == "text")
-            .map(|v| (v["msg"]["type"].as_str().unwrap().to_string(), v["msg"]["data"].clone()))
+            .map(|v| {
+                (
+                    v["msg"]["type"].as_str().unwrap().to_string(),
+                    v["msg"]["data"].clone(),
+                )
+            })
             .collect()
     }
 
@@ -171,20 +199,30 @@ mod tests {
             }
         }
         assert!(seen.windows(2).all(|w| w[0].pct <= w[1].pct), "monotone");
-        assert!(seen.iter().any(|p| p.stage == "ImageUpscaleWithModel 5/18 (node 3 of 4)"), "{seen:#?}");
+        assert!(
+            seen.iter()
+                .any(|p| p.stage == "ImageUpscaleWithModel 5/18 (node 3 of 4)"),
+            "{seen:#?}"
+        );
         assert_eq!(seen.last().unwrap().pct, RUN_SHARE);
     }
 
     #[test]
     fn cached_nodes_count_as_done() {
         let mut t = Tracker::new(&graph(), ["1", "2", "3", "4"].map(String::from).into());
-        let p = t.on_event("execution_cached", &json!({"nodes": ["1", "2"]})).unwrap();
+        let p = t
+            .on_event("execution_cached", &json!({"nodes": ["1", "2"]}))
+            .unwrap();
         assert_eq!(p.pct, RUN_SHARE / 2.0);
-        let p = t.on_event("progress", &json!({"node": "3", "value": 9, "max": 18})).unwrap();
+        let p = t
+            .on_event("progress", &json!({"node": "3", "value": 9, "max": 18}))
+            .unwrap();
         assert_eq!(p.pct, RUN_SHARE * 2.5 / 4.0);
         assert_eq!((p.step, p.steps), (Some(9), Some(18)));
         // A second, lower bar on the same node does not move the percentage back.
-        let p = t.on_event("progress", &json!({"node": "3", "value": 1, "max": 18})).unwrap();
+        let p = t
+            .on_event("progress", &json!({"node": "3", "value": 1, "max": 18}))
+            .unwrap();
         assert_eq!(p.pct, RUN_SHARE * 2.5 / 4.0);
         assert!(t.on_event("status", &json!({})).is_none());
     }

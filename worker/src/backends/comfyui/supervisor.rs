@@ -55,7 +55,12 @@ impl Launch {
             args.extend(["--database-url".into(), cfg.database_url.clone()]);
         }
         args.extend(cfg.args.iter().cloned());
-        let cwd = cfg.work_dir.clone().or_else(|| main_py.parent().filter(|p| !p.as_os_str().is_empty()).map(PathBuf::from));
+        let cwd = cfg.work_dir.clone().or_else(|| {
+            main_py
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(PathBuf::from)
+        });
         Launch {
             program: cfg.python.clone(),
             args,
@@ -104,7 +109,14 @@ impl Supervisor {
     }
 }
 
-async fn supervise(launch: Launch, api: Api, timing: Timing, gpu: u32, state: watch::Sender<ProcState>, stop: CancellationToken) {
+async fn supervise(
+    launch: Launch,
+    api: Api,
+    timing: Timing,
+    gpu: u32,
+    state: watch::Sender<ProcState>,
+    stop: CancellationToken,
+) {
     let mut backoff = Backoff::new(timing.restart_min, timing.restart_max);
     while !stop.is_cancelled() {
         state.send_replace(ProcState::Starting);
@@ -164,7 +176,13 @@ async fn forward_lines<R: tokio::io::AsyncRead + Unpin>(stream: R, gpu: u32) {
 }
 
 /// Waits for readiness, then for the exit; returns why the process is gone.
-async fn run_until_exit(child: &mut Child, api: &Api, timing: Timing, state: &watch::Sender<ProcState>, stop: &CancellationToken) -> String {
+async fn run_until_exit(
+    child: &mut Child,
+    api: &Api,
+    timing: Timing,
+    state: &watch::Sender<ProcState>,
+    stop: &CancellationToken,
+) -> String {
     let deadline = tokio::time::Instant::now() + timing.start_timeout;
     let mut ready = false;
     loop {
@@ -198,7 +216,10 @@ async fn terminate(child: &mut Child) {
         unsafe {
             libc::kill(pid as i32, libc::SIGTERM);
         }
-        if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_ok() {
+        if tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .is_ok()
+        {
             return;
         }
     }

@@ -32,7 +32,11 @@ pub struct Problem {
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.input {
-            Some(input) => write!(f, "node {} ({}) input {input}: {}", self.node, self.class, self.message),
+            Some(input) => write!(
+                f,
+                "node {} ({}) input {input}: {}",
+                self.node, self.class, self.message
+            ),
             None => write!(f, "node {} ({}): {}", self.node, self.class, self.message),
         }
     }
@@ -65,7 +69,10 @@ fn list_values(options: &[Value]) -> String {
     let shown: Vec<String> = options
         .iter()
         .take(20)
-        .map(|o| o.as_str().map_or_else(|| o.to_string(), |s| format!("{s:?}")))
+        .map(|o| {
+            o.as_str()
+                .map_or_else(|| o.to_string(), |s| format!("{s:?}"))
+        })
         .collect();
     let more = options.len().saturating_sub(20);
     match (shown.is_empty(), more) {
@@ -100,7 +107,10 @@ pub fn check(graph: &Map<String, Value>, object_info: &Map<String, Value>) -> Ve
             continue;
         };
         let empty = Map::new();
-        let inputs = node.get("inputs").and_then(Value::as_object).unwrap_or(&empty);
+        let inputs = node
+            .get("inputs")
+            .and_then(Value::as_object)
+            .unwrap_or(&empty);
         let problem = |input: &str, kind, message: String| Problem {
             node: id.clone(),
             class: class.into(),
@@ -108,10 +118,18 @@ pub fn check(graph: &Map<String, Value>, object_info: &Map<String, Value>) -> Ve
             kind,
             message,
         };
-        if let Some(required) = info.get("input").and_then(|i| i.get("required")).and_then(Value::as_object) {
+        if let Some(required) = info
+            .get("input")
+            .and_then(|i| i.get("required"))
+            .and_then(Value::as_object)
+        {
             for name in required.keys() {
                 if !inputs.contains_key(name) {
-                    problems.push(problem(name, ProblemKind::MissingInput, "required input is missing".into()));
+                    problems.push(problem(
+                        name,
+                        ProblemKind::MissingInput,
+                        "required input is missing".into(),
+                    ));
                 }
             }
         }
@@ -119,7 +137,9 @@ pub fn check(graph: &Map<String, Value>, object_info: &Map<String, Value>) -> Ve
             if is_link(value) {
                 continue;
             }
-            let Some(spec) = input_spec(info, name) else { continue };
+            let Some(spec) = input_spec(info, name) else {
+                continue;
+            };
             if let Some(options) = combo_options(spec) {
                 if !options.contains(value) {
                     problems.push(problem(
@@ -134,18 +154,32 @@ pub fn check(graph: &Map<String, Value>, object_info: &Map<String, Value>) -> Ve
             if kind != "INT" && kind != "FLOAT" {
                 continue;
             }
-            let number = value.as_f64().or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()));
+            let number = value
+                .as_f64()
+                .or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()));
             let Some(number) = number else {
-                problems.push(problem(name, ProblemKind::WrongType, format!("value {value} is not a number ({kind})")));
+                problems.push(problem(
+                    name,
+                    ProblemKind::WrongType,
+                    format!("value {value} is not a number ({kind})"),
+                ));
                 continue;
             };
             let opts = spec.get(1);
             let bound = |k: &str| opts.and_then(|o| o.get(k)).and_then(Value::as_f64);
             if let Some(min) = bound("min").filter(|min| number < *min) {
-                problems.push(problem(name, ProblemKind::OutOfRange, format!("value {value} is smaller than the minimum {min}")));
+                problems.push(problem(
+                    name,
+                    ProblemKind::OutOfRange,
+                    format!("value {value} is smaller than the minimum {min}"),
+                ));
             }
             if let Some(max) = bound("max").filter(|max| number > *max) {
-                problems.push(problem(name, ProblemKind::OutOfRange, format!("value {value} is bigger than the maximum {max}")));
+                problems.push(problem(
+                    name,
+                    ProblemKind::OutOfRange,
+                    format!("value {value} is bigger than the maximum {max}"),
+                ));
             }
         }
     }
@@ -153,7 +187,10 @@ pub fn check(graph: &Map<String, Value>, object_info: &Map<String, Value>) -> Ve
 }
 
 /// The node ids ComfyUI will execute: every output node and what it depends on.
-pub fn nodes_to_run(graph: &Map<String, Value>, object_info: &Map<String, Value>) -> BTreeSet<String> {
+pub fn nodes_to_run(
+    graph: &Map<String, Value>,
+    object_info: &Map<String, Value>,
+) -> BTreeSet<String> {
     let is_output = |node: &Value| {
         node.get("class_type")
             .and_then(Value::as_str)
@@ -162,13 +199,23 @@ pub fn nodes_to_run(graph: &Map<String, Value>, object_info: &Map<String, Value>
             .and_then(Value::as_bool)
             .unwrap_or(false)
     };
-    let mut stack: Vec<&String> = graph.iter().filter(|(_, n)| is_output(n)).map(|(id, _)| id).collect();
+    let mut stack: Vec<&String> = graph
+        .iter()
+        .filter(|(_, n)| is_output(n))
+        .map(|(id, _)| id)
+        .collect();
     let mut seen = BTreeSet::new();
     while let Some(id) = stack.pop() {
         if !seen.insert(id.clone()) {
             continue;
         }
-        let Some(inputs) = graph.get(id).and_then(|n| n.get("inputs")).and_then(Value::as_object) else { continue };
+        let Some(inputs) = graph
+            .get(id)
+            .and_then(|n| n.get("inputs"))
+            .and_then(Value::as_object)
+        else {
+            continue;
+        };
         for v in inputs.values() {
             if let Some(src) = v.get(0).and_then(Value::as_str).filter(|_| is_link(v)) {
                 if let Some((key, _)) = graph.get_key_value(src) {
@@ -186,7 +233,11 @@ mod tests {
     use serde_json::json;
 
     fn info() -> Map<String, Value> {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/comfyui/object_info.json")).unwrap();
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/comfyui/object_info.json"
+        ))
+        .unwrap();
         serde_json::from_str(&text).unwrap()
     }
 
@@ -196,9 +247,20 @@ mod tests {
 
     #[test]
     fn the_reference_workflows_pass() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/comfyui/workflows");
-        for name in ["01_empty_invert_save", "04_progress_ws_preview", "05_text_getimagesize", "06_video_mp4_webp"] {
-            let g: Map<String, Value> = serde_json::from_str(&std::fs::read_to_string(format!("{dir}/{name}.json")).unwrap()).unwrap();
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/comfyui/workflows"
+        );
+        for name in [
+            "01_empty_invert_save",
+            "04_progress_ws_preview",
+            "05_text_getimagesize",
+            "06_video_mp4_webp",
+        ] {
+            let g: Map<String, Value> = serde_json::from_str(
+                &std::fs::read_to_string(format!("{dir}/{name}.json")).unwrap(),
+            )
+            .unwrap();
             assert_eq!(check(&g, &info()), vec![], "{name}");
         }
     }
@@ -212,20 +274,41 @@ mod tests {
         }));
         let problems = check(&g, &info());
         let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        assert!(text.contains(&"node 1 (EmptyImage) input width: value 0 is smaller than the minimum 1".to_string()), "{text:#?}");
-        assert!(text.iter().any(|t| t.starts_with("node 1 (EmptyImage) input height: value 99999 is bigger than the maximum 16384")));
-        assert!(text.iter().any(|t| t == "node 2 (NoSuchNode): node class NoSuchNode is not installed on this ComfyUI"));
+        assert!(
+            text.contains(
+                &"node 1 (EmptyImage) input width: value 0 is smaller than the minimum 1"
+                    .to_string()
+            ),
+            "{text:#?}"
+        );
+        assert!(text.iter().any(|t| t.starts_with(
+            "node 1 (EmptyImage) input height: value 99999 is bigger than the maximum 16384"
+        )));
+        assert!(text
+            .iter()
+            .any(|t| t
+                == "node 2 (NoSuchNode): node class NoSuchNode is not installed on this ComfyUI"));
         assert!(text.iter().any(|t| t.contains("node 3 (ImageScale) input upscale_method: value \"bogus\" is not in the list; allowed: \"nearest-exact\", \"bilinear\"")));
-        assert!(text.iter().any(|t| t.contains("node 3 (ImageScale) input crop: required input is missing")));
-        assert!(text.iter().any(|t| t.contains("input width: value \"abc\" is not a number (INT)")));
+        assert!(text
+            .iter()
+            .any(|t| t.contains("node 3 (ImageScale) input crop: required input is missing")));
+        assert!(text
+            .iter()
+            .any(|t| t.contains("input width: value \"abc\" is not a number (INT)")));
     }
 
     #[test]
     fn new_style_combos_are_parsed_too() {
-        let g = graph(json!({"4": {"class_type": "SaveVideo", "inputs": {"video": ["3", 0], "filename_prefix": "v", "format": "webm", "codec": "h264"}}}));
+        let g = graph(
+            json!({"4": {"class_type": "SaveVideo", "inputs": {"video": ["3", 0], "filename_prefix": "v", "format": "webm", "codec": "h264"}}}),
+        );
         let problems = check(&g, &info());
         assert_eq!(problems.len(), 1);
-        assert!(problems[0].message.contains("allowed: \"auto\", \"mp4\""), "{}", problems[0].message);
+        assert!(
+            problems[0].message.contains("allowed: \"auto\", \"mp4\""),
+            "{}",
+            problems[0].message
+        );
     }
 
     #[test]
@@ -236,6 +319,9 @@ mod tests {
             "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0]}},
             "9": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
         }));
-        assert_eq!(nodes_to_run(&g, &info()), ["1", "2", "3"].map(String::from).into());
+        assert_eq!(
+            nodes_to_run(&g, &info()),
+            ["1", "2", "3"].map(String::from).into()
+        );
     }
 }
