@@ -177,4 +177,25 @@ mod tests {
             .to_string()
             .contains("worker.comfyui.main_py"));
     }
+
+    #[test]
+    fn the_example_config_parses() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kiln.example.toml");
+        let cfg = crate::KilnConfig::load(&[path]).unwrap();
+        let c = &cfg.worker.comfyui;
+        assert_eq!(cfg.worker.backends, vec![kiln_protocol::Backend::Comfyui]);
+        assert_eq!(
+            (c.mode, c.url.as_str()),
+            (ComfyUiMode::Attach, "http://127.0.0.1:8188")
+        );
+        assert_eq!(
+            c.main_py.as_deref(),
+            Some(std::path::Path::new("/opt/ComfyUI/main.py"))
+        );
+        assert_eq!(
+            c.templates_dir.as_deref(),
+            Some(std::path::Path::new("/etc/kiln/comfyui-templates"))
+        );
+        assert!(c.model_folders.iter().any(|f| f == "loras"));
+    }
 }
