@@ -708,3 +708,228 @@ async fn real_comfyui_runs_the_reference_workflows() {
 async fn body_json(resp: reqwest::Response) -> Value {
     serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap()
 }
+
+/// What a recorded or observed WebSocket frame was, for comparing orders:
+/// the JSON type (with the node of `executing`), or `bin<type>`.
+fn tokens_of_trace(name: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(fixtures().join("traces").join(name)).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter_map(|v| match v["kind"].as_str() {
+            Some("text") => Some(token(&v["msg"])),
+            Some("binary") => Some(format!("bin{}", v["event_type"])),
+            _ => None,
+        })
+        .collect()
+}
+
+fn token(msg: &Value) -> String {
+    match msg["type"].as_str().unwrap() {
+        "executing" => format!(
+            "executing:{}",
+            msg["data"]["node"].as_str().unwrap_or("null")
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// Opens a socket as `client`, posts `graph`, and returns the frames up to
+/// `executing {node: null}` for it.
+async fn observe(fake: &Fake, client: &str, graph: &Value) -> Vec<String> {
+    use futures::StreamExt;
+    let url = format!(
+        "{}/ws?clientId={client}",
+        fake.url.replace("http://", "ws://")
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut tokens = Vec::new();
+    // The first frame comes before anything is posted.
+    let first = ws.next().await.unwrap().unwrap();
+    tokens.push(token(
+        &serde_json::from_str(first.to_text().unwrap()).unwrap(),
+    ));
+    let resp = fake
+        .post(
+            "/prompt",
+            json!({"prompt": graph, "client_id": client, "prompt_id": id}),
+        )
+        .await;
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if msg.is_binary() {
+            let b = msg.into_data();
+            tokens.push(format!(
+                "bin{}",
+                u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+            ));
+            continue;
+        }
+        let v: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+        tokens.push(token(&v));
+        if v["type"] == "executing" && v["data"]["node"].is_null() && v["data"]["prompt_id"] == id {
+            return tokens;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_comfyui_replays_the_recorded_message_order() {
+    let s = Scratch::new();
+    let fake = Fake::start(&s, "0.27.0").await;
+    let wf01 = workflow("01_empty_invert_save");
+    assert_eq!(
+        observe(&fake, "fixture-client-1", &wf01).await,
+        tokens_of_trace("ws_trace_01_empty_invert_save.jsonl")
+    );
+    // The same graph again comes from the cache, with the old file.
+    assert_eq!(
+        observe(&fake, "fixture-client-1", &wf01).await,
+        tokens_of_trace("ws_trace_01b_cached_rerun.jsonl")
+    );
+    assert_eq!(
+        observe(&fake, "fixture-client-1", &workflow("05_text_getimagesize")).await,
+        tokens_of_trace("ws_trace_05_text_getimagesize.jsonl")
+    );
+    assert_eq!(
+        observe(
+            &fake,
+            "fixture-client-1",
+            &workflow("04_progress_ws_preview")
+        )
+        .await,
+        tokens_of_trace("ws_trace_04_progress_ws_preview_legacy.jsonl")
+    );
+    let form = reqwest::multipart::Form::new().part(
+        "image",
+        reqwest::multipart::Part::bytes(
+            std::fs::read(fixtures().join("workflows/inputs/broken.png")).unwrap(),
+        )
+        .file_name("broken.png"),
+    );
+    let up = fake
+        .http
+        .post(format!("{}/upload/image", fake.url))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        body_json(up).await,
+        json!({"name": "broken.png", "subfolder": "", "type": "input"})
+    );
+    assert_eq!(
+        observe(
+            &fake,
+            "fixture-client-1",
+            &workflow("07_runtime_error_broken_upload")
+        )
+        .await,
+        tokens_of_trace("ws_trace_07_runtime_error.jsonl")
+    );
+    // Throttled progress (v0.27): the first and the last step, far fewer between.
+    let tokens = observe(&fake, "fixture-client-1", &workflow("03_progress_upscale")).await;
+    let progress = tokens.iter().filter(|t| *t == "progress").count();
+    assert!(
+        (2..18).contains(&progress),
+        "18 steps gave {progress} progress events"
+    );
+    let history = fake.get("/history").await.unwrap();
+    let upscaled = history.as_object().unwrap().values().filter(|e| {
+        e["outputs"]["4"]["images"]
+            .as_array()
+            .is_some_and(|i| i.len() == 2)
+    });
+    assert_eq!(upscaled.count(), 1, "two images in one `images` list");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_comfyui_answers_bad_prompts_like_the_recording() {
+    let s = Scratch::new();
+    let fake = Fake::start(&s, "0.27.0").await;
+    let text = std::fs::read_to_string(fixtures().join("traces/invalid_prompts.json")).unwrap();
+    let cases: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let node_error_types = |v: &Value| -> Vec<(String, Vec<String>)> {
+        let mut out: Vec<(String, Vec<String>)> = v["node_errors"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, e)| {
+                        (
+                            k.clone(),
+                            e["errors"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .map(|x| x["type"].as_str().unwrap().to_string())
+                                .collect(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    };
+    for case in cases {
+        let name = case["case"].as_str().unwrap();
+        let path = if name.starts_with("POST /queue") {
+            "/queue"
+        } else {
+            "/prompt"
+        };
+        let body = match &case["request"] {
+            Value::String(raw) => raw.clone(),
+            v => v.to_string(),
+        };
+        let resp = fake
+            .http
+            .post(format!("{}{path}", fake.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status().as_u16() as u64,
+            case["status"].as_u64().unwrap(),
+            "{name}"
+        );
+        let content_type = resp.headers()["content-type"].to_str().unwrap().to_string();
+        assert_eq!(
+            content_type,
+            case["content_type"].as_str().unwrap(),
+            "{name}"
+        );
+        let got = resp.text().await.unwrap();
+        let want = &case["response"];
+        if let Value::String(raw) = want {
+            assert_eq!(&got, raw, "{name}");
+            continue;
+        }
+        let got: Value = serde_json::from_str(&got).unwrap();
+        assert_eq!(got["error"]["type"], want["error"]["type"], "{name}: {got}");
+        assert_eq!(
+            node_error_types(&got),
+            node_error_types(want),
+            "{name}: {got}"
+        );
+        for (id, errors) in want["node_errors"].as_object().into_iter().flatten() {
+            for (i, e) in errors["errors"].as_array().unwrap().iter().enumerate() {
+                let mine = &got["node_errors"][id]["errors"][i];
+                if e["type"] != "exception_during_inner_validation" {
+                    assert_eq!(mine["details"], e["details"], "{name}");
+                }
+            }
+            assert_eq!(
+                got["node_errors"][id]["dependent_outputs"], errors["dependent_outputs"],
+                "{name}"
+            );
+        }
+    }
+}
