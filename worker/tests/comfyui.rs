@@ -539,9 +539,9 @@ async fn comfyui_cancel_while_running_and_while_pending_uses_the_jobs_api() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn comfyui_v0_3_64_without_jobs_api_is_cancelled_by_interrupt() {
+async fn comfyui_v0_3_64_is_cancelled_by_interrupt_and_health_follows_the_server() {
     let s = Scratch::new();
-    let fake = Fake::start(&s, "0.3.64").await;
+    let mut fake = Fake::start(&s, "0.3.64").await;
     let (broker, _w) = attached(&s, &fake, "c4").await;
     let client = broker.client();
     let (done, _) = succeed(&client, raw("01_empty_invert_save")).await;
@@ -566,6 +566,34 @@ async fn comfyui_v0_3_64_without_jobs_api_is_cancelled_by_interrupt() {
             .any(|l| l.starts_with("POST /queue delete") && l.contains(&prompt)),
         "{log:?}"
     );
+
+    // A ComfyUI that goes away takes the worker out of scheduling until it is
+    // back; the restarted server has forgotten every prompt.
+    fake._proc.kill9();
+    wait_state(&client, "c4", WorkerState::Unhealthy).await;
+    fake._proc.restart();
+    wait_healthy(&client, "c4").await;
+    assert_eq!(
+        fake.get(&format!("/history/{prompt}")).await.unwrap(),
+        json!({})
+    );
+    let (done, _) = succeed(&client, raw("05_text_getimagesize")).await;
+    assert_eq!(done.attempt, 1);
+}
+
+async fn wait_state(client: &Client, id: &str, state: WorkerState) {
+    eventually(
+        &format!("worker {id} to be {state:?}"),
+        Duration::from_secs(30),
+        || async {
+            let workers = client.workers().await.ok()?;
+            workers
+                .iter()
+                .any(|w| w.worker_id == id && w.state == state)
+                .then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
