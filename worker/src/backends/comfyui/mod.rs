@@ -292,6 +292,7 @@ impl ComfyUiBackend {
         let mut poll = tokio::time::interval(Duration::from_millis(self.cfg.poll_ms));
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut unreachable_since: Option<Instant> = None;
+        let mut events_open = true;
         loop {
             let check_now = tokio::select! {
                 _ = cancel.cancelled() => return Err(self.cancel_prompt(prompt_id, rx).await),
@@ -300,7 +301,7 @@ impl ComfyUiBackend {
                     return Err(failed(FailureKind::Backend, format!("the prompt did not finish within {} s (worker.comfyui.prompt_timeout_s)", self.cfg.prompt_timeout_s), false));
                 }
                 _ = poll.tick() => true,
-                ev = rx.recv() => match ev {
+                ev = rx.recv(), if events_open => match ev {
                     Ok(WsEvent::Json { kind, data }) => {
                         if data.get("prompt_id").and_then(Value::as_str) != Some(prompt_id) {
                             continue;
@@ -318,7 +319,11 @@ impl ComfyUiBackend {
                     // Events may have been lost: ask over HTTP now.
                     Ok(WsEvent::Connected) | Err(broadcast::error::RecvError::Lagged(_)) => true,
                     Ok(_) => false,
-                    Err(broadcast::error::RecvError::Closed) => true,
+                    // The socket task is gone (shutting down): polling alone decides.
+                    Err(broadcast::error::RecvError::Closed) => {
+                        events_open = false;
+                        true
+                    }
                 },
             };
             if !check_now {
@@ -383,10 +388,14 @@ impl ComfyUiBackend {
             }
         }
         let confirm = async {
+            let mut events_open = true;
             let mut poll = tokio::time::interval(Duration::from_millis(200));
             loop {
                 tokio::select! {
-                    ev = rx.recv() => {
+                    ev = rx.recv(), if events_open => {
+                        if matches!(ev, Err(broadcast::error::RecvError::Closed)) {
+                            events_open = false;
+                        }
                         if let Ok(WsEvent::Json { kind, data }) = ev {
                             let ours = data.get("prompt_id").and_then(Value::as_str) == Some(prompt_id);
                             if ours && (kind == "execution_interrupted" || (kind == "executing" && data["node"].is_null())) {
