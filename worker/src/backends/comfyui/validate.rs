@@ -57,6 +57,13 @@ pub fn combo_options(spec: &Value) -> Option<&Vec<Value>> {
     }
 }
 
+fn is_upload_picker(spec: &Value) -> bool {
+    spec.get(1).and_then(Value::as_object).is_some_and(|o| {
+        o.iter()
+            .any(|(k, v)| k.ends_with("_upload") && v == &Value::Bool(true))
+    })
+}
+
 fn input_spec<'a>(info: &'a Value, name: &str) -> Option<&'a Value> {
     let inputs = info.get("input")?;
     inputs
@@ -141,6 +148,12 @@ pub fn check(graph: &Map<String, Value>, object_info: &Map<String, Value>) -> Ve
                 continue;
             };
             if let Some(options) = combo_options(spec) {
+                // Upload pickers (LoadImage, LoadAudio, ...) list only the top of
+                // the input folder; the node validates its file itself, so uploads
+                // in subfolders are fine (API.md §6.2).
+                if is_upload_picker(spec) {
+                    continue;
+                }
                 if !options.contains(value) {
                     problems.push(problem(
                         name,
@@ -295,6 +308,15 @@ mod tests {
         assert!(text
             .iter()
             .any(|t| t.contains("input width: value \"abc\" is not a number (INT)")));
+    }
+
+    #[test]
+    fn upload_pickers_accept_files_in_subfolders() {
+        let g = graph(json!({
+            "1": {"class_type": "LoadImage", "inputs": {"image": "kiln/photo.png"}},
+            "2": {"class_type": "LoadAudio", "inputs": {"audio": "kiln/tone.wav"}},
+        }));
+        assert_eq!(check(&g, &info()), vec![]);
     }
 
     #[test]
