@@ -10,6 +10,7 @@
 //! table name are read, so unrelated `KILN_*` variables do not trip the
 //! unknown-key check. Errors name the key and where its value came from.
 
+mod comfyui;
 pub mod logging;
 mod secret;
 
@@ -20,6 +21,7 @@ use figment::Figment;
 use kiln_protocol::Limits;
 use serde::{Deserialize, Serialize};
 
+pub use comfyui::{ComfyUiConfig, ComfyUiMode};
 pub use secret::{resolve as resolve_secret, Secret};
 
 /// Everything that can be wrong with a configuration.
@@ -157,6 +159,7 @@ pub struct WorkerConfig {
     /// Scratch space for outputs before upload.
     pub work_dir: Option<PathBuf>,
     pub sim: SimConfig,
+    pub comfyui: ComfyUiConfig,
 }
 
 impl Default for WorkerConfig {
@@ -173,6 +176,7 @@ impl Default for WorkerConfig {
             liveness: kiln_protocol::HEARTBEAT_LIVENESS,
             work_dir: None,
             sim: SimConfig::default(),
+            comfyui: ComfyUiConfig::default(),
         }
     }
 }
@@ -356,6 +360,7 @@ impl KilnConfig {
         if self.worker.sim.max_side < 8 {
             return invalid("worker.sim.max_side", "must be at least 8");
         }
+        self.worker.comfyui.validate()?;
         Ok(self)
     }
 

@@ -25,6 +25,8 @@ pub enum BuildError {
     Config(#[from] ConfigError),
     #[error("backend {0} is not available in this build of the worker")]
     Unsupported(Kind),
+    #[error("worker.comfyui: {0}")]
+    ComfyUiTemplates(#[from] backends::comfyui::TemplateError),
 }
 
 /// Builds a worker and its backends from the config.
@@ -37,6 +39,7 @@ pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
     for kind in &w.backends {
         match kind {
             Kind::Sim => backends.push(Arc::new(backends::sim::SimBackend::new(w.sim.clone()))),
+            Kind::Comfyui => backends.push(Arc::new(backends::comfyui::ComfyUiBackend::new(w.comfyui.clone(), w.gpu.index, &worker_id)?)),
             other => return Err(BuildError::Unsupported(*other)),
         }
     }
