@@ -39,7 +39,11 @@ pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
     for kind in &w.backends {
         match kind {
             Kind::Sim => backends.push(Arc::new(backends::sim::SimBackend::new(w.sim.clone()))),
-            Kind::Comfyui => backends.push(Arc::new(backends::comfyui::ComfyUiBackend::new(w.comfyui.clone(), w.gpu.index, &worker_id)?)),
+            Kind::Comfyui => backends.push(Arc::new(backends::comfyui::ComfyUiBackend::new(
+                w.comfyui.clone(),
+                w.gpu.index,
+                &worker_id,
+            )?)),
             other => return Err(BuildError::Unsupported(*other)),
         }
     }

@@ -489,15 +489,24 @@ async fn comfyui_cancel_while_running_and_while_pending_uses_the_jobs_api() {
         log.contains(&format!("POST /api/jobs/{prompt}/cancel")),
         "{log:?}"
     );
-    let history = fake.get(&format!("/history/{prompt}")).await.unwrap();
-    assert_eq!(
-        history[&prompt]["status"]["messages"]
-            .as_array()
-            .unwrap()
-            .last()
-            .unwrap()[0],
-        "execution_interrupted"
-    );
+    // ComfyUI writes the history entry just after the interrupt event that
+    // confirmed the cancel, so wait for it.
+    let last_message = eventually(
+        "the interrupted prompt's history",
+        Duration::from_secs(10),
+        || {
+            let (fake, prompt) = (&fake, &prompt);
+            async move {
+                let history = fake.get(&format!("/history/{prompt}")).await?;
+                let messages = history[prompt.as_str()]["status"]["messages"]
+                    .as_array()?
+                    .clone();
+                messages.last().map(|m| m[0].clone())
+            }
+        },
+    )
+    .await;
+    assert_eq!(last_message, "execution_interrupted");
 
     // Pending: someone else's long prompt holds ComfyUI, ours waits in its queue.
     let mut busy = workflow("08_slow_interruptible");
