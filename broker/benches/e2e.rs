@@ -1,0 +1,264 @@
+//! End to end over loopback TCP, beside a raw zeromq DEALER/ROUTER echo.
+//!
+//! Starts a broker (in memory, then durable with redb), four sim workers and a
+//! client in this process, and measures:
+//! - no-op job latency: submit → the client sees the `succeeded` event, one job
+//!   at a time (p50/p99);
+//! - throughput: jobs completed per second with many submits in flight;
+//! - the same two measures for a bare DEALER/ROUTER echo on the same machine, so
+//!   the broker's overhead reads as a ratio.
+//!
+//! A no-op job is a sim job with zero steps and zero outputs.
+//!
+//!     cargo bench -p kiln-broker --bench e2e
+//!     KILN_BENCH_JOBS=5000 cargo bench -p kiln-broker --bench e2e   (quicker)
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kiln_broker::{Broker, BrokerSettings};
+use kiln_config::KilnConfig;
+use kiln_protocol::{Backend, Client, ClientOptions, Event, JobSpec, JobState, Task};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use zeromq::{DealerSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+fn noop() -> JobSpec {
+    JobSpec::new(Backend::Sim, Task::TextToImage)
+        .param("steps", 0)
+        .param("count", 0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+struct Figures {
+    p50: Duration,
+    p99: Duration,
+    per_sec: f64,
+}
+
+fn print(name: &str, f: &Figures) {
+    println!(
+        "{name:<44} p50 {:>8.1} µs   p99 {:>8.1} µs   {:>9.0} /s",
+        micros(f.p50),
+        micros(f.p99),
+        f.per_sec
+    );
+}
+
+async fn echo_baseline(rounds: usize) -> Figures {
+    let mut router = RouterSocket::new();
+    let ep = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok(msg) = router.recv().await {
+            if router.send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut dealer = DealerSocket::new();
+    dealer.connect(&ep).await.unwrap();
+    let body = Bytes::from(vec![7u8; 68]);
+    let frames =
+        move || ZmqMessage::try_from(vec![Bytes::from_static(b"KILN1"), body.clone()]).unwrap();
+    let mut lat = Vec::with_capacity(rounds);
+    for i in 0..rounds + rounds / 10 {
+        let t = Instant::now();
+        dealer.send(frames()).await.unwrap();
+        dealer.recv().await.unwrap();
+        if i >= rounds / 10 {
+            lat.push(t.elapsed());
+        }
+    }
+    lat.sort();
+    // Throughput with up to 1,000 in flight: the receiver returns a slot per reply.
+    let total = rounds * 10;
+    let (mut tx, mut rx) = dealer.split();
+    let slots = Arc::new(Semaphore::new(1000));
+    let t = Instant::now();
+    let sender = {
+        let slots = slots.clone();
+        let frames = frames.clone();
+        tokio::spawn(async move {
+            for _ in 0..total {
+                slots.acquire().await.unwrap().forget();
+                tx.send(frames()).await.unwrap();
+            }
+        })
+    };
+    for _ in 0..total {
+        rx.recv().await.unwrap();
+        slots.add_permits(1);
+    }
+    sender.await.unwrap();
+    let got = total;
+    Figures {
+        p50: percentile(&lat, 0.5),
+        p99: percentile(&lat, 0.99),
+        per_sec: got as f64 / t.elapsed().as_secs_f64(),
+    }
+}
+
+struct Cluster {
+    broker: Broker,
+    stop: CancellationToken,
+    client: Client,
+    _state: tempfile::TempDir,
+}
+
+async fn cluster(durable: bool, workers: usize) -> Cluster {
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = KilnConfig::default();
+    cfg.broker.frontend = "tcp://127.0.0.1:0".into();
+    cfg.broker.backend = "tcp://127.0.0.1:0".into();
+    cfg.broker.events = "tcp://127.0.0.1:0".into();
+    cfg.broker.state_dir = state.path().to_path_buf();
+    cfg.broker.durable = durable;
+    let broker = Broker::start(BrokerSettings::from_config(&cfg).unwrap())
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    for i in 0..workers {
+        let mut w = cfg.clone();
+        w.worker.id = Some(format!("bench{i}"));
+        w.worker.broker = broker.endpoints().backend.clone();
+        w.worker.gpu.nvml = false;
+        w.worker.gpu.name = Some("bench GPU".into());
+        w.worker.gpu.total_vram_mb = Some(24_576);
+        w.worker.work_dir = Some(state.path().join(format!("w{i}")));
+        let worker = kiln_worker::build(&w).unwrap();
+        let status = worker.status().await.unwrap();
+        tokio::spawn(worker.run(status, stop.clone()));
+    }
+    let ep = broker.endpoints();
+    let client = Client::connect(ClientOptions::new(ep.frontend.clone(), ep.events.clone()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.workers().await.unwrap().len() < workers {
+        assert!(Instant::now() < deadline, "workers did not register");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Cluster {
+        broker,
+        stop,
+        client,
+        _state: state,
+    }
+}
+
+async fn kiln_figures(
+    c: &Cluster,
+    latency_jobs: usize,
+    throughput_jobs: usize,
+) -> (Figures, usize) {
+    let client = &c.client;
+    let mut events = client.subscribe("job/").await.unwrap();
+    // Let the subscription reach the broker: run jobs until their events arrive.
+    loop {
+        let id = client.submit(noop()).await.unwrap().job_id;
+        let seen = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Some(e) = events.recv().await {
+                if matches!(&e, Event::JobState(s) if s.job_id == id && s.state == JobState::Succeeded) {
+                    return;
+                }
+            }
+        })
+        .await;
+        if seen.is_ok() {
+            break;
+        }
+    }
+    let mut lat = Vec::with_capacity(latency_jobs);
+    let mut fallbacks = 0;
+    for i in 0..latency_jobs + latency_jobs / 10 {
+        let t = Instant::now();
+        let id = client.submit(noop()).await.unwrap().job_id;
+        let seen = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Some(e) = events.recv().await {
+                if matches!(&e, Event::JobState(s) if s.job_id == id && s.state.is_terminal()) {
+                    return;
+                }
+            }
+        })
+        .await;
+        if seen.is_err() {
+            fallbacks += 1;
+            client.wait(id).await.unwrap();
+        }
+        if i >= latency_jobs / 10 {
+            lat.push(t.elapsed());
+        }
+    }
+    lat.sort();
+    drop(events);
+
+    // Throughput: many submits in flight, completion read from `health`.
+    let before = client.health().await.unwrap().finished;
+    let t = Instant::now();
+    let inflight = Arc::new(Semaphore::new(512));
+    let mut tasks = Vec::new();
+    for _ in 0..throughput_jobs {
+        let permit = inflight.clone().acquire_owned().await.unwrap();
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            client.submit(noop()).await.unwrap();
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    loop {
+        let h = client.health().await.unwrap();
+        if h.finished - before >= throughput_jobs as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let per_sec = throughput_jobs as f64 / t.elapsed().as_secs_f64();
+    (
+        Figures {
+            p50: percentile(&lat, 0.5),
+            p99: percentile(&lat, 0.99),
+            per_sec,
+        },
+        fallbacks,
+    )
+}
+
+fn main() {
+    let jobs: usize = std::env::var("KILN_BENCH_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        println!("loopback TCP, {} cores; latency over {} sequential round trips/jobs, throughput over {jobs}", std::thread::available_parallelism().map_or(0, |n| n.get()), jobs / 10);
+        let echo = echo_baseline(jobs / 10).await;
+        print("raw zeromq DEALER/ROUTER echo (baseline)", &echo);
+        for durable in [false, true] {
+            let c = cluster(durable, 4).await;
+            let (f, fallbacks) = kiln_figures(&c, jobs / 10, jobs).await;
+            let name = if durable { "kiln no-op job, 4 workers, durable (redb)" } else { "kiln no-op job, 4 workers, in memory" };
+            print(name, &f);
+            println!(
+                "{:<44} latency {:.1}x the echo, throughput {:.2}x{}",
+                "",
+                micros(f.p50) / micros(echo.p50),
+                f.per_sec / echo.per_sec,
+                if fallbacks > 0 { format!(" ({fallbacks} events missed, recovered by get)") } else { String::new() }
+            );
+            c.stop.cancel();
+            c.broker.shutdown().await.unwrap();
+        }
+    });
+}
