@@ -90,6 +90,7 @@ pub enum WorkerMessage {
     Progress(ProgressReport),
     Upload(Upload),
     Finished(Finished),
+    Refused(Refused),
     Goodbye(Goodbye),
 }
 
@@ -100,6 +101,7 @@ wire_message!(WorkerMessage {
     "progress" => ProgressReport,
     "upload" => Upload,
     "finished" => Finished,
+    "refused" => Refused,
     "goodbye" => Goodbye,
 });
 
@@ -205,6 +207,17 @@ pub struct Finished {
     pub outcome: Outcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loaded_model: Option<String>,
+}
+
+/// The worker cannot take an assignment because it is still running another
+/// attempt (one the broker may consider stale after a reconnect race). The broker
+/// requeues the refused job without using up an attempt and treats the worker as
+/// busy with `busy_with` until it reports that attempt's end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refused {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub busy_with: JobRef,
 }
 
 /// A worker's polite exit: its job (if any) is requeued at once instead of after

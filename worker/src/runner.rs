@@ -349,7 +349,10 @@ impl Session {
         let mut last_heard = Instant::now();
         let mut last_progress = Instant::now() - Duration::from_secs(1);
         let mut progress_due: Option<Instant> = None;
-        let mut beat = tokio::time::interval(Duration::from_millis(heartbeat_ms));
+        // The first beat comes one period after `register`, not at once: an
+        // immediate second `register` could race the broker's first assignment.
+        let period = Duration::from_millis(heartbeat_ms);
+        let mut beat = tokio::time::interval_at(Instant::now() + period, period);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let uploading = registered && self.cursor.is_some() && self.unacked.is_some();
@@ -382,7 +385,8 @@ impl Session {
                                 self.chunk_bytes = r.chunk_bytes.clamp(4096, 16 * 1024 * 1024);
                                 if r.heartbeat_ms != heartbeat_ms {
                                     heartbeat_ms = r.heartbeat_ms.max(10);
-                                    beat = tokio::time::interval(Duration::from_millis(heartbeat_ms));
+                                    let period = Duration::from_millis(heartbeat_ms);
+                                    beat = tokio::time::interval_at(Instant::now() + period, period);
                                 }
                                 liveness = r.liveness.max(1);
                                 if self.unacked.is_some() {
@@ -504,16 +508,10 @@ impl Session {
                 return Ok(()); // a duplicate
             }
             tracing::warn!(job = %a.job_id, busy_with = %busy.r.job_id, "assigned a job while busy; refusing it");
-            let err = JobError::new(
-                FailureKind::Internal,
-                format!("worker is busy with {}", busy.r.job_id),
-                true,
-            );
-            let msg = WorkerMessage::Finished(Finished {
+            let msg = WorkerMessage::Refused(Refused {
                 job_id: a.job_id,
                 attempt: a.attempt,
-                outcome: Outcome::Failed { error: err },
-                loaded_model: None,
+                busy_with: busy.r,
             });
             return self.send(conn, &msg).await;
         }

@@ -261,6 +261,7 @@ impl Core {
             queue_deadline_ms,
             run_deadline_ms: None,
             degrade: 0,
+            refusals: 0,
             progress: None,
             slot: None,
             class: 0,

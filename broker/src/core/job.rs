@@ -50,6 +50,9 @@ pub struct Job {
     /// Steps below the requested setting, raised after out-of-memory.
     #[serde(default)]
     pub degrade: u8,
+    /// Assignments a busy worker refused; they do not use up attempts.
+    #[serde(default)]
+    pub refusals: u32,
     #[serde(skip)]
     pub progress: Option<Progress>,
     #[serde(skip)]
@@ -85,6 +88,11 @@ fn unset_spec() -> Arc<JobSpec> {
 }
 
 impl Job {
+    /// Attempts that count against `max_attempts`.
+    pub fn attempts_used(&self) -> u32 {
+        self.attempt.saturating_sub(self.refusals)
+    }
+
     /// The state record of the job.
     pub fn state_record(&self) -> Vec<u8> {
         rmp_serde::to_vec_named(self).expect("job records encode")

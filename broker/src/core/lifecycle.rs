@@ -287,7 +287,7 @@ impl Core {
             self.change(now_ms, id, JobState::Cancelled, "cancelled", out);
             return;
         }
-        if error.retryable && job.attempt < job.max_attempts {
+        if error.retryable && job.attempts_used() < job.max_attempts {
             let note = format!("attempt {attempt} failed, requeued: {}", error.message);
             tracing::info!(job = %id, attempt, "{note}");
             job.worker = None;
@@ -302,7 +302,10 @@ impl Core {
                 FailureKind::MaxAttempts,
                 format!(
                     "gave up after {} of {} attempts; last failure ({:?}): {}",
-                    job.attempt, job.max_attempts, error.kind, error.message
+                    job.attempts_used(),
+                    job.max_attempts,
+                    error.kind,
+                    error.message
                 ),
                 false,
             )

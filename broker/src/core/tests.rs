@@ -1009,3 +1009,54 @@ fn out_of_memory_on_the_largest_gpu_degrades_when_allowed() {
     sim.finish("only", job, 4, Outcome::Failed { error: oom });
     assert_eq!(sim.state(job), JobState::Failed, "no lower setting left");
 }
+
+#[test]
+fn a_refused_assignment_costs_no_attempt_and_the_stale_work_is_stopped() {
+    let mut sim = Sim::new();
+    sim.register("w1", 8000);
+    let mut s = spec();
+    s.max_attempts = Some(1);
+    let (a, _) = sim.submit(s);
+    // The worker re-registers without the job (a reconnect race): attempt 1 is lost…
+    sim.register("w1", 8000);
+    let a2 = sim.core.job(a).unwrap().attempt;
+    assert_eq!(
+        sim.state(a),
+        JobState::Failed,
+        "one attempt allowed, and it was lost"
+    );
+    let (b, out) = sim.submit(spec());
+    assert_eq!(assigns(&out), [("w1".to_string(), b, 1)]);
+    // …but the worker was still running attempt 1 of `a`, so it refuses `b`.
+    let out = sim.worker(
+        "w1",
+        WorkerMessage::Refused(Refused {
+            job_id: b,
+            attempt: 1,
+            busy_with: JobRef {
+                job_id: a,
+                attempt: a2,
+            },
+        }),
+    );
+    assert_eq!(
+        cancels(&out),
+        [JobRef {
+            job_id: a,
+            attempt: a2
+        }],
+        "the stale work is stopped"
+    );
+    assert!(assigns(&out).is_empty(), "not offered again while busy");
+    let job = sim.core.job(b).unwrap();
+    assert_eq!((job.state, job.attempts_used()), (JobState::Queued, 0));
+    // When the stale attempt ends the worker is free and takes `b` again.
+    let out = sim.finish("w1", a, a2, Outcome::Cancelled);
+    assert_eq!(assigns(&out), [("w1".to_string(), b, 2)]);
+    sim.succeed("w1", b, 2);
+    assert_eq!(
+        sim.state(b),
+        JobState::Succeeded,
+        "max_attempts 1 was not used up by the refusal"
+    );
+}

@@ -124,6 +124,7 @@ impl Core {
                 )));
             }
             WorkerMessage::Upload(u) => self.on_upload(now_ms, idx, u, out),
+            WorkerMessage::Refused(r) => self.on_refused(now_ms, idx, r, out),
             WorkerMessage::Finished(f) => self.on_finished(now_ms, idx, f, out),
             WorkerMessage::Goodbye(g) => {
                 let reason = if g.reason.is_empty() {
@@ -237,6 +238,12 @@ impl Core {
             to_worker(out, peer.clone(), BrokerMessage::Cancel(running));
         }
         if let Some(done) = r.unacked.filter(|c| Some(*c) != current) {
+            self.stats.stale_results += 1;
+            tracing::warn!(
+                worker = %worker_id, job = %done.job_id, attempt = done.attempt,
+                "ignoring the result of stale attempt {} of {} held by a re-registering worker: the job has moved on",
+                done.attempt, done.job_id
+            );
             to_worker(out, peer, BrokerMessage::ResultAck(done));
         }
         if let Some(cur) = current {
@@ -478,6 +485,47 @@ impl Core {
                 self.ack_and_release(now_ms, idx, r, out);
             }
         }
+    }
+
+    /// The worker is still busy with another attempt: requeue the refused job
+    /// without charging it an attempt, count the worker busy with what it runs, and
+    /// stop that if it is stale.
+    fn on_refused(
+        &mut self,
+        now_ms: u64,
+        idx: WorkerIdx,
+        r: kiln_protocol::worker::Refused,
+        out: &mut Vec<Output>,
+    ) {
+        let refused = JobRef {
+            job_id: r.job_id,
+            attempt: r.attempt,
+        };
+        let wid = self.workers.get(idx).id.clone();
+        tracing::warn!(worker = %wid, job = %r.job_id, busy_with = %r.busy_with.job_id, "worker refused an assignment while busy");
+        if self.is_current(idx, refused) {
+            if let Some(job) = self.jobs.get_mut(&r.job_id) {
+                job.refusals += 1;
+            }
+            let err = JobError::new(
+                FailureKind::WorkerLost,
+                format!(
+                    "{wid} was still busy with attempt {} of {}",
+                    r.busy_with.attempt, r.busy_with.job_id
+                ),
+                true,
+            );
+            self.end_attempt(now_ms, r.job_id, err, out);
+        }
+        let peer = self.workers.get(idx).peer.clone();
+        self.workers.get_mut(idx).current = Some(r.busy_with);
+        if !self.is_current(idx, r.busy_with) {
+            if let Some(peer) = peer {
+                to_worker(out, peer, BrokerMessage::Cancel(r.busy_with));
+            }
+        }
+        self.workers.refresh_idle(idx);
+        self.publish_worker(now_ms, idx, out);
     }
 
     /// Out of memory on this GPU: the next attempt needs a bigger one. If the
