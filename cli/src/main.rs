@@ -74,6 +74,10 @@ enum Command {
 enum ConfigCommand {
     /// Load and validate the configuration and print it (tokens redacted).
     Check,
+    /// Print the systemd drop-in that opens the broker's ports to
+    /// `broker.allowed_networks` (install it as
+    /// /etc/systemd/system/kiln-broker.service.d/network.conf).
+    Fence,
 }
 
 fn main() -> std::process::ExitCode {
@@ -106,6 +110,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Config {
             command: ConfigCommand::Check,
         } => commands::fleet::config_check(&cfg, &files, cli.json),
+        Command::Config {
+            command: ConfigCommand::Fence,
+        } => commands::fleet::config_fence(&cfg),
         Command::GpuInfo => commands::fleet::gpu_info(&cfg, cli.json),
         command => {
             let client = client(&cfg, &cli.broker, &cli.events, &cli.token)?;

@@ -88,6 +88,9 @@ pub struct BrokerConfig {
     pub worker_token_file: Option<PathBuf>,
     pub limits: Limits,
     pub retention: RetentionConfig,
+    /// Networks (CIDR) besides loopback allowed to reach the broker's ports; the
+    /// systemd unit is fenced to them (`kiln config fence` prints the drop-in).
+    pub allowed_networks: Vec<String>,
 }
 
 impl Default for BrokerConfig {
@@ -112,6 +115,7 @@ impl Default for BrokerConfig {
             worker_token_file: None,
             limits: Limits::default(),
             retention: RetentionConfig::default(),
+            allowed_networks: Vec::new(),
         }
     }
 }
@@ -338,6 +342,14 @@ impl KilnConfig {
         if b.default_max_attempts == 0 {
             return invalid("broker.default_max_attempts", "must be at least 1");
         }
+        for net in &b.allowed_networks {
+            if !is_cidr(net) {
+                return invalid(
+                    "broker.allowed_networks",
+                    &format!("{net:?} is not a network like 10.0.0.0/24 or fd00::/64"),
+                );
+            }
+        }
         if b.peer_queue < 16 {
             return invalid("broker.peer_queue", "must be at least 16");
         }
@@ -445,6 +457,19 @@ fn describe(err: figment::Error) -> ConfigError {
     )
 }
 
+/// `10.0.0.0/24`, `192.168.1.7`, `fd00::/64`: an address with an optional prefix
+/// length that fits it.
+fn is_cidr(s: &str) -> bool {
+    let (addr, prefix) = s.split_once('/').map_or((s, None), |(a, p)| (a, Some(p)));
+    match addr.parse::<std::net::IpAddr>() {
+        Ok(ip) => {
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            prefix.is_none_or(|p| p.parse::<u8>().is_ok_and(|p| p <= max))
+        }
+        Err(_) => false,
+    }
+}
+
 /// True when `path` names a loopback or local-socket endpoint.
 pub fn is_loopback_endpoint(ep: &str) -> bool {
     if ep.starts_with("ipc://") {
@@ -535,6 +560,16 @@ mod tests {
             assert!(err.contains("client.broker"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn networks_must_be_cidrs() {
+        for ok in ["10.0.0.0/24", "192.168.1.7", "fd00::/64"] {
+            assert!(is_cidr(ok), "{ok}");
+        }
+        for bad in ["10.0.0.0/33", "ten", "10.0.0/8", "fd00::/129", ""] {
+            assert!(!is_cidr(bad), "{bad}");
+        }
     }
 
     #[test]
