@@ -12,6 +12,7 @@
 
 pub mod logging;
 mod secret;
+mod wan2gp;
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,7 @@ use kiln_protocol::Limits;
 use serde::{Deserialize, Serialize};
 
 pub use secret::{resolve as resolve_secret, Secret};
+pub use wan2gp::{parse_resolution, DefaultModels, VramRow, VramTable, Wan2gpConfig, WAN2GP_PROFILES};
 
 /// Everything that can be wrong with a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +159,8 @@ pub struct WorkerConfig {
     /// Scratch space for outputs before upload.
     pub work_dir: Option<PathBuf>,
     pub sim: SimConfig,
+    /// The Wan2GP backend (`[worker.wan2gp]`).
+    pub wan2gp: Wan2gpConfig,
 }
 
 impl Default for WorkerConfig {
@@ -173,6 +177,7 @@ impl Default for WorkerConfig {
             liveness: kiln_protocol::HEARTBEAT_LIVENESS,
             work_dir: None,
             sim: SimConfig::default(),
+            wan2gp: Wan2gpConfig::default(),
         }
     }
 }
@@ -351,6 +356,7 @@ impl KilnConfig {
         if self.worker.sim.max_side < 8 {
             return invalid("worker.sim.max_side", "must be at least 8");
         }
+        self.worker.wan2gp.validate()?;
         Ok(self)
     }
 
