@@ -25,6 +25,8 @@ pub enum BuildError {
     Config(#[from] ConfigError),
     #[error("backend {0} is not available in this build of the worker")]
     Unsupported(Kind),
+    #[error(transparent)]
+    Wan2gp(#[from] backends::wan2gp::SetupError),
 }
 
 /// Builds a worker and its backends from the config.
@@ -34,15 +36,28 @@ pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
         .id
         .clone()
         .unwrap_or_else(|| format!("{}-gpu{}", runner::hostname(), w.gpu.index));
+    let sim_only = w.backends.iter().all(|b| *b == Kind::Sim);
+    let probe = gpu::GpuProbe::from_config(&w.gpu, sim_only);
+    let work_dir = w
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("kiln-worker-{worker_id}")));
     let mut backends: Vec<Arc<dyn backend::Backend>> = Vec::new();
     for kind in &w.backends {
         match kind {
             Kind::Sim => backends.push(Arc::new(backends::sim::SimBackend::new(w.sim.clone()))),
+            Kind::Wan2gp => {
+                let place = backends::wan2gp::Placement {
+                    worker_id: worker_id.clone(),
+                    work_dir: work_dir.clone(),
+                    gpu: probe.probe().ok(),
+                    gpu_index: w.gpu.index,
+                };
+                backends.push(Arc::new(backends::wan2gp::Wan2gpBackend::new(&w.wan2gp, &place)?));
+            }
             other => return Err(BuildError::Unsupported(*other)),
         }
     }
-    let sim_only = w.backends.iter().all(|b| *b == Kind::Sim);
-    let probe = gpu::GpuProbe::from_config(&w.gpu, sim_only);
     if let Some(why) = probe.nvml_unavailable() {
         if !w.gpu.nvml {
             tracing::info!("NVML disabled in the config; using the GPU declared in [worker.gpu]");
@@ -54,10 +69,6 @@ pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
             tracing::warn!("NVML is not available ({why}) and no GPU is declared in [worker.gpu]");
         }
     }
-    let work_dir = w
-        .work_dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("kiln-worker-{worker_id}")));
     let settings = WorkerSettings {
         worker_id,
         broker: w.broker.clone(),
