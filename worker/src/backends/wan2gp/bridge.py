@@ -511,6 +511,28 @@ QUERIES = {
 }
 
 
+class InitOutput:
+    """sys.stdout during WanGP's start-up: passes writes on, keeps the last lines."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.lines = collections.deque(maxlen=20)
+        self._buf = ""
+
+    def write(self, text):
+        self.stream.write(text)
+        self._buf += text
+        *done, self._buf = self._buf.replace("\r", "\n").split("\n")
+        self.lines.extend(line.strip() for line in done if line.strip())
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def log(text):
     # sys.__stderr__: WanGP may have swapped sys.stderr for a job.
     stream = sys.__stderr__ or sys.stderr
@@ -556,6 +578,10 @@ def main(argv):
     os.chdir(root)
     if root not in sys.path:
         sys.path.insert(0, root)
+    # WanGP explains most start-up failures on stdout (then calls exit()): keep
+    # the last lines for the report.
+    tee = InitOutput(sys.stdout)
+    sys.stdout = tee
     try:
         from shared import api
         session = api.init(root=root, config_path=os.path.join(config_dir, "wgp_config.json"),
@@ -563,8 +589,13 @@ def main(argv):
                            console_output=False, console_isatty=False)
     except BaseException as e:  # SystemExit too: a wrong mmgp version calls exit()
         log(traceback.format_exc())
-        chan.send("init_failed", message="%s: %s" % (type(e).__name__, e))
+        message = "%s: %s" % (type(e).__name__, e)
+        if tee.lines:
+            message += " (WanGP said: %s)" % " | ".join(list(tee.lines)[-3:])
+        chan.send("init_failed", message=message)
         os._exit(3)
+    finally:
+        sys.stdout = tee.stream
     bridge = Bridge(chan, api, session, args)
     chan.send("ready", **bridge.ready_info())
     threading.Thread(target=bridge.heartbeat, name="kiln-heartbeat", daemon=True).start()

@@ -18,6 +18,9 @@ mod progress;
 pub mod protocol;
 pub mod supervisor;
 
+#[cfg(test)]
+mod bridge_tests;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

@@ -668,7 +668,9 @@ impl Actor {
             self.reap(&why).await;
             return retryable(FailureKind::Backend, why);
         }
-        live.jobs += 1;
+        if let Work::Submit(_) = job.work {
+            live.jobs += 1;
+        }
         let mut mapper = job.progress.clone().map(ProgressMapper::new);
         let mut last_activity = Instant::now();
         let mut cancel_sent: Option<Instant> = None;
