@@ -22,7 +22,9 @@ use kiln_protocol::Limits;
 use serde::{Deserialize, Serialize};
 
 pub use secret::{resolve as resolve_secret, Secret};
-pub use wan2gp::{parse_resolution, DefaultModels, VramRow, VramTable, Wan2gpConfig, WAN2GP_PROFILES};
+pub use wan2gp::{
+    parse_resolution, DefaultModels, VramRow, VramTable, Wan2gpConfig, WAN2GP_PROFILES,
+};
 
 /// Everything that can be wrong with a configuration.
 #[derive(Debug, thiserror::Error)]

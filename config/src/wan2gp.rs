@@ -213,7 +213,10 @@ impl VramTable {
 
     /// Checks every row and that rows go from the largest GPU to the smallest.
     pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
-        let bad = |message: String| ConfigError::Invalid { key: key.into(), message };
+        let bad = |message: String| ConfigError::Invalid {
+            key: key.into(),
+            message,
+        };
         if self.0.is_empty() {
             return Err(bad("needs at least one row".into()));
         }
@@ -225,13 +228,18 @@ impl VramTable {
                 )));
             }
             if parse_resolution(&r.max_resolution).is_none() {
-                return Err(bad(format!("row {i}: max_resolution {:?} is not WIDTHxHEIGHT", r.max_resolution)));
+                return Err(bad(format!(
+                    "row {i}: max_resolution {:?} is not WIDTHxHEIGHT",
+                    r.max_resolution
+                )));
             }
             if r.max_frames == 0 {
                 return Err(bad(format!("row {i}: max_frames must be at least 1")));
             }
             if i > 0 && r.min_vram_mb >= self.0[i - 1].min_vram_mb {
-                return Err(bad(format!("row {i}: rows must go from the largest min_vram_mb to the smallest")));
+                return Err(bad(format!(
+                    "row {i}: rows must go from the largest min_vram_mb to the smallest"
+                )));
             }
         }
         Ok(())
@@ -244,16 +252,26 @@ impl Wan2gpConfig {
         for (key, value, min) in [
             ("worker.wan2gp.ready_timeout_s", self.ready_timeout_s, 0.1),
             ("worker.wan2gp.heartbeat_s", self.heartbeat_s, 0.05),
-            ("worker.wan2gp.heartbeat_timeout_s", self.heartbeat_timeout_s, 0.1),
+            (
+                "worker.wan2gp.heartbeat_timeout_s",
+                self.heartbeat_timeout_s,
+                0.1,
+            ),
             ("worker.wan2gp.stall_timeout_s", self.stall_timeout_s, 0.1),
             ("worker.wan2gp.cancel_grace_s", self.cancel_grace_s, 0.0),
             ("worker.wan2gp.kill_grace_s", self.kill_grace_s, 0.0),
-            ("worker.wan2gp.progress_interval_s", self.progress_interval_s, 0.0),
+            (
+                "worker.wan2gp.progress_interval_s",
+                self.progress_interval_s,
+                0.0,
+            ),
         ] {
             if !(value.is_finite() && value >= min && value <= 7.0 * 24.0 * 3600.0) {
                 return Err(ConfigError::Invalid {
                     key: key.into(),
-                    message: format!("must be a number of seconds from {min} to one week, got {value}"),
+                    message: format!(
+                        "must be a number of seconds from {min} to one week, got {value}"
+                    ),
                 });
             }
         }
@@ -275,11 +293,19 @@ mod tests {
     fn default_table_is_valid_and_uses_real_profiles() {
         let t = VramTable::default();
         t.validate("t").unwrap();
-        assert_eq!(t.row_for(24_564).unwrap().max_frames, 169, "a 24 GB card reports a little less");
+        assert_eq!(
+            t.row_for(24_564).unwrap().max_frames,
+            169,
+            "a 24 GB card reports a little less"
+        );
         assert_eq!(t.row_for(16_376).unwrap().max_resolution, "1280x720");
         assert_eq!(t.row_for(12_288).unwrap().max_frames, 97);
         assert_eq!(t.row_for(8_192).unwrap().max_frames, 73);
-        assert_eq!(t.row_for(81_920).unwrap().profile, 3.0, "bigger cards use the top row");
+        assert_eq!(
+            t.row_for(81_920).unwrap().profile,
+            3.0,
+            "bigger cards use the top row"
+        );
         assert!(t.row_for(4_096).is_none());
         assert_eq!(t.row_for(8_192).unwrap().profile_arg(), "4.5");
         assert_eq!(t.rows()[0].profile_arg(), "3");
@@ -289,10 +315,18 @@ mod tests {
     fn bad_rows_name_the_problem() {
         let mut t = VramTable::default();
         t.0[1].profile = 0.0;
-        assert!(t.validate("k").unwrap_err().to_string().contains("profile 0"));
+        assert!(t
+            .validate("k")
+            .unwrap_err()
+            .to_string()
+            .contains("profile 0"));
         let mut t = VramTable::default();
         t.0[2].max_resolution = "big".into();
-        assert!(t.validate("k").unwrap_err().to_string().contains("WIDTHxHEIGHT"));
+        assert!(t
+            .validate("k")
+            .unwrap_err()
+            .to_string()
+            .contains("WIDTHxHEIGHT"));
         let mut t = VramTable::default();
         t.0.swap(0, 1);
         assert!(t.validate("k").unwrap_err().to_string().contains("largest"));
@@ -301,7 +335,11 @@ mod tests {
             heartbeat_s: 5.0,
             ..Wan2gpConfig::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("heartbeat_timeout_s"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("heartbeat_timeout_s"));
     }
 
     #[test]
@@ -319,6 +357,7 @@ mod example {
 
     /// The documented example in `config/kiln.example.toml` must load as written.
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure returns figment::Error
     fn the_example_wan2gp_block_loads() {
         // Inside a Jail: other tests set KILN_* variables process-wide meanwhile.
         figment::Jail::expect_with(|_| {
@@ -333,7 +372,11 @@ mod example {
         let w = &cfg.worker.wan2gp;
         assert_eq!(cfg.worker.backends, [kiln_protocol::Backend::Wan2gp]);
         assert_eq!(w.root.as_deref(), Some(std::path::Path::new("/opt/Wan2GP")));
-        assert_eq!(w.vram_table, super::VramTable::default(), "the example shows the default table");
+        assert_eq!(
+            w.vram_table,
+            super::VramTable::default(),
+            "the example shows the default table"
+        );
         assert_eq!(w.ready_timeout_s, 600.0);
         assert_eq!(w.env.get("HF_HUB_OFFLINE").map(String::as_str), Some("1"));
         assert_eq!(w.warmup_model.as_deref(), Some("t2v_2_2"));

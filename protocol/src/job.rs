@@ -322,7 +322,11 @@ pub fn safe_file_name(name: &str) -> Option<&str> {
 /// The media type of a file, guessed from its extension (generators name their
 /// outputs `.png`, `.mp4`, …); `application/octet-stream` when unknown.
 pub fn media_type_for(name: &str) -> &'static str {
-    match name.rsplit_once('.').map(|(_, ext)| ext.to_ascii_lowercase()).as_deref() {
+    match name
+        .rsplit_once('.')
+        .map(|(_, ext)| ext.to_ascii_lowercase())
+        .as_deref()
+    {
         Some("png") => "image/png",
         Some("jpg" | "jpeg") => "image/jpeg",
         Some("webp") => "image/webp",

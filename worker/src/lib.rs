@@ -53,7 +53,9 @@ pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
                     gpu: probe.probe().ok(),
                     gpu_index: w.gpu.index,
                 };
-                backends.push(Arc::new(backends::wan2gp::Wan2gpBackend::new(&w.wan2gp, &place)?));
+                backends.push(Arc::new(backends::wan2gp::Wan2gpBackend::new(
+                    &w.wan2gp, &place,
+                )?));
             }
             other => return Err(BuildError::Unsupported(*other)),
         }

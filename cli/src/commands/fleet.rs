@@ -134,14 +134,21 @@ pub fn gpu_info(cfg: &KilnConfig, json: bool) -> anyhow::Result<ExitCode> {
                     "  wan2gp   profile {}, video up to {} and {} frames",
                     row.profile, row.max_resolution, row.max_frames
                 ),
-                None => println!("  wan2gp   below the smallest row of the VRAM table: small image models only"),
+                None => println!(
+                    "  wan2gp   below the smallest row of the VRAM table: small image models only"
+                ),
             }
         }
         println!();
         println!("Wan2GP VRAM table ([worker.wan2gp.vram_table]; a card qualifies with 6% less than a row's minimum):");
         let mut t = Table::new(["MIN VRAM GiB", "PROFILE", "MAX RESOLUTION", "MAX FRAMES"]);
         for row in table.rows() {
-            t.row([gib(row.min_vram_mb), row.profile_arg(), row.max_resolution.clone(), row.max_frames.to_string()]);
+            t.row([
+                gib(row.min_vram_mb),
+                row.profile_arg(),
+                row.max_resolution.clone(),
+                row.max_frames.to_string(),
+            ]);
         }
         t.print();
     }

@@ -241,10 +241,11 @@ class Bridge:
         job_id = cmd.get("job_id")
         with self.lock:
             active = self.active
+        # The ack first, so it always precedes the job's terminal message.
+        self.chan.send("cancel_ack", job_id=job_id)
         if active is not None and active.job_id == job_id:
             active.cancel_requested = True
             active.job.cancel()
-        self.chan.send("cancel_ack", job_id=job_id)
 
     def on_warmup(self, cmd):
         job_id = str(cmd.get("job_id") or "warmup")

@@ -52,7 +52,10 @@ pub enum SetupError {
     )]
     NotWan2gp(PathBuf),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the wan2gp backend must be built inside a tokio runtime")]
     NoRuntime,
 }
@@ -77,88 +80,20 @@ pub struct Wan2gpBackend {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SetupError + '_ {
-    move |source| SetupError::Io { path: path.to_path_buf(), source }
+    move |source| SetupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl Wan2gpBackend {
     /// Checks the install, writes the bridge script and starts supervising it.
     pub fn new(cfg: &Wan2gpConfig, place: &Placement) -> Result<Wan2gpBackend, SetupError> {
         tokio::runtime::Handle::try_current().map_err(|_| SetupError::NoRuntime)?;
-        let root = cfg.root.clone().ok_or(SetupError::NoRoot)?;
-        let root = std::path::absolute(&root).map_err(io_err(&root))?;
-        if !root.join("shared").join("api.py").is_file() {
-            return Err(SetupError::NotWan2gp(root));
-        }
-        let base = std::path::absolute(place.work_dir.join("wan2gp")).map_err(io_err(&place.work_dir))?;
-        let config_dir = cfg.config_dir.clone().unwrap_or_else(|| base.join("config"));
-        let output_dir = cfg.output_dir.clone().unwrap_or_else(|| base.join("outputs"));
-        for dir in [&base, &config_dir, &output_dir] {
-            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        }
-        let script = base.join("kiln_wan2gp_bridge.py");
-        std::fs::write(&script, BRIDGE_SCRIPT).map_err(io_err(&script))?;
-
-        let table = cfg.vram_table.rows();
-        let vram = place.gpu.as_ref().map(|g| g.total_vram_mb);
-        let gpu_row = match vram.and_then(|mb| cfg.vram_table.row_index_for(mb)) {
-            Some(i) => i,
-            None => {
-                tracing::warn!(
-                    vram_mb = ?vram,
-                    "this GPU is below every row of worker.wan2gp.vram_table (or unknown); using the smallest row"
-                );
-                table.len() - 1
-            }
-        };
-        let row = &table[gpu_row];
-        let mut cli_args = cfg.args.clone();
-        if !cli_args.iter().any(|a| a == "--profile" || a.starts_with("--profile=")) {
-            cli_args.extend(["--profile".to_string(), row.profile_arg()]);
-        }
-        let mut env = vec![("PYTHONUNBUFFERED".to_string(), "1".to_string())];
-        if cfg.pin_gpu {
-            let device = place
-                .gpu
-                .as_ref()
-                .map(|g| g.uuid.clone())
-                .filter(|u| !u.is_empty())
-                .unwrap_or_else(|| place.gpu_index.to_string());
-            env.push(("CUDA_VISIBLE_DEVICES".into(), device));
-            env.push(("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()));
-        }
-        env.extend(cfg.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let mut args: Vec<std::ffi::OsString> = vec![
-            script.into(),
-            "--root".into(),
-            root.clone().into(),
-            "--config-dir".into(),
-            config_dir.into(),
-            "--output-dir".into(),
-            output_dir.into(),
-            "--ipc-fd".into(),
-            process::IPC_FD.to_string().into(),
-            "--heartbeat-s".into(),
-            cfg.heartbeat_s.to_string().into(),
-            "--progress-interval-s".into(),
-            cfg.progress_interval_s.to_string().into(),
-            "--".into(),
-        ];
-        args.extend(cli_args.iter().map(Into::into));
-        tracing::info!(
-            root = %root.display(),
-            python = %cfg.python.display(),
-            profile = %row.profile,
-            vram_row_mb = row.min_vram_mb,
-            "starting the Wan2GP backend (uses {GENERATOR}; see its licence)"
-        );
+        let (launch, gpu_row) = prepare(cfg, place)?;
         let secs = Duration::from_secs_f64;
         let sup = Supervisor::start(supervisor::Settings {
-            launch: process::Launch {
-                python: cfg.python.clone(),
-                args,
-                env,
-                log_prefix: format!("wan2gp {}", place.worker_id),
-            },
+            launch,
             ready_timeout: secs(cfg.ready_timeout_s),
             heartbeat_timeout: secs(cfg.heartbeat_timeout_s),
             stall_timeout: secs(cfg.stall_timeout_s),
@@ -178,7 +113,11 @@ impl Wan2gpBackend {
 
     /// Everything [`params::plan`] needs to know about a model type, fresh from
     /// Wan2GP (LoRAs come and go).
-    async fn facts(&self, model: &str, cancel: &CancellationToken) -> Result<(ModelFacts, bool), RunError> {
+    async fn facts(
+        &self,
+        model: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(ModelFacts, bool), RunError> {
         let info = self
             .sup
             .query("model_info", json!({ "model_type": model }), cancel)
@@ -190,15 +129,28 @@ impl Wan2gpBackend {
                     format!("job.model: Wan2GP does not know model type {model:?} ({why})"),
                     false,
                 )),
-                QueryError::Unavailable(why) => RunError::Failed(JobError::new(FailureKind::Backend, why, true)),
+                QueryError::Unavailable(why) => {
+                    RunError::Failed(JobError::new(FailureKind::Backend, why, true))
+                }
             })?;
-        let object = |key: &str| info.get(key).and_then(Value::as_object).cloned().unwrap_or_default();
+        let object = |key: &str| {
+            info.get(key)
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default()
+        };
         let loras = info
             .get("loras")
             .filter(|l| l.get("supported").and_then(Value::as_bool) != Some(false))
             .and_then(|l| l.get("loras"))
             .and_then(Value::as_array)
-            .map(|names| names.iter().filter_map(Value::as_str).map(String::from).collect());
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(String::from)
+                    .collect()
+            });
         let available = info
             .get("availability")
             .and_then(|a| a.get("available"))
@@ -220,9 +172,12 @@ impl Wan2gpBackend {
             return Ok(None);
         }
         let Some(input) = job.spec.inputs.first() else {
-            return Err(invalid("image_to_video needs the start image in job.inputs"));
+            return Err(invalid(
+                "image_to_video needs the start image in job.inputs",
+            ));
         };
-        let is_image = input.media_type.starts_with("image/") || media_type_for(&input.name).starts_with("image/");
+        let is_image = input.media_type.starts_with("image/")
+            || media_type_for(&input.name).starts_with("image/");
         if !is_image {
             return Err(invalid(format!(
                 "job.inputs[0] ({}, {}) must be an image",
@@ -234,9 +189,101 @@ impl Wan2gpBackend {
         let dir = std::path::absolute(&job.work_dir).map_err(internal)?;
         tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
         let path = dir.join(format!("input_{name}"));
-        tokio::fs::write(&path, &input.data).await.map_err(internal)?;
+        tokio::fs::write(&path, &input.data)
+            .await
+            .map_err(internal)?;
         Ok(Some(path))
     }
+}
+
+/// Checks the install, writes the bridge script, and works out how to run it:
+/// the command line (with the memory profile of this GPU's row unless the config
+/// forces one), the environment (GPU pinning) and this GPU's row of the table.
+fn prepare(cfg: &Wan2gpConfig, place: &Placement) -> Result<(process::Launch, usize), SetupError> {
+    let root = cfg.root.clone().ok_or(SetupError::NoRoot)?;
+    let root = std::path::absolute(&root).map_err(io_err(&root))?;
+    if !root.join("shared").join("api.py").is_file() {
+        return Err(SetupError::NotWan2gp(root));
+    }
+    let base =
+        std::path::absolute(place.work_dir.join("wan2gp")).map_err(io_err(&place.work_dir))?;
+    let config_dir = cfg
+        .config_dir
+        .clone()
+        .unwrap_or_else(|| base.join("config"));
+    let output_dir = cfg
+        .output_dir
+        .clone()
+        .unwrap_or_else(|| base.join("outputs"));
+    for dir in [&base, &config_dir, &output_dir] {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    let script = base.join("kiln_wan2gp_bridge.py");
+    std::fs::write(&script, BRIDGE_SCRIPT).map_err(io_err(&script))?;
+
+    let table = cfg.vram_table.rows();
+    let vram = place.gpu.as_ref().map(|g| g.total_vram_mb);
+    let gpu_row = match vram.and_then(|mb| cfg.vram_table.row_index_for(mb)) {
+        Some(i) => i,
+        None => {
+            tracing::warn!(
+                vram_mb = ?vram,
+                "this GPU is below every row of worker.wan2gp.vram_table (or unknown); using the smallest row"
+            );
+            table.len() - 1
+        }
+    };
+    let row = &table[gpu_row];
+    let mut cli_args = cfg.args.clone();
+    if !cli_args
+        .iter()
+        .any(|a| a == "--profile" || a.starts_with("--profile="))
+    {
+        cli_args.extend(["--profile".to_string(), row.profile_arg()]);
+    }
+    let mut env = vec![("PYTHONUNBUFFERED".to_string(), "1".to_string())];
+    if cfg.pin_gpu {
+        let device = place
+            .gpu
+            .as_ref()
+            .map(|g| g.uuid.clone())
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| place.gpu_index.to_string());
+        env.push(("CUDA_VISIBLE_DEVICES".into(), device));
+        env.push(("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()));
+    }
+    env.extend(cfg.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let mut args: Vec<std::ffi::OsString> = vec![
+        script.into(),
+        "--root".into(),
+        root.clone().into(),
+        "--config-dir".into(),
+        config_dir.into(),
+        "--output-dir".into(),
+        output_dir.into(),
+        "--ipc-fd".into(),
+        process::IPC_FD.to_string().into(),
+        "--heartbeat-s".into(),
+        cfg.heartbeat_s.to_string().into(),
+        "--progress-interval-s".into(),
+        cfg.progress_interval_s.to_string().into(),
+        "--".into(),
+    ];
+    args.extend(cli_args.iter().map(Into::into));
+    tracing::info!(
+        root = %root.display(),
+        python = %cfg.python.display(),
+        profile = %row.profile,
+        vram_row_mb = row.min_vram_mb,
+        "starting the Wan2GP backend (uses {GENERATOR}; see its licence)"
+    );
+    let launch = process::Launch {
+        python: cfg.python.clone(),
+        args,
+        env,
+        log_prefix: format!("wan2gp {}", place.worker_id),
+    };
+    Ok((launch, gpu_row))
 }
 
 fn invalid(msg: impl Into<String>) -> RunError {
@@ -244,7 +291,11 @@ fn invalid(msg: impl Into<String>) -> RunError {
 }
 
 fn internal(e: std::io::Error) -> RunError {
-    RunError::Failed(JobError::new(FailureKind::Internal, format!("job files: {e}"), true))
+    RunError::Failed(JobError::new(
+        FailureKind::Internal,
+        format!("job files: {e}"),
+        true,
+    ))
 }
 
 /// Moves an output out of Wan2GP's folder into the attempt's scratch space, so the
@@ -253,7 +304,12 @@ async fn adopt(file: &Path, work_dir: &Path) -> Result<OutputFile, RunError> {
     let name = file
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| invalid(format!("Wan2GP reported an output without a file name: {}", file.display())))?;
+        .ok_or_else(|| {
+            invalid(format!(
+                "Wan2GP reported an output without a file name: {}",
+                file.display()
+            ))
+        })?;
     if !tokio::fs::try_exists(file).await.unwrap_or(false) {
         return Err(RunError::Failed(JobError::new(
             FailureKind::Backend,
@@ -261,7 +317,9 @@ async fn adopt(file: &Path, work_dir: &Path) -> Result<OutputFile, RunError> {
             true,
         )));
     }
-    tokio::fs::create_dir_all(work_dir).await.map_err(internal)?;
+    tokio::fs::create_dir_all(work_dir)
+        .await
+        .map_err(internal)?;
     let dest = work_dir.join(&name);
     if tokio::fs::rename(file, &dest).await.is_err() {
         tokio::fs::copy(file, &dest).await.map_err(internal)?;
@@ -279,18 +337,39 @@ async fn adopt(file: &Path, work_dir: &Path) -> Result<OutputFile, RunError> {
 /// are not (`model_type:not_downloaded`), and LoRAs (`lora`).
 pub fn inventory_entries(inventory: &Value, download_missing: bool) -> Vec<ModelEntry> {
     let mut out = Vec::new();
-    for m in inventory.get("models").and_then(Value::as_array).into_iter().flatten() {
-        let Some(name) = m.get("model_type").and_then(Value::as_str) else { continue };
+    for m in inventory
+        .get("models")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(name) = m.get("model_type").and_then(Value::as_str) else {
+            continue;
+        };
         let present = m.get("available").and_then(Value::as_bool).unwrap_or(false);
         if present {
-            out.push(ModelEntry { name: name.into(), kind: "model_type".into() });
+            out.push(ModelEntry {
+                name: name.into(),
+                kind: "model_type".into(),
+            });
         } else if download_missing {
-            out.push(ModelEntry { name: name.into(), kind: "model_type:not_downloaded".into() });
+            out.push(ModelEntry {
+                name: name.into(),
+                kind: "model_type:not_downloaded".into(),
+            });
         }
     }
-    for l in inventory.get("loras").and_then(Value::as_array).into_iter().flatten() {
+    for l in inventory
+        .get("loras")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         if let Some(name) = l.as_str() {
-            out.push(ModelEntry { name: name.into(), kind: "lora".into() });
+            out.push(ModelEntry {
+                name: name.into(),
+                kind: "lora".into(),
+            });
         }
     }
     out.sort();
@@ -324,7 +403,9 @@ impl Backend for Wan2gpBackend {
         let ready = self.sup.snapshot().ready?;
         let total = ready.vram_total_mb?;
         Some(GpuInfo {
-            name: ready.cuda_device_name.unwrap_or_else(|| "CUDA device".into()),
+            name: ready
+                .cuda_device_name
+                .unwrap_or_else(|| "CUDA device".into()),
             total_vram_mb: total,
             free_vram_mb: total,
             source: GpuSource::Backend,
@@ -332,7 +413,12 @@ impl Backend for Wan2gpBackend {
         })
     }
 
-    async fn run(&self, job: JobRun, progress: ProgressSink, cancel: CancellationToken) -> Result<RunOutput, RunError> {
+    async fn run(
+        &self,
+        job: JobRun,
+        progress: ProgressSink,
+        cancel: CancellationToken,
+    ) -> Result<RunOutput, RunError> {
         let started = Instant::now();
         let spec = job.spec.clone();
         let model = params::model_type(&spec, &self.cfg.default_models)?;
@@ -364,7 +450,11 @@ impl Backend for Wan2gpBackend {
         if let Some(note) = plan.info.get("adjusted").and_then(Value::as_str) {
             tracing::info!(job = %job.job_id, "{note}");
         }
-        let finished = match self.sup.run_job(key, plan.settings, progress.clone(), cancel).await {
+        let finished = match self
+            .sup
+            .run_job(key, plan.settings, progress.clone(), cancel)
+            .await
+        {
             JobEnd::Done(f) => f,
             JobEnd::Failed(e) => return Err(RunError::Failed(e)),
             JobEnd::Cancelled => return Err(RunError::Cancelled),
@@ -392,9 +482,15 @@ impl Backend for Wan2gpBackend {
             .into(),
         );
         info.insert("model_load".into(), finished.loaded_model.into());
-        info.insert("generation_s".into(), json!((finished.elapsed_s * 1000.0).round() / 1000.0));
+        info.insert(
+            "generation_s".into(),
+            json!((finished.elapsed_s * 1000.0).round() / 1000.0),
+        );
         info.insert("bridge_pid".into(), finished.bridge_pid.into());
-        info.insert("run_ms".into(), (started.elapsed().as_millis() as u64).into());
+        info.insert(
+            "run_ms".into(),
+            (started.elapsed().as_millis() as u64).into(),
+        );
         progress.stage(100.0, "done");
         Ok(RunOutput { outputs, info })
     }
@@ -417,11 +513,17 @@ mod tests {
             ],
             "loras": ["wan/kiln_style.safetensors"],
         });
-        let names = |entries: Vec<ModelEntry>| entries.into_iter().map(|e| format!("{}={}", e.name, e.kind)).collect::<Vec<_>>();
+        let names = |entries: Vec<ModelEntry>| {
+            entries
+                .into_iter()
+                .map(|e| format!("{}={}", e.name, e.kind))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
             names(inventory_entries(&inv, false)),
             ["t2v_2_2=model_type", "wan/kiln_style.safetensors=lora"]
         );
-        assert!(names(inventory_entries(&inv, true)).contains(&"ltx2_22B=model_type:not_downloaded".to_string()));
+        assert!(names(inventory_entries(&inv, true))
+            .contains(&"ltx2_22B=model_type:not_downloaded".to_string()));
     }
 }

@@ -76,7 +76,12 @@ pub struct ModelFacts {
 
 impl ModelFacts {
     fn frames_grid(&self) -> (u32, u32) {
-        let get = |k: &str, d: u32| self.metadata.get(k).and_then(Value::as_u64).map_or(d, |v| v.max(1) as u32);
+        let get = |k: &str, d: u32| {
+            self.metadata
+                .get(k)
+                .and_then(Value::as_u64)
+                .map_or(d, |v| v.max(1) as u32)
+        };
         (get("frames_minimum", 5), get("frames_steps", 4))
     }
 
@@ -91,7 +96,10 @@ impl ModelFacts {
 
     /// Whether the model can do `task`; unknown when Wan2GP does not say.
     fn supports(&self, task: Task) -> Option<bool> {
-        self.metadata.get("capabilities")?.get(task.as_str())?.as_bool()
+        self.metadata
+            .get("capabilities")?
+            .get(task.as_str())?
+            .as_bool()
     }
 }
 
@@ -132,7 +140,9 @@ fn float_param(spec: &JobSpec, key: &str, min: f64, max: f64) -> Result<Option<f
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_f64() {
             Some(f) if f.is_finite() && (min..=max).contains(&f) => Ok(Some(f)),
-            _ => Err(invalid(format!("params.{key} must be a number from {min} to {max}, got {v}"))),
+            _ => Err(invalid(format!(
+                "params.{key} must be a number from {min} to {max}, got {v}"
+            ))),
         },
     }
 }
@@ -218,7 +228,11 @@ pub fn plan(input: &PlanInput) -> Result<Plan, JobError> {
     let task = spec.task;
     let video = task.is_video();
     if facts.supports(task) == Some(false) {
-        return Err(invalid(format!("Wan2GP model {} cannot do {}", input.model_type, task.as_str())));
+        return Err(invalid(format!(
+            "Wan2GP model {} cannot do {}",
+            input.model_type,
+            task.as_str()
+        )));
     }
     let mut settings = passthrough(spec)?;
     let mut info = Map::new();
@@ -227,11 +241,16 @@ pub fn plan(input: &PlanInput) -> Result<Plan, JobError> {
     settings.insert("model_type".into(), input.model_type.into());
     settings.insert("client_id".into(), input.job_key.into());
     settings.insert("output_filename".into(), input.job_key.into());
-    settings.entry("multi_prompts_gen_type").or_insert_with(|| "FG".into());
+    settings
+        .entry("multi_prompts_gen_type")
+        .or_insert_with(|| "FG".into());
 
     let prompt = str_param(spec, "prompt")?.unwrap_or("");
     if prompt.trim().is_empty() && task != Task::ImageToVideo {
-        return Err(invalid(format!("params.prompt is required for {}", task.as_str())));
+        return Err(invalid(format!(
+            "params.prompt is required for {}",
+            task.as_str()
+        )));
     }
     settings.insert("prompt".into(), prompt.into());
     if let Some(neg) = str_param(spec, "negative_prompt")? {
@@ -240,10 +259,21 @@ pub fn plan(input: &PlanInput) -> Result<Plan, JobError> {
 
     // Size: as asked, else the model's default.
     let (width, height) = requested_resolution(spec, facts)?;
-    let frames = if video { Some(requested_frames(spec, facts)?) } else { None };
-    let asked = Size { width, height, frames };
+    let frames = if video {
+        Some(requested_frames(spec, facts)?)
+    } else {
+        None
+    };
+    let asked = Size {
+        width,
+        height,
+        frames,
+    };
     let (size, degraded_row) = fit_to_table(input, asked, &mut notes)?;
-    settings.insert("resolution".into(), format!("{}x{}", size.width, size.height).into());
+    settings.insert(
+        "resolution".into(),
+        format!("{}x{}", size.width, size.height).into(),
+    );
     if let Some(f) = size.frames {
         settings.insert("video_length".into(), f.into());
     }
@@ -261,18 +291,28 @@ pub fn plan(input: &PlanInput) -> Result<Plan, JobError> {
     } else {
         settings.insert("image_mode".into(), 1.into());
         if spec.params.contains_key("count") {
-            settings.insert("batch_size".into(), int_param(spec, "count", 1, 1, 8)?.into());
+            settings.insert(
+                "batch_size".into(),
+                int_param(spec, "count", 1, 1, 8)?.into(),
+            );
         }
     }
     if spec.params.contains_key("steps") {
-        settings.insert("num_inference_steps".into(), int_param(spec, "steps", 0, 1, 1000)?.into());
+        settings.insert(
+            "num_inference_steps".into(),
+            int_param(spec, "steps", 0, 1, 1000)?.into(),
+        );
     }
     let seed = match spec.params.get("seed") {
         None | Some(Value::Null) => input.random_seed as i64,
         Some(_) => int_param(spec, "seed", 0, 0, u32::MAX as i64)?,
     };
     settings.insert("seed".into(), seed.into());
-    for (kiln, wan) in [("guidance", "guidance_scale"), ("guidance2", "guidance2_scale"), ("flow_shift", "flow_shift")] {
+    for (kiln, wan) in [
+        ("guidance", "guidance_scale"),
+        ("guidance2", "guidance2_scale"),
+        ("flow_shift", "flow_shift"),
+    ] {
         if let Some(v) = float_param(spec, kiln, 0.0, 100.0)? {
             settings.insert(wan.into(), json!(v));
         }
@@ -294,7 +334,10 @@ pub fn plan(input: &PlanInput) -> Result<Plan, JobError> {
     info.insert("seed".into(), seed.into());
     info.insert("width".into(), size.width.into());
     info.insert("height".into(), size.height.into());
-    info.insert("resolution".into(), format!("{}x{}", size.width, size.height).into());
+    info.insert(
+        "resolution".into(),
+        format!("{}x{}", size.width, size.height).into(),
+    );
     if let Some(f) = size.frames {
         info.insert("frames".into(), f.into());
     }
@@ -322,7 +365,11 @@ fn requested_resolution(spec: &JobSpec, facts: &ModelFacts) -> Result<(u32, u32)
     if let Some(text) = str_param(spec, "resolution")? {
         return parse_resolution(text)
             .filter(|(w, h)| (BLOCK..=8192).contains(w) && (BLOCK..=8192).contains(h))
-            .ok_or_else(|| invalid(format!("params.resolution must be WIDTHxHEIGHT from 16 to 8192, got {text:?}")));
+            .ok_or_else(|| {
+                invalid(format!(
+                    "params.resolution must be WIDTHxHEIGHT from 16 to 8192, got {text:?}"
+                ))
+            });
     }
     Ok(facts
         .defaults
@@ -351,7 +398,11 @@ fn requested_frames(spec: &JobSpec, facts: &ModelFacts) -> Result<u32, JobError>
 
 /// Applies the VRAM table and the degrade level to the requested size; also
 /// returns the row a degraded job was stepped down to.
-fn fit_to_table(input: &PlanInput, asked: Size, notes: &mut Vec<String>) -> Result<(Size, Option<usize>), JobError> {
+fn fit_to_table(
+    input: &PlanInput,
+    asked: Size,
+    notes: &mut Vec<String>,
+) -> Result<(Size, Option<usize>), JobError> {
     let rows = input.table.rows();
     let last = rows.len() - 1;
     let g = input.gpu_row.min(last);
@@ -362,7 +413,11 @@ fn fit_to_table(input: &PlanInput, asked: Size, notes: &mut Vec<String>) -> Resu
             return Ok((asked, None));
         }
         let size = asked.scaled(0.5f64.powf(d as f64 / 2.0));
-        notes.push(format!("degrade {d}: {} → {}", asked.describe(), size.describe()));
+        notes.push(format!(
+            "degrade {d}: {} → {}",
+            asked.describe(),
+            size.describe()
+        ));
         return Ok((size, Some((g + d).min(last))));
     }
     let Some(need) = (0..rows.len()).rev().find(|&i| asked.fits(&rows[i])) else {
@@ -391,19 +446,25 @@ fn fit_to_table(input: &PlanInput, asked: Size, notes: &mut Vec<String>) -> Resu
     let wanted = need + d;
     let target = wanted.max(g).min(last);
     if wanted > last {
-        notes.push(format!("degrade {d} goes below the VRAM table; using its smallest row"));
+        notes.push(format!(
+            "degrade {d} goes below the VRAM table; using its smallest row"
+        ));
     }
     let row = &rows[target];
     let (rw, rh) = row.max_size();
     let mut size = asked;
-    let frame_only = Size { frames: None, ..asked };
+    let frame_only = Size {
+        frames: None,
+        ..asked
+    };
     if !frame_only.fits(row) {
         let by_area = (row.max_pixels() as f64 / asked.pixels() as f64).sqrt();
         let by_side = rw.max(rh) as f64 / asked.width.max(asked.height) as f64;
         size = asked.scaled(by_area.min(by_side));
     }
     if asked.frames.is_some_and(|f| f > row.max_frames) {
-        size.frames = Some(snap_frames(row.max_frames, input.facts.frames_grid(), true).min(row.max_frames));
+        size.frames =
+            Some(snap_frames(row.max_frames, input.facts.frames_grid(), true).min(row.max_frames));
     }
     notes.push(format!(
         "degrade {d}: {} → {} ({})",
@@ -423,11 +484,16 @@ fn map_loras(input: &PlanInput, settings: &mut Map<String, Value>) -> Result<(),
     let mut strengths = Vec::new();
     for (i, lora) in spec.loras.iter().enumerate() {
         if looks_like_a_path(&lora.name) {
-            return Err(invalid(format!("job.loras[{i}].name must name an installed LoRA, not a path or URL")));
+            return Err(invalid(format!(
+                "job.loras[{i}].name must name an installed LoRA, not a path or URL"
+            )));
         }
         match &input.facts.loras {
             None => {
-                return Err(invalid(format!("Wan2GP model {} does not take LoRAs", input.model_type)));
+                return Err(invalid(format!(
+                    "Wan2GP model {} does not take LoRAs",
+                    input.model_type
+                )));
             }
             Some(known) if !known.contains(&lora.name) => {
                 let some: Vec<&str> = known.iter().take(10).map(String::as_str).collect();
@@ -435,7 +501,11 @@ fn map_loras(input: &PlanInput, settings: &mut Map<String, Value>) -> Result<(),
                     "job.loras[{i}].name: LoRA {:?} is not installed for {}; installed: {}",
                     lora.name,
                     input.model_type,
-                    if some.is_empty() { "none".into() } else { some.join(", ") }
+                    if some.is_empty() {
+                        "none".into()
+                    } else {
+                        some.join(", ")
+                    }
                 )));
             }
             Some(_) => {}
@@ -453,7 +523,11 @@ fn passthrough(spec: &JobSpec) -> Result<Map<String, Value>, JobError> {
     let raw = match spec.params.get("wan2gp") {
         None | Some(Value::Null) => return Ok(Map::new()),
         Some(Value::Object(m)) => m,
-        Some(v) => return Err(invalid(format!("params.wan2gp must be a map of Wan2GP settings, got {v}"))),
+        Some(v) => {
+            return Err(invalid(format!(
+                "params.wan2gp must be a map of Wan2GP settings, got {v}"
+            )))
+        }
     };
     for (key, value) in raw {
         if MANAGED.contains(&key.as_str()) {
@@ -471,7 +545,11 @@ fn passthrough(spec: &JobSpec) -> Result<Map<String, Value>, JobError> {
 }
 
 fn looks_like_a_path(s: &str) -> bool {
-    s.starts_with('/') || s.starts_with('~') || s.contains("..") || s.contains('\\') || s.contains("://")
+    s.starts_with('/')
+        || s.starts_with('~')
+        || s.contains("..")
+        || s.contains('\\')
+        || s.contains("://")
 }
 
 fn holds_a_path(v: &Value) -> bool {
@@ -493,7 +571,8 @@ mod tests {
             "capabilities": {"text_to_video": true, "image_to_video": false, "text_to_image": false},
             "fps": 16, "frames_minimum": 5, "frames_steps": 4
         });
-        let defaults = json!({"resolution": "832x480", "video_length": 81, "num_inference_steps": 30});
+        let defaults =
+            json!({"resolution": "832x480", "video_length": 81, "num_inference_steps": 30});
         ModelFacts {
             metadata: metadata.as_object().unwrap().clone(),
             defaults: defaults.as_object().unwrap().clone(),
@@ -505,7 +584,12 @@ mod tests {
         JobSpec::new(Backend::Wan2gp, Task::TextToVideo).param("prompt", prompt)
     }
 
-    fn run(spec: &JobSpec, facts: &ModelFacts, gpu_row: usize, degrade: u8) -> Result<Plan, JobError> {
+    fn run(
+        spec: &JobSpec,
+        facts: &ModelFacts,
+        gpu_row: usize,
+        degrade: u8,
+    ) -> Result<Plan, JobError> {
         let table = VramTable::default();
         plan(&PlanInput {
             spec,
@@ -532,12 +616,18 @@ mod tests {
             .param("seed", 7)
             .param("guidance", 5.5)
             .param("sampler", "unipc");
-        spec.loras.push(LoraRef { name: "wan/kiln_style.safetensors".into(), strength: 0.8 });
+        spec.loras.push(LoraRef {
+            name: "wan/kiln_style.safetensors".into(),
+            strength: 0.8,
+        });
         let p = run(&spec, &facts(), 0, 0).unwrap();
         let s = &p.settings;
         assert_eq!(s["model_type"], "t2v_2_2");
         assert_eq!(s["prompt"], "a fox\n\nin the snow");
-        assert_eq!(s["multi_prompts_gen_type"], "FG", "blank lines do not split the prompt");
+        assert_eq!(
+            s["multi_prompts_gen_type"], "FG",
+            "blank lines do not split the prompt"
+        );
         assert_eq!(s["negative_prompt"], "blurry");
         assert_eq!(s["resolution"], "1280x720");
         assert_eq!(s["video_length"], 81, "snapped to 4n+1");
@@ -548,8 +638,14 @@ mod tests {
         assert_eq!(s["sample_solver"], "unipc");
         assert_eq!(s["activated_loras"], json!(["wan/kiln_style.safetensors"]));
         assert_eq!(s["loras_multipliers"], "0.8");
-        assert_eq!((s["client_id"].as_str(), s["output_filename"].as_str()), (Some("j7-1"), Some("j7-1")));
-        assert!(!s.contains_key("override_profile"), "degrade 0 keeps the bridge's profile");
+        assert_eq!(
+            (s["client_id"].as_str(), s["output_filename"].as_str()),
+            (Some("j7-1"), Some("j7-1"))
+        );
+        assert!(
+            !s.contains_key("override_profile"),
+            "degrade 0 keeps the bridge's profile"
+        );
         assert_eq!(p.info["profile"], 3.0);
         assert_eq!(p.info["frames"], 81);
     }
@@ -561,7 +657,13 @@ mod tests {
         assert_eq!(p.settings["video_length"], 81);
         assert_eq!(p.settings["seed"], 4242, "a drawn seed is explicit");
         assert_eq!(p.info["seed"], 4242);
-        let p = run(&t2v("x").param("seconds", 5).param("resolution", "640x352"), &facts(), 0, 0).unwrap();
+        let p = run(
+            &t2v("x").param("seconds", 5).param("resolution", "640x352"),
+            &facts(),
+            0,
+            0,
+        )
+        .unwrap();
         assert_eq!(p.settings["video_length"], 81, "5 s at the model's 16 fps");
         assert_eq!(p.settings["resolution"], "640x352");
     }
@@ -569,14 +671,23 @@ mod tests {
     #[test]
     fn bad_parameters_name_their_field() {
         let cases = [
-            (t2v("x").param("width", 640), "params.width and params.height"),
+            (
+                t2v("x").param("width", 640),
+                "params.width and params.height",
+            ),
             (t2v("x").param("resolution", "huge"), "params.resolution"),
             (t2v("x").param("steps", "many"), "params.steps"),
             (t2v("x").param("seed", -1), "params.seed"),
             (t2v("x").param("guidance", "high"), "params.guidance"),
             (t2v(""), "params.prompt"),
-            (t2v("x").param("wan2gp", json!({"image_refs": ["/etc/passwd"]})), "params.wan2gp.image_refs"),
-            (t2v("x").param("wan2gp", json!({"prompt_enhancer": "../../x"})), "params.wan2gp.prompt_enhancer"),
+            (
+                t2v("x").param("wan2gp", json!({"image_refs": ["/etc/passwd"]})),
+                "params.wan2gp.image_refs",
+            ),
+            (
+                t2v("x").param("wan2gp", json!({"prompt_enhancer": "../../x"})),
+                "params.wan2gp.prompt_enhancer",
+            ),
         ];
         for (spec, field) in cases {
             let err = run(&spec, &facts(), 0, 0).unwrap_err();
@@ -584,33 +695,74 @@ mod tests {
             assert!(err.message.contains(field), "{field}: {}", err.message);
         }
         let mut spec = t2v("x");
-        spec.loras.push(LoraRef { name: "missing.safetensors".into(), strength: 1.0 });
+        spec.loras.push(LoraRef {
+            name: "missing.safetensors".into(),
+            strength: 1.0,
+        });
         let err = run(&spec, &facts(), 0, 0).unwrap_err();
-        assert!(err.message.contains("job.loras[0]") && err.message.contains("kiln_style"), "{}", err.message);
-        let err = run(&JobSpec::new(Backend::Wan2gp, Task::TextToImage).param("prompt", "x"), &facts(), 0, 0).unwrap_err();
-        assert!(err.message.contains("cannot do text_to_image"), "{}", err.message);
+        assert!(
+            err.message.contains("job.loras[0]") && err.message.contains("kiln_style"),
+            "{}",
+            err.message
+        );
+        let err = run(
+            &JobSpec::new(Backend::Wan2gp, Task::TextToImage).param("prompt", "x"),
+            &facts(),
+            0,
+            0,
+        )
+        .unwrap_err();
+        assert!(
+            err.message.contains("cannot do text_to_image"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
     fn passthrough_settings_are_merged_but_cannot_override_kiln() {
-        let spec = t2v("x").param("wan2gp", json!({"flow_shift": 3, "multi_prompts_gen_type": "PG", "_fake": {"steps": 2}}));
+        let spec = t2v("x").param(
+            "wan2gp",
+            json!({"flow_shift": 3, "multi_prompts_gen_type": "PG", "_fake": {"steps": 2}}),
+        );
         let p = run(&spec, &facts(), 0, 0).unwrap();
         assert_eq!(p.settings["flow_shift"], 3);
-        assert_eq!(p.settings["multi_prompts_gen_type"], "PG", "an explicit choice wins");
+        assert_eq!(
+            p.settings["multi_prompts_gen_type"], "PG",
+            "an explicit choice wins"
+        );
         assert_eq!(p.settings["_fake"]["steps"], 2);
-        let err = run(&t2v("x").param("wan2gp", json!({"model_type": "other"})), &facts(), 0, 0).unwrap_err();
-        assert!(err.message.contains("params.wan2gp.model_type"), "{}", err.message);
+        let err = run(
+            &t2v("x").param("wan2gp", json!({"model_type": "other"})),
+            &facts(),
+            0,
+            0,
+        )
+        .unwrap_err();
+        assert!(
+            err.message.contains("params.wan2gp.model_type"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
     fn the_vram_table_refuses_too_big_and_sends_bigger_requests_to_bigger_gpus() {
-        let too_big = t2v("x").param("resolution", "1920x1080").param("frames", 241);
+        let too_big = t2v("x")
+            .param("resolution", "1920x1080")
+            .param("frames", 241);
         let err = run(&too_big, &facts(), 0, 0).unwrap_err();
         assert_eq!(err.kind, FailureKind::InvalidInput);
-        assert!(err.message.contains("no worker can run it"), "{}", err.message);
+        assert!(
+            err.message.contains("no worker can run it"),
+            "{}",
+            err.message
+        );
 
         // 1920x1080 needs the 24 GB row; on a 12 GB GPU (row 2) it is an OOM at once.
-        let big = t2v("x").param("resolution", "1920x1080").param("frames", 81);
+        let big = t2v("x")
+            .param("resolution", "1920x1080")
+            .param("frames", 81);
         let err = run(&big, &facts(), 2, 0).unwrap_err();
         assert_eq!((err.kind, err.retryable), (FailureKind::OutOfMemory, true));
         assert!(err.message.contains("24576 MiB row"), "{}", err.message);
@@ -620,23 +772,40 @@ mod tests {
     #[test]
     fn each_degrade_level_steps_down_the_table() {
         // 1280x720/81 fits the 12 GB row at best (row 2); level 1 is the 8 GB row.
-        let spec = t2v("x").param("width", 1280).param("height", 720).param("frames", 81);
+        let spec = t2v("x")
+            .param("width", 1280)
+            .param("height", 720)
+            .param("frames", 81);
         let p = run(&spec, &facts(), 0, 1).unwrap();
-        assert_eq!(p.settings["resolution"], "720x400", "within 720x480's long side, 16:9 kept, multiples of 16");
+        assert_eq!(
+            p.settings["resolution"], "720x400",
+            "within 720x480's long side, 16:9 kept, multiples of 16"
+        );
         assert_eq!(p.settings["video_length"], 73);
         assert_eq!(p.settings["override_profile"], 4.5);
         assert_eq!(p.info["degrade"], 1);
-        assert!(p.info["adjusted"].as_str().unwrap().contains("1280x720 with 81 frames → 720x400 with 73 frames"));
+        assert!(p.info["adjusted"]
+            .as_str()
+            .unwrap()
+            .contains("1280x720 with 81 frames → 720x400 with 73 frames"));
         let p = run(&spec, &facts(), 0, 2).unwrap();
         assert_eq!(p.settings["resolution"], "512x288");
         assert_eq!(p.settings["video_length"], 49);
         assert_eq!(p.settings["override_profile"], 5.0);
         let p = run(&spec, &facts(), 0, 3).unwrap();
-        assert_eq!(p.settings["resolution"], "512x288", "below the table: its smallest row");
-        assert!(p.info["adjusted"].as_str().unwrap().contains("below the VRAM table"));
+        assert_eq!(
+            p.settings["resolution"], "512x288",
+            "below the table: its smallest row"
+        );
+        assert!(p.info["adjusted"]
+            .as_str()
+            .unwrap()
+            .contains("below the VRAM table"));
 
         // A request too big for this GPU degrades straight to this GPU's row.
-        let big = t2v("x").param("resolution", "1920x1080").param("frames", 169);
+        let big = t2v("x")
+            .param("resolution", "1920x1080")
+            .param("frames", 169);
         let p = run(&big, &facts(), 2, 1).unwrap();
         assert_eq!(p.settings["resolution"], "1280x720");
         assert_eq!(p.settings["video_length"], 97);
@@ -644,8 +813,12 @@ mod tests {
 
         // Images: half the pixels per level, the profile d rows below the GPU's.
         let mut image_facts = facts();
-        image_facts.metadata.insert("capabilities".into(), json!({"text_to_image": true}));
-        let img = JobSpec::new(Backend::Wan2gp, Task::TextToImage).param("prompt", "x").param("resolution", "1024x1024");
+        image_facts
+            .metadata
+            .insert("capabilities".into(), json!({"text_to_image": true}));
+        let img = JobSpec::new(Backend::Wan2gp, Task::TextToImage)
+            .param("prompt", "x")
+            .param("resolution", "1024x1024");
         let p = run(&img, &image_facts, 0, 0).unwrap();
         assert_eq!(p.settings["resolution"], "1024x1024");
         assert_eq!(p.settings["image_mode"], 1);
@@ -658,7 +831,8 @@ mod tests {
     #[test]
     fn image_to_video_takes_the_input_image_by_absolute_path() {
         let mut f = facts();
-        f.metadata.insert("capabilities".into(), json!({"image_to_video": true}));
+        f.metadata
+            .insert("capabilities".into(), json!({"image_to_video": true}));
         let spec = JobSpec::new(Backend::Wan2gp, Task::ImageToVideo);
         let table = VramTable::default();
         let mut input = PlanInput {
@@ -688,7 +862,10 @@ mod tests {
         spec.model = Some("ltx2_22B".into());
         assert_eq!(model_type(&spec, &d).unwrap(), "ltx2_22B");
         let wf = JobSpec::new(Backend::Wan2gp, Task::Workflow);
-        assert_eq!(model_type(&wf, &d).unwrap_err().kind, FailureKind::InvalidInput);
+        assert_eq!(
+            model_type(&wf, &d).unwrap_err().kind,
+            FailureKind::InvalidInput
+        );
     }
 
     #[test]

@@ -87,7 +87,10 @@ impl Process {
         let pid = child.id().map_or(0, |p| p as i32);
         let stdin = child.stdin.take();
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(copy_to_log(BufReader::new(out), format!("{} stdout", launch.log_prefix)));
+            tokio::spawn(copy_to_log(
+                BufReader::new(out),
+                format!("{} stdout", launch.log_prefix),
+            ));
         }
         if let Some(err) = child.stderr.take() {
             tokio::spawn(copy_to_log(BufReader::new(err), launch.log_prefix.clone()));
@@ -95,7 +98,12 @@ impl Process {
         let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(read_channel(BufReader::new(receiver), tx));
-        Ok(Process { child, pid, stdin, rx })
+        Ok(Process {
+            child,
+            pid,
+            stdin,
+            rx,
+        })
     }
 
     /// Writes one command; an error means the bridge is gone.
@@ -120,7 +128,10 @@ impl Process {
 
     /// Waits up to `timeout` for the bridge to exit.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        tokio::time::timeout(timeout, self.child.wait()).await.ok().and_then(Result::ok)
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
     }
 
     /// SIGTERM to the group, SIGKILL after `grace`, and a last SIGKILL for any
@@ -130,7 +141,10 @@ impl Process {
         let status = match self.wait_exit(grace).await {
             Some(s) => Some(s),
             None => {
-                tracing::warn!(pid = self.pid, "the Wan2GP bridge ignored SIGTERM; sending SIGKILL to its process group");
+                tracing::warn!(
+                    pid = self.pid,
+                    "the Wan2GP bridge ignored SIGTERM; sending SIGKILL to its process group"
+                );
                 self.signal_group(libc::SIGKILL);
                 self.wait_exit(Duration::from_secs(10)).await
             }
@@ -163,7 +177,9 @@ async fn read_channel<R: AsyncBufRead + Unpin>(mut reader: R, tx: mpsc::Sender<I
                 }
                 match serde_json::from_slice::<FromBridge>(line) {
                     Ok(msg) => Incoming::Msg(msg),
-                    Err(_) => Incoming::Garbage(String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned()),
+                    Err(_) => Incoming::Garbage(
+                        String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned(),
+                    ),
                 }
             }
         };
@@ -175,13 +191,20 @@ async fn read_channel<R: AsyncBufRead + Unpin>(mut reader: R, tx: mpsc::Sender<I
 }
 
 fn trim_line(buf: &[u8]) -> &[u8] {
-    let end = buf.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
+    let end = buf
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(0, |i| i + 1);
     &buf[..end]
 }
 
 /// Reads up to and including `\n` into `buf`, keeping at most `max` bytes (the
 /// rest of a longer line is skipped). `Ok(false)` at end of input.
-async fn read_line_capped<R: AsyncBufRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>, max: usize) -> io::Result<bool> {
+async fn read_line_capped<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<bool> {
     let mut any = false;
     loop {
         let chunk = reader.fill_buf().await?;
@@ -245,10 +268,14 @@ mod tests {
 
     #[tokio::test]
     async fn the_channel_sorts_messages_from_garbage() {
-        let data: &[u8] = b"{\"v\":1,\"type\":\"pong\",\"req_id\":3}\nnot json\n\n{\"v\":1,\"type\":\"bye\"}\n";
+        let data: &[u8] =
+            b"{\"v\":1,\"type\":\"pong\",\"req_id\":3}\nnot json\n\n{\"v\":1,\"type\":\"bye\"}\n";
         let (tx, mut rx) = mpsc::channel(8);
         read_channel(BufReader::new(data), tx).await;
-        assert_eq!(rx.recv().await, Some(Incoming::Msg(FromBridge::Pong { req_id: 3 })));
+        assert_eq!(
+            rx.recv().await,
+            Some(Incoming::Msg(FromBridge::Pong { req_id: 3 }))
+        );
         assert_eq!(rx.recv().await, Some(Incoming::Garbage("not json".into())));
         assert_eq!(rx.recv().await, Some(Incoming::Msg(FromBridge::Bye)));
         assert_eq!(rx.recv().await, Some(Incoming::Closed));

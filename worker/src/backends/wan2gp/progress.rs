@@ -46,7 +46,8 @@ impl ProgressMapper {
             (Some(s), Some(t)) if t > 0 => (s.min(t) as f64) / t as f64,
             _ => 0.0,
         };
-        let overall = ((sample - 1) as f64 * windows as f64 + (window - 1) as f64 + within) / (samples * windows) as f64;
+        let overall = ((sample - 1) as f64 * windows as f64 + (window - 1) as f64 + within)
+            / (samples * windows) as f64;
         self.pct = self.pct.max(from + (to - from) * overall.clamp(0.0, 1.0));
         let label = p
             .raw_phase
@@ -77,7 +78,8 @@ impl ProgressMapper {
         if text.to_ascii_lowercase().contains("loading model") {
             self.loaded_model = true;
         }
-        self.sink.stage(self.pct, text.chars().take(200).collect::<String>());
+        self.sink
+            .stage(self.pct, text.chars().take(200).collect::<String>());
     }
 }
 
@@ -115,7 +117,10 @@ mod tests {
         assert_eq!(p.stage, "Denoising 15/30");
         m.progress(&msg("encoding_text", 1, 1));
         assert_eq!(rx.borrow().clone().unwrap().pct, 50.0, "never decreases");
-        m.progress(&ProgressMsg { phase: Some("decoding".into()), ..ProgressMsg::default() });
+        m.progress(&ProgressMsg {
+            phase: Some("decoding".into()),
+            ..ProgressMsg::default()
+        });
         assert_eq!(rx.borrow().clone().unwrap().pct, 90.0);
     }
 

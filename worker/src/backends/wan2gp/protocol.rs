@@ -25,14 +25,31 @@ pub enum ToBridge {
         want_preview: bool,
     },
     /// Ask Wan2GP to stop the job; answered at once with `cancel_ack`.
-    Cancel { job_id: String },
+    Cancel {
+        job_id: String,
+    },
     /// Read-only discovery, answered with `reply` (only while idle).
-    Query { req_id: u64, op: String, args: Value },
+    Query {
+        req_id: u64,
+        op: String,
+        args: Value,
+    },
     /// A one-step generation that loads `model_type`; behaves like a job.
-    Warmup { job_id: String, model_type: String },
-    Ping { req_id: u64 },
+    Warmup {
+        job_id: String,
+        model_type: String,
+    },
+    /// Releases the loaded model (VRAM and pinned RAM); only while idle.
+    Unload {
+        req_id: u64,
+    },
+    Ping {
+        req_id: u64,
+    },
     /// Cancel any job, wait up to `grace_s`, say `bye` and exit.
-    Shutdown { grace_s: f64 },
+    Shutdown {
+        grace_s: f64,
+    },
 }
 
 /// `{"v": 1, ...command}` as one line.
@@ -221,10 +238,15 @@ mod tests {
 
     #[test]
     fn commands_carry_the_version_and_end_with_a_newline() {
-        let line = encode(&ToBridge::Cancel { job_id: "j1-1".into() });
+        let line = encode(&ToBridge::Cancel {
+            job_id: "j1-1".into(),
+        });
         assert_eq!(line.last(), Some(&b'\n'));
         let v: Value = serde_json::from_slice(&line).unwrap();
-        assert_eq!(v, serde_json::json!({"v": 1, "type": "cancel", "job_id": "j1-1"}));
+        assert_eq!(
+            v,
+            serde_json::json!({"v": 1, "type": "cancel", "job_id": "j1-1"})
+        );
     }
 
     #[test]
@@ -233,9 +255,12 @@ mod tests {
             r#"{"v":1,"type":"progress","job_id":"j1-1","phase":"inference","step":3,"total_steps":30,"new_field":true}"#,
         )
         .unwrap();
-        assert!(matches!(&m, FromBridge::Progress(p) if p.step == Some(3) && p.total_steps == Some(30)));
+        assert!(
+            matches!(&m, FromBridge::Progress(p) if p.step == Some(3) && p.total_steps == Some(30))
+        );
         assert_eq!(m.job_id(), Some("j1-1"));
-        let m: FromBridge = serde_json::from_str(r#"{"v":1,"type":"from_the_future","x":1}"#).unwrap();
+        let m: FromBridge =
+            serde_json::from_str(r#"{"v":1,"type":"from_the_future","x":1}"#).unwrap();
         assert_eq!(m, FromBridge::Unknown);
         let m: FromBridge = serde_json::from_str(
             r#"{"v":1,"type":"error","job_id":"j2-1","stage":"generation","message":"unsufficient VRAM","oom":true}"#,

@@ -93,6 +93,8 @@ pub struct Snapshot {
     pub inventory: Option<Value>,
     /// Bridges started so far.
     pub starts: u32,
+    /// The bridge's resident memory at its last heartbeat.
+    pub rss_mb: Option<u64>,
 }
 
 impl Default for Snapshot {
@@ -103,6 +105,7 @@ impl Default for Snapshot {
             loaded_model: None,
             inventory: None,
             starts: 0,
+            rss_mb: None,
         }
     }
 }
@@ -210,9 +213,18 @@ impl Supervisor {
     }
 
     /// Asks the bridge a discovery question (answered between jobs).
-    pub async fn query(&self, op: &str, args: Value, cancel: &CancellationToken) -> Result<Value, QueryError> {
+    pub async fn query(
+        &self,
+        op: &str,
+        args: Value,
+        cancel: &CancellationToken,
+    ) -> Result<Value, QueryError> {
         let (reply, rx) = oneshot::channel();
-        let req = Request::Query { op: op.into(), args, reply };
+        let req = Request::Query {
+            op: op.into(),
+            args,
+            reply,
+        };
         tokio::select! {
             sent = self.tx.send(req) => if sent.is_err() {
                 return Err(QueryError::Unavailable("the supervisor has stopped".into()));
@@ -273,7 +285,10 @@ enum Step {
     End(JobEnd),
     /// The bridge must go: kill it (or, if it already exited, reap it), then end
     /// the job with this.
-    Kill { why: String, end: JobEnd },
+    Kill {
+        why: String,
+        end: JobEnd,
+    },
 }
 
 fn backoff(n: u32) -> Duration {
@@ -292,17 +307,40 @@ fn retryable(kind: FailureKind, msg: impl Into<String>) -> JobEnd {
 pub fn job_error(e: &ErrorMsg) -> JobError {
     let mut message = e.message.trim().trim_matches(['"', '\'']).to_string();
     if !e.log_tail.is_empty() && !e.oom {
-        let tail: Vec<&str> = e.log_tail.iter().rev().take(3).rev().map(String::as_str).collect();
+        let tail: Vec<&str> = e
+            .log_tail
+            .iter()
+            .rev()
+            .take(3)
+            .rev()
+            .map(String::as_str)
+            .collect();
         message.push_str(&format!(" (last output: {})", tail.join(" | ")));
     }
     if e.oom {
-        JobError::new(FailureKind::OutOfMemory, format!("Wan2GP ran out of memory: {message}"), true)
+        JobError::new(
+            FailureKind::OutOfMemory,
+            format!("Wan2GP ran out of memory: {message}"),
+            true,
+        )
     } else if e.fatal {
-        JobError::new(FailureKind::Backend, format!("Wan2GP hit a fatal error and is restarting: {message}"), true)
+        JobError::new(
+            FailureKind::Backend,
+            format!("Wan2GP hit a fatal error and is restarting: {message}"),
+            true,
+        )
     } else if e.stage == "validation" {
-        JobError::new(FailureKind::InvalidInput, format!("Wan2GP refused the settings: {message}"), false)
+        JobError::new(
+            FailureKind::InvalidInput,
+            format!("Wan2GP refused the settings: {message}"),
+            false,
+        )
     } else {
-        JobError::new(FailureKind::Backend, format!("Wan2GP failed: {message}"), false)
+        JobError::new(
+            FailureKind::Backend,
+            format!("Wan2GP failed: {message}"),
+            false,
+        )
     }
 }
 
@@ -365,7 +403,9 @@ impl Actor {
                 }
             }
         } else if !crash_delay.is_zero() {
-            tracing::warn!("the Wan2GP bridge keeps crashing after start; restarting in {crash_delay:?}");
+            tracing::warn!(
+                "the Wan2GP bridge keeps crashing after start; restarting in {crash_delay:?}"
+            );
             tokio::select! {
                 _ = self.stopping.cancelled() => return,
                 _ = tokio::time::sleep(crash_delay) => {}
@@ -400,7 +440,9 @@ impl Actor {
                 let next = backoff(self.start_failures);
                 tracing::error!("the Wan2GP bridge did not start: {why}; trying again in {next:?}");
                 self.last_error = why.clone();
-                self.set(|s| s.health = Health::down(format!("the Wan2GP bridge did not start: {why}")));
+                self.set(|s| {
+                    s.health = Health::down(format!("the Wan2GP bridge did not start: {why}"))
+                });
             }
         }
     }
@@ -419,7 +461,8 @@ impl Actor {
 
     async fn start(&mut self) -> Result<Live, String> {
         let launch = &self.s.launch;
-        let mut proc = Process::spawn(launch).map_err(|e| format!("cannot run {}: {e}", launch.python.display()))?;
+        let mut proc = Process::spawn(launch)
+            .map_err(|e| format!("cannot run {}: {e}", launch.python.display()))?;
         let deadline = Instant::now() + self.s.ready_timeout;
         loop {
             tokio::select! {
@@ -457,9 +500,14 @@ impl Actor {
     }
 
     async fn warm_up(&mut self) {
-        let Some(model) = self.s.warmup_model.clone() else { return };
+        let Some(model) = self.s.warmup_model.clone() else {
+            return;
+        };
         let (done, _) = oneshot::channel();
-        let key = format!("warmup-{}", self.shared.lock().expect("not poisoned").starts);
+        let key = format!(
+            "warmup-{}",
+            self.shared.lock().expect("not poisoned").starts
+        );
         tracing::info!(model = %model, "warming up Wan2GP");
         self.drive(JobRequest {
             key,
@@ -473,7 +521,9 @@ impl Actor {
 
     /// Kills the bridge's process group and forgets it.
     async fn kill(&mut self, why: &str) {
-        let Some(mut live) = self.bridge.take() else { return };
+        let Some(mut live) = self.bridge.take() else {
+            return;
+        };
         tracing::warn!(pid = live.ready.pid, "killing the Wan2GP bridge: {why}");
         live.proc.terminate(self.s.kill_grace).await;
         self.went_down(&live, why);
@@ -481,11 +531,16 @@ impl Actor {
 
     /// The bridge exited by itself: reap it and its group.
     async fn reap(&mut self, why: &str) {
-        let Some(mut live) = self.bridge.take() else { return };
+        let Some(mut live) = self.bridge.take() else {
+            return;
+        };
         let status = live.proc.wait_exit(self.s.kill_grace).await;
         live.proc.terminate(self.s.kill_grace).await;
         let status = status.map_or("unknown status".into(), |s| s.to_string());
-        tracing::error!(pid = live.ready.pid, "the Wan2GP bridge exited ({status}): {why}");
+        tracing::error!(
+            pid = live.ready.pid,
+            "the Wan2GP bridge exited ({status}): {why}"
+        );
         self.went_down(&live, why);
     }
 
@@ -499,24 +554,43 @@ impl Actor {
         self.set(|s| {
             s.health = Health::down(format!("the Wan2GP bridge is restarting: {why}"));
             s.loaded_model = None;
+            s.rss_mb = None;
         });
     }
 
     /// A polite stop: `shutdown`, then signals if it lingers.
     async fn stop_bridge(&mut self, why: &str) {
-        let Some(mut live) = self.bridge.take() else { return };
+        let Some(mut live) = self.bridge.take() else {
+            return;
+        };
         tracing::info!(pid = live.ready.pid, "stopping the Wan2GP bridge: {why}");
         let grace = self.s.kill_grace;
-        if live.proc.send(&ToBridge::Shutdown { grace_s: grace.as_secs_f64() }).await.is_ok() {
+        if live
+            .proc
+            .send(&ToBridge::Shutdown {
+                grace_s: grace.as_secs_f64(),
+            })
+            .await
+            .is_ok()
+        {
             live.proc.close_stdin();
-            if live.proc.wait_exit(grace + Duration::from_secs(2)).await.is_some() {
+            if live
+                .proc
+                .wait_exit(grace + Duration::from_secs(2))
+                .await
+                .is_some()
+            {
                 live.proc.signal_group(libc::SIGKILL);
-                self.set(|s| s.loaded_model = None);
-                return;
+            } else {
+                live.proc.terminate(grace).await;
             }
+        } else {
+            live.proc.terminate(grace).await;
         }
-        live.proc.terminate(grace).await;
-        self.set(|s| s.loaded_model = None);
+        self.set(|s| {
+            s.loaded_model = None;
+            s.rss_mb = None;
+        });
     }
 
     /// Messages that need no job: heartbeats, stray logs, the bridge dying.
@@ -539,19 +613,34 @@ impl Actor {
                 if let Some(live) = self.bridge.as_mut() {
                     live.rss_mb = h.rss_mb.or(live.rss_mb);
                 }
-                let loaded = h.loaded_model.clone();
-                self.set(|s| s.loaded_model = loaded);
+                let (loaded, rss) = (h.loaded_model.clone(), h.rss_mb);
+                self.set(|s| {
+                    s.loaded_model = loaded;
+                    s.rss_mb = rss.or(s.rss_mb);
+                });
             }
-            FromBridge::Log(l) => tracing::info!("[{} {}] {}", self.s.launch.log_prefix, l.job_id.as_deref().unwrap_or("-"), l.text),
-            FromBridge::Unknown => tracing::debug!("a bridge message of a type this worker does not know"),
+            FromBridge::Log(l) => tracing::info!(
+                "[{} {}] {}",
+                self.s.launch.log_prefix,
+                l.job_id.as_deref().unwrap_or("-"),
+                l.text
+            ),
+            FromBridge::Unknown => {
+                tracing::debug!("a bridge message of a type this worker does not know")
+            }
             other => tracing::debug!(?other, "bridge message ignored"),
         }
     }
 
     async fn garbage(&mut self, line: &str) {
-        let Some(live) = self.bridge.as_mut() else { return };
+        let Some(live) = self.bridge.as_mut() else {
+            return;
+        };
         live.garbage += 1;
-        tracing::warn!(count = live.garbage, "not a bridge message on the channel: {line:?}");
+        tracing::warn!(
+            count = live.garbage,
+            "not a bridge message on the channel: {line:?}"
+        );
         if live.garbage > MAX_GARBAGE {
             self.kill("its protocol channel is polluted").await;
         }
@@ -563,7 +652,15 @@ impl Actor {
         };
         self.next_req_id += 1;
         let req_id = self.next_req_id;
-        if let Err(e) = live.proc.send(&ToBridge::Query { req_id, op: op.into(), args }).await {
+        if let Err(e) = live
+            .proc
+            .send(&ToBridge::Query {
+                req_id,
+                op: op.into(),
+                args,
+            })
+            .await
+        {
             self.reap(&format!("cannot write to it: {e}")).await;
             return Err(QueryError::Unavailable(self.last_error.clone()));
         }
@@ -581,7 +678,11 @@ impl Actor {
                 }
             };
             match inc {
-                Incoming::Msg(FromBridge::Reply { req_id: r, data, error }) if r == req_id => {
+                Incoming::Msg(FromBridge::Reply {
+                    req_id: r,
+                    data,
+                    error,
+                }) if r == req_id => {
                     live.last_heard = Instant::now();
                     return match error {
                         Some(e) => Err(QueryError::Refused(e)),
@@ -616,16 +717,25 @@ impl Actor {
     async fn after_job(&mut self) {
         let Some(live) = &self.bridge else { return };
         if self.s.recycle_after_jobs > 0 && live.jobs >= self.s.recycle_after_jobs {
-            let why = format!("recycling after {} jobs (worker.wan2gp.recycle_after_jobs)", live.jobs);
+            let why = format!(
+                "recycling after {} jobs (worker.wan2gp.recycle_after_jobs)",
+                live.jobs
+            );
             self.stop_bridge(&why).await;
             return;
         }
-        if let Some(rss) = live.rss_mb.filter(|rss| self.s.recycle_rss_mb > 0 && *rss > self.s.recycle_rss_mb) {
+        if let Some(rss) = live
+            .rss_mb
+            .filter(|rss| self.s.recycle_rss_mb > 0 && *rss > self.s.recycle_rss_mb)
+        {
             let why = format!("recycling at {rss} MiB resident (worker.wan2gp.recycle_rss_mb)");
             self.stop_bridge(&why).await;
             return;
         }
-        if self.inventory_at.is_none_or(|t| t.elapsed() > INVENTORY_EVERY) {
+        if self
+            .inventory_at
+            .is_none_or(|t| t.elapsed() > INVENTORY_EVERY)
+        {
             self.refresh_inventory().await;
         }
     }
@@ -637,9 +747,6 @@ impl Actor {
         } else {
             self.follow(&job).await
         };
-        if let (JobEnd::Done(f), Some(_)) = (&end, job.progress.as_ref()) {
-            tracing::debug!(job = %job.key, files = f.files.len(), "Wan2GP job done");
-        }
         if let Err(JobEnd::Done(f)) = job.done.send(end) {
             // Nobody waits any more (the job was cancelled meanwhile): drop its files.
             for file in f.files {
@@ -661,7 +768,10 @@ impl Actor {
             },
         };
         let Some(live) = self.bridge.as_mut() else {
-            return retryable(FailureKind::Backend, format!("the Wan2GP bridge is not running: {}", self.last_error));
+            return retryable(
+                FailureKind::Backend,
+                format!("the Wan2GP bridge is not running: {}", self.last_error),
+            );
         };
         if let Err(e) = live.proc.send(&cmd).await {
             let why = format!("cannot write to the bridge: {e}");
@@ -677,12 +787,23 @@ impl Actor {
         let mut tail: VecDeque<String> = VecDeque::new();
         loop {
             let Some(live) = self.bridge.as_mut() else {
-                return retryable(FailureKind::Backend, format!("the Wan2GP bridge went away: {}", self.last_error));
+                return retryable(
+                    FailureKind::Backend,
+                    format!("the Wan2GP bridge went away: {}", self.last_error),
+                );
             };
             let wedged_at = live.last_heard + self.s.heartbeat_timeout;
             let stalled_at = last_activity + self.s.stall_timeout;
-            let escalate_at = cancel_sent.map(|t| t + self.s.cancel_grace);
-            let next = escalate_at.map_or(wedged_at.min(stalled_at), |e| e.min(wedged_at).min(stalled_at));
+            // A worker that is stopping does not wait out the long cancel grace.
+            let grace = if self.stopping.is_cancelled() {
+                self.s.kill_grace
+            } else {
+                self.s.cancel_grace
+            };
+            let escalate_at = cancel_sent.map(|t| t + grace);
+            let next = escalate_at.map_or(wedged_at.min(stalled_at), |e| {
+                e.min(wedged_at).min(stalled_at)
+            });
             let cancelling = cancel_sent.is_some();
             let step = tokio::select! {
                 biased;
@@ -763,8 +884,14 @@ impl Actor {
     async fn send_cancel(&mut self, key: &str, cancel_sent: &mut Option<Instant>) -> Step {
         *cancel_sent = Some(Instant::now());
         tracing::info!(job = %key, "asking Wan2GP to cancel");
-        let Some(live) = self.bridge.as_mut() else { return Step::End(JobEnd::Cancelled) };
-        match live.proc.send(&ToBridge::Cancel { job_id: key.into() }).await {
+        let Some(live) = self.bridge.as_mut() else {
+            return Step::End(JobEnd::Cancelled);
+        };
+        match live
+            .proc
+            .send(&ToBridge::Cancel { job_id: key.into() })
+            .await
+        {
             Ok(()) => Step::Continue,
             Err(e) => Step::Kill {
                 why: format!("cannot write the cancel: {e}"),
@@ -784,8 +911,14 @@ impl Actor {
     ) -> Step {
         match msg {
             FromBridge::Accepted { .. } | FromBridge::CancelAck { .. } => Step::Continue,
-            FromBridge::Rejected { reason, message, .. } => {
-                let kind = if reason == "bad_request" { FailureKind::InvalidInput } else { FailureKind::Backend };
+            FromBridge::Rejected {
+                reason, message, ..
+            } => {
+                let kind = if reason == "bad_request" {
+                    FailureKind::InvalidInput
+                } else {
+                    FailureKind::Backend
+                };
                 Step::End(JobEnd::Failed(JobError::new(
                     kind,
                     format!("the Wan2GP bridge refused the job ({reason}): {message}"),
@@ -868,16 +1001,41 @@ mod tests {
             fatal,
             log_tail: vec!["Traceback".into()],
         };
-        let oom = job_error(&e("generation", "'... you have unsufficient VRAM ...'", true, false));
+        let oom = job_error(&e(
+            "generation",
+            "'... you have unsufficient VRAM ...'",
+            true,
+            false,
+        ));
         assert_eq!((oom.kind, oom.retryable), (FailureKind::OutOfMemory, true));
-        assert!(!oom.message.contains('\''), "quotes around Wan2GP's text are dropped");
-        let fatal = job_error(&e("generation", "CUDA error: an illegal memory access was encountered", false, true));
+        assert!(
+            !oom.message.contains('\''),
+            "quotes around Wan2GP's text are dropped"
+        );
+        let fatal = job_error(&e(
+            "generation",
+            "CUDA error: an illegal memory access was encountered",
+            false,
+            true,
+        ));
         assert_eq!((fatal.kind, fatal.retryable), (FailureKind::Backend, true));
-        let bad = job_error(&e("validation", "multi_prompts_gen_type='PG' parses this prompt into 2 ...", false, false));
-        assert_eq!((bad.kind, bad.retryable), (FailureKind::InvalidInput, false));
+        let bad = job_error(&e(
+            "validation",
+            "multi_prompts_gen_type='PG' parses this prompt into 2 ...",
+            false,
+            false,
+        ));
+        assert_eq!(
+            (bad.kind, bad.retryable),
+            (FailureKind::InvalidInput, false)
+        );
         let other = job_error(&e("generation", "boom", false, false));
         assert_eq!((other.kind, other.retryable), (FailureKind::Backend, false));
-        assert!(other.message.contains("last output: Traceback"), "{}", other.message);
+        assert!(
+            other.message.contains("last output: Traceback"),
+            "{}",
+            other.message
+        );
     }
 
     #[test]
