@@ -4,33 +4,24 @@
 //!
 //! Python comes from `KILN_TEST_PYTHON` (set by `scripts/test`), else `python3`.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln_protocol::{
     Backend, Client, FailureKind, JobId, JobSnapshot, JobSpec, JobState, LoraRef, Task,
 };
-use kiln_testkit::{eventually, BrokerOpts, Scratch, WorkerOpts};
+use kiln_testkit::{eventually, fixture, python, Broker, BrokerOpts, Proc, Scratch, WorkerOpts};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn python() -> String {
-    std::env::var("KILN_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/wan2gp")
-}
-
 /// A worker whose `[worker.wan2gp]` points at the fake WanGP, with fast timers.
-fn wan2gp_worker(id: &str, vram_mb: u64, extra: &str, env: &[(&str, &str)]) -> WorkerOpts {
+fn wan2gp_worker(id: &str, vram_mb: u64, env: &[(&str, &str)]) -> WorkerOpts {
     let extra = format!(
         "[worker.wan2gp]\nroot = \"{}\"\npython = \"{}\"\nheartbeat_s = 0.2\nheartbeat_timeout_s = 5\n\
-         cancel_grace_s = 1\nkill_grace_s = 1\nprogress_interval_s = 0\n{extra}\n\
+         cancel_grace_s = 1\nkill_grace_s = 1\nprogress_interval_s = 0\n\
          [worker.wan2gp.env]\nPYTHONDONTWRITEBYTECODE = \"1\"\n",
-        fixture().display(),
-        python()
+        fixture("wan2gp").display(),
+        python().display()
     );
     WorkerOpts {
         vram_mb,
@@ -52,6 +43,30 @@ fn t2v(prompt: &str, fake: Value) -> JobSpec {
         .param("wan2gp", json!({ "_fake": fake }));
     spec.model = Some("t2v_2_2".into());
     spec
+}
+
+/// A broker and one 24 GB Wan2GP worker, `w1`, whose models the broker lists.
+struct OneWorker {
+    worker: Proc,
+    client: Client,
+    _broker: Broker,
+    _scratch: Scratch,
+}
+
+async fn one_worker(env: &[(&str, &str)]) -> OneWorker {
+    let scratch = Scratch::new();
+    let broker = scratch.broker(BrokerOpts::default()).await;
+    let worker = scratch
+        .worker(&broker, wan2gp_worker("w1", 24_576, env))
+        .await;
+    let client = broker.client();
+    wait_for_models(&client).await;
+    OneWorker {
+        worker,
+        client,
+        _broker: broker,
+        _scratch: scratch,
+    }
 }
 
 /// Waits until the broker lists the worker's Wan2GP models (the bridge is up).
@@ -97,14 +112,7 @@ async fn recorded(client: &Client, snap: &JobSnapshot) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_stream_progress_the_model_stays_loaded_and_models_are_listed() {
-    let s = Scratch::new();
-    let broker = s.broker(BrokerOpts::default()).await;
-    let _w = s
-        .worker(&broker, wan2gp_worker("w1", 24_576, "", &[]))
-        .await;
-    let client = broker.client();
-    wait_for_models(&client).await;
-
+    let OneWorker { client, .. } = &one_worker(&[]).await;
     let models = client.models().await.unwrap();
     let has = |name: &str, kind: &str| {
         models
@@ -187,17 +195,9 @@ async fn jobs_stream_progress_the_model_stays_loaded_and_models_are_listed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_mid_job_and_a_hung_job_is_killed_and_the_bridge_restarts() {
-    let s = Scratch::new();
-    let broker = s.broker(BrokerOpts::default()).await;
     // The fake ignores SIGTERM, so the escalation has to go all the way to SIGKILL.
-    let w = s
-        .worker(
-            &broker,
-            wan2gp_worker("w1", 24_576, "", &[("FAKE_WAN2GP_IGNORE_SIGTERM", "1")]),
-        )
-        .await;
-    let client = broker.client();
-    wait_for_models(&client).await;
+    let OneWorker { client, worker, .. } =
+        &one_worker(&[("FAKE_WAN2GP_IGNORE_SIGTERM", "1")]).await;
     let warm = finish(
         &client,
         client
@@ -251,7 +251,7 @@ async fn cancel_mid_job_and_a_hung_job_is_killed_and_the_bridge_restarts() {
     .await;
     assert_eq!(after.state, JobState::Succeeded, "{:?}", after.error);
     assert_ne!(after.info["bridge_pid"], first_pid, "a new bridge");
-    let log = w.log();
+    let log = worker.log();
     assert!(
         log.contains("ignored SIGTERM; sending SIGKILL"),
         "escalated to SIGKILL"
@@ -269,14 +269,7 @@ async fn cancel_mid_job_and_a_hung_job_is_killed_and_the_bridge_restarts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_restarts_the_bridge_and_the_next_job_succeeds() {
-    let s = Scratch::new();
-    let broker = s.broker(BrokerOpts::default()).await;
-    let w = s
-        .worker(&broker, wan2gp_worker("w1", 24_576, "", &[]))
-        .await;
-    let client = broker.client();
-    wait_for_models(&client).await;
-
+    let OneWorker { client, worker, .. } = &one_worker(&[]).await;
     let mut crash = t2v("boom", json!({"outcome": "crash"}));
     crash.max_attempts = Some(1);
     let snap = finish(&client, client.submit(crash).await.unwrap().job_id).await;
@@ -302,26 +295,19 @@ async fn a_crash_restarts_the_bridge_and_the_next_job_succeeds() {
         next.info["model_load"], true,
         "a fresh bridge loads the model again"
     );
-    assert_eq!(w.log().matches("Wan2GP bridge ready").count(), 2);
+    assert_eq!(worker.log().matches("Wan2GP bridge ready").count(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_memory_moves_the_job_to_a_gpu_with_more_memory() {
     let s = Scratch::new();
     let broker = s.broker(BrokerOpts::default()).await;
-    let _big = s
-        .worker(&broker, wan2gp_worker("big", 24_576, "", &[]))
-        .await;
+    let _big = s.worker(&broker, wan2gp_worker("big", 24_576, &[])).await;
     // This worker's "GPU" runs out of memory on any frame.
     let _small = s
         .worker(
             &broker,
-            wan2gp_worker(
-                "small",
-                12_288,
-                "",
-                &[("FAKE_WAN2GP_OOM_ABOVE_PIXELS", "1")],
-            ),
+            wan2gp_worker("small", 12_288, &[("FAKE_WAN2GP_OOM_ABOVE_PIXELS", "1")]),
         )
         .await;
     let client = broker.client();
@@ -372,13 +358,7 @@ async fn out_of_memory_moves_the_job_to_a_gpu_with_more_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_memory_on_the_largest_gpu_steps_down_the_vram_table_when_allowed() {
-    let s = Scratch::new();
-    let broker = s.broker(BrokerOpts::default()).await;
-    let _w = s
-        .worker(&broker, wan2gp_worker("w1", 24_576, "", &[]))
-        .await;
-    let client = broker.client();
-    wait_for_models(&client).await;
+    let OneWorker { client, .. } = &one_worker(&[]).await;
     // 1280x720 runs out of memory here; anything up to 300,000 pixels fits.
     let spec = || {
         t2v(

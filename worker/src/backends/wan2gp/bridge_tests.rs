@@ -2,9 +2,10 @@
 //! `tests/fixtures/wan2gp`, in process (no broker): every watchdog, every way a
 //! job can end, restarts and recycling.
 //!
-//! Python comes from `KILN_TEST_PYTHON` (set by `scripts/test`), else `python3`.
+//! Python comes from `KILN_TEST_PYTHON` (set by `scripts/test`), else `python3`
+//! (see `kiln_testkit::python`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,21 +14,13 @@ use kiln_protocol::worker::GpuInfo;
 use kiln_protocol::{
     Backend as Kind, FailureKind, InputFile, JobId, JobSpec, LoraRef, Progress, Task,
 };
-use kiln_testkit::eventually;
+use kiln_testkit::{eventually, fixture, python};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use super::*;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn python() -> PathBuf {
-    std::env::var_os("KILN_TEST_PYTHON").map_or_else(|| PathBuf::from("python3"), PathBuf::from)
-}
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/wan2gp")
-}
 
 /// A backend on the fake WanGP with fast timers, in its own scratch folder.
 struct Rig {
@@ -38,7 +31,7 @@ struct Rig {
 
 fn config(tweak: impl FnOnce(&mut Wan2gpConfig)) -> Wan2gpConfig {
     let mut cfg = Wan2gpConfig {
-        root: Some(fixture()),
+        root: Some(fixture("wan2gp")),
         python: python(),
         heartbeat_s: 0.2,
         heartbeat_timeout_s: 5.0,
