@@ -42,8 +42,8 @@ use super::protocol::{ErrorMsg, FromBridge, Ready, ToBridge};
 const MAX_GARBAGE: u32 = 20;
 /// A bridge that dies sooner than this after `ready` counts towards the crash backoff.
 const EARLY_CRASH: Duration = Duration::from_secs(30);
-/// How often the inventory is re-read between jobs at most.
-const INVENTORY_EVERY: Duration = Duration::from_secs(30);
+/// How often the inventory (models, LoRAs) is re-read while idle.
+const INVENTORY_EVERY: Duration = Duration::from_secs(60);
 /// Lines of Wan2GP output kept for failure reports.
 const LOG_TAIL: usize = 12;
 
@@ -362,6 +362,9 @@ impl Actor {
             }
             let live = self.bridge.as_mut().expect("checked");
             let wedged_at = live.last_heard + self.s.heartbeat_timeout;
+            let inventory_due = self
+                .inventory_at
+                .map_or_else(Instant::now, |t| t + INVENTORY_EVERY);
             tokio::select! {
                 biased;
                 _ = self.stopping.cancelled() => {}
@@ -381,6 +384,8 @@ impl Actor {
                     let why = format!("no heartbeat for {:?}", self.s.heartbeat_timeout);
                     self.kill(&why).await;
                 }
+                // LoRAs and weights come and go while the worker runs.
+                _ = tokio::time::sleep_until(inventory_due) => self.refresh_inventory().await,
             }
         }
     }
@@ -670,6 +675,7 @@ impl Actor {
             let wedged_at = live.last_heard + self.s.heartbeat_timeout;
             let inc = tokio::select! {
                 inc = live.proc.rx.recv() => inc.unwrap_or(Incoming::Closed),
+                _ = self.stopping.cancelled() => return Err(QueryError::Unavailable("the worker is stopping".into())),
                 _ = tokio::time::sleep_until(deadline.min(wedged_at)) => {
                     if Instant::now() >= wedged_at {
                         self.kill(&format!("no heartbeat for {:?}", self.s.heartbeat_timeout)).await;
@@ -713,7 +719,7 @@ impl Actor {
         self.inventory_at = Some(Instant::now());
     }
 
-    /// Between jobs: recycle the bridge if due, refresh the inventory if stale.
+    /// Between jobs: recycle the bridge if it is due.
     async fn after_job(&mut self) {
         let Some(live) = &self.bridge else { return };
         if self.s.recycle_after_jobs > 0 && live.jobs >= self.s.recycle_after_jobs {
@@ -730,13 +736,6 @@ impl Actor {
         {
             let why = format!("recycling at {rss} MiB resident (worker.wan2gp.recycle_rss_mb)");
             self.stop_bridge(&why).await;
-            return;
-        }
-        if self
-            .inventory_at
-            .is_none_or(|t| t.elapsed() > INVENTORY_EVERY)
-        {
-            self.refresh_inventory().await;
         }
     }
 
@@ -950,6 +949,8 @@ impl Actor {
                 Step::Continue
             }
             FromBridge::Result(r) => {
+                // A bridge that finishes jobs is not crash-looping.
+                self.quick_crashes = 0;
                 let loaded = r.loaded_model.clone();
                 self.set(|s| s.loaded_model = loaded);
                 let pid = self.bridge.as_ref().map_or(0, |l| l.ready.pid);
