@@ -370,7 +370,6 @@ mod example {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kiln.example.toml");
         let cfg = KilnConfig::load(&[path]).unwrap();
         let w = &cfg.worker.wan2gp;
-        assert_eq!(cfg.worker.backends, [kiln_protocol::Backend::Wan2gp]);
         assert_eq!(w.root.as_deref(), Some(std::path::Path::new("/opt/Wan2GP")));
         assert_eq!(
             w.vram_table,

@@ -23,8 +23,8 @@ pub use runner::{Status, Worker, WorkerSettings};
 pub enum BuildError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("backend {0} is not available in this build of the worker")]
-    Unsupported(Kind),
+    #[error("worker.comfyui: {0}")]
+    ComfyUiTemplates(#[from] backends::comfyui::TemplateError),
     #[error(transparent)]
     Wan2gp(#[from] backends::wan2gp::SetupError),
 }
@@ -32,10 +32,9 @@ pub enum BuildError {
 /// Builds a worker and its backends from the config.
 pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
     let w = &cfg.worker;
-    let worker_id = w
-        .id
-        .clone()
-        .unwrap_or_else(|| format!("{}-gpu{}", runner::hostname(), w.gpu.index));
+    let worker_id =
+        w.id.clone()
+            .unwrap_or_else(|| format!("{}-gpu{}", runner::hostname(), w.gpu.index));
     let sim_only = w.backends.iter().all(|b| *b == Kind::Sim);
     let probe = gpu::GpuProbe::from_config(&w.gpu, sim_only);
     let work_dir = w
@@ -46,6 +45,11 @@ pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
     for kind in &w.backends {
         match kind {
             Kind::Sim => backends.push(Arc::new(backends::sim::SimBackend::new(w.sim.clone()))),
+            Kind::Comfyui => backends.push(Arc::new(backends::comfyui::ComfyUiBackend::new(
+                w.comfyui.clone(),
+                w.gpu.index,
+                &worker_id,
+            )?)),
             Kind::Wan2gp => {
                 let place = backends::wan2gp::Placement {
                     worker_id: worker_id.clone(),
@@ -57,7 +61,6 @@ pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
                     &w.wan2gp, &place,
                 )?));
             }
-            other => return Err(BuildError::Unsupported(*other)),
         }
     }
     if let Some(why) = probe.nvml_unavailable() {
@@ -66,7 +69,9 @@ pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
         } else if w.gpu.name.is_some() && w.gpu.total_vram_mb.is_some() {
             tracing::warn!("NVML is not available ({why}); using the GPU declared in [worker.gpu]");
         } else if sim_only {
-            tracing::info!("NVML is not available ({why}); this sim-only worker reports a simulated GPU");
+            tracing::info!(
+                "NVML is not available ({why}); this sim-only worker reports a simulated GPU"
+            );
         } else {
             tracing::warn!("NVML is not available ({why}) and no GPU is declared in [worker.gpu]");
         }

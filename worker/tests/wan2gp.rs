@@ -160,7 +160,7 @@ async fn jobs_stream_progress_the_model_stays_loaded_and_models_are_listed() {
     assert_eq!(first.artifacts.len(), 1);
     assert_eq!(first.artifacts[0].name, format!("{}-1.mp4", first.job_id));
     assert_eq!(first.artifacts[0].media_type, "video/mp4");
-    let settings = recorded(&client, &first).await;
+    let settings = recorded(client, &first).await;
     assert_eq!(settings["resolution"], "832x480");
     assert_eq!(settings["loras_multipliers"], "0.5");
     assert_eq!(
@@ -174,7 +174,7 @@ async fn jobs_stream_progress_the_model_stays_loaded_and_models_are_listed() {
         .await
         .unwrap()
         .job_id;
-    let second = finish(&client, second).await;
+    let second = finish(client, second).await;
     assert_eq!(second.state, JobState::Succeeded);
     let loads: Vec<&Value> = [&first, &second]
         .iter()
@@ -199,7 +199,7 @@ async fn cancel_mid_job_and_a_hung_job_is_killed_and_the_bridge_restarts() {
     let OneWorker { client, worker, .. } =
         &one_worker(&[("FAKE_WAN2GP_IGNORE_SIGTERM", "1")]).await;
     let warm = finish(
-        &client,
+        client,
         client
             .submit(t2v("warm", json!({"steps": 1})))
             .await
@@ -215,14 +215,14 @@ async fn cancel_mid_job_and_a_hung_job_is_killed_and_the_bridge_restarts() {
         .await
         .unwrap()
         .job_id;
-    wait_state(&client, id, "a few steps", |s| {
+    wait_state(client, id, "a few steps", |s| {
         s.progress
             .as_ref()
             .is_some_and(|p| p.step.unwrap_or(0) >= 2)
     })
     .await;
     client.cancel(id).await.unwrap();
-    let snap = finish(&client, id).await;
+    let snap = finish(client, id).await;
     assert_eq!(snap.state, JobState::Cancelled);
 
     // A job that hangs, deaf to the cancel and to SIGTERM.
@@ -231,17 +231,17 @@ async fn cancel_mid_job_and_a_hung_job_is_killed_and_the_bridge_restarts() {
         .await
         .unwrap()
         .job_id;
-    wait_state(&client, id, "the hung job to start", |s| {
+    wait_state(client, id, "the hung job to start", |s| {
         s.progress
             .as_ref()
             .is_some_and(|p| p.stage.starts_with("Encoding"))
     })
     .await;
     client.cancel(id).await.unwrap();
-    assert_eq!(finish(&client, id).await.state, JobState::Cancelled);
+    assert_eq!(finish(client, id).await.state, JobState::Cancelled);
 
     let after = finish(
-        &client,
+        client,
         client
             .submit(t2v("after", json!({"steps": 1})))
             .await
@@ -272,7 +272,7 @@ async fn a_crash_restarts_the_bridge_and_the_next_job_succeeds() {
     let OneWorker { client, worker, .. } = &one_worker(&[]).await;
     let mut crash = t2v("boom", json!({"outcome": "crash"}));
     crash.max_attempts = Some(1);
-    let snap = finish(&client, client.submit(crash).await.unwrap().job_id).await;
+    let snap = finish(client, client.submit(crash).await.unwrap().job_id).await;
     assert_eq!(snap.state, JobState::Failed);
     let error = snap.error.unwrap();
     assert!(
@@ -282,7 +282,7 @@ async fn a_crash_restarts_the_bridge_and_the_next_job_succeeds() {
     );
 
     let next = finish(
-        &client,
+        client,
         client
             .submit(t2v("next", json!({"steps": 2})))
             .await
@@ -369,7 +369,7 @@ async fn out_of_memory_on_the_largest_gpu_steps_down_the_vram_table_when_allowed
         .param("frames", 81)
     };
 
-    let strict = finish(&client, client.submit(spec()).await.unwrap().job_id).await;
+    let strict = finish(client, client.submit(spec()).await.unwrap().job_id).await;
     assert_eq!(strict.state, JobState::Failed);
     let e = strict.error.unwrap();
     assert_eq!(
@@ -386,7 +386,7 @@ async fn out_of_memory_on_the_largest_gpu_steps_down_the_vram_table_when_allowed
 
     let mut lenient = spec();
     lenient.allow_degrade = true;
-    let done = finish(&client, client.submit(lenient).await.unwrap().job_id).await;
+    let done = finish(client, client.submit(lenient).await.unwrap().job_id).await;
     assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
     assert_eq!((done.attempt, done.degrade), (2, 1));
     assert!(
@@ -405,7 +405,7 @@ async fn out_of_memory_on_the_largest_gpu_steps_down_the_vram_table_when_allowed
         .as_str()
         .unwrap()
         .contains("1280x720 with 81 frames"));
-    let settings = recorded(&client, &done).await;
+    let settings = recorded(client, &done).await;
     assert_eq!(
         (
             settings["resolution"].as_str(),

@@ -1,4 +1,5 @@
 //! The generators a worker can drive.
 
+pub mod comfyui;
 pub mod sim;
 pub mod wan2gp;
