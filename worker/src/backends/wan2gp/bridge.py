@@ -18,6 +18,7 @@ CUDA and ffmpeg write straight to descriptor 1. Descriptor 1 is pointed at
 stderr before WanGP is imported, so all stray output lands in the worker's log.
 
 Every message has "v": 1 and a "type"; unknown fields and types are ignored.
+Previews are not forwarded: `want_preview` is accepted and ignored for now.
 
   worker -> bridge: submit {job_id, settings, want_preview}, cancel {job_id},
       query {req_id, op, args} (op: list_models, model_schema, default_settings,
