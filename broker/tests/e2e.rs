@@ -320,7 +320,7 @@ async fn impossible_jobs_are_refused_and_cancel_works_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pyzmq_example_submits_follows_and_downloads() {
-    let python = std::env::var("KILN_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let python = kiln_testkit::python();
     let s = Scratch::new();
     let broker = s
         .broker(BrokerOpts {

@@ -13,6 +13,7 @@
 mod comfyui;
 pub mod logging;
 mod secret;
+mod wan2gp;
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +24,9 @@ use serde::{Deserialize, Serialize};
 
 pub use comfyui::{ComfyUiConfig, ComfyUiMode};
 pub use secret::{resolve as resolve_secret, Secret};
+pub use wan2gp::{
+    parse_resolution, DefaultModels, VramRow, VramTable, Wan2gpConfig, WAN2GP_PROFILES,
+};
 
 /// Everything that can be wrong with a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +168,8 @@ pub struct WorkerConfig {
     pub work_dir: Option<PathBuf>,
     pub sim: SimConfig,
     pub comfyui: ComfyUiConfig,
+    /// The Wan2GP backend (`[worker.wan2gp]`).
+    pub wan2gp: Wan2gpConfig,
 }
 
 impl Default for WorkerConfig {
@@ -181,6 +187,7 @@ impl Default for WorkerConfig {
             work_dir: None,
             sim: SimConfig::default(),
             comfyui: ComfyUiConfig::default(),
+            wan2gp: Wan2gpConfig::default(),
         }
     }
 }
@@ -373,6 +380,7 @@ impl KilnConfig {
             return invalid("worker.sim.max_side", "must be at least 8");
         }
         self.worker.comfyui.validate()?;
+        self.worker.wan2gp.validate()?;
         Ok(self)
     }
 

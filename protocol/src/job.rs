@@ -336,6 +336,33 @@ pub fn safe_file_name(name: &str) -> Option<&str> {
     ok.then_some(name)
 }
 
+/// The media type of a file, guessed from its extension (generators name their
+/// outputs `.png`, `.mp4`, …); `application/octet-stream` when unknown.
+pub fn media_type_for(name: &str) -> &'static str {
+    match name
+        .rsplit_once('.')
+        .map(|(_, ext)| ext.to_ascii_lowercase())
+        .as_deref()
+    {
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("webp") => "image/webp",
+        Some("gif") => "image/gif",
+        Some("mp4") => "video/mp4",
+        Some("webm") => "video/webm",
+        Some("mkv") => "video/x-matroska",
+        Some("mov") => "video/quicktime",
+        Some("wav") => "audio/wav",
+        Some("mp3") => "audio/mpeg",
+        Some("flac") => "audio/flac",
+        Some("ogg" | "opus") => "audio/ogg",
+        Some("txt") => "text/plain",
+        Some("json") => "application/json",
+        Some("glb") => "model/gltf-binary",
+        _ => "application/octet-stream",
+    }
+}
+
 /// Where a job is in its life. Terminal states never change again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -590,5 +617,12 @@ mod tests {
             assert!(safe_file_name(bad).is_none(), "{bad:?}");
         }
         assert_eq!(safe_file_name("out_00001_.png"), Some("out_00001_.png"));
+    }
+
+    #[test]
+    fn media_types_follow_the_extension() {
+        assert_eq!(media_type_for("j1-1.MP4"), "video/mp4");
+        assert_eq!(media_type_for("a.b.jpeg"), "image/jpeg");
+        assert_eq!(media_type_for("README"), "application/octet-stream");
     }
 }

@@ -296,30 +296,6 @@ impl GpuProbe {
     }
 }
 
-/// Suggested generation settings for a GPU of a given size: the VRAM table shown by
-/// `kiln gpu-info`. Rows are (minimum MiB, profile, max resolution, max frames).
-pub const VRAM_TABLE: [(u64, &str, &str, u32); 5] = [
-    (
-        24 * 1024,
-        "wan2gp profile 3 (or 4 for 14B models)",
-        "1920x1080",
-        169,
-    ),
-    (16 * 1024, "wan2gp profile 4", "1280x720", 121),
-    (12 * 1024, "wan2gp profile 4", "1280x720", 97),
-    (8 * 1024, "wan2gp profile 4.5", "720x480", 73),
-    (6 * 1024, "wan2gp profile 5", "512x512", 49),
-];
-
-/// The first table row this much memory qualifies for.
-pub fn recommended(total_vram_mb: u64) -> Option<(u64, &'static str, &'static str, u32)> {
-    // Cards are sold as "24 GB" but report slightly less; allow 6% slack.
-    VRAM_TABLE
-        .iter()
-        .copied()
-        .find(|(min, ..)| total_vram_mb * 100 >= min * 94)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,13 +421,5 @@ mod tests {
         let text = "MemTotal:       131072000 kB\nMemFree: 1 kB\nMemAvailable:   65536000 kB\n";
         assert_eq!(parse_meminfo(text), Some((128_000, 64_000)));
         assert_eq!(parse_meminfo("garbage"), None);
-    }
-
-    #[test]
-    fn vram_table_rows() {
-        assert_eq!(recommended(24_564).unwrap().3, 169);
-        assert_eq!(recommended(16_376).unwrap().2, "1280x720");
-        assert_eq!(recommended(8_192).unwrap().3, 73);
-        assert!(recommended(4_096).is_none());
     }
 }

@@ -23,10 +23,10 @@ pub use runner::{Status, Worker, WorkerSettings};
 pub enum BuildError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("backend {0} is not available in this build of the worker")]
-    Unsupported(Kind),
     #[error("worker.comfyui: {0}")]
     ComfyUiTemplates(#[from] backends::comfyui::TemplateError),
+    #[error(transparent)]
+    Wan2gp(#[from] backends::wan2gp::SetupError),
 }
 
 /// Builds a worker and its backends from the config.
@@ -35,6 +35,12 @@ pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
     let worker_id =
         w.id.clone()
             .unwrap_or_else(|| format!("{}-gpu{}", runner::hostname(), w.gpu.index));
+    let sim_only = w.backends.iter().all(|b| *b == Kind::Sim);
+    let probe = gpu::GpuProbe::from_config(&w.gpu, sim_only);
+    let work_dir = w
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("kiln-worker-{worker_id}")));
     let mut backends: Vec<Arc<dyn backend::Backend>> = Vec::new();
     for kind in &w.backends {
         match kind {
@@ -44,11 +50,19 @@ pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
                 w.gpu.index,
                 &worker_id,
             )?)),
-            other => return Err(BuildError::Unsupported(*other)),
+            Kind::Wan2gp => {
+                let place = backends::wan2gp::Placement {
+                    worker_id: worker_id.clone(),
+                    work_dir: work_dir.clone(),
+                    gpu: probe.probe().ok(),
+                    gpu_index: w.gpu.index,
+                };
+                backends.push(Arc::new(backends::wan2gp::Wan2gpBackend::new(
+                    &w.wan2gp, &place,
+                )?));
+            }
         }
     }
-    let sim_only = w.backends.iter().all(|b| *b == Kind::Sim);
-    let probe = gpu::GpuProbe::from_config(&w.gpu, sim_only);
     if let Some(why) = probe.nvml_unavailable() {
         if !w.gpu.nvml {
             tracing::info!("NVML disabled in the config; using the GPU declared in [worker.gpu]");
@@ -62,10 +76,6 @@ pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
             tracing::warn!("NVML is not available ({why}) and no GPU is declared in [worker.gpu]");
         }
     }
-    let work_dir = w
-        .work_dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("kiln-worker-{worker_id}")));
     let settings = WorkerSettings {
         worker_id,
         broker: w.broker.clone(),

@@ -10,16 +10,14 @@ use kiln_protocol::client::hex;
 use kiln_protocol::job::InputFile;
 use kiln_protocol::worker::WorkerState;
 use kiln_protocol::{Backend, Client, FailureKind, JobId, JobSnapshot, JobSpec, JobState, Task};
-use kiln_testkit::{eventually, free_port, Broker, BrokerOpts, Proc, Scratch, WorkerOpts};
+use kiln_testkit::{
+    eventually, fixture, free_port, python, Broker, BrokerOpts, Proc, Scratch, WorkerOpts,
+};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/comfyui")
-}
-
-fn python() -> String {
-    std::env::var("KILN_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+    fixture("comfyui")
 }
 
 fn workflow(name: &str) -> Value {
@@ -82,13 +80,7 @@ impl Fake {
         std::fs::create_dir_all(&dir).unwrap();
         let mut args = fake_args(&dir, version);
         args.extend(["--port".into(), port.to_string()]);
-        let proc = Proc::spawn(
-            "fake ComfyUI",
-            Path::new(&python()),
-            &args,
-            &[],
-            dir.join("fake.log"),
-        );
+        let proc = Proc::spawn("fake ComfyUI", &python(), &args, &[], dir.join("fake.log"));
         let fake = Fake {
             _proc: proc,
             url: format!("http://127.0.0.1:{port}"),
@@ -647,7 +639,7 @@ async fn comfyui_killed_mid_job_in_managed_mode_is_restarted_and_the_job_retried
     args.extend(["--pid-file".into(), pid_file.display().to_string()]);
     let toml = format!(
         "mode = \"managed\"\npython = \"{}\"\nmain_py = \"{main_py}\"\nport = {}\nargs = {}\nrestart_min_s = 1\nrestart_max_s = 2\nstart_timeout_s = 30",
-        python(),
+        python().display(),
         free_port(),
         serde_json::to_string(&args).unwrap()
     );

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use kiln_config::KilnConfig;
 use kiln_protocol::Client;
-use kiln_worker::gpu::{self, GpuProbe};
+use kiln_worker::gpu::GpuProbe;
 use serde_json::Value;
 
 use crate::print_json;
@@ -103,9 +103,10 @@ pub async fn health(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prints every GPU NVML sees with recommended settings. Exit code 3 when no GPU
-/// could be read at all.
+/// Prints every GPU NVML sees with the Wan2GP settings the VRAM table gives it,
+/// and the table itself. Exit code 3 when no GPU could be read at all.
 pub fn gpu_info(cfg: &KilnConfig, json: bool) -> anyhow::Result<ExitCode> {
+    let table = &cfg.worker.wan2gp.vram_table;
     let probe = GpuProbe::from_config(&cfg.worker.gpu, false);
     let mut gpus = Vec::new();
     match probe.device_count() {
@@ -121,12 +122,9 @@ pub fn gpu_info(cfg: &KilnConfig, json: bool) -> anyhow::Result<ExitCode> {
         let rows: Vec<Value> = read
             .iter()
             .map(|g| {
-                let rec = gpu::recommended(g.total_vram_mb);
                 serde_json::json!({
                     "gpu": g,
-                    "recommended": rec.map(|(_, profile, res, frames)| serde_json::json!({
-                        "profile": profile, "max_resolution": res, "max_frames": frames
-                    })),
+                    "wan2gp": table.row_for(g.total_vram_mb),
                 })
             })
             .collect();
@@ -135,6 +133,7 @@ pub fn gpu_info(cfg: &KilnConfig, json: bool) -> anyhow::Result<ExitCode> {
             "nvml_error": probe.nvml_unavailable(),
             "driver": probe.driver_version(),
             "gpus": rows,
+            "wan2gp_vram_table": table,
         }));
     } else {
         match probe.nvml_unavailable() {
@@ -164,13 +163,28 @@ pub fn gpu_info(cfg: &KilnConfig, json: bool) -> anyhow::Result<ExitCode> {
                 println!("  temp     {t} C");
             }
             println!("  source   {:?}", g.source);
-            match gpu::recommended(g.total_vram_mb) {
-                Some((_, profile, res, frames)) => {
-                    println!("  suggest  {profile}, video up to {res} and {frames} frames")
-                }
-                None => println!("  suggest  under 6 GiB: small image models only"),
+            match table.row_for(g.total_vram_mb) {
+                Some(row) => println!(
+                    "  wan2gp   profile {}, video up to {} and {} frames",
+                    row.profile, row.max_resolution, row.max_frames
+                ),
+                None => println!(
+                    "  wan2gp   below the smallest row of the VRAM table: small image models only"
+                ),
             }
         }
+        println!();
+        println!("Wan2GP VRAM table ([worker.wan2gp.vram_table]; a card qualifies with 6% less than a row's minimum):");
+        let mut t = Table::new(["MIN VRAM GiB", "PROFILE", "MAX RESOLUTION", "MAX FRAMES"]);
+        for row in table.rows() {
+            t.row([
+                gib(row.min_vram_mb),
+                row.profile_arg(),
+                row.max_resolution.clone(),
+                row.max_frames.to_string(),
+            ]);
+        }
+        t.print();
     }
     if read.is_empty() {
         if !json {

@@ -150,17 +150,7 @@ impl SubmitArgs {
 }
 
 fn media_type_of(name: &str) -> &'static str {
-    match name
-        .rsplit('.')
-        .next()
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        Some("png") => "image/png",
-        Some("jpg" | "jpeg") => "image/jpeg",
-        Some("webp") => "image/webp",
-        _ => "application/octet-stream",
-    }
+    kiln_protocol::job::media_type_for(name)
 }
 
 fn parse_job(s: &str) -> anyhow::Result<JobId> {

@@ -33,6 +33,19 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The Python tests run: `KILN_TEST_PYTHON` (the venv `scripts/test` prepares),
+/// else `python3` from the path.
+pub fn python() -> PathBuf {
+    std::env::var_os("KILN_TEST_PYTHON").map_or_else(|| PathBuf::from("python3"), PathBuf::from)
+}
+
+/// A test fixture folder, `tests/fixtures/<name>` in the workspace.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures")
+        .join(name)
+}
+
 /// A TCP port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -2,3 +2,4 @@
 
 pub mod comfyui;
 pub mod sim;
+pub mod wan2gp;

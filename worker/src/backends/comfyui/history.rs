@@ -107,28 +107,7 @@ pub fn produced(outputs: &Value) -> Produced {
 
 /// A media type from a file name, for servers that answer `application/octet-stream`.
 pub fn media_type_of(name: &str) -> &'static str {
-    let ext = name
-        .rsplit_once('.')
-        .map(|(_, e)| e.to_ascii_lowercase())
-        .unwrap_or_default();
-    match ext.as_str() {
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "webp" => "image/webp",
-        "gif" => "image/gif",
-        "mp4" => "video/mp4",
-        "webm" => "video/webm",
-        "mov" => "video/quicktime",
-        "mkv" => "video/x-matroska",
-        "flac" => "audio/flac",
-        "wav" => "audio/wav",
-        "mp3" => "audio/mpeg",
-        "ogg" | "opus" => "audio/ogg",
-        "txt" => "text/plain",
-        "json" => "application/json",
-        "glb" => "model/gltf-binary",
-        _ => "application/octet-stream",
-    }
+    kiln_protocol::job::media_type_for(name)
 }
 
 #[cfg(test)]
