@@ -570,6 +570,50 @@ mod tests {
         });
     }
 
+    /// Every documented example under `config/` loads as written.
+    #[test]
+    fn the_documented_examples_load() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        Jail::expect_with(|jail| {
+            let cfg =
+                KilnConfig::load(&[dir.join("kiln.example.toml")]).expect("kiln.example.toml");
+            let defaults = KilnConfig::default();
+            assert_eq!(cfg.broker.frontend, defaults.broker.frontend);
+            assert_eq!(
+                cfg.broker.limits, defaults.broker.limits,
+                "the example shows the default limits"
+            );
+            assert_eq!(cfg.broker.retention, defaults.broker.retention);
+            assert_eq!(cfg.client, defaults.client);
+            assert_eq!(cfg.worker.sim, defaults.worker.sim);
+            assert_eq!(cfg.worker.backends.len(), 3);
+
+            let broker = KilnConfig::load(&[dir.join("multi-host/broker.toml")])
+                .expect("multi-host/broker.toml");
+            assert_eq!(broker.broker.allowed_networks, ["10.20.0.0/16"]);
+            assert!(!is_loopback_endpoint(&broker.broker.frontend));
+            let worker = KilnConfig::load(&[dir.join("multi-host/worker.toml")])
+                .expect("multi-host/worker.toml");
+            assert_eq!(worker.worker.broker, "tcp://10.20.0.1:5556");
+
+            // The per-GPU environment file, as systemd would pass it.
+            let env = std::fs::read_to_string(dir.join("worker-1.example.env")).unwrap();
+            for line in env
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            {
+                let (k, v) = line.split_once('=').expect("KEY=value");
+                jail.set_env(k, v);
+            }
+            let per_gpu =
+                KilnConfig::load(&[dir.join("multi-host/worker.toml")]).expect("worker with env");
+            assert_eq!(per_gpu.worker.id.as_deref(), Some("box1-gpu1"));
+            assert_eq!(per_gpu.worker.labels, ["rtx4090", "fast"]);
+            assert_eq!(per_gpu.worker.comfyui.port, 8189);
+            Ok(())
+        });
+    }
+
     #[test]
     fn networks_must_be_cidrs() {
         for ok in ["10.0.0.0/24", "192.168.1.7", "fd00::/64"] {
