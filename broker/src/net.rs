@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use kiln_config::{ConfigError, KilnConfig};
 use kiln_protocol::frame::{self, peek_envelope, PROTOCOL_TAG};
 use kiln_protocol::request::{Chunk, Reply};
@@ -671,6 +672,22 @@ impl Outbox {
         let frames = vec![peer.clone(), Bytes::from_static(PROTOCOL_TAG), body];
         let mut msg = ZmqMessage::try_from(frames).expect("three frames");
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        // Fast path: with no backlog for this peer, hand the message to the socket
+        // now. Only a full socket queue (a stalled peer) needs the peer task; the
+        // future is dropped unsent then, so the copy goes that way instead.
+        if peers.get(&peer).is_none_or(|tx| tx.is_closed()) {
+            peers.remove(&peer);
+            let mut router = self.router.clone();
+            match router.send(msg.clone()).now_or_never() {
+                Some(Ok(())) => return,
+                Some(Err(e)) => {
+                    // Not connected: a worker may be reconnecting; its heartbeats decide.
+                    tracing::debug!(side = ?self.side, error = %e, "peer not reachable");
+                    return;
+                }
+                None => {}
+            }
+        }
         for _ in 0..2 {
             let tx = peers.entry(peer.clone()).or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(self.capacity);

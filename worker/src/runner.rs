@@ -8,11 +8,13 @@
 //! reconnects; its result is kept until the broker acknowledges it and is sent
 //! again after every re-registration.
 
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use kiln_protocol::client::hex;
 use kiln_protocol::frame;
 use kiln_protocol::job::safe_file_name;
@@ -661,19 +663,30 @@ async fn run_job(
         degrade,
         work_dir: work_dir.clone(),
     };
-    let b = backend.clone();
-    let result = match tokio::spawn(async move { b.run(run, sink, cancel).await }).await {
+    // A panicking backend must fail the attempt, not the worker.
+    let result = match AssertUnwindSafe(backend.run(run, sink, cancel))
+        .catch_unwind()
+        .await
+    {
         Ok(result) => result,
-        Err(e) => Err(RunError::Failed(JobError::new(
+        Err(_) => Err(RunError::Failed(JobError::new(
             FailureKind::Internal,
-            format!("backend task failed: {e}"),
+            "the backend panicked".to_string(),
             true,
         ))),
     };
     let (outcome, files) = match result {
+        // Hashing files reads them: off the async threads. Bytes are hashed here.
+        Ok(out)
+            if out
+                .outputs
+                .iter()
+                .all(|o| matches!(o.data, OutputData::Bytes(_))) =>
+        {
+            settle(prepare(out))
+        }
         Ok(out) => match tokio::task::spawn_blocking(move || prepare(out)).await {
-            Ok(Ok((outcome, files))) => (outcome, files),
-            Ok(Err(e)) => (Outcome::Failed { error: e }, Vec::new()),
+            Ok(prepared) => settle(prepared),
             Err(e) => (
                 Outcome::Failed {
                     error: JobError::new(FailureKind::Internal, e.to_string(), true),
@@ -704,10 +717,14 @@ async fn run_job(
         .await;
 }
 
+type Prepared = (Outcome, Vec<(OutputMeta, OutputData)>);
+
+fn settle(prepared: Result<Prepared, JobError>) -> Prepared {
+    prepared.unwrap_or_else(|error| (Outcome::Failed { error }, Vec::new()))
+}
+
 /// Hashes and sizes each output, giving each a unique, safe name.
-fn prepare(
-    out: crate::backend::RunOutput,
-) -> Result<(Outcome, Vec<(OutputMeta, OutputData)>), JobError> {
+fn prepare(out: crate::backend::RunOutput) -> Result<Prepared, JobError> {
     let mut files = Vec::with_capacity(out.outputs.len());
     let mut names = std::collections::HashSet::new();
     for (i, o) in out.outputs.into_iter().enumerate() {
