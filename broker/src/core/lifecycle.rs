@@ -224,14 +224,17 @@ impl Core {
             return;
         }
         let classes = self.queue.class_count();
-        let mut runnable = Vec::with_capacity(classes);
+        let mut runnable = std::mem::take(&mut self.runnable);
+        runnable.clear();
         for class in 0..classes as u32 {
             let req = self.queue.requirements(class);
             let backend = req.backend;
             let w = self.workers.get_mut(idx);
             runnable.push(w.can_run_class(class, req) && w.backend_healthy(backend));
         }
-        let Some(id) = self.queue.pop_for(|class| runnable[class as usize]) else {
+        let next = self.queue.pop_for(|class| runnable[class as usize]);
+        self.runnable = runnable;
+        let Some(id) = next else {
             return;
         };
         let job = self.jobs.get_mut(&id).expect("queued job exists");
