@@ -45,3 +45,31 @@ pub fn unix_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod doc_tests {
+    use crate::frame::WireMessage;
+
+    /// docs/protocol.md shows every message type with an example, so clients in
+    /// other languages can be written from it alone.
+    #[test]
+    fn the_protocol_doc_shows_every_message() {
+        let doc = include_str!("../../docs/protocol.md");
+        let all = [
+            crate::Request::TYPES,
+            crate::Reply::TYPES,
+            crate::WorkerMessage::TYPES,
+            crate::BrokerMessage::TYPES,
+            crate::Event::TYPES,
+        ];
+        let missing: Vec<&str> = all
+            .iter()
+            .flat_map(|types| types.iter().copied())
+            .filter(|t| !doc.contains(&format!("\"type\": \"{t}\"")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "docs/protocol.md lacks an example of {missing:?}"
+        );
+    }
+}
