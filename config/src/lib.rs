@@ -11,6 +11,7 @@
 //! unknown-key check. Errors name the key and where its value came from.
 
 pub mod logging;
+mod mcp;
 mod secret;
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use figment::Figment;
 use kiln_protocol::Limits;
 use serde::{Deserialize, Serialize};
 
+pub use mcp::McpConfig;
 pub use secret::{resolve as resolve_secret, Secret};
 
 /// Everything that can be wrong with a configuration.
@@ -41,6 +43,7 @@ pub struct KilnConfig {
     pub broker: BrokerConfig,
     pub worker: WorkerConfig,
     pub client: ClientConfig,
+    pub mcp: McpConfig,
 }
 
 /// The broker daemon.
@@ -279,7 +282,7 @@ pub fn default_state_dir() -> PathBuf {
 }
 
 /// The tables a `KILN_<TABLE>__...` variable may address.
-const TABLES: [&str; 3] = ["broker", "worker", "client"];
+const TABLES: [&str; 4] = ["broker", "worker", "client", "mcp"];
 
 impl KilnConfig {
     /// Loads defaults, then `files` in order (each must exist), then the environment.
@@ -302,9 +305,11 @@ impl KilnConfig {
         }
         let env = Env::prefixed("KILN_")
             .filter(|key| {
-                TABLES
-                    .iter()
-                    .any(|t| key.as_str().to_ascii_lowercase().starts_with(&format!("{t}__")))
+                TABLES.iter().any(|t| {
+                    key.as_str()
+                        .to_ascii_lowercase()
+                        .starts_with(&format!("{t}__"))
+                })
             })
             .split("__");
         Ok(figment.merge(env))
@@ -342,7 +347,10 @@ impl KilnConfig {
         }
         for label in &self.worker.labels {
             if !kiln_protocol::ids::is_simple_name(label, 64) {
-                return invalid("worker.labels", &format!("label {label:?} must be 1-64 characters of [A-Za-z0-9._-]"));
+                return invalid(
+                    "worker.labels",
+                    &format!("label {label:?} must be 1-64 characters of [A-Za-z0-9._-]"),
+                );
             }
         }
         if self.worker.backends.is_empty() {
@@ -351,18 +359,29 @@ impl KilnConfig {
         if self.worker.sim.max_side < 8 {
             return invalid("worker.sim.max_side", "must be at least 8");
         }
+        self.mcp.validate()?;
         Ok(self)
     }
 
     /// The broker's client token, resolved from inline, file or credential.
     pub fn broker_client_token(&self) -> Result<Option<Secret>, ConfigError> {
         let b = &self.broker;
-        resolve_secret("broker.client_token", &b.client_token, &b.client_token_file, "kiln-client-token")
+        resolve_secret(
+            "broker.client_token",
+            &b.client_token,
+            &b.client_token_file,
+            "kiln-client-token",
+        )
     }
 
     pub fn broker_worker_token(&self) -> Result<Option<Secret>, ConfigError> {
         let b = &self.broker;
-        resolve_secret("broker.worker_token", &b.worker_token, &b.worker_token_file, "kiln-worker-token")
+        resolve_secret(
+            "broker.worker_token",
+            &b.worker_token,
+            &b.worker_token_file,
+            "kiln-worker-token",
+        )
     }
 
     pub fn worker_token(&self) -> Result<Option<Secret>, ConfigError> {
@@ -394,7 +413,10 @@ fn check_endpoint(key: &str, ep: &str) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
-        invalid(key, &format!("{ep:?} is not an endpoint like tcp://127.0.0.1:5555"))
+        invalid(
+            key,
+            &format!("{ep:?} is not an endpoint like tcp://127.0.0.1:5555"),
+        )
     }
 }
 
@@ -484,20 +506,29 @@ mod tests {
             assert_eq!(c.worker.labels, ["fast", "big"]);
 
             jail.set_env("KILN_BROKER__HEARTBEAT_MS", "soon");
-            let err = KilnConfig::load(&["kiln.toml".into()]).unwrap_err().to_string();
+            let err = KilnConfig::load(&["kiln.toml".into()])
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("broker.heartbeat_ms"), "{err}");
             assert!(err.contains("KILN_"), "{err}");
             jail.set_env("KILN_BROKER__HEARTBEAT_MS", "250");
 
             jail.create_file("typo.toml", "[broker]\nfrontnd = \"tcp://127.0.0.1:1\"\n")?;
-            let err = KilnConfig::load(&["typo.toml".into()]).unwrap_err().to_string();
-            assert!(err.contains("frontnd") && err.contains("typo.toml"), "{err}");
+            let err = KilnConfig::load(&["typo.toml".into()])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("frontnd") && err.contains("typo.toml"),
+                "{err}"
+            );
 
             let err = KilnConfig::load(&["absent.toml".into()]).unwrap_err();
             assert!(matches!(err, ConfigError::MissingFile(_)));
 
             jail.create_file("bad.toml", "[client]\nbroker = \"localhost\"\n")?;
-            let err = KilnConfig::load(&["bad.toml".into()]).unwrap_err().to_string();
+            let err = KilnConfig::load(&["bad.toml".into()])
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("client.broker"), "{err}");
             Ok(())
         });
@@ -507,7 +538,10 @@ mod tests {
     fn tokens_resolve_from_file_and_stay_redacted() {
         Jail::expect_with(|jail| {
             jail.create_file("token", "  s3cret\n")?;
-            jail.create_file("kiln.toml", "[broker]\nclient_token_file = \"token\"\nworker_token = 12345\n")?;
+            jail.create_file(
+                "kiln.toml",
+                "[broker]\nclient_token_file = \"token\"\nworker_token = 12345\n",
+            )?;
             let c = KilnConfig::load(&["kiln.toml".into()]).unwrap();
             let t = c.broker_client_token().unwrap().unwrap();
             assert_eq!(t.expose(), "s3cret");

@@ -1,0 +1,89 @@
+//! The state every MCP session shares: one broker [`Client`] (which multiplexes
+//! any number of concurrent calls over one connection), the configuration, the
+//! allowed roots, and what the gateway remembers about the jobs it submitted.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kiln_config::{KilnConfig, McpConfig};
+use kiln_protocol::{Client, ClientOptions, JobId};
+
+use crate::files::AllowedRoots;
+
+/// What the gateway does to a job's images after the generator: for sprites with a
+/// transparent background and pixel-art styles.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PostProcess {
+    pub remove_background: bool,
+    pub pixel_cell: Option<u32>,
+}
+
+impl PostProcess {
+    pub fn is_none(&self) -> bool {
+        !self.remove_background && self.pixel_cell.is_none()
+    }
+}
+
+/// How many jobs' post-processing is remembered (oldest forgotten first).
+const REMEMBERED_JOBS: usize = 10_000;
+
+/// Shared by all sessions of one `kiln-mcp` process.
+pub struct Gateway {
+    pub client: Client,
+    pub cfg: McpConfig,
+    pub roots: AllowedRoots,
+    /// The name this gateway's jobs are filed under at the broker.
+    pub client_name: Option<String>,
+    post: Mutex<(HashMap<JobId, PostProcess>, VecDeque<JobId>)>,
+}
+
+impl Gateway {
+    pub fn new(client: Client, cfg: McpConfig, roots: AllowedRoots) -> Gateway {
+        Gateway {
+            client_name: client.options().name.clone(),
+            client,
+            cfg,
+            roots,
+            post: Mutex::default(),
+        }
+    }
+
+    /// Remembers that `job`'s images get `post` before they are returned or saved.
+    pub fn remember(&self, job: JobId, post: PostProcess) {
+        if post.is_none() {
+            return;
+        }
+        let mut guard = self.post.lock().expect("not poisoned");
+        let (map, order) = &mut *guard;
+        if map.insert(job, post).is_none() {
+            order.push_back(job);
+        }
+        while order.len() > REMEMBERED_JOBS {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
+
+    pub fn post_process(&self, job: JobId) -> PostProcess {
+        self.post
+            .lock()
+            .expect("not poisoned")
+            .0
+            .get(&job)
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+/// The broker connection described by the `[client]` table. The client name
+/// defaults to `kiln-mcp` so `list_jobs mine` can find the gateway's jobs.
+pub fn client_options(cfg: &KilnConfig) -> Result<ClientOptions, kiln_config::ConfigError> {
+    let c = &cfg.client;
+    let mut opts = ClientOptions::new(c.broker.clone(), c.events.clone());
+    opts.token = cfg.client_token()?.map(|s| s.expose().to_string());
+    opts.name = Some(c.name.clone().unwrap_or_else(|| "kiln-mcp".into()));
+    opts.request_timeout = Duration::from_secs(c.request_timeout_s.max(1));
+    Ok(opts)
+}
