@@ -42,11 +42,7 @@ pub fn describe(s: &JobSnapshot) -> String {
                 .map(|p| p.stage.clone())
                 .filter(|st| !st.is_empty())
                 .unwrap_or_else(|| "starting".into());
-            let place = match (&s.worker, &s.gpu) {
-                (Some(w), Some(g)) => format!(" on {w} ({g})"),
-                (Some(w), None) => format!(" on {w}"),
-                _ => String::new(),
-            };
+            let place = place(s.worker.as_deref(), s.gpu.as_deref());
             format!("{id}: {stage}{place}")
         }
         JobState::Failed => match &s.error {
@@ -54,6 +50,15 @@ pub fn describe(s: &JobSnapshot) -> String {
             None => format!("{id}: failed"),
         },
         state => format!("{id}: {state}"),
+    }
+}
+
+/// ` on gpu0 (RTX 4090)`: the broker's GPU label already names the worker.
+pub fn place(worker: Option<&str>, gpu_label: Option<&str>) -> String {
+    match (worker, gpu_label) {
+        (_, Some(label)) => format!(" on {label}"),
+        (Some(w), None) => format!(" on {w}"),
+        (None, None) => String::new(),
     }
 }
 
@@ -167,7 +172,7 @@ mod tests {
             attempt: 1,
             max_attempts: 3,
             worker: Some("gpu0".into()),
-            gpu: Some("RTX 4090".into()),
+            gpu: Some("gpu0 (RTX 4090)".into()),
             progress: Some(Progress {
                 pct,
                 step: None,

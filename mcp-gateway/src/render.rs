@@ -56,6 +56,7 @@ pub struct JobReport {
     pub seed: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
+    /// The worker and its GPU, e.g. `gpu0 (RTX 4090)`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -204,11 +205,7 @@ fn summary(r: &JobReport) -> String {
     let id = r.job_id.clone().unwrap_or_else(|| "job".into());
     let mut line = match r.state.as_str() {
         "succeeded" => {
-            let place = match (&r.worker, &r.gpu) {
-                (Some(w), Some(g)) => format!(" on {w} ({g})"),
-                (Some(w), None) => format!(" on {w}"),
-                _ => String::new(),
-            };
+            let place = crate::progress::place(r.worker.as_deref(), r.gpu.as_deref());
             let time = r
                 .run_ms
                 .map(|ms| format!(" in {:.1} s", ms as f64 / 1000.0))

@@ -133,7 +133,7 @@ async fn check_broker(fleet: &Fleet, lines: &[Value]) {
     assert_eq!(snapshot.state, JobState::Cancelled, "{snapshot:?}");
     assert!(snapshot.cancel_requested || snapshot.history.iter().any(|t| t.state == JobState::Cancelled));
     assert_eq!(snapshot.client, "kiln-mcp");
-    // The job ran for a moment only: far from its 2000 steps.
+    // The job ran for a moment only: far from its 200 steps of 200 ms.
     assert!(snapshot.progress.as_ref().is_none_or(|p| p.pct < 50.0), "{snapshot:?}");
 
     let saved = scenario(lines, "save_output")["saved"].as_str().unwrap().to_string();
