@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use kiln_config::{KilnConfig, McpConfig};
 use kiln_protocol::{Client, ClientOptions, JobId};
+use rmcp::task_manager::TaskManager;
 
 use crate::files::AllowedRoots;
 
@@ -35,6 +36,9 @@ pub struct Gateway {
     pub roots: AllowedRoots,
     /// The name this gateway's jobs are filed under at the broker.
     pub client_name: Option<String>,
+    /// Generate calls run as MCP tasks (SEP-2663) for clients that ask for them;
+    /// shared so any session (or stateless HTTP request) can poll any task.
+    pub tasks: TaskManager,
     post: Mutex<(HashMap<JobId, PostProcess>, VecDeque<JobId>)>,
 }
 
@@ -45,6 +49,7 @@ impl Gateway {
             client,
             cfg,
             roots,
+            tasks: TaskManager::new(),
             post: Mutex::default(),
         }
     }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use kiln_protocol::{JobId, JobSnapshot, JobSpec};
 use rmcp::model::{ProgressNotificationParam, ProgressToken};
+use rmcp::task_manager::TaskContext;
 use rmcp::{Peer, RoleServer};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -27,6 +28,8 @@ pub struct CallContext {
     pub peer: Option<Peer<RoleServer>>,
     pub progress_token: Option<ProgressToken>,
     pub cancel: CancellationToken,
+    /// Set when the call runs as an MCP task: progress becomes its status message.
+    pub task: Option<TaskContext>,
 }
 
 impl CallContext {
@@ -36,10 +39,14 @@ impl CallContext {
             peer: None,
             progress_token: None,
             cancel,
+            task: None,
         }
     }
 
     async fn notify(&self, value: f64, total: f64, message: String) {
+        if let Some(task) = &self.task {
+            task.set_status_message(format!("{value:.0}% {message}"));
+        }
         if let (Some(peer), Some(token)) = (&self.peer, &self.progress_token) {
             let param = ProgressNotificationParam::new(token.clone(), value)
                 .with_total(total)

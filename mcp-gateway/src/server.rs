@@ -10,8 +10,10 @@ use rmcp::handler::server::tool::{schema_for_output, ToolCallContext};
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::*;
 use rmcp::service::RequestContext;
+use rmcp::task_manager::{TaskContext, TaskExit, TaskOptions};
 use rmcp::{tool, tool_router, ErrorData as McpError, RoleServer, ServerHandler};
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use crate::args::*;
 use crate::error::ToolError;
@@ -46,8 +48,19 @@ fn call_context(ctx: &RequestContext<RoleServer>) -> CallContext {
         peer: Some(ctx.peer.clone()),
         progress_token: ctx.meta.get_progress_token(),
         cancel: ctx.ct.clone(),
+        task: ctx.extensions.get::<TaskContext>().cloned(),
     }
 }
+
+/// The tools a client may run as MCP tasks: the ones that wait for generations.
+const TASK_TOOLS: [&str; 6] = [
+    "generate_image",
+    "edit_image",
+    "generate_video",
+    "generate_batch",
+    "generate_sprite",
+    "run_workflow",
+];
 
 fn parse_job(s: &str) -> Result<JobId, ToolError> {
     s.parse()
@@ -414,12 +427,66 @@ impl KilnMcp {
     }
 }
 
+impl KilnMcp {
+    /// Runs a generate call as an MCP task: the call returns the task handle at
+    /// once; `tasks/get` reports the progress as the status message and, at the
+    /// end, the same result the call would have returned; `tasks/cancel` cancels
+    /// the jobs at the broker.
+    fn spawn_task(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> CallToolResponse {
+        let this = self.clone();
+        let cancel = CancellationToken::new();
+        let mut ctx = context;
+        ctx.ct = cancel.clone();
+        // The request is answered with the handle: no progress notifications for it.
+        ctx.meta = RequestMetaObject::default();
+        let name = request.name.to_string();
+        let ttl_ms = (self.gw.cfg.max_wait_timeout_s + 600) * 1000;
+        let options = TaskOptions::new()
+            .with_ttl_ms(ttl_ms)
+            .with_status_message(format!("{name}: submitting"));
+        let task = self.gw.tasks.spawn(options, move |task_ctx| {
+            Box::pin(async move {
+                ctx.extensions.insert(task_ctx.clone());
+                let watcher = tokio::spawn({
+                    let cancel = cancel.clone();
+                    async move {
+                        task_ctx.cancelled().await;
+                        cancel.cancel();
+                    }
+                });
+                let response = this
+                    .tool_router
+                    .call(ToolCallContext::new(&this, request, ctx))
+                    .await;
+                watcher.abort();
+                if cancel.is_cancelled() {
+                    return Err(TaskExit::Cancelled);
+                }
+                match response {
+                    Ok(CallToolResponse::Complete(result)) => Ok(result),
+                    Ok(_) => Err(TaskExit::Error(McpError::internal_error(
+                        "the tool did not complete",
+                        None,
+                    ))),
+                    Err(e) => Err(TaskExit::Error(e)),
+                }
+            })
+        });
+        CallToolResponse::Task(CreateTaskResult::new(task))
+    }
+}
+
 impl ServerHandler for KilnMcp {
     fn get_info(&self) -> ServerConfig {
         let capabilities = ServerCapabilities::builder()
             .enable_tools()
             .enable_resources()
             .enable_prompts()
+            .enable_tasks()
             .build();
         ServerConfig::new(capabilities)
             .with_server_info(Implementation::new("kiln-mcp", env!("CARGO_PKG_VERSION")))
@@ -439,6 +506,12 @@ impl ServerHandler for KilnMcp {
                 return Ok(e.into_result().into());
             }
         }
+        let wants_task = context
+            .client_capabilities()
+            .is_some_and(|c| c.supports_tasks());
+        if wants_task && TASK_TOOLS.contains(&request.name.as_ref()) {
+            return Ok(self.spawn_task(request, context));
+        }
         self.tool_router
             .call(ToolCallContext::new(self, request, context))
             .await
@@ -454,6 +527,25 @@ impl ServerHandler for KilnMcp {
 
     fn get_tool(&self, name: &str) -> Option<Tool> {
         self.tool_router.get(name).cloned()
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, McpError> {
+        self.gw
+            .tasks
+            .get_task(&request.task_id)
+            .map(GetTaskResult::new)
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        self.gw.tasks.cancel_task(&request.task_id)
     }
 
     async fn list_resources(

@@ -86,14 +86,19 @@ async fn run_scenarios(fleet: &Fleet, args: &[String]) -> Vec<Value> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let child = cmd.spawn().expect("python runs (scripts/test installs the MCP SDK into .venv)");
+    let child = cmd
+        .spawn()
+        .expect("python runs (scripts/test installs the MCP SDK into .venv)");
     let output = tokio::time::timeout(Duration::from_secs(240), child.wait_with_output())
         .await
         .expect("the scenarios finish within 4 minutes")
         .expect("python ran");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let lines: Vec<Value> = stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let lines: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
     assert!(
         lines.iter().any(|l| l["done"] == true),
         "the scenario script did not finish\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
@@ -102,8 +107,19 @@ async fn run_scenarios(fleet: &Fleet, args: &[String]) -> Vec<Value> {
     assert!(
         failed.is_empty(),
         "scenarios failed:\n{}\n--- stderr (gateway logs included)\n{}",
-        failed.iter().map(|f| serde_json::to_string_pretty(f).unwrap()).collect::<Vec<_>>().join("\n"),
-        stderr.chars().rev().take(20_000).collect::<String>().chars().rev().collect::<String>()
+        failed
+            .iter()
+            .map(|f| serde_json::to_string_pretty(f).unwrap())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        stderr
+            .chars()
+            .rev()
+            .take(20_000)
+            .collect::<String>()
+            .chars()
+            .rev()
+            .collect::<String>()
     );
     eprintln!("{stdout}");
     lines
@@ -120,28 +136,51 @@ fn scenario<'a>(lines: &'a [Value], name: &str) -> &'a Value {
 /// cancelled there, and the gateway's jobs are filed under its client name.
 async fn check_broker(fleet: &Fleet, lines: &[Value]) {
     let client = fleet.broker.client();
-    let job: JobId = scenario(lines, "cancel")["cancelled_job"]
-        .as_str()
-        .expect("the cancel scenario names its job")
-        .parse()
-        .expect("a job id");
-    let snapshot = eventually("the cancelled call's job to be cancelled at the broker", Duration::from_secs(15), || {
-        let client = client.clone();
-        async move { client.get(job).await.ok().filter(|s| s.state.is_terminal()) }
-    })
-    .await;
-    assert_eq!(snapshot.state, JobState::Cancelled, "{snapshot:?}");
-    assert!(snapshot.cancel_requested || snapshot.history.iter().any(|t| t.state == JobState::Cancelled));
-    assert_eq!(snapshot.client, "kiln-mcp");
-    // The job ran for a moment only: far from its 200 steps of 200 ms.
-    assert!(snapshot.progress.as_ref().is_none_or(|p| p.pct < 50.0), "{snapshot:?}");
+    // A cancelled call, and a cancelled task: each job is cancelled at the broker.
+    for name in ["cancel", "tasks"] {
+        let job: JobId = scenario(lines, name)["cancelled_job"]
+            .as_str()
+            .unwrap_or_else(|| panic!("the {name} scenario names its job"))
+            .parse()
+            .expect("a job id");
+        let snapshot = eventually(
+            &format!("{name}: job {job} to end at the broker"),
+            Duration::from_secs(15),
+            || {
+                let client = client.clone();
+                async move { client.get(job).await.ok().filter(|s| s.state.is_terminal()) }
+            },
+        )
+        .await;
+        assert_eq!(snapshot.state, JobState::Cancelled, "{name}: {snapshot:?}");
+        assert_eq!(snapshot.client, "kiln-mcp");
+        // The job ran for a moment only: far from its 200 steps of 200 ms.
+        assert!(
+            snapshot.progress.as_ref().is_none_or(|p| p.pct < 50.0),
+            "{snapshot:?}"
+        );
+    }
 
-    let saved = scenario(lines, "save_output")["saved"].as_str().unwrap().to_string();
-    assert!(Path::new(&saved).starts_with(fleet.assets.canonicalize().unwrap()), "{saved}");
-    let manifest: Value = serde_json::from_slice(&std::fs::read(fleet.assets.join("game.assets.json")).unwrap()).unwrap();
-    assert_eq!(manifest["assets"]["knight_idle"]["path"], "sprites/knight/idle.png");
+    let saved = scenario(lines, "save_output")["saved"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        Path::new(&saved).starts_with(fleet.assets.canonicalize().unwrap()),
+        "{saved}"
+    );
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(fleet.assets.join("game.assets.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        manifest["assets"]["knight_idle"]["path"],
+        "sprites/knight/idle.png"
+    );
     let copies = std::fs::read_dir(&fleet.outputs).unwrap().count();
-    assert!(copies >= 3, "the output folder holds the gateway's copies ({copies})");
+    assert!(
+        copies >= 3,
+        "the output folder holds the gateway's copies ({copies})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,6 +195,10 @@ async fn over_stdio_with_the_python_sdk() {
             bin("kiln-mcp").display().to_string(),
             "--config".into(),
             fleet.config.display().to_string(),
+            // Desktop assistants still open with `initialize`; HTTP below uses
+            // the 2026-07-28 protocol.
+            "--mode".into(),
+            "legacy".into(),
         ],
     )
     .await;
@@ -178,9 +221,15 @@ async fn over_http_with_the_python_sdk() {
         &[],
         fleet.scratch.path().join("kiln-mcp-http.log"),
     );
-    eventually("kiln-mcp to listen", Duration::from_secs(20), || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()
-    })
+    eventually(
+        "kiln-mcp to listen",
+        Duration::from_secs(20),
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+        },
+    )
     .await;
     let lines = run_scenarios(
         &fleet,
