@@ -284,8 +284,7 @@ pub async fn render(
         .flat_map(|s| &s.artifacts)
         .filter(|a| imaging::is_still_image(&a.media_type))
         .count()
-        .min(MAX_INLINE_IMAGES)
-        .max(1);
+        .clamp(1, MAX_INLINE_IMAGES);
     let budget = gw.cfg.inline_image_max_bytes as usize / n_images;
     let mut inlined = 0;
     let mut content = Vec::new();
