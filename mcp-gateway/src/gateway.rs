@@ -21,6 +21,14 @@ pub struct PostProcess {
 }
 
 impl PostProcess {
+    /// Pixel-art styles snap to their grid; nothing else is touched.
+    pub fn for_style(style: Option<crate::args::StylePreset>) -> PostProcess {
+        PostProcess {
+            remove_background: false,
+            pixel_cell: style.and_then(|s| crate::spec::style_words(s).2),
+        }
+    }
+
     pub fn is_none(&self) -> bool {
         !self.remove_background && self.pixel_cell.is_none()
     }

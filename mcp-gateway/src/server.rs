@@ -90,6 +90,18 @@ impl KilnMcp {
         }
     }
 
+    /// [`Self::generate`] for the tools that make one job.
+    async fn generate_one(
+        &self,
+        spec: Result<JobSpec, ToolError>,
+        wait: &WaitArgs,
+        post: PostProcess,
+        ctx: &RequestContext<RoleServer>,
+    ) -> CallToolResult {
+        self.generate(spec.map(|s| vec![s]), None, wait, post, call_context(ctx))
+            .await
+    }
+
     /// Submits, waits, and renders: the shared body of every generate tool.
     async fn generate(
         &self,
@@ -134,16 +146,12 @@ impl KilnMcp {
         Parameters(a): Parameters<GenerateImageArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> CallToolResult {
-        let post = PostProcess {
-            remove_background: false,
-            pixel_cell: a.options.style.and_then(|s| spec::style_words(s).2),
-        };
-        self.generate(
-            spec::generate_image(&a, &self.gw.cfg).map(|s| vec![s]),
-            None,
+        let post = PostProcess::for_style(a.options.style);
+        self.generate_one(
+            spec::generate_image(&a, &self.gw.cfg),
             &a.options.wait,
             post,
-            call_context(&ctx),
+            &ctx,
         )
         .await
     }
@@ -161,16 +169,12 @@ impl KilnMcp {
             Ok(i) => i,
             Err(e) => return e.into_result(),
         };
-        let post = PostProcess {
-            remove_background: false,
-            pixel_cell: a.options.style.and_then(|s| spec::style_words(s).2),
-        };
-        self.generate(
-            spec::edit_image(&a, &self.gw.cfg, input).map(|s| vec![s]),
-            None,
+        let post = PostProcess::for_style(a.options.style);
+        self.generate_one(
+            spec::edit_image(&a, &self.gw.cfg, input),
             &a.options.wait,
             post,
-            call_context(&ctx),
+            &ctx,
         )
         .await
     }
@@ -191,12 +195,11 @@ impl KilnMcp {
             },
             None => None,
         };
-        self.generate(
-            spec::generate_video(&a, &self.gw.cfg, input).map(|s| vec![s]),
-            None,
+        self.generate_one(
+            spec::generate_video(&a, &self.gw.cfg, input),
             &a.wait,
             PostProcess::default(),
-            call_context(&ctx),
+            &ctx,
         )
         .await
     }
@@ -211,10 +214,7 @@ impl KilnMcp {
         ctx: RequestContext<RoleServer>,
     ) -> CallToolResult {
         let prompts: Vec<String> = a.prompts.iter().map(|p| p.prompt().to_string()).collect();
-        let post = PostProcess {
-            remove_background: false,
-            pixel_cell: a.options.style.and_then(|s| spec::style_words(s).2),
-        };
+        let post = PostProcess::for_style(a.options.style);
         self.generate(
             spec::generate_batch(&a, &self.gw.cfg),
             Some(prompts),
@@ -239,12 +239,11 @@ impl KilnMcp {
             remove_background: a.background == Background::Transparent,
             pixel_cell: spec::style_words(style).2,
         };
-        self.generate(
-            spec::generate_sprite(&a, &self.gw.cfg).map(|s| vec![s]),
-            None,
+        self.generate_one(
+            spec::generate_sprite(&a, &self.gw.cfg),
             &a.options.wait,
             post,
-            call_context(&ctx),
+            &ctx,
         )
         .await
     }
@@ -258,12 +257,11 @@ impl KilnMcp {
         Parameters(a): Parameters<RunWorkflowArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> CallToolResult {
-        self.generate(
-            spec::run_workflow(&a, &self.gw.cfg).map(|s| vec![s]),
-            None,
+        self.generate_one(
+            spec::run_workflow(&a, &self.gw.cfg),
             &a.wait,
             PostProcess::default(),
-            call_context(&ctx),
+            &ctx,
         )
         .await
     }
