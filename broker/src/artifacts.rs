@@ -51,28 +51,53 @@ impl ArtifactStore {
 
     fn final_path(&self, id: ArtifactId, name: &str) -> Option<PathBuf> {
         let name = safe_file_name(name)?;
-        Some(self.root.join(id.job.to_string()).join(format!("{}-{name}", id.index)))
+        Some(
+            self.root
+                .join(id.job.to_string())
+                .join(format!("{}-{name}", id.index)),
+        )
     }
 
     /// Appends one uploaded piece; a piece at offset 0 starts the file over.
-    pub fn write(&mut self, job: JobId, attempt: u32, index: u16, offset: u64, data: &[u8]) -> Result<(), String> {
+    pub fn write(
+        &mut self,
+        job: JobId,
+        attempt: u32,
+        index: u16,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), String> {
         let key = (job, attempt, index);
         if offset == 0 {
-            let path = self.root.join(".staging").join(format!("{job}-{attempt}-{index}"));
+            let path = self
+                .root
+                .join(".staging")
+                .join(format!("{job}-{attempt}-{index}"));
             let file = OpenOptions::new()
                 .create(true)
                 .write(true)
                 .truncate(true)
                 .open(&path)
                 .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-            self.staging.insert(key, Staging { file, path, hasher: Sha256::new(), written: 0 });
+            self.staging.insert(
+                key,
+                Staging {
+                    file,
+                    path,
+                    hasher: Sha256::new(),
+                    written: 0,
+                },
+            );
         }
         let s = self
             .staging
             .get_mut(&key)
             .ok_or_else(|| format!("upload of {job} output {index} did not start at offset 0"))?;
         if s.written != offset {
-            return Err(format!("upload of {job} output {index} expected offset {}, got {offset}", s.written));
+            return Err(format!(
+                "upload of {job} output {index} expected offset {}, got {offset}",
+                s.written
+            ));
         }
         s.file
             .write_all(data)
@@ -83,7 +108,12 @@ impl ArtifactStore {
     }
 
     /// Verifies and installs an attempt's outputs.
-    pub fn finalize(&mut self, job: JobId, attempt: u32, outputs: &[OutputMeta]) -> Result<Vec<ArtifactMeta>, String> {
+    pub fn finalize(
+        &mut self,
+        job: JobId,
+        attempt: u32,
+        outputs: &[OutputMeta],
+    ) -> Result<Vec<ArtifactMeta>, String> {
         let mut metas = Vec::with_capacity(outputs.len());
         let mut moves = Vec::with_capacity(outputs.len());
         for o in outputs {
@@ -92,25 +122,40 @@ impl ArtifactStore {
                 .get(&(job, attempt, o.index))
                 .ok_or_else(|| format!("output {} ({}) was never uploaded", o.index, o.name))?;
             if s.written != o.size {
-                return Err(format!("output {} has {} bytes, the worker reported {}", o.index, s.written, o.size));
+                return Err(format!(
+                    "output {} has {} bytes, the worker reported {}",
+                    o.index, s.written, o.size
+                ));
             }
-            let id = ArtifactId { job, index: o.index };
+            let id = ArtifactId {
+                job,
+                index: o.index,
+            };
             let dest = self
                 .final_path(id, &o.name)
                 .ok_or_else(|| format!("output name {:?} is not a plain file name", o.name))?;
             moves.push((o.index, dest));
         }
         for (o, (index, dest)) in outputs.iter().zip(moves) {
-            let s = self.staging.remove(&(job, attempt, index)).expect("checked above");
+            let s = self
+                .staging
+                .remove(&(job, attempt, index))
+                .expect("checked above");
             let sha = hex(&s.hasher.finalize());
             if !sha.eq_ignore_ascii_case(&o.sha256) {
                 let _ = fs::remove_file(&s.path);
-                return Err(format!("output {index} has sha256 {sha}, the worker reported {}", o.sha256));
+                return Err(format!(
+                    "output {index} has sha256 {sha}, the worker reported {}",
+                    o.sha256
+                ));
             }
-            s.file.sync_all().map_err(|e| format!("fsync {}: {e}", s.path.display()))?;
+            s.file
+                .sync_all()
+                .map_err(|e| format!("fsync {}: {e}", s.path.display()))?;
             let dir = dest.parent().expect("has a job directory");
             fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            fs::rename(&s.path, &dest).map_err(|e| format!("cannot move into {}: {e}", dest.display()))?;
+            fs::rename(&s.path, &dest)
+                .map_err(|e| format!("cannot move into {}: {e}", dest.display()))?;
             if let Ok(d) = File::open(dir) {
                 let _ = d.sync_all();
             }
@@ -186,7 +231,9 @@ mod tests {
         store.write(job, 1, 0, 0, b"hello ").unwrap();
         store.write(job, 1, 0, 6, b"world").unwrap();
         assert!(store.write(job, 1, 0, 3, b"x").is_err(), "out of order");
-        let metas = store.finalize(job, 1, &[meta("out.png", b"hello world")]).unwrap();
+        let metas = store
+            .finalize(job, 1, &[meta("out.png", b"hello world")])
+            .unwrap();
         assert_eq!(metas[0].id.to_string(), "j3.0");
         assert_eq!(store.read(&metas[0], 6, 5).unwrap(), b"world");
         assert!(dir.path().join("artifacts/j3/0-out.png").is_file());
@@ -200,10 +247,16 @@ mod tests {
         let mut store = ArtifactStore::open(dir.path()).unwrap();
         store.write(JobId(1), 1, 0, 0, b"abc").unwrap();
         let mut m = meta("a.png", b"abd");
-        assert!(store.finalize(JobId(1), 1, &[m.clone()]).unwrap_err().contains("sha256"));
+        assert!(store
+            .finalize(JobId(1), 1, &[m.clone()])
+            .unwrap_err()
+            .contains("sha256"));
         store.write(JobId(1), 2, 0, 0, b"abc").unwrap();
         m.size = 4;
-        assert!(store.finalize(JobId(1), 2, &[m]).unwrap_err().contains("bytes"));
+        assert!(store
+            .finalize(JobId(1), 2, &[m])
+            .unwrap_err()
+            .contains("bytes"));
         store.write(JobId(1), 3, 0, 0, b"abc").unwrap();
         let evil = meta("../../escape", b"abc");
         assert!(store.finalize(JobId(1), 3, &[evil]).is_err());

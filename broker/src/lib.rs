@@ -6,8 +6,8 @@
 //! - [`artifacts`]: output files on disk, with their size and sha256.
 //! - [`net`]: the thin async shell: frontend ROUTER, backend ROUTER, events PUB.
 
-pub mod core;
 pub mod artifacts;
+pub mod core;
 pub mod net;
 pub mod store;
 

@@ -156,7 +156,14 @@ impl Broker {
             let loaded = s.load()?;
             let mut out = Vec::new();
             let (n_jobs, boot) = (loaded.jobs.len(), loaded.boot);
-            core.recover(clock.now_ms(), loaded.boot, loaded.jobs, loaded.fleet, loaded.next_job_id, &mut out);
+            core.recover(
+                clock.now_ms(),
+                loaded.boot,
+                loaded.jobs,
+                loaded.fleet,
+                loaded.next_job_id,
+                &mut out,
+            );
             let records: Vec<Record> = out
                 .into_iter()
                 .filter_map(|o| match o {
@@ -166,15 +173,19 @@ impl Broker {
                 .collect();
             s.commit(&records)?;
             tracing::info!(
-                jobs = n_jobs, queued = core.queued(), running = core.running(), boot,
+                jobs = n_jobs,
+                queued = core.queued(),
+                running = core.running(),
+                boot,
                 "recovered the job store"
             );
             store = Some(s);
         }
-        let artifacts = ArtifactStore::open(&settings.state_dir).map_err(|source| BrokerError::Artifacts {
-            path: settings.state_dir.join("artifacts"),
-            source,
-        })?;
+        let artifacts =
+            ArtifactStore::open(&settings.state_dir).map_err(|source| BrokerError::Artifacts {
+                path: settings.state_dir.join("artifacts"),
+                source,
+            })?;
 
         let mut frontend = RouterSocket::new();
         let frontend_ep = bind(&mut frontend, &settings.frontend).await?;
@@ -197,8 +208,20 @@ impl Broker {
         tokio::spawn(recv_loop(back_rx, inputs_tx.clone(), max, Side::Workers));
 
         let rt = Handle::current();
-        let clients = Arc::new(Outbox::new(front_tx, settings.peer_queue, rt.clone(), Side::Clients, inputs_tx.clone()));
-        let workers = Arc::new(Outbox::new(back_tx, settings.peer_queue, rt.clone(), Side::Workers, inputs_tx.clone()));
+        let clients = Arc::new(Outbox::new(
+            front_tx,
+            settings.peer_queue,
+            rt.clone(),
+            Side::Clients,
+            inputs_tx.clone(),
+        ));
+        let workers = Arc::new(Outbox::new(
+            back_tx,
+            settings.peer_queue,
+            rt.clone(),
+            Side::Workers,
+            inputs_tx.clone(),
+        ));
         let (pub_tx, pub_rx) = mpsc::channel::<ZmqMessage>(65_536);
         tokio::spawn(publish_loop(events, pub_rx));
 
@@ -263,7 +286,9 @@ impl Broker {
     pub async fn wait(&mut self) -> Result<(), BrokerError> {
         match (&mut self.task).await {
             Ok(r) => r,
-            Err(e) => Err(BrokerError::CommitFailed(format!("broker task failed: {e}"))),
+            Err(e) => Err(BrokerError::CommitFailed(format!(
+                "broker task failed: {e}"
+            ))),
         }
     }
 
@@ -272,7 +297,9 @@ impl Broker {
         let _ = self.shutdown.send(true);
         match self.task.await {
             Ok(r) => r,
-            Err(e) => Err(BrokerError::CommitFailed(format!("broker task failed: {e}"))),
+            Err(e) => Err(BrokerError::CommitFailed(format!(
+                "broker task failed: {e}"
+            ))),
         }
     }
 }
@@ -302,12 +329,14 @@ async fn bind<S: Socket>(socket: &mut S, endpoint: &str) -> Result<String, Broke
         Some(socket2::Protocol::TCP),
     )
     .map_err(|e| fail(e.to_string()))?;
-    sock.set_reuse_address(true).map_err(|e| fail(e.to_string()))?;
+    sock.set_reuse_address(true)
+        .map_err(|e| fail(e.to_string()))?;
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(5))
         .with_interval(Duration::from_secs(2))
         .with_retries(3);
-    sock.set_tcp_keepalive(&keepalive).map_err(|e| fail(e.to_string()))?;
+    sock.set_tcp_keepalive(&keepalive)
+        .map_err(|e| fail(e.to_string()))?;
     sock.bind(&addr.into()).map_err(|e| fail(e.to_string()))?;
     sock.listen(1024).map_err(|e| fail(e.to_string()))?;
     let listener: std::net::TcpListener = sock.into();
@@ -326,7 +355,12 @@ enum Side {
 
 /// Reads one ROUTER, decodes, and feeds the core. Decoding happens here, off the
 /// core's thread.
-async fn recv_loop(mut rx: RouterRecvHalf, inputs: mpsc::Sender<Input>, max_bytes: usize, side: Side) {
+async fn recv_loop(
+    mut rx: RouterRecvHalf,
+    inputs: mpsc::Sender<Input>,
+    max_bytes: usize,
+    side: Side,
+) {
     loop {
         let msg = match rx.recv().await {
             Ok(m) => m,
@@ -350,7 +384,11 @@ async fn recv_loop(mut rx: RouterRecvHalf, inputs: mpsc::Sender<Input>, max_byte
                         .filter(|b| b.len() <= max_bytes)
                         .and_then(|b| peek_envelope(b))
                         .and_then(|e| e.req_id);
-                    Input::BadRequest { peer, req_id, error }
+                    Input::BadRequest {
+                        peer,
+                        req_id,
+                        error,
+                    }
                 }
             },
             Side::Workers => match frame::decode::<WorkerMessage>(&frames, max_bytes) {
@@ -423,7 +461,9 @@ async fn route_loop(
         for o in out.drain(..) {
             match o {
                 Output::Persist(r) => batch.records.push(r),
-                Output::Artifact(op @ ArtifactOp::Delete { .. }) => batch.after.push(Output::Artifact(op)),
+                Output::Artifact(op @ ArtifactOp::Delete { .. }) => {
+                    batch.after.push(Output::Artifact(op))
+                }
                 Output::Artifact(op) => {
                     if artifacts.send(op).await.is_err() {
                         tracing::error!("artifact thread is gone");
@@ -432,7 +472,9 @@ async fn route_loop(
                 other => batch.after.push(other),
             }
         }
-        if !(batch.records.is_empty() && batch.after.is_empty()) && commits.send(batch).await.is_err() {
+        if !(batch.records.is_empty() && batch.after.is_empty())
+            && commits.send(batch).await.is_err()
+        {
             return Err(BrokerError::CommitFailed("committer stopped".into()));
         }
     }
@@ -448,7 +490,12 @@ struct Dispatch {
     artifacts: mpsc::Sender<ArtifactOp>,
 }
 
-fn commit_loop(mut store: Option<Store>, mut batches: mpsc::Receiver<Batch>, ctx: Dispatch, fatal: oneshot::Sender<String>) {
+fn commit_loop(
+    mut store: Option<Store>,
+    mut batches: mpsc::Receiver<Batch>,
+    ctx: Dispatch,
+    fatal: oneshot::Sender<String>,
+) {
     let mut group: Vec<Batch> = Vec::new();
     while let Some(first) = batches.blocking_recv() {
         group.push(first);
@@ -510,13 +557,24 @@ fn artifact_loop(
     let mut broken: HashMap<(kiln_protocol::JobId, u32), String> = HashMap::new();
     while let Some(op) = ops.blocking_recv() {
         match op {
-            ArtifactOp::Write { job_id, attempt, index, name: _, offset, data } => {
+            ArtifactOp::Write {
+                job_id,
+                attempt,
+                index,
+                name: _,
+                offset,
+                data,
+            } => {
                 if let Err(e) = store.write(job_id, attempt, index, offset, &data) {
                     tracing::warn!(job = %job_id, attempt, "{e}");
                     broken.insert((job_id, attempt), e);
                 }
             }
-            ArtifactOp::Finalize { job_id, attempt, outputs } => {
+            ArtifactOp::Finalize {
+                job_id,
+                attempt,
+                outputs,
+            } => {
                 let result = match broken.remove(&(job_id, attempt)) {
                     Some(e) => {
                         store.discard(job_id, attempt);
@@ -524,7 +582,14 @@ fn artifact_loop(
                     }
                     None => store.finalize(job_id, attempt, &outputs),
                 };
-                if stored.send(Input::ArtifactsStored { job_id, attempt, result }).is_err() {
+                if stored
+                    .send(Input::ArtifactsStored {
+                        job_id,
+                        attempt,
+                        result,
+                    })
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -532,7 +597,13 @@ fn artifact_loop(
                 broken.remove(&(job_id, attempt));
                 store.discard(job_id, attempt);
             }
-            ArtifactOp::Read { peer, req_id, meta, offset, len } => {
+            ArtifactOp::Read {
+                peer,
+                req_id,
+                meta,
+                offset,
+                len,
+            } => {
                 let reply = match store.read(&meta, offset, len) {
                     Ok(data) => Reply::Chunk(Chunk {
                         req_id,
@@ -549,7 +620,10 @@ fn artifact_loop(
                         tracing::error!(artifact = %meta.id, error = %e, "cannot read artifact");
                         Reply::error(
                             Some(req_id),
-                            ErrorBody::new(ErrorCode::Internal, format!("cannot read artifact {}: {e}", meta.id)),
+                            ErrorBody::new(
+                                ErrorCode::Internal,
+                                format!("cannot read artifact {}: {e}", meta.id),
+                            ),
                         )
                     }
                 };
@@ -576,7 +650,13 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn new(router: RouterSendHalf, capacity: usize, rt: Handle, side: Side, inputs: mpsc::Sender<Input>) -> Outbox {
+    fn new(
+        router: RouterSendHalf,
+        capacity: usize,
+        rt: Handle,
+        side: Side,
+        inputs: mpsc::Sender<Input>,
+    ) -> Outbox {
         Outbox {
             router,
             peers: Mutex::new(HashMap::new()),
@@ -594,7 +674,13 @@ impl Outbox {
         for _ in 0..2 {
             let tx = peers.entry(peer.clone()).or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(self.capacity);
-                self.rt.spawn(peer_task(self.router.clone(), rx, peer.clone(), self.side, self.inputs.clone()));
+                self.rt.spawn(peer_task(
+                    self.router.clone(),
+                    rx,
+                    peer.clone(),
+                    self.side,
+                    self.inputs.clone(),
+                ));
                 tx
             });
             match tx.try_send(msg) {
@@ -615,11 +701,19 @@ impl Outbox {
 
     fn report_stalled(&self, peer: PeerId) {
         let worker = self.side == Side::Workers;
-        let _ = self.inputs.try_send(Input::PeerUnreachable { peer, worker });
+        let _ = self
+            .inputs
+            .try_send(Input::PeerUnreachable { peer, worker });
     }
 }
 
-async fn peer_task(mut router: RouterSendHalf, mut rx: mpsc::Receiver<ZmqMessage>, peer: PeerId, side: Side, inputs: mpsc::Sender<Input>) {
+async fn peer_task(
+    mut router: RouterSendHalf,
+    mut rx: mpsc::Receiver<ZmqMessage>,
+    peer: PeerId,
+    side: Side,
+    inputs: mpsc::Sender<Input>,
+) {
     loop {
         let msg = match tokio::time::timeout(PEER_IDLE, rx.recv()).await {
             Ok(Some(m)) => m,
@@ -644,7 +738,10 @@ async fn peer_task(mut router: RouterSendHalf, mut rx: mpsc::Receiver<ZmqMessage
             }
             Err(_) => {
                 tracing::warn!(side = ?side, "a peer stopped reading for {SEND_TIMEOUT:?}; treating it as unreachable");
-                let _ = inputs.try_send(Input::PeerUnreachable { peer, worker: side == Side::Workers });
+                let _ = inputs.try_send(Input::PeerUnreachable {
+                    peer,
+                    worker: side == Side::Workers,
+                });
                 rx.close();
                 return;
             }

@@ -10,9 +10,12 @@ use std::path::{Path, PathBuf};
 use kiln_protocol::JobId;
 use redb::{Database, ReadableTable, TableDefinition};
 
-use crate::core::{Core, FleetRecord, Job, Record};
+use crate::core::{FleetRecord, Job, Record};
 
+/// Job state records, rewritten on every transition.
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
+/// Job specs, written once at submit.
+const SPECS: TableDefinition<u64, &[u8]> = TableDefinition::new("specs");
 const WORKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("workers");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -25,10 +28,7 @@ pub enum StoreError {
         source: std::io::Error,
     },
     #[error("job store {path}: {source}")]
-    Redb {
-        path: PathBuf,
-        source: redb::Error,
-    },
+    Redb { path: PathBuf, source: redb::Error },
 }
 
 /// Everything read back at start-up.
@@ -84,7 +84,10 @@ impl Store {
         let (boot, next_job_id);
         {
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
-            let prev = meta.get("boot").map_err(|e| self.err(e))?.map_or(0, |v| v.value());
+            let prev = meta
+                .get("boot")
+                .map_err(|e| self.err(e))?
+                .map_or(0, |v| v.value());
             boot = prev + 1;
             meta.insert("boot", boot).map_err(|e| self.err(e))?;
             next_job_id = meta
@@ -92,9 +95,17 @@ impl Store {
                 .map_err(|e| self.err(e))?
                 .map_or(1, |v| v.value());
             let table = txn.open_table(JOBS).map_err(|e| self.err(e))?;
+            let specs = txn.open_table(SPECS).map_err(|e| self.err(e))?;
             for row in table.iter().map_err(|e| self.err(e))? {
                 let (k, v) = row.map_err(|e| self.err(e))?;
-                match Core::decode_job_record(v.value()) {
+                let spec = specs.get(k.value()).map_err(|e| self.err(e))?;
+                let decoded = match &spec {
+                    Some(spec) => {
+                        Job::from_records(v.value(), spec.value()).map_err(|e| e.to_string())
+                    }
+                    None => Err("its spec record is missing".to_string()),
+                };
+                match decoded {
                     Ok(job) => jobs.push(job),
                     Err(e) => {
                         tracing::error!(job = %JobId(k.value()), error = %e, "cannot decode a stored job record; leaving it in place");
@@ -107,7 +118,9 @@ impl Store {
                 let (k, v) = row.map_err(|e| self.err(e))?;
                 match rmp_serde::from_slice::<FleetRecord>(v.value()) {
                     Ok(w) => fleet.push(w),
-                    Err(e) => tracing::warn!(worker = k.value(), error = %e, "skipping an unreadable worker record"),
+                    Err(e) => {
+                        tracing::warn!(worker = k.value(), error = %e, "skipping an unreadable worker record")
+                    }
                 }
             }
         }
@@ -123,23 +136,37 @@ impl Store {
     }
 
     /// Writes records in one durable transaction (fsync before returning).
-    pub fn commit<'a>(&mut self, records: impl IntoIterator<Item = &'a Record>) -> Result<(), StoreError> {
+    pub fn commit<'a>(
+        &mut self,
+        records: impl IntoIterator<Item = &'a Record>,
+    ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         let mut next = self.next_job_id;
         {
             let mut jobs = txn.open_table(JOBS).map_err(|e| self.err(e))?;
+            let mut specs = txn.open_table(SPECS).map_err(|e| self.err(e))?;
             let mut workers = txn.open_table(WORKERS).map_err(|e| self.err(e))?;
             for r in records {
                 match r {
+                    Record::Spec { id, bytes } => {
+                        specs
+                            .insert(id.0, bytes.as_slice())
+                            .map_err(|e| self.err(e))?;
+                        next = next.max(id.0 + 1);
+                    }
                     Record::Job { id, bytes } => {
-                        jobs.insert(id.0, bytes.as_slice()).map_err(|e| self.err(e))?;
+                        jobs.insert(id.0, bytes.as_slice())
+                            .map_err(|e| self.err(e))?;
                         next = next.max(id.0 + 1);
                     }
                     Record::DeleteJob(id) => {
                         jobs.remove(id.0).map_err(|e| self.err(e))?;
+                        specs.remove(id.0).map_err(|e| self.err(e))?;
                     }
                     Record::Worker { id, bytes } => {
-                        workers.insert(id.as_str(), bytes.as_slice()).map_err(|e| self.err(e))?;
+                        workers
+                            .insert(id.as_str(), bytes.as_slice())
+                            .map_err(|e| self.err(e))?;
                     }
                     Record::DeleteWorker(id) => {
                         workers.remove(id.as_str()).map_err(|e| self.err(e))?;
@@ -168,8 +195,14 @@ mod tests {
         assert_eq!(store.load().unwrap().boot, 1);
         store
             .commit(&[
-                Record::Job { id: JobId(7), bytes: b"not a job".to_vec() },
-                Record::Worker { id: "w1".into(), bytes: b"junk".to_vec() },
+                Record::Job {
+                    id: JobId(7),
+                    bytes: b"not a job".to_vec(),
+                },
+                Record::Worker {
+                    id: "w1".into(),
+                    bytes: b"junk".to_vec(),
+                },
             ])
             .unwrap();
         drop(store);
@@ -177,11 +210,18 @@ mod tests {
         let loaded = store.load().unwrap();
         assert_eq!(loaded.boot, 2);
         assert_eq!(loaded.next_job_id, 8, "ids are never reused");
-        assert_eq!(loaded.unreadable, [7], "undecodable records are reported, not dropped");
+        assert_eq!(
+            loaded.unreadable,
+            [7],
+            "undecodable records are reported, not dropped"
+        );
         store.commit(&[Record::DeleteJob(JobId(7))]).unwrap();
         let loaded = store.load().unwrap();
         assert!(loaded.unreadable.is_empty());
-        assert_eq!(loaded.next_job_id, 8, "deleting the newest job does not reuse its id");
+        assert_eq!(
+            loaded.next_job_id, 8,
+            "deleting the newest job does not reuse its id"
+        );
     }
 
     #[test]

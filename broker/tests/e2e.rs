@@ -23,7 +23,15 @@ fn job(prompt: &str, steps: u32) -> JobSpec {
 async fn a_job_streams_progress_and_its_output_matches_its_hash() {
     let s = Scratch::new();
     let broker = s.broker(BrokerOpts::default()).await;
-    let _w = s.worker(&broker, WorkerOpts { step_ms: 30, ..WorkerOpts::sim("w1") }).await;
+    let _w = s
+        .worker(
+            &broker,
+            WorkerOpts {
+                step_ms: 30,
+                ..WorkerOpts::sim("w1")
+            },
+        )
+        .await;
     let client = broker.client();
 
     // Watch the raw event stream too, to check sequence numbers as published.
@@ -38,13 +46,19 @@ async fn a_job_streams_progress_and_its_output_matches_its_hash() {
     while let Some(snap) = follow.next().await {
         let snap = snap.unwrap();
         seqs.push(snap.seq);
-        saw_progress |= snap.progress.as_ref().is_some_and(|p| p.pct > 0.0 && p.pct < 100.0);
+        saw_progress |= snap
+            .progress
+            .as_ref()
+            .is_some_and(|p| p.pct > 0.0 && p.pct < 100.0);
         last = Some(snap);
     }
     let last = last.unwrap();
     assert_eq!(last.state, JobState::Succeeded);
     assert!(saw_progress, "the follower saw intermediate progress");
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "snapshots move forward: {seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "snapshots move forward: {seqs:?}"
+    );
 
     // Published events for the job: strictly increasing, never duplicated.
     let mut published = Vec::new();
@@ -81,8 +95,21 @@ async fn a_job_streams_progress_and_its_output_matches_its_hash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_job_hands_it_to_another_with_exactly_one_result() {
     let s = Scratch::new();
-    let broker = s.broker(BrokerOpts { heartbeat_ms: 200, ..BrokerOpts::default() }).await;
-    let mut a = s.worker(&broker, WorkerOpts { step_ms: 50, ..WorkerOpts::sim("wa") }).await;
+    let broker = s
+        .broker(BrokerOpts {
+            heartbeat_ms: 200,
+            ..BrokerOpts::default()
+        })
+        .await;
+    let mut a = s
+        .worker(
+            &broker,
+            WorkerOpts {
+                step_ms: 50,
+                ..WorkerOpts::sim("wa")
+            },
+        )
+        .await;
     let client = broker.client();
     let id = client.submit(job("long", 40)).await.unwrap().job_id;
     let running_on = eventually("the job to start on wa", Duration::from_secs(10), || {
@@ -94,7 +121,15 @@ async fn a_worker_killed_mid_job_hands_it_to_another_with_exactly_one_result() {
     })
     .await;
     assert_eq!(running_on.as_deref(), Some("wa"));
-    let _b = s.worker(&broker, WorkerOpts { step_ms: 5, ..WorkerOpts::sim("wb") }).await;
+    let _b = s
+        .worker(
+            &broker,
+            WorkerOpts {
+                step_ms: 5,
+                ..WorkerOpts::sim("wb")
+            },
+        )
+        .await;
     a.kill9();
 
     let done = client.wait(id).await.unwrap();
@@ -102,10 +137,16 @@ async fn a_worker_killed_mid_job_hands_it_to_another_with_exactly_one_result() {
     assert_eq!(done.worker.as_deref(), Some("wb"));
     assert_eq!(done.attempt, 2);
     assert_eq!(done.artifacts.len(), 1, "exactly one result");
-    let finals = done.history.iter().filter(|t| t.state == JobState::Succeeded).count();
+    let finals = done
+        .history
+        .iter()
+        .filter(|t| t.state == JobState::Succeeded)
+        .count();
     assert_eq!(finals, 1);
     assert!(
-        done.history.iter().any(|t| t.note.contains("wa") && t.note.contains("heartbeats")),
+        done.history
+            .iter()
+            .any(|t| t.note.contains("wa") && t.note.contains("heartbeats")),
         "{:?}",
         done.history
     );
@@ -119,7 +160,10 @@ async fn raw_dealer(endpoint: &str) -> DealerSocket {
 
 async fn exchange(d: &mut DealerSocket, frames: Vec<Bytes>) -> Reply {
     d.send(ZmqMessage::try_from(frames).unwrap()).await.unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(5), d.recv()).await.expect("a reply").unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), d.recv())
+        .await
+        .expect("a reply")
+        .unwrap();
     kiln_protocol::frame::decode(&reply.into_vec(), usize::MAX).expect("a Kiln reply")
 }
 
@@ -133,31 +177,85 @@ fn error_of(r: Reply) -> (Option<u64>, ErrorCode, Option<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_get_typed_errors_while_others_are_served() {
     let s = Scratch::new();
-    let broker = s.broker(BrokerOpts { durable: false, ..BrokerOpts::default() }).await;
+    let broker = s
+        .broker(BrokerOpts {
+            durable: false,
+            ..BrokerOpts::default()
+        })
+        .await;
     let _w = s.worker(&broker, WorkerOpts::sim("w1")).await;
     let good = broker.client();
     let mut bad = raw_dealer(&broker.frontend).await;
     let tag = Bytes::from_static(b"KILN1");
     let pack = |v: serde_json::Value| Bytes::from(rmp_serde::to_vec_named(&v).unwrap());
 
-    let (_, code, _) = error_of(exchange(&mut bad, vec![Bytes::from_static(b"HTTP/1.1"), pack(serde_json::json!({}))]).await);
+    let (_, code, _) = error_of(
+        exchange(
+            &mut bad,
+            vec![Bytes::from_static(b"HTTP/1.1"), pack(serde_json::json!({}))],
+        )
+        .await,
+    );
     assert_eq!(code, ErrorCode::ForeignProtocol);
-    let (_, code, _) = error_of(exchange(&mut bad, vec![Bytes::from_static(b"KILN2"), pack(serde_json::json!({"type": "ping", "req_id": 1}))]).await);
+    let (_, code, _) = error_of(
+        exchange(
+            &mut bad,
+            vec![
+                Bytes::from_static(b"KILN2"),
+                pack(serde_json::json!({"type": "ping", "req_id": 1})),
+            ],
+        )
+        .await,
+    );
     assert_eq!(code, ErrorCode::UnsupportedVersion);
-    let (_, code, _) = error_of(exchange(&mut bad, vec![tag.clone(), Bytes::from_static(&[0xc1, 0xff, 0x00, 0x13])]).await);
+    let (_, code, _) = error_of(
+        exchange(
+            &mut bad,
+            vec![tag.clone(), Bytes::from_static(&[0xc1, 0xff, 0x00, 0x13])],
+        )
+        .await,
+    );
     assert_eq!(code, ErrorCode::Malformed);
     let (_, code, _) = error_of(exchange(&mut bad, vec![tag.clone()]).await);
     assert_eq!(code, ErrorCode::Malformed);
-    let (req, code, _) = error_of(exchange(&mut bad, vec![tag.clone(), pack(serde_json::json!({"type": "explode", "req_id": 7}))]).await);
+    let (req, code, _) = error_of(
+        exchange(
+            &mut bad,
+            vec![
+                tag.clone(),
+                pack(serde_json::json!({"type": "explode", "req_id": 7})),
+            ],
+        )
+        .await,
+    );
     assert_eq!((req, code), (Some(7), ErrorCode::UnknownType));
-    let submit = |job: serde_json::Value| pack(serde_json::json!({"type": "submit", "req_id": 8, "job": job}));
+    let submit = |job: serde_json::Value| {
+        pack(serde_json::json!({"type": "submit", "req_id": 8, "job": job}))
+    };
     let (req, code, field) = error_of(exchange(&mut bad, vec![tag.clone(), submit(serde_json::json!({"backend": "sim", "task": "text_to_image", "params": {"prompt": "x".repeat(20_000)}}))]).await);
-    assert_eq!((req, code, field.as_deref()), (Some(8), ErrorCode::FieldTooLarge, Some("job.params.prompt")));
-    let (_, code, field) = error_of(exchange(&mut bad, vec![tag.clone(), submit(serde_json::json!({"backend": "dalle", "task": "text_to_image"}))]).await);
-    assert_eq!((code, field.as_deref()), (ErrorCode::InvalidField, Some("job.backend")));
-    let mut truncated = submit(serde_json::json!({"backend": "sim", "task": "text_to_image"})).to_vec();
+    assert_eq!(
+        (req, code, field.as_deref()),
+        (Some(8), ErrorCode::FieldTooLarge, Some("job.params.prompt"))
+    );
+    let (_, code, field) = error_of(
+        exchange(
+            &mut bad,
+            vec![
+                tag.clone(),
+                submit(serde_json::json!({"backend": "dalle", "task": "text_to_image"})),
+            ],
+        )
+        .await,
+    );
+    assert_eq!(
+        (code, field.as_deref()),
+        (ErrorCode::InvalidField, Some("job.backend"))
+    );
+    let mut truncated =
+        submit(serde_json::json!({"backend": "sim", "task": "text_to_image"})).to_vec();
     truncated.truncate(truncated.len() - 5);
-    let (_, code, _) = error_of(exchange(&mut bad, vec![tag.clone(), Bytes::from(truncated)]).await);
+    let (_, code, _) =
+        error_of(exchange(&mut bad, vec![tag.clone(), Bytes::from(truncated)]).await);
     assert_eq!(code, ErrorCode::Malformed);
 
     // Meanwhile the well-behaved client is served, and the errors were counted.
@@ -171,14 +269,31 @@ async fn malformed_messages_get_typed_errors_while_others_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn impossible_jobs_are_refused_and_cancel_works_end_to_end() {
     let s = Scratch::new();
-    let broker = s.broker(BrokerOpts { durable: false, ..BrokerOpts::default() }).await;
-    let _w = s.worker(&broker, WorkerOpts { vram_mb: 12_288, step_ms: 50, ..WorkerOpts::sim("small") }).await;
+    let broker = s
+        .broker(BrokerOpts {
+            durable: false,
+            ..BrokerOpts::default()
+        })
+        .await;
+    let _w = s
+        .worker(
+            &broker,
+            WorkerOpts {
+                vram_mb: 12_288,
+                step_ms: 50,
+                ..WorkerOpts::sim("small")
+            },
+        )
+        .await;
     let client = broker.client();
     let mut big = job("huge", 1);
     big.min_vram_mb = Some(40_960);
     let err = client.submit(big).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Unschedulable));
-    assert!(err.to_string().contains("40960") && err.to_string().contains("12288"), "{err}");
+    assert!(
+        err.to_string().contains("40960") && err.to_string().contains("12288"),
+        "{err}"
+    );
 
     let running = client.submit(job("running", 10_000)).await.unwrap().job_id;
     let queued = client.submit(job("queued", 1)).await.unwrap().job_id;
@@ -187,8 +302,14 @@ async fn impossible_jobs_are_refused_and_cancel_works_end_to_end() {
         async move { (c.get(running).await.ok()?.progress.is_some()).then_some(()) }
     })
     .await;
-    assert_eq!(client.cancel(queued).await.unwrap().state, JobState::Cancelled);
-    assert_eq!(client.cancel(running).await.unwrap().state, JobState::Running);
+    assert_eq!(
+        client.cancel(queued).await.unwrap().state,
+        JobState::Cancelled
+    );
+    assert_eq!(
+        client.cancel(running).await.unwrap().state,
+        JobState::Running
+    );
     let end = client.wait(running).await.unwrap();
     assert_eq!(end.state, JobState::Cancelled);
     assert!(end.artifacts.is_empty());
@@ -201,8 +322,21 @@ async fn impossible_jobs_are_refused_and_cancel_works_end_to_end() {
 async fn the_pyzmq_example_submits_follows_and_downloads() {
     let python = std::env::var("KILN_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let s = Scratch::new();
-    let broker = s.broker(BrokerOpts { client_token: Some("py-secret".into()), ..BrokerOpts::default() }).await;
-    let _w = s.worker(&broker, WorkerOpts { step_ms: 20, ..WorkerOpts::sim("w1") }).await;
+    let broker = s
+        .broker(BrokerOpts {
+            client_token: Some("py-secret".into()),
+            ..BrokerOpts::default()
+        })
+        .await;
+    let _w = s
+        .worker(
+            &broker,
+            WorkerOpts {
+                step_ms: 20,
+                ..WorkerOpts::sim("w1")
+            },
+        )
+        .await;
     let out_dir = s.path().join("py-out");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/submit.py");
     let output = tokio::process::Command::new(&python)
@@ -218,10 +352,16 @@ async fn the_pyzmq_example_submits_follows_and_downloads() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "example failed:\n{stderr}");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let path = stdout.lines().last().expect("the example prints the file it wrote");
+    let path = stdout
+        .lines()
+        .last()
+        .expect("the example prints the file it wrote");
     let bytes = std::fs::read(path).unwrap();
     assert_eq!(&bytes[..4], b"\x89PNG");
-    assert!(stderr.contains("running") && stderr.contains("succeeded"), "{stderr}");
+    assert!(
+        stderr.contains("running") && stderr.contains("succeeded"),
+        "{stderr}"
+    );
 
     // The same script with a wrong token is refused, and nothing is queued.
     let output = tokio::process::Command::new(&python)
@@ -241,7 +381,12 @@ async fn the_pyzmq_example_submits_follows_and_downloads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_state_changes_are_published() {
     let s = Scratch::new();
-    let broker = s.broker(BrokerOpts { durable: false, ..BrokerOpts::default() }).await;
+    let broker = s
+        .broker(BrokerOpts {
+            durable: false,
+            ..BrokerOpts::default()
+        })
+        .await;
     let _w = s.worker(&broker, WorkerOpts::sim("announced")).await;
     let client = broker.client();
     let mut events = client.subscribe("worker/").await.unwrap();
@@ -251,7 +396,9 @@ async fn worker_state_changes_are_published() {
     for _ in 0..20 {
         let id = client.submit(job("tick", 0)).await.unwrap().job_id;
         client.wait(id).await.unwrap();
-        if let Ok(Some(Event::WorkerState(w))) = tokio::time::timeout(Duration::from_millis(200), events.recv()).await {
+        if let Ok(Some(Event::WorkerState(w))) =
+            tokio::time::timeout(Duration::from_millis(200), events.recv()).await
+        {
             seen = Some(w);
             break;
         }

@@ -11,7 +11,11 @@ use kiln_config::KilnConfig;
 use kiln_protocol::{Client, ClientOptions};
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Run image and video generation on a fleet of GPUs")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Run image and video generation on a fleet of GPUs"
+)]
 struct Cli {
     /// Config file(s), layered in order (default: $KILN_CONFIG or /etc/kiln/kiln.toml).
     #[arg(long = "config", short = 'c', global = true)]
@@ -40,7 +44,7 @@ enum Command {
     /// Run a broker and one worker per GPU found (or configured) on this box.
     Up(commands::up::UpArgs),
     /// Submit a job.
-    Submit(commands::jobs::SubmitArgs),
+    Submit(Box<commands::jobs::SubmitArgs>),
     /// Follow a job with a progress bar until it ends.
     Watch { job: String },
     /// Show a job's state and history.
@@ -99,13 +103,15 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Demo(args) => commands::demo::run(cfg, args).await.map(|_| ok),
         Command::Up(args) => commands::up::run(cfg, args).await.map(|_| ok),
-        Command::Config { command: ConfigCommand::Check } => commands::fleet::config_check(&cfg, &files, cli.json),
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => commands::fleet::config_check(&cfg, &files, cli.json),
         Command::GpuInfo => commands::fleet::gpu_info(&cfg, cli.json),
         command => {
             let client = client(&cfg, &cli.broker, &cli.events, &cli.token)?;
             let json = cli.json;
             match command {
-                Command::Submit(args) => commands::jobs::submit(&client, args, json).await,
+                Command::Submit(args) => commands::jobs::submit(&client, *args, json).await,
                 Command::Watch { job } => commands::jobs::watch(&client, &job, json).await,
                 Command::Status { job } => commands::jobs::status(&client, &job, json).await,
                 Command::Cancel { job } => commands::jobs::cancel(&client, &job, json).await,
@@ -126,7 +132,12 @@ pub(crate) fn print_json(v: &impl serde::Serialize) {
 }
 
 /// A broker client from the config, with command-line overrides.
-fn client(cfg: &KilnConfig, broker: &Option<String>, events: &Option<String>, token: &Option<String>) -> anyhow::Result<Client> {
+fn client(
+    cfg: &KilnConfig,
+    broker: &Option<String>,
+    events: &Option<String>,
+    token: &Option<String>,
+) -> anyhow::Result<Client> {
     let c = &cfg.client;
     let mut opts = ClientOptions::new(
         broker.clone().unwrap_or_else(|| c.broker.clone()),

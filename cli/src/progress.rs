@@ -38,7 +38,12 @@ impl Board {
     }
 
     /// Follows one job to its end, drawing its progress; returns the final snapshot.
-    pub async fn follow(&self, client: &Client, job: JobId, label: &str) -> Result<JobSnapshot, ClientError> {
+    pub async fn follow(
+        &self,
+        client: &Client,
+        job: JobId,
+        label: &str,
+    ) -> Result<JobSnapshot, ClientError> {
         let bar = self.multi.add(ProgressBar::new(1000));
         bar.set_style(
             ProgressStyle::with_template("{prefix:>6} [{bar:30}] {percent:>3}% {msg}")
@@ -54,8 +59,16 @@ impl Board {
             let snap = snap?;
             let pct = snap.progress.as_ref().map_or(0.0, |p| p.pct);
             bar.set_position((pct * 10.0) as u64);
-            let stage = snap.progress.as_ref().map(|p| p.stage.clone()).unwrap_or_default();
-            let place = snap.worker.clone().map(|w| format!(" on {w}")).unwrap_or_default();
+            let stage = snap
+                .progress
+                .as_ref()
+                .map(|p| p.stage.clone())
+                .unwrap_or_default();
+            let place = snap
+                .worker
+                .clone()
+                .map(|w| format!(" on {w}"))
+                .unwrap_or_default();
             bar.set_message(format!("{} {stage}{place} {label}", snap.state));
             if last_state != Some(snap.state) {
                 if !self.fancy {
@@ -68,7 +81,10 @@ impl Board {
         let snap = last.ok_or(ClientError::Closed)?;
         let verdict = match snap.state {
             JobState::Succeeded => format!("succeeded, {} output(s)", snap.artifacts.len()),
-            JobState::Failed => format!("failed: {}", snap.error.as_ref().map_or("", |e| e.message.as_str())),
+            JobState::Failed => format!(
+                "failed: {}",
+                snap.error.as_ref().map_or("", |e| e.message.as_str())
+            ),
             other => other.to_string(),
         };
         if snap.state == JobState::Succeeded {

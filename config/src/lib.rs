@@ -10,6 +10,7 @@
 //! table name are read, so unrelated `KILN_*` variables do not trip the
 //! unknown-key check. Errors name the key and where its value came from.
 
+mod comfyui;
 pub mod logging;
 mod mcp;
 mod secret;
@@ -21,6 +22,7 @@ use figment::Figment;
 use kiln_protocol::Limits;
 use serde::{Deserialize, Serialize};
 
+pub use comfyui::{ComfyUiConfig, ComfyUiMode};
 pub use mcp::McpConfig;
 pub use secret::{resolve as resolve_secret, Secret};
 
@@ -160,6 +162,7 @@ pub struct WorkerConfig {
     /// Scratch space for outputs before upload.
     pub work_dir: Option<PathBuf>,
     pub sim: SimConfig,
+    pub comfyui: ComfyUiConfig,
 }
 
 impl Default for WorkerConfig {
@@ -176,6 +179,7 @@ impl Default for WorkerConfig {
             liveness: kiln_protocol::HEARTBEAT_LIVENESS,
             work_dir: None,
             sim: SimConfig::default(),
+            comfyui: ComfyUiConfig::default(),
         }
     }
 }
@@ -305,9 +309,11 @@ impl KilnConfig {
         }
         let env = Env::prefixed("KILN_")
             .filter(|key| {
-                TABLES
-                    .iter()
-                    .any(|t| key.as_str().to_ascii_lowercase().starts_with(&format!("{t}__")))
+                TABLES.iter().any(|t| {
+                    key.as_str()
+                        .to_ascii_lowercase()
+                        .starts_with(&format!("{t}__"))
+                })
             })
             .split("__");
         Ok(figment.merge(env))
@@ -345,7 +351,10 @@ impl KilnConfig {
         }
         for label in &self.worker.labels {
             if !kiln_protocol::ids::is_simple_name(label, 64) {
-                return invalid("worker.labels", &format!("label {label:?} must be 1-64 characters of [A-Za-z0-9._-]"));
+                return invalid(
+                    "worker.labels",
+                    &format!("label {label:?} must be 1-64 characters of [A-Za-z0-9._-]"),
+                );
             }
         }
         if self.worker.backends.is_empty() {
@@ -354,6 +363,7 @@ impl KilnConfig {
         if self.worker.sim.max_side < 8 {
             return invalid("worker.sim.max_side", "must be at least 8");
         }
+        self.worker.comfyui.validate()?;
         self.mcp.validate()?;
         Ok(self)
     }
@@ -361,12 +371,22 @@ impl KilnConfig {
     /// The broker's client token, resolved from inline, file or credential.
     pub fn broker_client_token(&self) -> Result<Option<Secret>, ConfigError> {
         let b = &self.broker;
-        resolve_secret("broker.client_token", &b.client_token, &b.client_token_file, "kiln-client-token")
+        resolve_secret(
+            "broker.client_token",
+            &b.client_token,
+            &b.client_token_file,
+            "kiln-client-token",
+        )
     }
 
     pub fn broker_worker_token(&self) -> Result<Option<Secret>, ConfigError> {
         let b = &self.broker;
-        resolve_secret("broker.worker_token", &b.worker_token, &b.worker_token_file, "kiln-worker-token")
+        resolve_secret(
+            "broker.worker_token",
+            &b.worker_token,
+            &b.worker_token_file,
+            "kiln-worker-token",
+        )
     }
 
     pub fn worker_token(&self) -> Result<Option<Secret>, ConfigError> {
@@ -398,7 +418,10 @@ fn check_endpoint(key: &str, ep: &str) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
-        invalid(key, &format!("{ep:?} is not an endpoint like tcp://127.0.0.1:5555"))
+        invalid(
+            key,
+            &format!("{ep:?} is not an endpoint like tcp://127.0.0.1:5555"),
+        )
     }
 }
 
@@ -457,6 +480,8 @@ pub fn default_files() -> Vec<PathBuf> {
 }
 
 #[cfg(test)]
+// figment's Jail closures must return its (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;
@@ -488,20 +513,29 @@ mod tests {
             assert_eq!(c.worker.labels, ["fast", "big"]);
 
             jail.set_env("KILN_BROKER__HEARTBEAT_MS", "soon");
-            let err = KilnConfig::load(&["kiln.toml".into()]).unwrap_err().to_string();
+            let err = KilnConfig::load(&["kiln.toml".into()])
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("broker.heartbeat_ms"), "{err}");
             assert!(err.contains("KILN_"), "{err}");
             jail.set_env("KILN_BROKER__HEARTBEAT_MS", "250");
 
             jail.create_file("typo.toml", "[broker]\nfrontnd = \"tcp://127.0.0.1:1\"\n")?;
-            let err = KilnConfig::load(&["typo.toml".into()]).unwrap_err().to_string();
-            assert!(err.contains("frontnd") && err.contains("typo.toml"), "{err}");
+            let err = KilnConfig::load(&["typo.toml".into()])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("frontnd") && err.contains("typo.toml"),
+                "{err}"
+            );
 
             let err = KilnConfig::load(&["absent.toml".into()]).unwrap_err();
             assert!(matches!(err, ConfigError::MissingFile(_)));
 
             jail.create_file("bad.toml", "[client]\nbroker = \"localhost\"\n")?;
-            let err = KilnConfig::load(&["bad.toml".into()]).unwrap_err().to_string();
+            let err = KilnConfig::load(&["bad.toml".into()])
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("client.broker"), "{err}");
             Ok(())
         });
@@ -511,7 +545,10 @@ mod tests {
     fn tokens_resolve_from_file_and_stay_redacted() {
         Jail::expect_with(|jail| {
             jail.create_file("token", "  s3cret\n")?;
-            jail.create_file("kiln.toml", "[broker]\nclient_token_file = \"token\"\nworker_token = 12345\n")?;
+            jail.create_file(
+                "kiln.toml",
+                "[broker]\nclient_token_file = \"token\"\nworker_token = 12345\n",
+            )?;
             let c = KilnConfig::load(&["kiln.toml".into()]).unwrap();
             let t = c.broker_client_token().unwrap().unwrap();
             assert_eq!(t.expose(), "s3cret");

@@ -184,21 +184,30 @@ impl Client {
         if job.idempotency_key.is_none() {
             job.idempotency_key = Some(uuid::Uuid::new_v4().to_string());
         }
-        match self.request(Request::Submit(Submit { req_id: 0, job })).await? {
+        match self
+            .request(Request::Submit(Submit { req_id: 0, job }))
+            .await?
+        {
             Reply::Accepted(a) => Ok(a),
             other => Err(unexpected(other)),
         }
     }
 
     pub async fn get(&self, job_id: JobId) -> Result<JobSnapshot, ClientError> {
-        match self.request(Request::Get(Get { req_id: 0, job_id })).await? {
+        match self
+            .request(Request::Get(Get { req_id: 0, job_id }))
+            .await?
+        {
             Reply::Job(j) => Ok(j.job),
             other => Err(unexpected(other)),
         }
     }
 
     pub async fn list(&self, filter: ListFilter) -> Result<Vec<JobSnapshot>, ClientError> {
-        match self.request(Request::List(List { req_id: 0, filter })).await? {
+        match self
+            .request(Request::List(List { req_id: 0, filter }))
+            .await?
+        {
             Reply::Jobs(j) => Ok(j.jobs),
             other => Err(unexpected(other)),
         }
@@ -607,7 +616,7 @@ async fn run_hub(endpoint: String, mut commands: mpsc::UnboundedReceiver<HubComm
                     },
                     msg = sub.recv() => {
                         if let Ok(msg) = msg {
-                            dispatch(&msg.into_vec(), &mut subscribers);
+                            dispatch(&msg.into_vec(), &subscribers);
                         }
                         None
                     }
@@ -647,7 +656,7 @@ async fn run_hub(endpoint: String, mut commands: mpsc::UnboundedReceiver<HubComm
         }
     }
 
-    fn dispatch(frames: &[Bytes], subscribers: &mut Vec<Subscriber>) {
+    fn dispatch(frames: &[Bytes], subscribers: &[Subscriber]) {
         if frames.len() != 3 || check_header(&frames[1]).is_err() {
             return;
         }

@@ -115,7 +115,9 @@ impl ProtocolError {
     pub fn to_body(&self) -> ErrorBody {
         let (field, limit) = match self {
             ProtocolError::InvalidField { field, .. } => (Some(field.clone()), None),
-            ProtocolError::FieldTooLarge { field, limit, .. } => (Some(field.clone()), Some(*limit)),
+            ProtocolError::FieldTooLarge { field, limit, .. } => {
+                (Some(field.clone()), Some(*limit))
+            }
             ProtocolError::TooLarge { limit, .. } => (None, Some(*limit as u64)),
             _ => (None, None),
         };

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::JobId;
 use crate::job::{ArtifactMeta, JobError, JobState, Progress};
-use crate::worker::WorkerState;
 use crate::wire_message;
+use crate::worker::WorkerState;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

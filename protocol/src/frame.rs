@@ -186,32 +186,50 @@ mod tests {
         assert_eq!(env.kind.as_deref(), Some("submit"));
         assert_eq!(env.req_id, Some(7));
         let frames = [Bytes::from_static(PROTOCOL_TAG), body];
-        assert!(matches!(decode::<Request>(&frames, 1 << 20), Ok(Request::Submit(s)) if s.req_id == 7));
+        assert!(
+            matches!(decode::<Request>(&frames, 1 << 20), Ok(Request::Submit(s)) if s.req_id == 7)
+        );
     }
 
     #[test]
     fn header_and_size_errors_are_typed() {
         let body = submit_body();
         let foreign = [Bytes::from_static(b"HTTP/1.1"), body.clone()];
-        assert!(matches!(decode::<Request>(&foreign, 1 << 20), Err(ProtocolError::ForeignTag(_))));
+        assert!(matches!(
+            decode::<Request>(&foreign, 1 << 20),
+            Err(ProtocolError::ForeignTag(_))
+        ));
         let future = [Bytes::from_static(b"KILN9"), body.clone()];
         assert!(matches!(
             decode::<Request>(&future, 1 << 20),
             Err(ProtocolError::UnsupportedVersion { .. })
         ));
         let one = [body.clone()];
-        assert!(matches!(decode::<Request>(&one, 1 << 20), Err(ProtocolError::FrameCount { got: 1, .. })));
+        assert!(matches!(
+            decode::<Request>(&one, 1 << 20),
+            Err(ProtocolError::FrameCount { got: 1, .. })
+        ));
         let frames = [Bytes::from_static(PROTOCOL_TAG), body];
-        assert!(matches!(decode::<Request>(&frames, 10), Err(ProtocolError::TooLarge { limit: 10, .. })));
+        assert!(matches!(
+            decode::<Request>(&frames, 10),
+            Err(ProtocolError::TooLarge { limit: 10, .. })
+        ));
     }
 
     #[test]
     fn body_errors_name_type_and_field() {
         let truncated = &submit_body()[..20];
-        assert!(matches!(decode_body::<Request>(truncated, 1 << 20), Err(ProtocolError::Malformed(_))));
-        assert!(matches!(decode_body::<Request>(b"\x01\x02\x03", 1 << 20), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(
+            decode_body::<Request>(truncated, 1 << 20),
+            Err(ProtocolError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_body::<Request>(b"\x01\x02\x03", 1 << 20),
+            Err(ProtocolError::Malformed(_))
+        ));
 
-        let unknown = rmp_serde::to_vec_named(&serde_json::json!({"type": "explode", "req_id": 1})).unwrap();
+        let unknown =
+            rmp_serde::to_vec_named(&serde_json::json!({"type": "explode", "req_id": 1})).unwrap();
         assert_eq!(
             decode_body::<Request>(&unknown, 1 << 20).unwrap_err(),
             ProtocolError::UnknownType("explode".into())
@@ -240,7 +258,8 @@ mod tests {
             ProtocolError::InvalidField { field, .. } if field == "job.priority"
         ));
 
-        let missing = rmp_serde::to_vec_named(&serde_json::json!({"type": "get", "req_id": 1})).unwrap();
+        let missing =
+            rmp_serde::to_vec_named(&serde_json::json!({"type": "get", "req_id": 1})).unwrap();
         assert_eq!(
             decode_body::<Request>(&missing, 1 << 20).unwrap_err(),
             ProtocolError::invalid("job_id", "missing")

@@ -220,7 +220,11 @@ impl JobSpec {
         }
         check("job.loras", self.loras.len() as u64, limits.max_loras)?;
         for (i, lora) in self.loras.iter().enumerate() {
-            check_len(&format!("job.loras[{i}].name"), &lora.name, limits.max_name_len)?;
+            check_len(
+                &format!("job.loras[{i}].name"),
+                &lora.name,
+                limits.max_name_len,
+            )?;
             if !(lora.strength.is_finite() && (-10.0..=10.0).contains(&lora.strength)) {
                 return Err(ProtocolError::invalid(
                     format!("job.loras[{i}].strength"),
@@ -233,12 +237,18 @@ impl JobSpec {
             if !is_simple_name(label, limits.max_label_len as usize) {
                 return Err(ProtocolError::invalid(
                     format!("job.labels[{i}]"),
-                    format!("must be 1-{} characters of [A-Za-z0-9._-]", limits.max_label_len),
+                    format!(
+                        "must be 1-{} characters of [A-Za-z0-9._-]",
+                        limits.max_label_len
+                    ),
                 ));
             }
         }
         if !(-10..=10).contains(&self.priority) {
-            return Err(ProtocolError::invalid("job.priority", "must be between -10 and 10"));
+            return Err(ProtocolError::invalid(
+                "job.priority",
+                "must be between -10 and 10",
+            ));
         }
         for (field, value) in [
             ("job.queue_timeout_s", self.queue_timeout_s),
@@ -253,13 +263,20 @@ impl JobSpec {
         }
         if let Some(attempts) = self.max_attempts {
             if attempts == 0 {
-                return Err(ProtocolError::invalid("job.max_attempts", "must be at least 1"));
+                return Err(ProtocolError::invalid(
+                    "job.max_attempts",
+                    "must be at least 1",
+                ));
             }
             check("job.max_attempts", attempts as u64, limits.max_attempts)?;
         }
         check("job.inputs", self.inputs.len() as u64, limits.max_inputs)?;
         for (i, input) in self.inputs.iter().enumerate() {
-            check_len(&format!("job.inputs[{i}].name"), &input.name, limits.max_name_len)?;
+            check_len(
+                &format!("job.inputs[{i}].name"),
+                &input.name,
+                limits.max_name_len,
+            )?;
             check(
                 &format!("job.inputs[{i}].data"),
                 input.data.len() as u64,
@@ -332,7 +349,10 @@ pub enum JobState {
 
 impl JobState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -538,7 +558,11 @@ mod tests {
         let mut s = spec();
         s.priority = 11;
         assert_eq!(
-            s.validate(&Limits::default()).unwrap_err().to_body().field.as_deref(),
+            s.validate(&Limits::default())
+                .unwrap_err()
+                .to_body()
+                .field
+                .as_deref(),
             Some("job.priority")
         );
         let mut s = spec();
@@ -548,7 +572,11 @@ mod tests {
             data: vec![1],
         });
         assert_eq!(
-            s.validate(&Limits::default()).unwrap_err().to_body().field.as_deref(),
+            s.validate(&Limits::default())
+                .unwrap_err()
+                .to_body()
+                .field
+                .as_deref(),
             Some("job.inputs[0].name")
         );
         let mut s = spec();

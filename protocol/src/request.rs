@@ -10,8 +10,8 @@ use crate::error::ErrorBody;
 use crate::ids::{ArtifactId, JobId};
 use crate::job::{JobSnapshot, JobSpec, JobState, ListFilter};
 use crate::limits::Limits;
-use crate::worker::{HealthReport, ModelInfo, WorkerInfo};
 use crate::wire_message;
+use crate::worker::{HealthReport, ModelInfo, WorkerInfo};
 
 /// A request from a client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,7 +132,8 @@ pub struct Simple {
 pub enum Reply {
     Welcome(Welcome),
     Accepted(Accepted),
-    Job(JobReply),
+    /// Boxed: a snapshot is much larger than the other replies.
+    Job(Box<JobReply>),
     Jobs(JobsReply),
     Cancelled(CancelReply),
     Chunk(Chunk),

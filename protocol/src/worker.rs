@@ -83,7 +83,8 @@ pub struct BackendInventory {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WorkerMessage {
-    Register(Register),
+    /// Boxed: much larger than the messages that flow every second.
+    Register(Box<Register>),
     Heartbeat(Heartbeat),
     Started(JobRef),
     Progress(ProgressReport),

@@ -74,11 +74,17 @@ pub struct Health {
 
 impl Health {
     pub fn ok() -> Health {
-        Health { healthy: true, detail: None }
+        Health {
+            healthy: true,
+            detail: None,
+        }
     }
 
     pub fn down(detail: impl Into<String>) -> Health {
-        Health { healthy: false, detail: Some(detail.into()) }
+        Health {
+            healthy: false,
+            detail: Some(detail.into()),
+        }
     }
 }
 
@@ -93,7 +99,12 @@ pub trait Backend: Send + Sync {
 
     /// Runs one attempt. Must return promptly with [`RunError::Cancelled`] once
     /// `cancel` fires.
-    async fn run(&self, job: JobRun, progress: ProgressSink, cancel: CancellationToken) -> Result<RunOutput, RunError>;
+    async fn run(
+        &self,
+        job: JobRun,
+        progress: ProgressSink,
+        cancel: CancellationToken,
+    ) -> Result<RunOutput, RunError>;
 
     /// The model currently loaded on the GPU, for the broker's affinity.
     fn loaded_model(&self) -> Option<String> {
@@ -128,7 +139,11 @@ impl ProgressSink {
 
     /// Step `step` of `steps`, mapped into the share `[from, to]` of the whole job.
     pub fn step(&self, step: u32, steps: u32, from: f64, to: f64, stage: impl Into<String>) {
-        let frac = if steps == 0 { 1.0 } else { step as f64 / steps as f64 };
+        let frac = if steps == 0 {
+            1.0
+        } else {
+            step as f64 / steps as f64
+        };
         self.report(Progress {
             pct: from + (to - from) * frac.clamp(0.0, 1.0),
             step: Some(step),
@@ -149,7 +164,13 @@ impl ProgressSink {
 }
 
 /// Reads an integer parameter, checking its range; the error names the field.
-pub fn int_param(spec: &JobSpec, key: &str, default: i64, min: i64, max: i64) -> Result<i64, JobError> {
+pub fn int_param(
+    spec: &JobSpec,
+    key: &str,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> Result<i64, JobError> {
     match spec.params.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(v) => match v.as_i64() {

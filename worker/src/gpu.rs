@@ -20,7 +20,10 @@ const MIB: u64 = 1024 * 1024;
 /// Why memory figures are missing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemoryReading {
-    Known { total_bytes: u64, free_bytes: u64 },
+    Known {
+        total_bytes: u64,
+        free_bytes: u64,
+    },
     /// NVML_ERROR_NOT_SUPPORTED: memory is shared with the CPU.
     NotSupported,
     Failed(String),
@@ -69,7 +72,9 @@ pub struct NvmlSource {
 impl NvmlSource {
     pub fn open(library: Option<&Path>) -> Result<NvmlSource, GpuError> {
         let result = match library {
-            Some(path) => nvml_wrapper::Nvml::builder().lib_path(path.as_os_str()).init(),
+            Some(path) => nvml_wrapper::Nvml::builder()
+                .lib_path(path.as_os_str())
+                .init(),
             None => nvml_wrapper::Nvml::init(),
         };
         result
@@ -80,7 +85,9 @@ impl NvmlSource {
 
 impl GpuSource for NvmlSource {
     fn device_count(&self) -> Result<u32, GpuError> {
-        self.nvml.device_count().map_err(|e| GpuError::Nvml(e.to_string()))
+        self.nvml
+            .device_count()
+            .map_err(|e| GpuError::Nvml(e.to_string()))
     }
 
     fn read(&self, index: u32) -> Result<DeviceReading, GpuError> {
@@ -125,7 +132,13 @@ fn parse_meminfo(text: &str) -> Option<(u64, u64)> {
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
     };
     Some((field("MemTotal:")? / 1024, field("MemAvailable:")? / 1024))
 }
@@ -149,7 +162,10 @@ impl GpuProbe {
                 Err(e) => (None, Some(e.to_string())),
             }
         } else {
-            (None, Some("NVML disabled in the config (worker.gpu.nvml = false)".to_string()))
+            (
+                None,
+                Some("NVML disabled in the config (worker.gpu.nvml = false)".to_string()),
+            )
         };
         GpuProbe::new(source, unavailable, cfg.clone(), sim_only, system_memory_mb)
     }
@@ -186,7 +202,9 @@ impl GpuProbe {
     pub fn device_count(&self) -> Result<u32, GpuError> {
         match &self.source {
             Some(s) => s.device_count(),
-            None => Err(GpuError::NvmlUnavailable(self.unavailable.clone().unwrap_or_default())),
+            None => Err(GpuError::NvmlUnavailable(
+                self.unavailable.clone().unwrap_or_default(),
+            )),
         }
     }
 
@@ -204,14 +222,19 @@ impl GpuProbe {
         };
         if let Some(r) = reading {
             let (total, free, unified) = match r.memory {
-                MemoryReading::Known { total_bytes, free_bytes } => (total_bytes / MIB, free_bytes / MIB, false),
+                MemoryReading::Known {
+                    total_bytes,
+                    free_bytes,
+                } => (total_bytes / MIB, free_bytes / MIB, false),
                 MemoryReading::NotSupported => match (self.meminfo)() {
                     Some((total, avail)) => (total, avail, true),
                     None => match cfg.total_vram_mb {
                         Some(t) => (t, t, true),
                         None => {
                             return Err(GpuError::Undeclared {
-                                reason: "the GPU has unified memory and /proc/meminfo is unreadable".into(),
+                                reason:
+                                    "the GPU has unified memory and /proc/meminfo is unreadable"
+                                        .into(),
                             })
                         }
                     },
@@ -276,7 +299,12 @@ impl GpuProbe {
 /// Suggested generation settings for a GPU of a given size: the VRAM table shown by
 /// `kiln gpu-info`. Rows are (minimum MiB, profile, max resolution, max frames).
 pub const VRAM_TABLE: [(u64, &str, &str, u32); 5] = [
-    (24 * 1024, "wan2gp profile 3 (or 4 for 14B models)", "1920x1080", 169),
+    (
+        24 * 1024,
+        "wan2gp profile 3 (or 4 for 14B models)",
+        "1920x1080",
+        169,
+    ),
     (16 * 1024, "wan2gp profile 4", "1280x720", 121),
     (12 * 1024, "wan2gp profile 4", "1280x720", 97),
     (8 * 1024, "wan2gp profile 4.5", "720x480", 73),
@@ -326,10 +354,22 @@ mod tests {
 
     #[test]
     fn nvml_memory_is_reported_in_mib() {
-        let src = Fake(Ok(reading(MemoryReading::Known { total_bytes: 24 * 1024 * MIB, free_bytes: 20 * 1024 * MIB })));
-        let probe = GpuProbe::new(Some(Box::new(src)), None, GpuConfig::default(), false, meminfo);
+        let src = Fake(Ok(reading(MemoryReading::Known {
+            total_bytes: 24 * 1024 * MIB,
+            free_bytes: 20 * 1024 * MIB,
+        })));
+        let probe = GpuProbe::new(
+            Some(Box::new(src)),
+            None,
+            GpuConfig::default(),
+            false,
+            meminfo,
+        );
         let g = probe.probe().unwrap();
-        assert_eq!((g.total_vram_mb, g.free_vram_mb, g.unified_memory), (24_576, 20_480, false));
+        assert_eq!(
+            (g.total_vram_mb, g.free_vram_mb, g.unified_memory),
+            (24_576, 20_480, false)
+        );
         assert_eq!(g.source, Source::Nvml);
         assert_eq!(g.temperature_c, Some(41));
     }
@@ -337,14 +377,26 @@ mod tests {
     #[test]
     fn unified_memory_comes_from_meminfo_never_zero() {
         let src = Fake(Ok(reading(MemoryReading::NotSupported)));
-        let probe = GpuProbe::new(Some(Box::new(src)), None, GpuConfig::default(), false, meminfo);
+        let probe = GpuProbe::new(
+            Some(Box::new(src)),
+            None,
+            GpuConfig::default(),
+            false,
+            meminfo,
+        );
         let g = probe.probe().unwrap();
         assert!(g.unified_memory);
         assert_eq!((g.total_vram_mb, g.free_vram_mb), (128_000, 100_000));
         assert_eq!(g.name, "NVIDIA GB10");
 
         let src = Fake(Ok(reading(MemoryReading::NotSupported)));
-        let probe = GpuProbe::new(Some(Box::new(src)), None, GpuConfig::default(), false, no_meminfo);
+        let probe = GpuProbe::new(
+            Some(Box::new(src)),
+            None,
+            GpuConfig::default(),
+            false,
+            no_meminfo,
+        );
         assert!(matches!(probe.probe(), Err(GpuError::Undeclared { .. })));
     }
 
@@ -356,14 +408,23 @@ mod tests {
             ..GpuConfig::default()
         };
         let why = Some("libnvidia-ml.so.1: cannot open shared object file".to_string());
-        let g = GpuProbe::new(None, why.clone(), cfg, false, meminfo).probe().unwrap();
-        assert_eq!((g.name.as_str(), g.total_vram_mb, g.source), ("RTX 4090", 24_564, Source::Config));
+        let g = GpuProbe::new(None, why.clone(), cfg, false, meminfo)
+            .probe()
+            .unwrap();
+        assert_eq!(
+            (g.name.as_str(), g.total_vram_mb, g.source),
+            ("RTX 4090", 24_564, Source::Config)
+        );
 
-        let err = GpuProbe::new(None, why.clone(), GpuConfig::default(), false, meminfo).probe().unwrap_err();
+        let err = GpuProbe::new(None, why.clone(), GpuConfig::default(), false, meminfo)
+            .probe()
+            .unwrap_err();
         assert!(err.to_string().contains("libnvidia-ml.so.1"), "{err}");
         assert!(err.to_string().contains("total_vram_mb"), "{err}");
 
-        let g = GpuProbe::new(None, why, GpuConfig::default(), true, meminfo).probe().unwrap();
+        let g = GpuProbe::new(None, why, GpuConfig::default(), true, meminfo)
+            .probe()
+            .unwrap();
         assert_eq!(g.source, Source::None);
         assert!(g.total_vram_mb > 0);
     }

@@ -25,19 +25,21 @@ pub enum BuildError {
     Config(#[from] ConfigError),
     #[error("backend {0} is not available in this build of the worker")]
     Unsupported(Kind),
+    #[error("worker.comfyui: {0}")]
+    ComfyUiTemplates(#[from] backends::comfyui::TemplateError),
 }
 
 /// Builds a worker and its backends from the config.
 pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
     let w = &cfg.worker;
-    let worker_id = w
-        .id
-        .clone()
-        .unwrap_or_else(|| format!("{}-gpu{}", runner::hostname(), w.gpu.index));
+    let worker_id =
+        w.id.clone()
+            .unwrap_or_else(|| format!("{}-gpu{}", runner::hostname(), w.gpu.index));
     let mut backends: Vec<Arc<dyn backend::Backend>> = Vec::new();
     for kind in &w.backends {
         match kind {
             Kind::Sim => backends.push(Arc::new(backends::sim::SimBackend::new(w.sim.clone()))),
+            Kind::Comfyui => backends.push(Arc::new(backends::comfyui::ComfyUiBackend::new(w.comfyui.clone(), w.gpu.index, &worker_id)?)),
             other => return Err(BuildError::Unsupported(*other)),
         }
     }
@@ -49,7 +51,9 @@ pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
         } else if w.gpu.name.is_some() && w.gpu.total_vram_mb.is_some() {
             tracing::warn!("NVML is not available ({why}); using the GPU declared in [worker.gpu]");
         } else if sim_only {
-            tracing::info!("NVML is not available ({why}); this sim-only worker reports a simulated GPU");
+            tracing::info!(
+                "NVML is not available ({why}); this sim-only worker reports a simulated GPU"
+            );
         } else {
             tracing::warn!("NVML is not available ({why}) and no GPU is declared in [worker.gpu]");
         }

@@ -95,7 +95,11 @@ enum SessionEnd {
 }
 
 impl Worker {
-    pub fn new(settings: WorkerSettings, backends: Vec<Arc<dyn Backend>>, probe: GpuProbe) -> Worker {
+    pub fn new(
+        settings: WorkerSettings,
+        backends: Vec<Arc<dyn Backend>>,
+        probe: GpuProbe,
+    ) -> Worker {
         Worker {
             settings,
             backends,
@@ -115,7 +119,11 @@ impl Worker {
         let mut hint = None;
         for b in &self.backends {
             let health = b.health().await;
-            let models = if health.healthy { b.inventory().await } else { Vec::new() };
+            let models = if health.healthy {
+                b.inventory().await
+            } else {
+                Vec::new()
+            };
             if hint.is_none() {
                 hint = b.gpu_hint().await;
             }
@@ -140,15 +148,21 @@ impl Worker {
             (Err(e), None) => return Err(e),
         };
         let healthy = backends.iter().any(|b| b.healthy);
-        Ok(Status { gpu, backends, healthy })
+        Ok(Status {
+            gpu,
+            backends,
+            healthy,
+        })
     }
 
     /// Runs until `shutdown` fires. A running job is cancelled and the broker told
     /// goodbye, so it requeues at once.
     pub async fn run(self, first: Status, shutdown: CancellationToken) -> Result<(), WorkerError> {
-        std::fs::create_dir_all(&self.settings.work_dir).map_err(|source| WorkerError::WorkDir {
-            path: self.settings.work_dir.clone(),
-            source,
+        std::fs::create_dir_all(&self.settings.work_dir).map_err(|source| {
+            WorkerError::WorkDir {
+                path: self.settings.work_dir.clone(),
+                source,
+            }
         })?;
         let this = Arc::new(self);
         let (status_tx, status_rx) = watch::channel(first);
@@ -174,7 +188,9 @@ impl Worker {
             };
             let end = match conn {
                 Ok(conn) => session.serve(conn, &shutdown, &mut backoff).await,
-                Err(e) => SessionEnd::Lost(format!("cannot connect to {}: {e}", this.settings.broker)),
+                Err(e) => {
+                    SessionEnd::Lost(format!("cannot connect to {}: {e}", this.settings.broker))
+                }
             };
             let delay = match end {
                 SessionEnd::Shutdown => break,
@@ -211,7 +227,11 @@ impl Worker {
 
 /// Refreshes GPU figures every two heartbeats and backend health every five
 /// seconds (inventory every minute, or when health changes).
-async fn sample_status(worker: Arc<Worker>, tx: watch::Sender<Status>, shutdown: CancellationToken) {
+async fn sample_status(
+    worker: Arc<Worker>,
+    tx: watch::Sender<Status>,
+    shutdown: CancellationToken,
+) {
     let period = Duration::from_millis((worker.settings.heartbeat_ms * 2).max(500));
     let mut ticks: u64 = 0;
     loop {
@@ -227,8 +247,8 @@ async fn sample_status(worker: Arc<Worker>, tx: watch::Sender<Status>, shutdown:
                 status.gpu = gpu;
             }
         }
-        if ticks % ((5_000 / period.as_millis() as u64).max(1)) == 0 {
-            let full_refresh = ticks % ((60_000 / period.as_millis() as u64).max(1)) == 0;
+        if ticks.is_multiple_of((5_000 / period.as_millis() as u64).max(1)) {
+            let full_refresh = ticks.is_multiple_of((60_000 / period.as_millis() as u64).max(1));
             for (inv, b) in status.backends.iter_mut().zip(&worker.backends) {
                 let health = b.health().await;
                 let changed = health.healthy != inv.healthy;
@@ -277,13 +297,15 @@ async fn progress_changed(running: &mut Option<Running>) {
 
 impl Session {
     async fn send(&self, conn: &mut DealerConn, msg: &WorkerMessage) -> Result<(), String> {
-        conn.send(frame::encode(msg)).await.map_err(|e| format!("send failed: {e}"))
+        conn.send(frame::encode(msg))
+            .await
+            .map_err(|e| format!("send failed: {e}"))
     }
 
     fn register_msg(&self) -> WorkerMessage {
         let s = &self.worker.settings;
         let status = self.status.borrow();
-        WorkerMessage::Register(Register {
+        WorkerMessage::Register(Box::new(Register {
             token: s.token.clone(),
             worker_id: s.worker_id.clone(),
             instance: self.worker.instance.clone(),
@@ -295,7 +317,7 @@ impl Session {
             loaded_model: self.loaded_model(),
             current: self.running.as_ref().map(|r| r.r),
             unacked: self.unacked.as_ref().map(|d| d.r),
-        })
+        }))
     }
 
     fn loaded_model(&self) -> Option<String> {
@@ -311,7 +333,12 @@ impl Session {
         self.cursor = Some(Cursor { file: 0, offset: 0 });
     }
 
-    async fn serve(&mut self, mut conn: DealerConn, shutdown: &CancellationToken, backoff: &mut Backoff) -> SessionEnd {
+    async fn serve(
+        &mut self,
+        mut conn: DealerConn,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> SessionEnd {
         let s = self.worker.settings.clone();
         let mut heartbeat_ms = s.heartbeat_ms;
         let mut liveness = s.liveness;
@@ -468,31 +495,75 @@ impl Session {
     }
 
     async fn on_assign(&mut self, conn: &mut DealerConn, a: Assign) -> Result<(), String> {
-        let r = JobRef { job_id: a.job_id, attempt: a.attempt };
+        let r = JobRef {
+            job_id: a.job_id,
+            attempt: a.attempt,
+        };
         if let Some(busy) = &self.running {
             if busy.r == r {
                 return Ok(()); // a duplicate
             }
             tracing::warn!(job = %a.job_id, busy_with = %busy.r.job_id, "assigned a job while busy; refusing it");
-            let err = JobError::new(FailureKind::Internal, format!("worker is busy with {}", busy.r.job_id), true);
-            let msg = WorkerMessage::Finished(Finished { job_id: a.job_id, attempt: a.attempt, outcome: Outcome::Failed { error: err }, loaded_model: None });
+            let err = JobError::new(
+                FailureKind::Internal,
+                format!("worker is busy with {}", busy.r.job_id),
+                true,
+            );
+            let msg = WorkerMessage::Finished(Finished {
+                job_id: a.job_id,
+                attempt: a.attempt,
+                outcome: Outcome::Failed { error: err },
+                loaded_model: None,
+            });
             return self.send(conn, &msg).await;
         }
         if self.unacked.take().is_some() {
             // The broker moved on without wanting that result.
             self.cursor = None;
         }
-        let Some(backend) = self.worker.backends.iter().find(|b| b.kind() == a.job.backend).cloned() else {
-            let err = JobError::new(FailureKind::InvalidInput, format!("this worker has no {} backend", a.job.backend), false);
-            let msg = WorkerMessage::Finished(Finished { job_id: a.job_id, attempt: a.attempt, outcome: Outcome::Failed { error: err }, loaded_model: None });
+        let Some(backend) = self
+            .worker
+            .backends
+            .iter()
+            .find(|b| b.kind() == a.job.backend)
+            .cloned()
+        else {
+            let err = JobError::new(
+                FailureKind::InvalidInput,
+                format!("this worker has no {} backend", a.job.backend),
+                false,
+            );
+            let msg = WorkerMessage::Finished(Finished {
+                job_id: a.job_id,
+                attempt: a.attempt,
+                outcome: Outcome::Failed { error: err },
+                loaded_model: None,
+            });
             return self.send(conn, &msg).await;
         };
         tracing::info!(job = %a.job_id, attempt = a.attempt, backend = %a.job.backend, "starting");
         let (sink, progress) = ProgressSink::new();
         let cancel = CancellationToken::new();
-        self.running = Some(Running { r, cancel: cancel.clone(), progress });
-        let work_dir = self.worker.settings.work_dir.join(format!("{}-{}", a.job_id, a.attempt));
-        tokio::spawn(run_job(backend, r, a.job, a.degrade, work_dir, sink, cancel, self.done_tx.clone()));
+        self.running = Some(Running {
+            r,
+            cancel: cancel.clone(),
+            progress,
+        });
+        let work_dir = self
+            .worker
+            .settings
+            .work_dir
+            .join(format!("{}-{}", a.job_id, a.attempt));
+        tokio::spawn(run_job(
+            backend,
+            r,
+            a.job,
+            a.degrade,
+            work_dir,
+            sink,
+            cancel,
+            self.done_tx.clone(),
+        ));
         self.send(conn, &WorkerMessage::Started(r)).await
     }
 
@@ -517,8 +588,17 @@ impl Session {
             Ok(p) => p,
             Err(e) => {
                 // The file vanished from the work dir: report the attempt failed.
-                let err = JobError::new(FailureKind::Internal, format!("cannot read output {}: {e}", meta.name), true);
-                let msg = WorkerMessage::Finished(Finished { job_id: done.r.job_id, attempt: done.r.attempt, outcome: Outcome::Failed { error: err }, loaded_model: None });
+                let err = JobError::new(
+                    FailureKind::Internal,
+                    format!("cannot read output {}: {e}", meta.name),
+                    true,
+                );
+                let msg = WorkerMessage::Finished(Finished {
+                    job_id: done.r.job_id,
+                    attempt: done.r.attempt,
+                    outcome: Outcome::Failed { error: err },
+                    loaded_model: None,
+                });
                 self.cursor = None;
                 return self.send(conn, &msg).await;
             }
@@ -576,39 +656,70 @@ async fn run_job(
     done: mpsc::Sender<Done>,
 ) {
     let _ = tokio::fs::create_dir_all(&work_dir).await;
-    let run = JobRun { job_id: r.job_id, attempt: r.attempt, spec, degrade, work_dir: work_dir.clone() };
+    let run = JobRun {
+        job_id: r.job_id,
+        attempt: r.attempt,
+        spec,
+        degrade,
+        work_dir: work_dir.clone(),
+    };
     let b = backend.clone();
     let result = match tokio::spawn(async move { b.run(run, sink, cancel).await }).await {
         Ok(result) => result,
-        Err(e) => Err(RunError::Failed(JobError::new(FailureKind::Internal, format!("backend task failed: {e}"), true))),
+        Err(e) => Err(RunError::Failed(JobError::new(
+            FailureKind::Internal,
+            format!("backend task failed: {e}"),
+            true,
+        ))),
     };
     let (outcome, files) = match result {
         Ok(out) => match tokio::task::spawn_blocking(move || prepare(out)).await {
             Ok(Ok((outcome, files))) => (outcome, files),
             Ok(Err(e)) => (Outcome::Failed { error: e }, Vec::new()),
-            Err(e) => (Outcome::Failed { error: JobError::new(FailureKind::Internal, e.to_string(), true) }, Vec::new()),
+            Err(e) => (
+                Outcome::Failed {
+                    error: JobError::new(FailureKind::Internal, e.to_string(), true),
+                },
+                Vec::new(),
+            ),
         },
         Err(RunError::Cancelled) => (Outcome::Cancelled, Vec::new()),
         Err(RunError::Failed(error)) => (Outcome::Failed { error }, Vec::new()),
     };
     match &outcome {
-        Outcome::Succeeded { outputs, .. } => tracing::info!(job = %r.job_id, attempt = r.attempt, outputs = outputs.len(), "succeeded"),
-        Outcome::Failed { error } => tracing::warn!(job = %r.job_id, attempt = r.attempt, error = %error, "failed"),
+        Outcome::Succeeded { outputs, .. } => {
+            tracing::info!(job = %r.job_id, attempt = r.attempt, outputs = outputs.len(), "succeeded")
+        }
+        Outcome::Failed { error } => {
+            tracing::warn!(job = %r.job_id, attempt = r.attempt, error = %error, "failed")
+        }
         Outcome::Cancelled => tracing::info!(job = %r.job_id, attempt = r.attempt, "cancelled"),
     }
     let _ = done
-        .send(Done { r, outcome, files, loaded_model: backend.loaded_model(), work_dir })
+        .send(Done {
+            r,
+            outcome,
+            files,
+            loaded_model: backend.loaded_model(),
+            work_dir,
+        })
         .await;
 }
 
 /// Hashes and sizes each output, giving each a unique, safe name.
-fn prepare(out: crate::backend::RunOutput) -> Result<(Outcome, Vec<(OutputMeta, OutputData)>), JobError> {
+fn prepare(
+    out: crate::backend::RunOutput,
+) -> Result<(Outcome, Vec<(OutputMeta, OutputData)>), JobError> {
     let mut files = Vec::with_capacity(out.outputs.len());
     let mut names = std::collections::HashSet::new();
     for (i, o) in out.outputs.into_iter().enumerate() {
         let mut name = match safe_file_name(&o.name) {
             Some(n) => n.to_string(),
-            None => o.name.replace(['/', '\\', '\0'], "_").trim_start_matches('.').to_string(),
+            None => o
+                .name
+                .replace(['/', '\\', '\0'], "_")
+                .trim_start_matches('.')
+                .to_string(),
         };
         if name.is_empty() {
             name = format!("output_{i}");
@@ -620,16 +731,32 @@ fn prepare(out: crate::backend::RunOutput) -> Result<(Outcome, Vec<(OutputMeta, 
         let (size, sha) = match &o.data {
             OutputData::Bytes(b) => (b.len() as u64, hex(&Sha256::digest(b))),
             OutputData::File(p) => hash_file(p).map_err(|e| {
-                JobError::new(FailureKind::Internal, format!("cannot read output {}: {e}", p.display()), true)
+                JobError::new(
+                    FailureKind::Internal,
+                    format!("cannot read output {}: {e}", p.display()),
+                    true,
+                )
             })?,
         };
         files.push((
-            OutputMeta { index: i as u16, name, media_type: o.media_type, size, sha256: sha },
+            OutputMeta {
+                index: i as u16,
+                name,
+                media_type: o.media_type,
+                size,
+                sha256: sha,
+            },
             o.data,
         ));
     }
     let outputs = files.iter().map(|(m, _)| m.clone()).collect();
-    Ok((Outcome::Succeeded { outputs, info: out.info }, files))
+    Ok((
+        Outcome::Succeeded {
+            outputs,
+            info: out.info,
+        },
+        files,
+    ))
 }
 
 fn hash_file(path: &std::path::Path) -> std::io::Result<(u64, String)> {

@@ -10,7 +10,10 @@ use kiln_broker::{Broker, BrokerSettings};
 use kiln_config::KilnConfig;
 
 #[derive(Parser)]
-#[command(version, about = "Kiln broker: dispatches generation jobs to per-GPU workers")]
+#[command(
+    version,
+    about = "Kiln broker: dispatches generation jobs to per-GPU workers"
+)]
 struct Args {
     /// Config file(s), layered in order (default: $KILN_CONFIG or /etc/kiln/kiln.toml).
     #[arg(long = "config", short = 'c')]
@@ -27,7 +30,11 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     kiln_config::logging::init("info,zeromq=warn");
     let args = Args::parse();
-    let files = if args.config.is_empty() { kiln_config::default_files() } else { args.config };
+    let files = if args.config.is_empty() {
+        kiln_config::default_files()
+    } else {
+        args.config
+    };
     let mut cfg = KilnConfig::load(&files)?;
     if let Some(dir) = args.state_dir {
         cfg.broker.state_dir = dir;
@@ -35,7 +42,11 @@ async fn main() -> anyhow::Result<()> {
     if args.in_memory {
         cfg.broker.durable = false;
     }
-    for (name, ep) in [("frontend", &cfg.broker.frontend), ("backend", &cfg.broker.backend), ("events", &cfg.broker.events)] {
+    for (name, ep) in [
+        ("frontend", &cfg.broker.frontend),
+        ("backend", &cfg.broker.backend),
+        ("events", &cfg.broker.events),
+    ] {
         if !kiln_config::is_loopback_endpoint(ep) {
             tracing::warn!(
                 "broker.{name} = {ep} is not loopback: the ZeroMQ transport has no authentication or encryption and a hostile peer can crash it; expose it only on a private network or VPN (see README, 'Several boxes')"
@@ -43,7 +54,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let settings = BrokerSettings::from_config(&cfg)?;
-    let mut broker = Broker::start(settings).await.context("starting the broker")?;
+    let mut broker = Broker::start(settings)
+        .await
+        .context("starting the broker")?;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let watchdog = sd_notify::watchdog_enabled();
     if let Some(interval) = watchdog {

@@ -20,7 +20,13 @@ mod tests {
     #[test]
     fn only_the_exact_token_matches() {
         assert!(token_matches(Some("s3cret"), "s3cret"));
-        for wrong in [None, Some(""), Some("s3cre"), Some("s3cret!"), Some("S3cret")] {
+        for wrong in [
+            None,
+            Some(""),
+            Some("s3cre"),
+            Some("s3cret!"),
+            Some("S3cret"),
+        ] {
             assert!(!token_matches(wrong, "s3cret"), "{wrong:?}");
         }
     }

@@ -16,7 +16,7 @@ use super::auth::token_matches;
 use super::job::Job;
 use super::queue::Requirements;
 use super::registry::PeerId;
-use super::{ArtifactOp, Core, Output, Session, TimerKind};
+use super::{ArtifactOp, Core, Output, Record, Session, TimerKind};
 
 /// Refused connections remembered at most; beyond this the set starts over (a
 /// refused peer then gets one more error, never any service).
@@ -141,7 +141,7 @@ impl Core {
                     Some(job) => {
                         let mut snap = job.snapshot(true);
                         snap.queue_position = self.queue_position(job);
-                        Reply::Job(JobReply { req_id, job: snap })
+                        Reply::Job(Box::new(JobReply { req_id, job: snap }))
                     }
                     None => not_found(req_id, g.job_id),
                 };
@@ -268,7 +268,13 @@ impl Core {
             finalizing: false,
             uploads: Vec::new(),
         };
-        self.jobs.insert(id, job);
+        if self.cfg.persist {
+            out.push(Output::Persist(Record::Spec {
+                id,
+                bytes: job.spec_record(),
+            }));
+        }
+        self.jobs.insert(id, Box::new(job));
         self.stats.submitted += 1;
         self.change(now_ms, id, JobState::Queued, "submitted", out);
         if let Some(at) = queue_deadline_ms {
@@ -296,7 +302,9 @@ impl Core {
             .workers
             .iter()
             .map(|(_, w)| w)
-            .filter(|w| w.online || now_ms.saturating_sub(w.last_seen_ms) < self.cfg.fleet_memory_ms)
+            .filter(|w| {
+                w.online || now_ms.saturating_sub(w.last_seen_ms) < self.cfg.fleet_memory_ms
+            })
             .collect();
         if fleet.is_empty() {
             return Err("no workers have registered with this broker".into());
@@ -326,7 +334,14 @@ impl Core {
         if let Some(model) = &req.model {
             let has_model: Vec<_> = with_backend
                 .iter()
-                .filter(|w| w.can_run(&Requirements { model: Some(model.clone()), min_vram_mb: 0, labels: vec![], backend: req.backend }))
+                .filter(|w| {
+                    w.can_run(&Requirements {
+                        model: Some(model.clone()),
+                        min_vram_mb: 0,
+                        labels: vec![],
+                        backend: req.backend,
+                    })
+                })
                 .collect();
             if has_model.is_empty() {
                 let _ = write!(
@@ -389,7 +404,10 @@ impl Core {
                     {
                         out.push(Output::ToWorker {
                             peer,
-                            msg: BrokerMessage::Cancel(JobRef { job_id: id, attempt }),
+                            msg: BrokerMessage::Cancel(JobRef {
+                                job_id: id,
+                                attempt,
+                            }),
                         });
                     }
                     self.publish_job(now_ms, id, "cancel requested".into(), out);
@@ -435,13 +453,20 @@ impl Core {
         if f.offset > meta.size {
             let err = ProtocolError::invalid(
                 "offset",
-                format!("{} is past the end of a {}-byte artifact", f.offset, meta.size),
+                format!(
+                    "{} is past the end of a {}-byte artifact",
+                    f.offset, meta.size
+                ),
             );
             reply(out, peer, Reply::error(Some(req_id), err));
             return;
         }
         let max = self.cfg.limits.max_chunk_bytes;
-        let len = f.max_len.unwrap_or(max).clamp(1, max).min(meta.size - f.offset);
+        let len = f
+            .max_len
+            .unwrap_or(max)
+            .clamp(1, max)
+            .min(meta.size - f.offset);
         out.push(Output::Artifact(ArtifactOp::Read {
             peer,
             req_id,
@@ -459,6 +484,7 @@ impl Core {
         let mut matching: Vec<&Job> = self
             .jobs
             .values()
+            .map(|j| &**j)
             .filter(|j| filter.states.is_empty() || filter.states.contains(&j.state))
             .filter(|j| filter.backend.is_none_or(|b| j.spec.backend == b))
             .filter(|j| filter.client.as_deref().is_none_or(|c| &*j.client == c))
@@ -474,7 +500,7 @@ impl Core {
             matching.select_nth_unstable_by(limit, |a, b| b.id.cmp(&a.id));
             matching.truncate(limit);
         }
-        matching.sort_unstable_by(|a, b| b.id.cmp(&a.id));
+        matching.sort_unstable_by_key(|j| std::cmp::Reverse(j.id));
         matching.into_iter().map(|j| j.snapshot(false)).collect()
     }
 
@@ -551,13 +577,16 @@ impl Core {
 }
 
 fn not_found(req_id: u64, id: JobId) -> Reply {
-    Reply::error(Some(req_id), error(ErrorCode::NotFound, format!("no job {id}")))
+    Reply::error(
+        Some(req_id),
+        error(ErrorCode::NotFound, format!("no job {id}")),
+    )
 }
 
 /// A connection without a `hello` name is filed under its routing id.
 fn default_client_name(peer: &PeerId) -> String {
     let mut s = String::from("conn-");
-    for b in peer.iter().take(6) {
+    for b in peer.iter().take(32) {
         let _ = write!(s, "{b:02x}");
     }
     s

@@ -15,16 +15,20 @@ use super::queue::{ClassId, Slot};
 /// bounces between workers cannot grow without limit.
 pub const MAX_HISTORY: usize = 64;
 
+/// The serialized form is the job's durable *state* record, rewritten on every
+/// transition; the spec never changes and is stored once, separately
+/// ([`super::Record::Spec`]), so transitions stay small and cheap to encode.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
     pub id: JobId,
+    #[serde(skip, default = "unset_spec")]
     pub spec: Arc<JobSpec>,
     pub client: Arc<str>,
     pub state: JobState,
     pub attempt: u32,
     pub max_attempts: u32,
     pub worker: Option<Arc<str>>,
-    pub gpu: Option<String>,
+    pub gpu: Option<Arc<str>>,
     pub seq: u64,
     pub error: Option<JobError>,
     pub artifacts: Vec<ArtifactMeta>,
@@ -72,10 +76,39 @@ pub struct Upload {
     pub received: u64,
 }
 
+/// Placeholder until the stored spec is joined back in by [`Job::from_records`].
+fn unset_spec() -> Arc<JobSpec> {
+    Arc::new(JobSpec::new(
+        kiln_protocol::Backend::Sim,
+        kiln_protocol::Task::TextToImage,
+    ))
+}
+
 impl Job {
+    /// The state record of the job.
+    pub fn state_record(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("job records encode")
+    }
+
+    /// The spec record of the job.
+    pub fn spec_record(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(&*self.spec).expect("job specs encode")
+    }
+
+    /// Rebuilds a job from its two stored records.
+    pub fn from_records(state: &[u8], spec: &[u8]) -> Result<Job, rmp_serde::decode::Error> {
+        let mut job: Job = rmp_serde::from_slice(state)?;
+        job.spec = Arc::new(rmp_serde::from_slice(spec)?);
+        Ok(job)
+    }
+
     pub fn record(&mut self, at_ms: u64, note: impl Into<String>) {
         if self.history.len() >= MAX_HISTORY {
             self.history.remove(1); // keep the first entry: when it was submitted
+        }
+        if self.history.is_empty() {
+            // Most jobs in a long queue have one entry; do not pay for four.
+            self.history.reserve_exact(1);
         }
         self.history.push(Transition {
             at_ms,
@@ -99,7 +132,7 @@ impl Job {
             attempt: self.attempt,
             max_attempts: self.max_attempts,
             worker: self.worker.as_deref().map(str::to_string),
-            gpu: self.gpu.clone(),
+            gpu: self.gpu.as_deref().map(str::to_string),
             progress: self.progress.clone(),
             error: self.error.clone(),
             artifacts: self.artifacts.clone(),

@@ -61,7 +61,7 @@ impl Core {
         if persist {
             out.push(Output::Persist(Record::Job {
                 id,
-                bytes: rmp_serde::to_vec_named(&*job).expect("job records encode"),
+                bytes: job.state_record(),
             }));
         }
         out.push(Output::Publish(Event::JobState(JobStateEvent {
@@ -189,7 +189,10 @@ impl Core {
         let degrade = job.degrade;
         let run_deadline = job.run_deadline_ms;
         let w = self.workers.get_mut(idx);
-        w.current = Some(JobRef { job_id: id, attempt });
+        w.current = Some(JobRef {
+            job_id: id,
+            attempt,
+        });
         self.workers.refresh_idle(idx);
         out.push(Output::ToWorker {
             peer,
@@ -245,14 +248,23 @@ impl Core {
             w.jobs_done += 1;
         }
         self.workers.refresh_idle(idx);
-        self.publish_worker(now_ms, idx, out);
         self.dispatch(now_ms, idx, out);
+        // `assign` announced it busy again; otherwise say it is idle now.
+        if self.workers.get(idx).current.is_none() {
+            self.publish_worker(now_ms, idx, out);
+        }
     }
 
     /// Ends the current attempt of a running job that did not succeed: a retryable
     /// failure with attempts left goes back in line (keeping its place), anything
     /// else ends the job. A job whose cancel was requested ends cancelled.
-    pub(super) fn end_attempt(&mut self, now_ms: u64, id: JobId, error: JobError, out: &mut Vec<Output>) {
+    pub(super) fn end_attempt(
+        &mut self,
+        now_ms: u64,
+        id: JobId,
+        error: JobError,
+        out: &mut Vec<Output>,
+    ) {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
@@ -261,7 +273,10 @@ impl Core {
         }
         let attempt = job.attempt;
         if !job.uploads.is_empty() || job.finalizing {
-            out.push(Output::Artifact(ArtifactOp::Discard { job_id: id, attempt }));
+            out.push(Output::Artifact(ArtifactOp::Discard {
+                job_id: id,
+                attempt,
+            }));
         }
         job.uploads.clear();
         job.finalizing = false;

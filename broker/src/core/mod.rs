@@ -27,9 +27,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 
 use kiln_protocol::worker::{BrokerMessage, OutputMeta, WorkerMessage};
-use kiln_protocol::{
-    ArtifactMeta, Event, JobId, Limits, ProtocolError, Reply, Request,
-};
+use kiln_protocol::{ArtifactMeta, Event, JobId, Limits, ProtocolError, Reply, Request};
 
 pub use job::Job;
 pub use queue::{Queue, Requirements};
@@ -128,9 +126,22 @@ pub enum Output {
 /// A durable write. Every job transition produces its full record.
 #[derive(Debug, Clone)]
 pub enum Record {
-    Job { id: JobId, bytes: Vec<u8> },
+    /// A job's spec, written once at submit.
+    Spec {
+        id: JobId,
+        bytes: Vec<u8>,
+    },
+    /// A job's state, rewritten on every transition.
+    Job {
+        id: JobId,
+        bytes: Vec<u8>,
+    },
+    /// Removes both records of a job (retention).
     DeleteJob(JobId),
-    Worker { id: String, bytes: Vec<u8> },
+    Worker {
+        id: String,
+        bytes: Vec<u8>,
+    },
     DeleteWorker(String),
 }
 
@@ -206,7 +217,8 @@ pub struct Stats {
 /// All broker state; see the module docs.
 pub struct Core {
     cfg: CoreConfig,
-    jobs: HashMap<JobId, Job>,
+    /// Boxed so the table's slack costs a pointer per slot, not a whole job.
+    jobs: HashMap<JobId, Box<Job>>,
     queue: Queue,
     workers: Registry,
     idempotency: HashMap<String, JobId>,
@@ -263,7 +275,7 @@ impl Core {
     }
 
     pub fn job(&self, id: JobId) -> Option<&Job> {
-        self.jobs.get(&id)
+        self.jobs.get(&id).map(|j| &**j)
     }
 
     pub fn jobs_len(&self) -> usize {

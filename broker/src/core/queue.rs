@@ -95,7 +95,11 @@ impl Queue {
             level.ring.push(client.clone());
             Lanes::default()
         });
-        let lane = match lanes.by_class.iter_mut().position(|(c, _)| *c == slot.class) {
+        let lane = match lanes
+            .by_class
+            .iter_mut()
+            .position(|(c, _)| *c == slot.class)
+        {
             Some(i) => &mut lanes.by_class[i].1,
             None => {
                 lanes.by_class.push((slot.class, BTreeMap::new()));
@@ -143,7 +147,10 @@ impl Queue {
             let n = level.ring.len();
             for step in 0..n {
                 let at = (level.cursor + step) % n;
-                let lanes = level.lanes.get_mut(&level.ring[at]).expect("ring matches lanes");
+                let lanes = level
+                    .lanes
+                    .get_mut(&level.ring[at])
+                    .expect("ring matches lanes");
                 let best = lanes
                     .by_class
                     .iter()
@@ -160,7 +167,11 @@ impl Queue {
                     let client = level.ring[at].clone();
                     Self::drop_client(level, &client);
                     // The next client has moved into position `at`.
-                    level.cursor = if level.ring.is_empty() { 0 } else { at % level.ring.len() };
+                    level.cursor = if level.ring.is_empty() {
+                        0
+                    } else {
+                        at % level.ring.len()
+                    };
                 } else {
                     level.cursor = (at + 1) % n;
                 }
@@ -235,7 +246,15 @@ mod tests {
         let mut seq = 0;
         let mut push = |q: &mut Queue, id: u64, client: &Arc<str>, priority: i8| {
             seq += 1;
-            q.push(JobId(id), client, Slot { priority, class: c, seq });
+            q.push(
+                JobId(id),
+                client,
+                Slot {
+                    priority,
+                    class: c,
+                    seq,
+                },
+            );
         };
         // Alice floods first, Bob arrives later, one urgent job last.
         for id in 1..=4 {
@@ -245,7 +264,9 @@ mod tests {
             push(&mut q, id, &b, 0);
         }
         push(&mut q, 7, &b, 5);
-        let order: Vec<u64> = std::iter::from_fn(|| q.pop_for(|_| true)).map(|j| j.0).collect();
+        let order: Vec<u64> = std::iter::from_fn(|| q.pop_for(|_| true))
+            .map(|j| j.0)
+            .collect();
         assert_eq!(order, [7, 1, 5, 2, 6, 3, 4]);
         assert!(q.is_empty());
     }
@@ -256,8 +277,24 @@ mod tests {
         let big = q.class_of(req(40_000));
         let small = q.class_of(req(4_000));
         let c: Arc<str> = "c".into();
-        q.push(JobId(1), &c, Slot { priority: 0, class: big, seq: 1 });
-        q.push(JobId(2), &c, Slot { priority: 0, class: small, seq: 2 });
+        q.push(
+            JobId(1),
+            &c,
+            Slot {
+                priority: 0,
+                class: big,
+                seq: 1,
+            },
+        );
+        q.push(
+            JobId(2),
+            &c,
+            Slot {
+                priority: 0,
+                class: small,
+                seq: 2,
+            },
+        );
         // A 24 GiB worker can only run the small class.
         assert_eq!(q.pop_for(|class| class == small), Some(JobId(2)));
         assert_eq!(q.pop_for(|class| class == small), None);
@@ -270,11 +307,33 @@ mod tests {
         let k = q.class_of(req(0));
         let clients: Vec<Arc<str>> = ["a", "b", "c"].iter().map(|s| Arc::from(*s)).collect();
         for (i, c) in clients.iter().enumerate() {
-            q.push(JobId(i as u64 + 1), c, Slot { priority: 0, class: k, seq: i as u64 + 1 });
+            q.push(
+                JobId(i as u64 + 1),
+                c,
+                Slot {
+                    priority: 0,
+                    class: k,
+                    seq: i as u64 + 1,
+                },
+            );
         }
         assert_eq!(q.pop_for(|_| true), Some(JobId(1)));
-        assert!(q.remove(&clients[1], Slot { priority: 0, class: k, seq: 2 }));
-        assert!(!q.remove(&clients[1], Slot { priority: 0, class: k, seq: 2 }));
+        assert!(q.remove(
+            &clients[1],
+            Slot {
+                priority: 0,
+                class: k,
+                seq: 2
+            }
+        ));
+        assert!(!q.remove(
+            &clients[1],
+            Slot {
+                priority: 0,
+                class: k,
+                seq: 2
+            }
+        ));
         assert_eq!(q.pop_for(|_| true), Some(JobId(3)));
         assert_eq!(q.len(), 0);
         assert_eq!(q.iter().count(), 0);

@@ -52,6 +52,8 @@ pub struct Worker {
     pub jobs_done: u64,
     /// Per class: 0 not yet computed, 1 can run, 2 cannot.
     compat: Vec<u8>,
+    /// "box1-gpu0 (RTX 4090)", shared by the jobs it runs.
+    label: Arc<str>,
 }
 
 impl Worker {
@@ -74,6 +76,7 @@ impl Worker {
             current: None,
             jobs_done: 0,
             compat: Vec::new(),
+            label: Arc::from(""),
         };
         w.set_backends(r.backends);
         w
@@ -109,6 +112,9 @@ impl Worker {
     pub fn set_total_vram(&mut self, gpu: GpuInfo) {
         if gpu.total_vram_mb != self.gpu.total_vram_mb {
             self.compat.clear();
+        }
+        if gpu.name != self.gpu.name || self.label.is_empty() {
+            self.label = Arc::from(format!("{} ({})", self.id, gpu.name));
         }
         self.gpu = gpu;
     }
@@ -175,8 +181,11 @@ impl Worker {
     }
 
     /// "box1-gpu0 (RTX 4090)", for progress messages.
-    pub fn gpu_label(&self) -> String {
-        format!("{} ({})", self.id, self.gpu.name)
+    pub fn gpu_label(&self) -> Arc<str> {
+        if self.label.is_empty() {
+            return Arc::from(format!("{} ({})", self.id, self.gpu.name));
+        }
+        self.label.clone()
     }
 }
 

@@ -79,7 +79,14 @@ impl Sim {
         out
     }
 
-    fn register_full(&mut self, w: &str, vram_mb: u64, backends: Vec<BackendInventory>, labels: &[&str], loaded: Option<&str>) -> Vec<Output> {
+    fn register_full(
+        &mut self,
+        w: &str,
+        vram_mb: u64,
+        backends: Vec<BackendInventory>,
+        labels: &[&str],
+        loaded: Option<&str>,
+    ) -> Vec<Output> {
         let reg = Register {
             token: None,
             worker_id: w.to_string(),
@@ -98,11 +105,17 @@ impl Sim {
             current: None,
             unacked: None,
         };
-        self.worker(w, WorkerMessage::Register(reg))
+        self.worker(w, WorkerMessage::Register(Box::new(reg)))
     }
 
     fn register(&mut self, w: &str, vram_mb: u64) -> Vec<Output> {
-        self.register_full(w, vram_mb, vec![inventory(Backend::Sim, &["sim-sd15", "sim-sdxl"])], &[], None)
+        self.register_full(
+            w,
+            vram_mb,
+            vec![inventory(Backend::Sim, &["sim-sd15", "sim-sdxl"])],
+            &[],
+            None,
+        )
     }
 
     fn beat(&mut self, w: &str) -> Vec<Output> {
@@ -120,8 +133,18 @@ impl Sim {
         )
     }
 
-    fn submit_as(&mut self, client: &str, spec: JobSpec) -> Result<(JobId, Vec<Output>), ErrorBody> {
-        let out = self.request(client, Request::Submit(Submit { req_id: 1, job: spec }));
+    fn submit_as(
+        &mut self,
+        client: &str,
+        spec: JobSpec,
+    ) -> Result<(JobId, Vec<Output>), ErrorBody> {
+        let out = self.request(
+            client,
+            Request::Submit(Submit {
+                req_id: 1,
+                job: spec,
+            }),
+        );
         for o in &out {
             if let Output::Reply { reply, .. } = o {
                 match reply {
@@ -174,7 +197,11 @@ fn assigns(out: &[Output]) -> Vec<(String, JobId, u32)> {
             Output::ToWorker {
                 peer,
                 msg: BrokerMessage::Assign(a),
-            } => Some((String::from_utf8_lossy(peer).into_owned(), a.job_id, a.attempt)),
+            } => Some((
+                String::from_utf8_lossy(peer).into_owned(),
+                a.job_id,
+                a.attempt,
+            )),
             _ => None,
         })
         .collect()
@@ -244,7 +271,11 @@ fn impossible_jobs_are_refused_with_the_reason() {
     let err = sim
         .submit_as("c", JobSpec::new(Backend::Wan2gp, Task::TextToVideo))
         .unwrap_err();
-    assert!(err.message.contains("no worker offers backend wan2gp"), "{}", err.message);
+    assert!(
+        err.message.contains("no worker offers backend wan2gp"),
+        "{}",
+        err.message
+    );
 
     let mut m = spec();
     m.model = Some("flux-dev".into());
@@ -284,8 +315,20 @@ fn heartbeat_loss_requeues_the_job_on_another_worker() {
     }
     assert_eq!(assigns(&moved), [("w2".to_string(), job, 2)]);
     let snap = sim.core.job(job).unwrap().snapshot(true);
-    assert!(snap.history.iter().any(|t| t.note.contains("missed 3 heartbeats")), "{:?}", snap.history);
-    assert_eq!(sim.core.workers().get(sim.core.workers().by_id("w1").unwrap()).state(), WorkerState::Offline);
+    assert!(
+        snap.history
+            .iter()
+            .any(|t| t.note.contains("missed 3 heartbeats")),
+        "{:?}",
+        snap.history
+    );
+    assert_eq!(
+        sim.core
+            .workers()
+            .get(sim.core.workers().by_id("w1").unwrap())
+            .state(),
+        WorkerState::Offline
+    );
 }
 
 #[test]
@@ -301,12 +344,24 @@ fn a_stale_attempt_result_is_ignored() {
     assert_eq!(sim.core.job(job).unwrap().attempt, 2);
     // w1 comes back from the dead with attempt 1's result.
     let out = sim.succeed("w1", job, 1);
-    assert!(out.iter().any(|o| matches!(o, Output::ToWorker { msg: BrokerMessage::Reregister(_), .. })));
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::ToWorker {
+            msg: BrokerMessage::Reregister(_),
+            ..
+        }
+    )));
     sim.register("w1", 8000);
     let out = sim.succeed("w1", job, 1);
-    assert_eq!(sim.state(job), JobState::Running, "stale result must not finish the job");
+    assert_eq!(
+        sim.state(job),
+        JobState::Running,
+        "stale result must not finish the job"
+    );
     assert_eq!(sim.core.stats().stale_results, 1);
-    assert!(out.iter().any(|o| matches!(o, Output::ToWorker { msg: BrokerMessage::ResultAck(r), .. } if r.attempt == 1)));
+    assert!(out.iter().any(
+        |o| matches!(o, Output::ToWorker { msg: BrokerMessage::ResultAck(r), .. } if r.attempt == 1)
+    ));
     sim.succeed("w2", job, 2);
     assert_eq!(sim.state(job), JobState::Succeeded);
 }
@@ -339,19 +394,43 @@ fn cancel_queued_and_running() {
     let (running, _) = sim.submit(spec());
     let (queued, _) = sim.submit(spec());
 
-    let out = sim.request("client", Request::Cancel(Cancel { req_id: 2, job_id: queued }));
+    let out = sim.request(
+        "client",
+        Request::Cancel(Cancel {
+            req_id: 2,
+            job_id: queued,
+        }),
+    );
     assert_eq!(sim.state(queued), JobState::Cancelled);
     assert!(out.iter().any(|o| matches!(o, Output::Reply { reply: Reply::Cancelled(c), .. } if c.state == JobState::Cancelled)));
     assert_eq!(sim.core.queued(), 0);
 
-    let out = sim.request("client", Request::Cancel(Cancel { req_id: 3, job_id: running }));
-    assert_eq!(cancels(&out), [JobRef { job_id: running, attempt: 1 }]);
+    let out = sim.request(
+        "client",
+        Request::Cancel(Cancel {
+            req_id: 3,
+            job_id: running,
+        }),
+    );
+    assert_eq!(
+        cancels(&out),
+        [JobRef {
+            job_id: running,
+            attempt: 1
+        }]
+    );
     assert_eq!(sim.state(running), JobState::Running);
     assert!(sim.core.job(running).unwrap().cancel_requested);
     sim.finish("w1", running, 1, Outcome::Cancelled);
     assert_eq!(sim.state(running), JobState::Cancelled);
 
-    let out = sim.request("client", Request::Cancel(Cancel { req_id: 4, job_id: JobId(999) }));
+    let out = sim.request(
+        "client",
+        Request::Cancel(Cancel {
+            req_id: 4,
+            job_id: JobId(999),
+        }),
+    );
     assert_eq!(error_code(&out), Some(ErrorCode::NotFound));
 }
 
@@ -360,8 +439,20 @@ fn an_unconfirmed_cancel_is_recorded_after_the_grace_period() {
     let mut sim = Sim::new();
     sim.register("w1", 8000);
     let (job, _) = sim.submit(spec());
-    sim.worker("w1", WorkerMessage::Started(JobRef { job_id: job, attempt: 1 }));
-    sim.request("client", Request::Cancel(Cancel { req_id: 2, job_id: job }));
+    sim.worker(
+        "w1",
+        WorkerMessage::Started(JobRef {
+            job_id: job,
+            attempt: 1,
+        }),
+    );
+    sim.request(
+        "client",
+        Request::Cancel(Cancel {
+            req_id: 2,
+            job_id: job,
+        }),
+    );
     for _ in 0..31 {
         sim.beat("w1");
         sim.advance(HB);
@@ -393,8 +484,12 @@ fn priority_first_then_fair_between_clients() {
     let mut sim = Sim::new();
     sim.register("w1", 8000);
     let (first, _) = sim.submit_as("alice", spec()).unwrap();
-    let alice: Vec<JobId> = (0..3).map(|_| sim.submit_as("alice", spec()).unwrap().0).collect();
-    let bob: Vec<JobId> = (0..2).map(|_| sim.submit_as("bob", spec()).unwrap().0).collect();
+    let alice: Vec<JobId> = (0..3)
+        .map(|_| sim.submit_as("alice", spec()).unwrap().0)
+        .collect();
+    let bob: Vec<JobId> = (0..2)
+        .map(|_| sim.submit_as("bob", spec()).unwrap().0)
+        .collect();
     let mut urgent = spec();
     urgent.priority = 5;
     let (urgent, _) = sim.submit_as("carol", urgent).unwrap();
@@ -408,7 +503,10 @@ fn priority_first_then_fair_between_clients() {
         current = (a[0].1, a[0].2);
         order.push(current.0);
     }
-    assert_eq!(order, [urgent, alice[0], bob[0], alice[1], bob[1], alice[2]]);
+    assert_eq!(
+        order,
+        [urgent, alice[0], bob[0], alice[1], bob[1], alice[2]]
+    );
 }
 
 #[test]
@@ -420,7 +518,11 @@ fn affinity_prefers_the_worker_with_the_model_loaded_then_free_memory() {
     let mut s = spec();
     s.model = Some("sim-sdxl".into());
     let (_, out) = sim.submit(s);
-    assert_eq!(assigns(&out)[0].0, "warm", "the loaded model wins over memory");
+    assert_eq!(
+        assigns(&out)[0].0,
+        "warm",
+        "the loaded model wins over memory"
+    );
     // No affinity: the most free memory wins.
     let (_, out) = sim.submit(spec());
     assert_eq!(assigns(&out)[0].0, "big");
@@ -447,7 +549,13 @@ fn a_big_job_waiting_does_not_block_a_small_job() {
 fn labels_and_backends_filter_workers() {
     let mut sim = Sim::new();
     sim.register_full("plain", 8000, vec![inventory(Backend::Sim, &[])], &[], None);
-    sim.register_full("fast", 8000, vec![inventory(Backend::Sim, &[])], &["fast"], None);
+    sim.register_full(
+        "fast",
+        8000,
+        vec![inventory(Backend::Sim, &[])],
+        &["fast"],
+        None,
+    );
     let mut s = spec();
     s.labels = vec!["fast".into()];
     let (_, out) = sim.submit(s);
@@ -475,7 +583,14 @@ fn queue_and_run_timeouts() {
     let r = sim.core.job(running).unwrap();
     assert_eq!(r.state, JobState::Failed);
     assert_eq!(r.error.as_ref().unwrap().kind, FailureKind::RunTimeout);
-    assert_eq!(cancels(&out), [JobRef { job_id: running, attempt: 1 }], "the worker is told to stop");
+    assert_eq!(
+        cancels(&out),
+        [JobRef {
+            job_id: running,
+            attempt: 1
+        }],
+        "the worker is told to stop"
+    );
 }
 
 #[test]
@@ -492,7 +607,12 @@ fn out_of_memory_retries_on_a_bigger_gpu_or_fails_when_there_is_none() {
     assert!(assigns(&out).is_empty());
     let j = sim.core.job(job).unwrap();
     assert_eq!(j.state, JobState::Failed);
-    assert!(j.error.as_ref().unwrap().message.contains("no GPU in the fleet has more"));
+    assert!(j
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("no GPU in the fleet has more"));
 }
 
 #[test]
@@ -502,9 +622,15 @@ fn idempotent_submits_return_the_same_job() {
     let mut s = spec();
     s.idempotency_key = Some("retry-me".into());
     let (a, _) = sim.submit(s.clone());
-    let out = sim.request("other-connection", Request::Submit(Submit { req_id: 9, job: s }));
+    let out = sim.request(
+        "other-connection",
+        Request::Submit(Submit { req_id: 9, job: s }),
+    );
     let dup = out.iter().find_map(|o| match o {
-        Output::Reply { reply: Reply::Accepted(acc), .. } => Some(acc.clone()),
+        Output::Reply {
+            reply: Reply::Accepted(acc),
+            ..
+        } => Some(acc.clone()),
         _ => None,
     });
     let dup = dup.unwrap();
@@ -530,7 +656,10 @@ fn uploads_are_checked_and_finalized() {
         })
     };
     let out = sim.worker("w1", piece(0, b"abc"));
-    assert!(matches!(&out[..], [Output::Artifact(ArtifactOp::Write { offset: 0, .. })]));
+    assert!(matches!(
+        &out[..],
+        [Output::Artifact(ArtifactOp::Write { offset: 0, .. })]
+    ));
     sim.worker("w1", piece(3, b"def"));
     let meta = OutputMeta {
         index: 0,
@@ -539,8 +668,18 @@ fn uploads_are_checked_and_finalized() {
         size: 6,
         sha256: "x".into(),
     };
-    let out = sim.finish("w1", job, 1, Outcome::Succeeded { outputs: vec![meta.clone()], info: Default::default() });
-    assert!(out.iter().any(|o| matches!(o, Output::Artifact(ArtifactOp::Finalize { .. }))));
+    let out = sim.finish(
+        "w1",
+        job,
+        1,
+        Outcome::Succeeded {
+            outputs: vec![meta.clone()],
+            info: Default::default(),
+        },
+    );
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::Artifact(ArtifactOp::Finalize { .. }))));
     assert_eq!(sim.state(job), JobState::Running, "not done until stored");
     let stored = ArtifactMeta {
         id: ArtifactId { job, index: 0 },
@@ -549,20 +688,52 @@ fn uploads_are_checked_and_finalized() {
         size: 6,
         sha256: "x".into(),
     };
-    sim.input(Input::ArtifactsStored { job_id: job, attempt: 1, result: Ok(vec![stored]) });
+    sim.input(Input::ArtifactsStored {
+        job_id: job,
+        attempt: 1,
+        result: Ok(vec![stored]),
+    });
     assert_eq!(sim.state(job), JobState::Succeeded);
 
     // Fetch goes to the artifact store with the clamped length.
-    let out = sim.request("client", Request::Fetch(Fetch { req_id: 5, artifact_id: ArtifactId { job, index: 0 }, offset: 2, max_len: Some(100) }));
-    assert!(matches!(&out[..], [Output::Artifact(ArtifactOp::Read { offset: 2, len: 4, .. })]));
+    let out = sim.request(
+        "client",
+        Request::Fetch(Fetch {
+            req_id: 5,
+            artifact_id: ArtifactId { job, index: 0 },
+            offset: 2,
+            max_len: Some(100),
+        }),
+    );
+    assert!(matches!(
+        &out[..],
+        [Output::Artifact(ArtifactOp::Read {
+            offset: 2,
+            len: 4,
+            ..
+        })]
+    ));
 
     // An out-of-order piece fails the attempt instead of corrupting the file.
     let (job2, _) = sim.submit(spec());
     let bad = WorkerMessage::Upload(Upload {
-        job_id: job2, attempt: 1, index: 0, name: "../../x".into(), media_type: "image/png".into(), offset: 0, total: 1, data: vec![1],
+        job_id: job2,
+        attempt: 1,
+        index: 0,
+        name: "../../x".into(),
+        media_type: "image/png".into(),
+        offset: 0,
+        total: 1,
+        data: vec![1],
     });
     let out = sim.worker("w1", bad);
-    assert_eq!(cancels(&out), [JobRef { job_id: job2, attempt: 1 }]);
+    assert_eq!(
+        cancels(&out),
+        [JobRef {
+            job_id: job2,
+            attempt: 1
+        }]
+    );
     assert_eq!(sim.state(job2), JobState::Queued);
 }
 
@@ -577,32 +748,65 @@ fn tokens_gate_clients_and_workers() {
     assert!(out.iter().any(|o| matches!(o, Output::ToWorker { msg: BrokerMessage::Error(e), .. } if e.error.code == ErrorCode::Unauthenticated)));
     assert!(sim.core.workers().is_empty());
 
-    let out = sim.request("stranger", Request::Submit(Submit { req_id: 1, job: spec() }));
+    let out = sim.request(
+        "stranger",
+        Request::Submit(Submit {
+            req_id: 1,
+            job: spec(),
+        }),
+    );
     assert_eq!(error_code(&out), Some(ErrorCode::Unauthenticated));
     // One error, then nothing at all.
-    let out = sim.request("stranger", Request::Hello(Hello { req_id: 2, token: Some("c-token".into()), client: None }));
+    let out = sim.request(
+        "stranger",
+        Request::Hello(Hello {
+            req_id: 2,
+            token: Some("c-token".into()),
+            client: None,
+        }),
+    );
     assert!(out.is_empty());
     assert_eq!(sim.core.jobs_len(), 0);
 
-    let out = sim.request("friend", Request::Hello(Hello { req_id: 1, token: Some("c-token".into()), client: Some("alice".into()) }));
-    assert!(matches!(&out[..], [Output::Reply { reply: Reply::Welcome(w), .. }] if w.client == "alice"));
-    let out = sim.request("wrong", Request::Hello(Hello { req_id: 1, token: Some("nope".into()), client: None }));
+    let out = sim.request(
+        "friend",
+        Request::Hello(Hello {
+            req_id: 1,
+            token: Some("c-token".into()),
+            client: Some("alice".into()),
+        }),
+    );
+    assert!(
+        matches!(&out[..], [Output::Reply { reply: Reply::Welcome(w), .. }] if w.client == "alice")
+    );
+    let out = sim.request(
+        "wrong",
+        Request::Hello(Hello {
+            req_id: 1,
+            token: Some("nope".into()),
+            client: None,
+        }),
+    );
     assert_eq!(error_code(&out), Some(ErrorCode::Unauthenticated));
 }
 
 #[test]
 fn recovery_keeps_order_and_waits_for_running_workers() {
-    let cfg = CoreConfig { persist: true, ..CoreConfig::default() };
+    let cfg = CoreConfig {
+        persist: true,
+        ..CoreConfig::default()
+    };
     let mut sim = Sim::with(cfg.clone());
     sim.register("w1", 8000);
     let (running, _) = sim.submit(spec());
     let queued: Vec<JobId> = (0..3).map(|_| sim.submit(spec()).0).collect();
     // Collect what a store would hold.
-    let mut store: std::collections::HashMap<JobId, Vec<u8>> = Default::default();
+    let mut store: std::collections::HashMap<JobId, (Vec<u8>, Vec<u8>)> = Default::default();
     let mut fleet = Vec::new();
     let mut out = Vec::new();
     for id in std::iter::once(running).chain(queued.iter().copied()) {
-        store.insert(id, Core::job_record(sim.core.job(id).unwrap()));
+        let j = sim.core.job(id).unwrap();
+        store.insert(id, (j.state_record(), j.spec_record()));
     }
     let widx = sim.core.workers().by_id("w1").unwrap();
     fleet.push(sim.core.workers().get(widx).record());
@@ -611,46 +815,83 @@ fn recovery_keeps_order_and_waits_for_running_workers() {
     // A new broker at t=100s.
     let mut sim2 = Sim::with(cfg);
     sim2.now = 100_000;
-    let jobs = store.values().map(|b| Core::decode_job_record(b).unwrap()).collect();
+    let jobs = store
+        .values()
+        .map(|(state, spec)| Job::from_records(state, spec).unwrap())
+        .collect();
     sim2.core.recover(sim2.now, 1, jobs, fleet, 5, &mut out);
     assert_eq!(sim2.core.queued(), 3);
     assert!(sim2.core.job(running).unwrap().seq > old_seq);
     // The worker comes back still running its attempt: it keeps it.
     let reg = Register {
-        token: None, worker_id: "w1".into(), instance: "w1-instance".into(), hostname: "box".into(), version: "t".into(),
-        gpu: GpuInfo { total_vram_mb: 8000, ..GpuInfo::default() },
-        backends: vec![inventory(Backend::Sim, &[])], labels: vec![], loaded_model: None,
-        current: Some(JobRef { job_id: running, attempt: 1 }), unacked: None,
+        token: None,
+        worker_id: "w1".into(),
+        instance: "w1-instance".into(),
+        hostname: "box".into(),
+        version: "t".into(),
+        gpu: GpuInfo {
+            total_vram_mb: 8000,
+            ..GpuInfo::default()
+        },
+        backends: vec![inventory(Backend::Sim, &[])],
+        labels: vec![],
+        loaded_model: None,
+        current: Some(JobRef {
+            job_id: running,
+            attempt: 1,
+        }),
+        unacked: None,
     };
-    let out = sim2.worker("w1", WorkerMessage::Register(reg));
+    let out = sim2.worker("w1", WorkerMessage::Register(Box::new(reg)));
     assert!(assigns(&out).is_empty());
     let out = sim2.succeed("w1", running, 1);
     assert_eq!(sim2.state(running), JobState::Succeeded);
-    assert_eq!(assigns(&out), [("w1".to_string(), queued[0], 1)], "queue order survived");
+    assert_eq!(
+        assigns(&out),
+        [("w1".to_string(), queued[0], 1)],
+        "queue order survived"
+    );
     assert_eq!(sim2.submit(spec()).0, JobId(5));
 }
 
 #[test]
 fn recovered_running_jobs_are_requeued_when_their_worker_stays_away() {
-    let cfg = CoreConfig { persist: true, ..CoreConfig::default() };
+    let cfg = CoreConfig {
+        persist: true,
+        ..CoreConfig::default()
+    };
     let mut sim = Sim::with(cfg.clone());
     sim.register("w1", 8000);
     let (job, _) = sim.submit(spec());
-    let record = Core::job_record(sim.core.job(job).unwrap());
+    let j = sim.core.job(job).unwrap();
+    let (state, spec_bytes) = (j.state_record(), j.spec_record());
     let widx = sim.core.workers().by_id("w1").unwrap();
     let fleet = vec![sim.core.workers().get(widx).record()];
 
     let mut sim2 = Sim::with(cfg);
     let mut out = Vec::new();
-    sim2.core.recover(0, 1, vec![Core::decode_job_record(&record).unwrap()], fleet, 0, &mut out);
+    sim2.core.recover(
+        0,
+        1,
+        vec![Job::from_records(&state, &spec_bytes).unwrap()],
+        fleet,
+        0,
+        &mut out,
+    );
     sim2.register("w2", 8000);
     let mut all = Vec::new();
     for _ in 0..8 {
         sim2.beat("w2");
         all.extend(sim2.advance(HB));
     }
-    assert_eq!(assigns(&all), [("w2".to_string(), job, 2)], "attempt 1 counted as lost");
-    assert!(all.iter().any(|o| matches!(o, Output::Persist(Record::Job { id, .. }) if *id == job)));
+    assert_eq!(
+        assigns(&all),
+        [("w2".to_string(), job, 2)],
+        "attempt 1 counted as lost"
+    );
+    assert!(all
+        .iter()
+        .any(|o| matches!(o, Output::Persist(Record::Job { id, .. }) if *id == job)));
 }
 
 #[test]
@@ -671,8 +912,13 @@ fn retention_removes_old_finished_jobs() {
         out.extend(sim.advance(HB));
     }
     assert!(sim.core.job(job).is_none());
-    assert!(sim.core.job(keep).is_some(), "running jobs are never removed");
-    assert!(out.iter().any(|o| matches!(o, Output::Persist(Record::DeleteJob(id)) if *id == job)));
+    assert!(
+        sim.core.job(keep).is_some(),
+        "running jobs are never removed"
+    );
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::Persist(Record::DeleteJob(id)) if *id == job)));
 }
 
 #[test]
@@ -682,10 +928,19 @@ fn progress_is_monotone_and_sequenced() {
     let (job, _) = sim.submit(spec());
     let mut seqs = Vec::new();
     for pct in [10.0, 40.0, 30.0, f64::NAN, 90.0] {
-        let out = sim.worker("w1", WorkerMessage::Progress(ProgressReport {
-            job_id: job, attempt: 1,
-            progress: Progress { pct, step: None, steps: None, stage: "x".repeat(1000) },
-        }));
+        let out = sim.worker(
+            "w1",
+            WorkerMessage::Progress(ProgressReport {
+                job_id: job,
+                attempt: 1,
+                progress: Progress {
+                    pct,
+                    step: None,
+                    steps: None,
+                    stage: "x".repeat(1000),
+                },
+            }),
+        );
         for o in out {
             if let Output::Publish(Event::JobProgress(p)) = o {
                 assert!(p.progress.stage.len() <= 256);
@@ -697,9 +952,14 @@ fn progress_is_monotone_and_sequenced() {
     assert_eq!(pcts, [10.0, 40.0, 40.0, 40.0, 90.0]);
     assert!(seqs.windows(2).all(|w| w[1].0 == w[0].0 + 1));
     // Progress for an attempt that is not current is dropped.
-    let out = sim.worker("w1", WorkerMessage::Progress(ProgressReport {
-        job_id: job, attempt: 7, progress: Progress::default(),
-    }));
+    let out = sim.worker(
+        "w1",
+        WorkerMessage::Progress(ProgressReport {
+            job_id: job,
+            attempt: 7,
+            progress: Progress::default(),
+        }),
+    );
     assert!(out.is_empty());
 }
 
@@ -711,7 +971,9 @@ fn malformed_requests_get_typed_errors_and_are_counted() {
         req_id: Some(4),
         error: ProtocolError::UnknownType("explode".into()),
     });
-    assert!(matches!(&out[..], [Output::Reply { reply: Reply::Error(e), .. }] if e.req_id == Some(4) && e.error.code == ErrorCode::UnknownType));
+    assert!(
+        matches!(&out[..], [Output::Reply { reply: Reply::Error(e), .. }] if e.req_id == Some(4) && e.error.code == ErrorCode::UnknownType)
+    );
     assert_eq!(sim.core.stats().protocol_errors, 1);
 }
 
@@ -725,14 +987,24 @@ fn out_of_memory_on_the_largest_gpu_degrades_when_allowed() {
     let (job, _) = sim.submit(s);
     let oom = JobError::new(FailureKind::OutOfMemory, "CUDA out of memory", true);
     for level in 1..=super::workers::MAX_DEGRADE {
-        let out = sim.finish("only", job, level as u32, Outcome::Failed { error: oom.clone() });
+        let out = sim.finish(
+            "only",
+            job,
+            level as u32,
+            Outcome::Failed { error: oom.clone() },
+        );
         let degrade = out.iter().find_map(|o| match o {
-            Output::ToWorker { msg: BrokerMessage::Assign(a), .. } => Some(a.degrade),
+            Output::ToWorker {
+                msg: BrokerMessage::Assign(a),
+                ..
+            } => Some(a.degrade),
             _ => None,
         });
         assert_eq!(degrade, Some(level), "retried one setting lower");
         let snap = sim.core.job(job).unwrap().snapshot(true);
-        assert!(snap.history.iter().any(|t| t.note.contains(&format!("next lower setting, level {level}"))));
+        assert!(snap.history.iter().any(|t| t
+            .note
+            .contains(&format!("next lower setting, level {level}"))));
     }
     sim.finish("only", job, 4, Outcome::Failed { error: oom });
     assert_eq!(sim.state(job), JobState::Failed, "no lower setting left");

@@ -39,7 +39,7 @@ impl Core {
         out: &mut Vec<Output>,
     ) {
         if let WorkerMessage::Register(r) = msg {
-            self.register(now_ms, peer, r, out);
+            self.register(now_ms, peer, *r, out);
             return;
         }
         let Some(idx) = self.workers.by_peer(&peer) else {
@@ -118,7 +118,7 @@ impl Core {
                         seq: job.seq,
                         attempt: p.attempt,
                         worker,
-                        gpu: job.gpu.clone().unwrap_or_default(),
+                        gpu: job.gpu.as_deref().unwrap_or_default().to_string(),
                         progress,
                     },
                 )));
@@ -162,7 +162,8 @@ impl Core {
         let max_label = self.cfg.limits.max_label_len as usize;
         if !is_simple_name(&r.worker_id, max_label) {
             self.stats.protocol_errors += 1;
-            let err = ProtocolError::invalid("worker_id", "must be 1-64 characters of [A-Za-z0-9._-]");
+            let err =
+                ProtocolError::invalid("worker_id", "must be 1-64 characters of [A-Za-z0-9._-]");
             worker_error(out, peer, err.to_body());
             return;
         }
@@ -260,7 +261,13 @@ impl Core {
 
     /// A worker is gone (missed heartbeats, goodbye, replaced, unreachable): its
     /// attempt ends as retryable and the worker is kept, offline, in the fleet.
-    pub(super) fn worker_lost(&mut self, now_ms: u64, idx: WorkerIdx, why: &str, out: &mut Vec<Output>) {
+    pub(super) fn worker_lost(
+        &mut self,
+        now_ms: u64,
+        idx: WorkerIdx,
+        why: &str,
+        out: &mut Vec<Output>,
+    ) {
         let w = self.workers.get_mut(idx);
         let was_online = w.online;
         w.online = false;
@@ -272,9 +279,10 @@ impl Core {
             tracing::warn!(worker = %id, "worker lost: {why}");
         }
         if let Some(cur) = current {
-            let still_running = self.jobs.get(&cur.job_id).is_some_and(|j| {
-                j.state == JobState::Running && j.attempt == cur.attempt
-            });
+            let still_running = self
+                .jobs
+                .get(&cur.job_id)
+                .is_some_and(|j| j.state == JobState::Running && j.attempt == cur.attempt);
             if still_running {
                 let err = JobError::new(
                     FailureKind::WorkerLost,
@@ -301,30 +309,62 @@ impl Core {
             return;
         }
         let problem = if u.index as u64 >= limits.max_artifacts_per_job {
-            Some(format!("output index {} over the limit of {}", u.index, limits.max_artifacts_per_job))
+            Some(format!(
+                "output index {} over the limit of {}",
+                u.index, limits.max_artifacts_per_job
+            ))
         } else if safe_file_name(&u.name).is_none() || u.name.len() as u64 > limits.max_name_len {
-            Some(format!("output name {:?} is not a plain file name", u.name.chars().take(80).collect::<String>()))
+            Some(format!(
+                "output name {:?} is not a plain file name",
+                u.name.chars().take(80).collect::<String>()
+            ))
         } else if u.media_type.len() > 128 {
             Some("media type longer than 128 bytes".to_string())
         } else if u.total > limits.max_artifact_bytes {
-            Some(format!("output of {} bytes over the limit of {}", u.total, limits.max_artifact_bytes))
+            Some(format!(
+                "output of {} bytes over the limit of {}",
+                u.total, limits.max_artifact_bytes
+            ))
         } else if u.data.len() as u64 > limits.max_chunk_bytes {
-            Some(format!("upload piece of {} bytes over the limit of {}", u.data.len(), limits.max_chunk_bytes))
+            Some(format!(
+                "upload piece of {} bytes over the limit of {}",
+                u.data.len(),
+                limits.max_chunk_bytes
+            ))
         } else if u.offset + u.data.len() as u64 > u.total {
             Some("upload piece runs past the declared size".to_string())
         } else {
             let slot = job.uploads.iter().position(|x| x.index == u.index);
             match (slot, u.offset) {
                 (Some(i), 0) => {
-                    job.uploads[i] = job::Upload { index: u.index, name: u.name.clone(), media_type: u.media_type.clone(), total: u.total, received: 0 };
+                    job.uploads[i] = job::Upload {
+                        index: u.index,
+                        name: u.name.clone(),
+                        media_type: u.media_type.clone(),
+                        total: u.total,
+                        received: 0,
+                    };
                     None
                 }
                 (None, 0) => {
-                    job.uploads.push(job::Upload { index: u.index, name: u.name.clone(), media_type: u.media_type.clone(), total: u.total, received: 0 });
+                    job.uploads.push(job::Upload {
+                        index: u.index,
+                        name: u.name.clone(),
+                        media_type: u.media_type.clone(),
+                        total: u.total,
+                        received: 0,
+                    });
                     None
                 }
-                (Some(i), off) if job.uploads[i].received == off && job.uploads[i].total == u.total => None,
-                _ => Some(format!("upload of output {} out of order at offset {}", u.index, u.offset)),
+                (Some(i), off)
+                    if job.uploads[i].received == off && job.uploads[i].total == u.total =>
+                {
+                    None
+                }
+                _ => Some(format!(
+                    "upload of output {} out of order at offset {}",
+                    u.index, u.offset
+                )),
             }
         };
         if let Some(problem) = problem {
@@ -443,7 +483,13 @@ impl Core {
     /// Out of memory on this GPU: the next attempt needs a bigger one. If the
     /// fleet has none, a job that allows it runs again one setting lower;
     /// otherwise the failure is final.
-    fn after_out_of_memory(&mut self, now_ms: u64, idx: WorkerIdx, id: JobId, error: JobError) -> JobError {
+    fn after_out_of_memory(
+        &mut self,
+        now_ms: u64,
+        idx: WorkerIdx,
+        id: JobId,
+        error: JobError,
+    ) -> JobError {
         let w = self.workers.get(idx);
         let (had, name, wid) = (w.gpu.total_vram_mb, w.gpu.name.clone(), w.id.clone());
         let job = self.jobs.get_mut(&id).expect("current job exists");
@@ -453,7 +499,10 @@ impl Core {
         match self.fleet_can_run(now_ms, &req) {
             Ok(()) => JobError::new(
                 FailureKind::OutOfMemory,
-                format!("{} (on {wid}, {name} with {had} MiB; retrying on a GPU with more memory)", error.message),
+                format!(
+                    "{} (on {wid}, {name} with {had} MiB; retrying on a GPU with more memory)",
+                    error.message
+                ),
                 true,
             ),
             Err(_) => {
@@ -472,7 +521,10 @@ impl Core {
                 }
                 JobError::new(
                     FailureKind::OutOfMemory,
-                    format!("{} (on {wid}, {name} with {had} MiB; no GPU in the fleet has more)", error.message),
+                    format!(
+                        "{} (on {wid}, {name} with {had} MiB; no GPU in the fleet has more)",
+                        error.message
+                    ),
                     false,
                 )
             }
@@ -496,7 +548,10 @@ impl Core {
         result: Result<Vec<ArtifactMeta>, String>,
         out: &mut Vec<Output>,
     ) {
-        let r = JobRef { job_id: id, attempt };
+        let r = JobRef {
+            job_id: id,
+            attempt,
+        };
         let holder = self
             .jobs
             .get(&id)
@@ -507,7 +562,10 @@ impl Core {
         let Some(idx) = holder else {
             // The attempt ended meanwhile (cancel grace, worker lost): drop the files.
             if result.is_ok() {
-                out.push(Output::Artifact(ArtifactOp::Discard { job_id: id, attempt }));
+                out.push(Output::Artifact(ArtifactOp::Discard {
+                    job_id: id,
+                    attempt,
+                }));
             }
             return;
         };
@@ -547,18 +605,27 @@ impl Core {
                     && job.attempt == t.attempt
                     && job.run_deadline_ms == Some(t.at_ms)
                 {
-                    let secs = job.spec.run_timeout_s.unwrap_or(self.cfg.default_run_timeout_s);
+                    let secs = job
+                        .spec
+                        .run_timeout_s
+                        .unwrap_or(self.cfg.default_run_timeout_s);
                     self.stop_on_worker(t.job_id, t.attempt, out);
                     let err = JobError::new(
                         FailureKind::RunTimeout,
-                        format!("attempt {} ran longer than its {secs} s run timeout", t.attempt),
+                        format!(
+                            "attempt {} ran longer than its {secs} s run timeout",
+                            t.attempt
+                        ),
                         false,
                     );
                     self.end_attempt(now_ms, t.job_id, err, out);
                 }
             }
             TimerKind::CancelGrace => {
-                if job.state == JobState::Running && job.attempt == t.attempt && job.cancel_requested {
+                if job.state == JobState::Running
+                    && job.attempt == t.attempt
+                    && job.cancel_requested
+                {
                     tracing::warn!(job = %t.job_id, "worker did not confirm the cancel in time; recording it as cancelled");
                     let err = JobError::new(FailureKind::Backend, "cancel not confirmed", false);
                     self.end_attempt(now_ms, t.job_id, err, out);
@@ -568,8 +635,15 @@ impl Core {
                 if job.state == JobState::Running && job.attempt == t.attempt && !job.started {
                     let holder = job.worker.as_deref().and_then(|w| self.workers.by_id(w));
                     tracing::warn!(job = %t.job_id, attempt = t.attempt, "worker never acknowledged the assignment; requeueing");
-                    let r = JobRef { job_id: t.job_id, attempt: t.attempt };
-                    let err = JobError::new(FailureKind::WorkerLost, "assignment was not acknowledged", true);
+                    let r = JobRef {
+                        job_id: t.job_id,
+                        attempt: t.attempt,
+                    };
+                    let err = JobError::new(
+                        FailureKind::WorkerLost,
+                        "assignment was not acknowledged",
+                        true,
+                    );
                     self.end_attempt(now_ms, t.job_id, err, out);
                     if let Some(idx) = holder.filter(|i| self.workers.get(*i).current == Some(r)) {
                         self.release_worker(now_ms, idx, out);
@@ -589,7 +663,14 @@ impl Core {
             .and_then(|w| self.workers.by_id(w))
             .and_then(|idx| self.workers.get(idx).peer.clone());
         if let Some(peer) = peer {
-            to_worker(out, peer, BrokerMessage::Cancel(JobRef { job_id: id, attempt }));
+            to_worker(
+                out,
+                peer,
+                BrokerMessage::Cancel(JobRef {
+                    job_id: id,
+                    attempt,
+                }),
+            );
         }
     }
 
@@ -698,7 +779,7 @@ impl Core {
             let id = job.id;
             let state = job.state;
             let holder = job.worker.as_deref().and_then(|w| self.workers.by_id(w));
-            self.jobs.insert(id, job);
+            self.jobs.insert(id, Box::new(job));
             match state {
                 JobState::Queued => {
                     let job = &self.jobs[&id];
@@ -711,8 +792,12 @@ impl Core {
                     self.running += 1;
                     let job = self.jobs.get_mut(&id).expect("inserted");
                     job.started = true;
-                    let r = JobRef { job_id: id, attempt: job.attempt };
-                    let (run_deadline, cancel_requested) = (job.run_deadline_ms, job.cancel_requested);
+                    let r = JobRef {
+                        job_id: id,
+                        attempt: job.attempt,
+                    };
+                    let (run_deadline, cancel_requested) =
+                        (job.run_deadline_ms, job.cancel_requested);
                     if let Some(at) = run_deadline {
                         self.add_timer(at, TimerKind::RunTimeout, id, r.attempt);
                     }
@@ -727,7 +812,11 @@ impl Core {
                             w.expires_ms = grace;
                         }
                         _ => {
-                            let err = JobError::new(FailureKind::WorkerLost, "its worker is unknown after a broker restart", true);
+                            let err = JobError::new(
+                                FailureKind::WorkerLost,
+                                "its worker is unknown after a broker restart",
+                                true,
+                            );
                             self.end_attempt(now_ms, id, err, scratch);
                         }
                     }
@@ -736,16 +825,6 @@ impl Core {
             }
         }
         self.next_job_id = self.next_job_id.max(next_job_id);
-    }
-
-    /// The stored record of a job, for tests and tools.
-    pub fn job_record(job: &Job) -> Vec<u8> {
-        rmp_serde::to_vec_named(job).expect("job records encode")
-    }
-
-    /// Decodes a stored job record.
-    pub fn decode_job_record(bytes: &[u8]) -> Result<Job, rmp_serde::decode::Error> {
-        rmp_serde::from_slice(bytes)
     }
 
     /// The id the next artifact of a job gets.

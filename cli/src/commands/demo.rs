@@ -50,23 +50,26 @@ pub async fn run(base: KilnConfig, args: DemoArgs) -> anyhow::Result<()> {
     cfg.broker.durable = true;
     cfg.broker.client_token = None;
     cfg.broker.worker_token = None;
-    let workers = [("demo-gpu0", "simulated RTX 4090", 24_564), ("demo-gpu1", "simulated RTX 4070", 12_282)]
-        .into_iter()
-        .enumerate()
-        .map(|(i, (id, name, vram))| {
-            let mut w = cfg.clone();
-            w.worker.id = Some(id.into());
-            w.worker.backends = vec![Backend::Sim];
-            w.worker.token = None;
-            w.worker.gpu.index = i as u32;
-            w.worker.gpu.nvml = false;
-            w.worker.gpu.name = Some(name.into());
-            w.worker.gpu.total_vram_mb = Some(vram);
-            w.worker.sim.step_ms = args.step_ms;
-            w.worker.work_dir = Some(state.join(format!("work-{id}")));
-            w
-        })
-        .collect();
+    let workers = [
+        ("demo-gpu0", "simulated RTX 4090", 24_564),
+        ("demo-gpu1", "simulated RTX 4070", 12_282),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, (id, name, vram))| {
+        let mut w = cfg.clone();
+        w.worker.id = Some(id.into());
+        w.worker.backends = vec![Backend::Sim];
+        w.worker.token = None;
+        w.worker.gpu.index = i as u32;
+        w.worker.gpu.nvml = false;
+        w.worker.gpu.name = Some(name.into());
+        w.worker.gpu.total_vram_mb = Some(vram);
+        w.worker.sim.step_ms = args.step_ms;
+        w.worker.work_dir = Some(state.join(format!("work-{id}")));
+        w
+    })
+    .collect();
     let local = Local::start(&cfg, workers).await?;
     let result = drive(&local, &args).await;
     local.shutdown().await?;
@@ -80,13 +83,20 @@ async fn drive(local: &Local, args: &DemoArgs) -> anyhow::Result<()> {
     opts.name = Some("demo".into());
     let client = Client::connect(opts);
     let board = Board::new();
-    board.println(format!("kiln demo: broker on {}, events on {}", ep.frontend, ep.events));
+    board.println(format!(
+        "kiln demo: broker on {}, events on {}",
+        ep.frontend, ep.events
+    ));
 
     // Wait until both workers have registered.
     let deadline = Instant::now() + Duration::from_secs(15);
     let workers = loop {
         let w = client.workers().await?;
-        if w.iter().filter(|w| w.state == kiln_protocol::worker::WorkerState::Idle).count() >= 2 {
+        if w.iter()
+            .filter(|w| w.state == kiln_protocol::worker::WorkerState::Idle)
+            .count()
+            >= 2
+        {
             break w;
         }
         if Instant::now() > deadline {
@@ -107,12 +117,17 @@ async fn drive(local: &Local, args: &DemoArgs) -> anyhow::Result<()> {
     let mut follows = Vec::new();
     for i in 0..args.jobs {
         let prompt = PROMPTS[i as usize % PROMPTS.len()];
-        let spec = demo_spec(prompt, 1000 + i as u64).param("steps", args.steps).param("width", 512).param("height", 512);
+        let spec = demo_spec(prompt, 1000 + i as u64)
+            .param("steps", args.steps)
+            .param("width", 512)
+            .param("height", 512);
         let accepted = client.submit(spec).await.context("submitting a demo job")?;
         board.println(format!("submitted {}: {prompt:?}", accepted.job_id));
         let (client, board) = (client.clone(), board.clone());
         let label = format!("\"{prompt}\"");
-        follows.push(tokio::spawn(async move { board.follow(&client, accepted.job_id, &label).await }));
+        follows.push(tokio::spawn(async move {
+            board.follow(&client, accepted.job_id, &label).await
+        }));
     }
     let mut files = Vec::new();
     let mut failed = 0;
@@ -122,7 +137,10 @@ async fn drive(local: &Local, args: &DemoArgs) -> anyhow::Result<()> {
             files.extend(download(&client, &snap, &args.out).await?);
         } else {
             failed += 1;
-            board.println(format!("{} ended {}: {:?}", snap.job_id, snap.state, snap.error));
+            board.println(format!(
+                "{} ended {}: {:?}",
+                snap.job_id, snap.state, snap.error
+            ));
         }
     }
     let out = std::fs::canonicalize(&args.out).unwrap_or_else(|_| args.out.clone());

@@ -11,7 +11,6 @@ use serde_json::Value;
 use crate::print_json;
 use crate::table::Table;
 
-
 fn gib(mb: u64) -> String {
     format!("{:.1}", mb as f64 / 1024.0)
 }
@@ -22,14 +21,27 @@ pub async fn workers(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
         print_json(&workers);
         return Ok(ExitCode::SUCCESS);
     }
-    let mut t = Table::new(["WORKER", "HOST", "GPU", "VRAM FREE/TOTAL GiB", "LOADED MODEL", "STATE", "JOB", "BACKENDS"]);
+    let mut t = Table::new([
+        "WORKER",
+        "HOST",
+        "GPU",
+        "VRAM FREE/TOTAL GiB",
+        "LOADED MODEL",
+        "STATE",
+        "JOB",
+        "BACKENDS",
+    ]);
     for w in workers {
         let backends: Vec<String> = w
             .backends
             .iter()
             .map(|b| format!("{}{}", b.backend, if b.healthy { "" } else { " (down)" }))
             .collect();
-        let gpu = if w.gpu.unified_memory { format!("{} (unified)", w.gpu.name) } else { w.gpu.name.clone() };
+        let gpu = if w.gpu.unified_memory {
+            format!("{} (unified)", w.gpu.name)
+        } else {
+            w.gpu.name.clone()
+        };
         t.row([
             w.worker_id,
             w.hostname,
@@ -37,7 +49,9 @@ pub async fn workers(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
             format!("{} / {}", gib(w.gpu.free_vram_mb), gib(w.gpu.total_vram_mb)),
             w.loaded_model.unwrap_or_else(|| "-".into()),
             w.state.as_str().to_string(),
-            w.current_job.map(|j| j.to_string()).unwrap_or_else(|| "-".into()),
+            w.current_job
+                .map(|j| j.to_string())
+                .unwrap_or_else(|| "-".into()),
             backends.join(", "),
         ]);
     }
@@ -53,7 +67,13 @@ pub async fn models(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
     }
     let mut t = Table::new(["MODEL", "KIND", "BACKEND", "WORKERS", "LOADED ON"]);
     for m in models {
-        t.row([m.name, m.kind, m.backend.to_string(), m.workers.join(","), m.loaded_on.join(",")]);
+        t.row([
+            m.name,
+            m.kind,
+            m.backend.to_string(),
+            m.workers.join(","),
+            m.loaded_on.join(","),
+        ]);
     }
     t.print();
     Ok(ExitCode::SUCCESS)
@@ -64,12 +84,20 @@ pub async fn health(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         print_json(&h);
     } else {
-        println!("broker {} up {} s, {}", h.version, h.uptime_s, if h.durable { "durable" } else { "in memory" });
+        println!(
+            "broker {} up {} s, {}",
+            h.version,
+            h.uptime_s,
+            if h.durable { "durable" } else { "in memory" }
+        );
         println!(
             "workers {} online ({} idle, {} busy, {} unhealthy)",
             h.workers_online, h.workers_idle, h.workers_busy, h.workers_unhealthy
         );
-        println!("jobs {} queued, {} running, {} finished", h.queued, h.running, h.finished);
+        println!(
+            "jobs {} queued, {} running, {} finished",
+            h.queued, h.running, h.finished
+        );
         println!("protocol errors {}", h.protocol_errors);
     }
     Ok(ExitCode::SUCCESS)
@@ -110,7 +138,10 @@ pub fn gpu_info(cfg: &KilnConfig, json: bool) -> anyhow::Result<ExitCode> {
         }));
     } else {
         match probe.nvml_unavailable() {
-            None => println!("NVML: available, driver {}", probe.driver_version().unwrap_or_else(|| "?".into())),
+            None => println!(
+                "NVML: available, driver {}",
+                probe.driver_version().unwrap_or_else(|| "?".into())
+            ),
             Some(why) => println!("NVML: not available ({why})"),
         }
         for g in &read {
@@ -120,7 +151,11 @@ pub fn gpu_info(cfg: &KilnConfig, json: bool) -> anyhow::Result<ExitCode> {
                 "  memory   {} GiB total, {} GiB free{}",
                 gib(g.total_vram_mb),
                 gib(g.free_vram_mb),
-                if g.unified_memory { " (unified: shared with the CPU, read from /proc/meminfo)" } else { "" }
+                if g.unified_memory {
+                    " (unified: shared with the CPU, read from /proc/meminfo)"
+                } else {
+                    ""
+                }
             );
             if let Some(u) = g.utilization_pct {
                 println!("  load     {u}%");

@@ -6,12 +6,13 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::Args;
 use kiln_protocol::{
-    ArtifactId, Backend, Client, InputFile, JobId, JobSnapshot, JobSpec, JobState, ListFilter, LoraRef, Task,
+    ArtifactId, Backend, Client, InputFile, JobId, JobSnapshot, JobSpec, JobState, ListFilter,
+    LoraRef, Task,
 };
 use serde_json::Value;
 
-use crate::progress::Board;
 use crate::print_json;
+use crate::progress::Board;
 use crate::table::Table;
 
 #[derive(Args)]
@@ -75,7 +76,8 @@ pub struct SubmitArgs {
 }
 
 fn parse_enum<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> anyhow::Result<T> {
-    serde_json::from_value(Value::String(s.to_string())).with_context(|| format!("unknown {what} {s:?}"))
+    serde_json::from_value(Value::String(s.to_string()))
+        .with_context(|| format!("unknown {what} {s:?}"))
 }
 
 impl SubmitArgs {
@@ -95,14 +97,20 @@ impl SubmitArgs {
         set("height", self.height.map(Value::from));
         set("steps", self.steps.map(Value::from));
         for p in &self.params {
-            let (k, v) = p.split_once('=').with_context(|| format!("--param {p:?} is not key=value"))?;
+            let (k, v) = p
+                .split_once('=')
+                .with_context(|| format!("--param {p:?} is not key=value"))?;
             let v = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
             spec.params.insert(k.to_string(), v);
         }
         spec.model = self.model.clone();
         for l in &self.loras {
             let (name, strength) = match l.rsplit_once(':') {
-                Some((n, s)) => (n.to_string(), s.parse().with_context(|| format!("LoRA strength in {l:?}"))?),
+                Some((n, s)) => (
+                    n.to_string(),
+                    s.parse()
+                        .with_context(|| format!("LoRA strength in {l:?}"))?,
+                ),
                 None => (l.clone(), 1.0),
             };
             spec.loras.push(LoraRef { name, strength });
@@ -114,13 +122,26 @@ impl SubmitArgs {
         spec.queue_timeout_s = self.queue_timeout;
         spec.run_timeout_s = self.run_timeout;
         for path in &self.inputs {
-            let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("input.png").to_string();
-            spec.inputs.push(InputFile { media_type: media_type_of(&name).into(), name, data });
+            let data =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("input.png")
+                .to_string();
+            spec.inputs.push(InputFile {
+                media_type: media_type_of(&name).into(),
+                name,
+                data,
+            });
         }
         if let Some(path) = &self.workflow {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            spec.workflow = Some(serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?);
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            spec.workflow = Some(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not JSON", path.display()))?,
+            );
         }
         spec.template = self.template.clone();
         spec.idempotency_key = self.idempotency_key.clone();
@@ -129,7 +150,12 @@ impl SubmitArgs {
 }
 
 fn media_type_of(name: &str) -> &'static str {
-    match name.rsplit('.').next().map(str::to_ascii_lowercase).as_deref() {
+    match name
+        .rsplit('.')
+        .next()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         Some("png") => "image/png",
         Some("jpg" | "jpeg") => "image/jpeg",
         Some("webp") => "image/webp",
@@ -140,7 +166,6 @@ fn media_type_of(name: &str) -> &'static str {
 fn parse_job(s: &str) -> anyhow::Result<JobId> {
     s.parse().map_err(anyhow::Error::from)
 }
-
 
 fn exit_for(state: JobState) -> ExitCode {
     if state == JobState::Succeeded {
@@ -163,7 +188,11 @@ pub async fn submit(client: &Client, args: SubmitArgs, json: bool) -> anyhow::Re
     }
     let board = Board::new();
     let snap = board.follow(client, accepted.job_id, "").await?;
-    let files = if snap.state == JobState::Succeeded { download(client, &snap, &args.out).await? } else { Vec::new() };
+    let files = if snap.state == JobState::Succeeded {
+        download(client, &snap, &args.out).await?
+    } else {
+        Vec::new()
+    };
     report(&snap, &files, json);
     Ok(exit_for(snap.state))
 }
@@ -179,7 +208,11 @@ fn report(snap: &JobSnapshot, files: &[PathBuf], json: bool) {
                 println!("{}", f.display());
             }
         }
-        JobState::Failed => eprintln!("{} failed: {}", snap.job_id, snap.error.as_ref().map_or("", |e| e.message.as_str())),
+        JobState::Failed => eprintln!(
+            "{} failed: {}",
+            snap.job_id,
+            snap.error.as_ref().map_or("", |e| e.message.as_str())
+        ),
         other => eprintln!("{} {other}", snap.job_id),
     }
 }
@@ -197,7 +230,15 @@ pub async fn status(client: &Client, job: &str, json: bool) -> anyhow::Result<Ex
         return Ok(ExitCode::SUCCESS);
     }
     println!("job        {}", snap.job_id);
-    println!("state      {}{}", snap.state, if snap.cancel_requested { " (cancel requested)" } else { "" });
+    println!(
+        "state      {}{}",
+        snap.state,
+        if snap.cancel_requested {
+            " (cancel requested)"
+        } else {
+            ""
+        }
+    );
     println!("backend    {} / {}", snap.backend, snap.task.as_str());
     if let Some(m) = &snap.model {
         println!("model      {m}");
@@ -216,7 +257,10 @@ pub async fn status(client: &Client, job: &str, json: bool) -> anyhow::Result<Ex
         println!("error      {:?}: {}", e.kind, e.message);
     }
     for a in &snap.artifacts {
-        println!("artifact   {} {} ({}, {} bytes)", a.id, a.name, a.media_type, a.size);
+        println!(
+            "artifact   {} {} ({}, {} bytes)",
+            a.id, a.name, a.media_type, a.size
+        );
     }
     println!("history");
     for t in &snap.history {
@@ -252,8 +296,17 @@ pub struct JobsArgs {
 
 pub async fn list(client: &Client, args: JobsArgs, json: bool) -> anyhow::Result<ExitCode> {
     let filter = ListFilter {
-        states: args.state.iter().map(|s| parse_enum("state", s)).collect::<anyhow::Result<_>>()?,
-        backend: args.backend.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?,
+        states: args
+            .state
+            .iter()
+            .map(|s| parse_enum("state", s))
+            .collect::<anyhow::Result<_>>()?,
+        backend: args
+            .backend
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
         client: None,
         worker: args.worker,
         limit: Some(args.limit),
@@ -263,14 +316,18 @@ pub async fn list(client: &Client, args: JobsArgs, json: bool) -> anyhow::Result
         print_json(&jobs);
         return Ok(ExitCode::SUCCESS);
     }
-    let mut t = Table::new(["JOB", "STATE", "BACKEND", "TASK", "PROGRESS", "WORKER", "CLIENT", "ATTEMPT"]);
+    let mut t = Table::new([
+        "JOB", "STATE", "BACKEND", "TASK", "PROGRESS", "WORKER", "CLIENT", "ATTEMPT",
+    ]);
     for j in jobs {
         t.row([
             j.job_id.to_string(),
             j.state.to_string(),
             j.backend.to_string(),
             j.task.as_str().to_string(),
-            j.progress.map(|p| format!("{:.0}%", p.pct)).unwrap_or_default(),
+            j.progress
+                .map(|p| format!("{:.0}%", p.pct))
+                .unwrap_or_default(),
             j.worker.unwrap_or_default(),
             j.client,
             format!("{}/{}", j.attempt, j.max_attempts),
@@ -295,7 +352,11 @@ pub async fn fetch(client: &Client, args: FetchArgs, json: bool) -> anyhow::Resu
     } else {
         let snap = client.get(parse_job(&args.id)?).await?;
         if snap.state != JobState::Succeeded {
-            bail!("{} is {}; only succeeded jobs have outputs", snap.job_id, snap.state);
+            bail!(
+                "{} is {}; only succeeded jobs have outputs",
+                snap.job_id,
+                snap.state
+            );
         }
         download(client, &snap, &args.out).await?
     };
@@ -310,7 +371,11 @@ pub async fn fetch(client: &Client, args: FetchArgs, json: bool) -> anyhow::Resu
 }
 
 /// Downloads every output of a job into `dir`, checking each sha256.
-pub async fn download(client: &Client, snap: &JobSnapshot, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub async fn download(
+    client: &Client,
+    snap: &JobSnapshot,
+    dir: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for a in &snap.artifacts {
         files.push(save(client, a.id, dir).await?);
@@ -328,7 +393,12 @@ async fn save(client: &Client, id: ArtifactId, dir: &Path) -> anyhow::Result<Pat
         format!("{}_{}", id.job, artifact.name)
     };
     let path = dir.join(name);
-    let tmp = dir.join(format!(".{}.part", path.file_name().and_then(|n| n.to_str()).unwrap_or("artifact")));
+    let tmp = dir.join(format!(
+        ".{}.part",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("artifact")
+    ));
     std::fs::write(&tmp, &artifact.data).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path)?;
     Ok(path)

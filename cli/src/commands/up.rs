@@ -32,13 +32,18 @@ impl Local {
     /// Starts a broker from `cfg.broker` and one worker per config in `workers`
     /// (their `broker` endpoint is pointed at the new broker).
     pub async fn start(cfg: &KilnConfig, workers: Vec<KilnConfig>) -> anyhow::Result<Local> {
-        let broker = Broker::start(BrokerSettings::from_config(cfg)?).await.context("starting the broker")?;
+        let broker = Broker::start(BrokerSettings::from_config(cfg)?)
+            .await
+            .context("starting the broker")?;
         let stop = CancellationToken::new();
         let mut handles = Vec::new();
         for mut wcfg in workers {
             wcfg.worker.broker = broker.endpoints().backend.clone();
             let worker = kiln_worker::build(&wcfg)?;
-            let status = worker.status().await.with_context(|| format!("probing GPU {}", wcfg.worker.gpu.index))?;
+            let status = worker
+                .status()
+                .await
+                .with_context(|| format!("probing GPU {}", wcfg.worker.gpu.index))?;
             let stop = stop.clone();
             let id = worker.settings().worker_id.clone();
             handles.push(tokio::spawn(async move {
@@ -47,7 +52,11 @@ impl Local {
                 }
             }));
         }
-        Ok(Local { broker, workers: handles, stop })
+        Ok(Local {
+            broker,
+            workers: handles,
+            stop,
+        })
     }
 
     pub async fn shutdown(self) -> anyhow::Result<()> {
@@ -103,7 +112,10 @@ pub async fn run(cfg: KilnConfig, args: UpArgs) -> anyhow::Result<()> {
     let n = workers.len();
     let local = Local::start(&cfg, workers).await?;
     let ep = local.broker.endpoints().clone();
-    println!("kiln up: broker on {} (clients), {} (workers), {} (events); {n} worker(s)", ep.frontend, ep.backend, ep.events);
+    println!(
+        "kiln up: broker on {} (clients), {} (workers), {} (events); {n} worker(s)",
+        ep.frontend, ep.backend, ep.events
+    );
     println!("press Ctrl-C to stop");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -20,7 +20,10 @@ use kiln_protocol::{Client, ClientOptions};
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
     let path = dir.join(name);
     assert!(
         path.is_file(),
@@ -50,7 +53,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -65,12 +71,20 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(name: &str, program: &Path, args: &[String], env: &[(String, String)], log: PathBuf) -> Proc {
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: PathBuf,
+    ) -> Proc {
         let mut p = Proc {
             name: name.to_string(),
             child: None,
             log,
-            cmd: std::iter::once(program.display().to_string()).chain(args.iter().cloned()).collect(),
+            cmd: std::iter::once(program.display().to_string())
+                .chain(args.iter().cloned())
+                .collect(),
             env: env.to_vec(),
         };
         p.start();
@@ -93,7 +107,10 @@ impl Proc {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        self.child = Some(cmd.spawn().unwrap_or_else(|e| panic!("spawning {}: {e}", self.cmd[0])));
+        self.child = Some(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("spawning {}: {e}", self.cmd[0])),
+        );
     }
 
     pub fn pid(&self) -> i32 {
@@ -174,7 +191,12 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("----- log of {} ({}) -----\n{}", self.name, self.log.display(), self.log());
+            eprintln!(
+                "----- log of {} ({}) -----\n{}",
+                self.name,
+                self.log.display(),
+                self.log()
+            );
         }
         self.kill9();
     }
@@ -221,7 +243,12 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new() -> Scratch {
-        Scratch { dir: tempfile::Builder::new().prefix("kiln-test-").tempdir().expect("temp dir") }
+        Scratch {
+            dir: tempfile::Builder::new()
+                .prefix("kiln-test-")
+                .tempdir()
+                .expect("temp dir"),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -275,16 +302,23 @@ impl Scratch {
         let p = self.worker_unchecked(broker, &opts);
         let client = broker.client();
         let id = opts.id.clone();
-        eventually(&format!("worker {id} to register"), Duration::from_secs(20), || {
-            let (client, id) = (client.clone(), id.clone());
-            async move {
-                let workers = client.workers().await.ok()?;
-                workers
-                    .iter()
-                    .any(|w| w.worker_id == id && w.state != kiln_protocol::worker::WorkerState::Offline)
-                    .then_some(())
-            }
-        })
+        eventually(
+            &format!("worker {id} to register"),
+            Duration::from_secs(20),
+            || {
+                let (client, id) = (client.clone(), id.clone());
+                async move {
+                    let workers = client.workers().await.ok()?;
+                    workers
+                        .iter()
+                        .any(|w| {
+                            w.worker_id == id
+                                && w.state != kiln_protocol::worker::WorkerState::Offline
+                        })
+                        .then_some(())
+                }
+            },
+        )
         .await;
         p
     }
@@ -305,8 +339,16 @@ impl Scratch {
         if let Some(t) = &opts.token {
             let _ = writeln!(toml, "token = \"{t}\"");
         }
-        let _ = writeln!(toml, "[worker.gpu]\nnvml = false\nname = \"test GPU\"\ntotal_vram_mb = {}", opts.vram_mb);
-        let _ = writeln!(toml, "[worker.sim]\nstep_ms = {}\nallow_faults = {}", opts.step_ms, opts.allow_faults);
+        let _ = writeln!(
+            toml,
+            "[worker.gpu]\nnvml = false\nname = \"test GPU\"\ntotal_vram_mb = {}",
+            opts.vram_mb
+        );
+        let _ = writeln!(
+            toml,
+            "[worker.sim]\nstep_ms = {}\nallow_faults = {}",
+            opts.step_ms, opts.allow_faults
+        );
         toml.push_str(&opts.extra);
         toml.push('\n');
         let config = dir.join("worker.toml");

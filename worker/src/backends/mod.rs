@@ -1,3 +1,4 @@
 //! The generators a worker can drive.
 
 pub mod sim;
+pub mod comfyui;

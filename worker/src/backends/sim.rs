@@ -8,10 +8,10 @@
 //! generator and never claims to be one (outputs are named `sim_*`).
 //!
 //! Parameters: `prompt`, `seed` (default: derived from the prompt), `width` and
-//! `height` (default 512, up to `max_side`), `steps` (default from config, 0 for a
-//! no-op), `step_ms` (per-job pace override), `count` (images, 1-8), `frames`
-//! (video tasks, 2-48), `fps`, `fault` (`fail`, `fail_retryable`, `oom`, `hang`,
-//! `crash`).
+//! `height` (default 512, up to `max_side`), `steps` (default from config),
+//! `step_ms` (per-job pace override), `count` (images, 0-8), `frames` (video
+//! tasks, 2-48), `fps`, `fault` (`fail`, `fail_retryable`, `oom`, `hang`,
+//! `crash`). `steps = 0` with `count = 0` is a no-op job, for benchmarks.
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -68,7 +68,12 @@ impl Backend for SimBackend {
         self.loaded.lock().ok()?.clone()
     }
 
-    async fn run(&self, job: JobRun, progress: ProgressSink, cancel: CancellationToken) -> Result<RunOutput, RunError> {
+    async fn run(
+        &self,
+        job: JobRun,
+        progress: ProgressSink,
+        cancel: CancellationToken,
+    ) -> Result<RunOutput, RunError> {
         let started = Instant::now();
         let spec = &job.spec;
         let prompt = str_param(spec, "prompt")?.unwrap_or("").to_string();
@@ -80,7 +85,7 @@ impl Backend for SimBackend {
         let height = shrink(int_param(spec, "height", 512, 8, max_side)?);
         let steps = int_param(spec, "steps", self.cfg.default_steps as i64, 0, 10_000)? as u32;
         let step_ms = int_param(spec, "step_ms", self.cfg.step_ms as i64, 0, 60_000)? as u64;
-        let count = int_param(spec, "count", 1, 1, 8)? as u32;
+        let count = int_param(spec, "count", 1, 0, 8)? as u32;
         let frames = int_param(spec, "frames", 8, 2, 48)? as u32;
         let fps = int_param(spec, "fps", 8, 1, 60)? as u16;
         let seed = match spec.params.get("seed") {
@@ -92,12 +97,16 @@ impl Backend for SimBackend {
         };
         let fault = str_param(spec, "fault")?.map(str::to_string);
         if fault.is_some() && !self.cfg.allow_faults {
-            return Err(invalid("params.fault is only honoured when the worker's sim.allow_faults is set"));
+            return Err(invalid(
+                "params.fault is only honoured when the worker's sim.allow_faults is set",
+            ));
         }
 
         if let Some(model) = &spec.model {
             if !self.cfg.models.contains(model) {
-                return Err(invalid(format!("model {model:?} is not installed on this sim worker")));
+                return Err(invalid(format!(
+                    "model {model:?} is not installed on this sim worker"
+                )));
             }
             let switching = self.loaded_model().as_deref() != Some(model.as_str());
             if switching {
@@ -110,10 +119,18 @@ impl Backend for SimBackend {
         match fault.as_deref() {
             None => {}
             Some("fail") => {
-                return Err(RunError::Failed(JobError::new(FailureKind::Backend, "simulated failure (params.fault = fail)", false)))
+                return Err(RunError::Failed(JobError::new(
+                    FailureKind::Backend,
+                    "simulated failure (params.fault = fail)",
+                    false,
+                )))
             }
             Some("fail_retryable") => {
-                return Err(RunError::Failed(JobError::new(FailureKind::Backend, "simulated transient failure", true)))
+                return Err(RunError::Failed(JobError::new(
+                    FailureKind::Backend,
+                    "simulated transient failure",
+                    true,
+                )))
             }
             Some("oom") => {
                 return Err(RunError::Failed(JobError::new(
@@ -131,7 +148,11 @@ impl Backend for SimBackend {
                 tracing::error!(job = %job.job_id, "params.fault = crash: aborting the worker process");
                 std::process::abort();
             }
-            Some(other) => return Err(invalid(format!("unknown params.fault {other:?}; expected fail, fail_retryable, oom, hang or crash"))),
+            Some(other) => {
+                return Err(invalid(format!(
+                "unknown params.fault {other:?}; expected fail, fail_retryable, oom, hang or crash"
+            )))
+            }
         }
 
         for step in 1..=steps {
@@ -148,7 +169,8 @@ impl Backend for SimBackend {
         for i in 0..count {
             let item_seed = seed.wrapping_add(i as u64) ^ inputs_hash;
             let (data, name, media_type) = if video {
-                let data = render_apng(&prompt, item_seed, width, height, frames, fps).map_err(internal)?;
+                let data = render_apng(&prompt, item_seed, width, height, frames, fps)
+                    .map_err(internal)?;
                 (data, format!("sim_{}_{i}.png", job.job_id), "image/apng")
             } else {
                 let data = render_png(&prompt, item_seed, width, height).map_err(internal)?;
@@ -178,12 +200,20 @@ impl Backend for SimBackend {
 }
 
 fn internal(e: png::EncodingError) -> RunError {
-    RunError::Failed(JobError::new(FailureKind::Internal, format!("PNG encoding failed: {e}"), false))
+    RunError::Failed(JobError::new(
+        FailureKind::Internal,
+        format!("PNG encoding failed: {e}"),
+        false,
+    ))
 }
 
 async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> Result<(), RunError> {
     if d.is_zero() {
-        return if cancel.is_cancelled() { Err(RunError::Cancelled) } else { Ok(()) };
+        return if cancel.is_cancelled() {
+            Err(RunError::Cancelled)
+        } else {
+            Ok(())
+        };
     }
     tokio::select! {
         _ = tokio::time::sleep(d) => Ok(()),
@@ -227,7 +257,12 @@ fn pixels(prompt: &str, seed: u64, width: u32, height: u32, t: f32) -> Vec<u8> {
     out
 }
 
-fn render_png(prompt: &str, seed: u64, width: u32, height: u32) -> Result<Vec<u8>, png::EncodingError> {
+fn render_png(
+    prompt: &str,
+    seed: u64,
+    width: u32,
+    height: u32,
+) -> Result<Vec<u8>, png::EncodingError> {
     let mut buf = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut buf, width, height);
@@ -242,7 +277,14 @@ fn render_png(prompt: &str, seed: u64, width: u32, height: u32) -> Result<Vec<u8
     Ok(buf)
 }
 
-fn render_apng(prompt: &str, seed: u64, width: u32, height: u32, frames: u32, fps: u16) -> Result<Vec<u8>, png::EncodingError> {
+fn render_apng(
+    prompt: &str,
+    seed: u64,
+    width: u32,
+    height: u32,
+    frames: u32,
+    fps: u16,
+) -> Result<Vec<u8>, png::EncodingError> {
     let mut buf = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut buf, width, height);
@@ -262,9 +304,12 @@ fn render_apng(prompt: &str, seed: u64, width: u32, height: u32, frames: u32, fp
 
 /// The sim backend's default spec, for `kiln demo` and examples.
 pub fn demo_spec(prompt: &str, seed: u64) -> JobSpec {
-    JobSpec::new(kiln_protocol::Backend::Sim, kiln_protocol::Task::TextToImage)
-        .param("prompt", prompt)
-        .param("seed", seed)
+    JobSpec::new(
+        kiln_protocol::Backend::Sim,
+        kiln_protocol::Task::TextToImage,
+    )
+    .param("prompt", prompt)
+    .param("seed", seed)
 }
 
 #[cfg(test)]
@@ -301,7 +346,10 @@ mod tests {
     async fn renders_a_decodable_png_that_depends_on_prompt_and_seed() {
         let sim = SimBackend::new(fast());
         let run = |p: &str, s: u64| {
-            let spec = demo_spec(p, s).param("width", 64).param("height", 48).param("steps", 3);
+            let spec = demo_spec(p, s)
+                .param("width", 64)
+                .param("height", 48)
+                .param("steps", 3);
             let (sink, _rx) = ProgressSink::new();
             sim.run(job(spec), sink, CancellationToken::new())
         };
@@ -321,30 +369,40 @@ mod tests {
     #[tokio::test]
     async fn video_tasks_make_an_animated_png() {
         let sim = SimBackend::new(fast());
-        let spec = JobSpec::new(kiln_protocol::Backend::Sim, kiln_protocol::Task::TextToVideo)
-            .param("prompt", "waves")
-            .param("width", 32)
-            .param("height", 32)
-            .param("frames", 4)
-            .param("steps", 0);
+        let spec = JobSpec::new(
+            kiln_protocol::Backend::Sim,
+            kiln_protocol::Task::TextToVideo,
+        )
+        .param("prompt", "waves")
+        .param("width", 32)
+        .param("height", 32)
+        .param("frames", 4)
+        .param("steps", 0);
         let (sink, _rx) = ProgressSink::new();
-        let out = sim.run(job(spec), sink, CancellationToken::new()).await.unwrap();
+        let out = sim
+            .run(job(spec), sink, CancellationToken::new())
+            .await
+            .unwrap();
         assert_eq!(out.outputs[0].media_type, "image/apng");
-        let reader = png::Decoder::new(std::io::Cursor::new(png_bytes(&out).to_vec())).read_info().unwrap();
+        let reader = png::Decoder::new(std::io::Cursor::new(png_bytes(&out).to_vec()))
+            .read_info()
+            .unwrap();
         assert_eq!(reader.info().animation_control().unwrap().num_frames, 4);
     }
 
     #[tokio::test]
     async fn progress_steps_and_cancel() {
-        let sim = SimBackend::new(SimConfig { step_ms: 5, ..fast() });
+        let sim = SimBackend::new(SimConfig {
+            step_ms: 5,
+            ..fast()
+        });
         let (sink, mut rx) = ProgressSink::new();
         let cancel = CancellationToken::new();
-        let spec = demo_spec("slow", 1).param("steps", 10_000).param("width", 8).param("height", 8);
-        let task = {
-            let cancel = cancel.clone();
-            let fut = sim.run(job(spec), sink, cancel);
-            async move { fut.await }
-        };
+        let spec = demo_spec("slow", 1)
+            .param("steps", 10_000)
+            .param("width", 8)
+            .param("height", 8);
+        let task = sim.run(job(spec), sink, cancel.clone());
         let watcher = async {
             rx.changed().await.unwrap();
             let p = rx.borrow().clone().unwrap();
@@ -359,15 +417,45 @@ mod tests {
     async fn faults_need_permission_and_map_to_typed_errors() {
         let strict = SimBackend::new(SimConfig::default());
         let (sink, _rx) = ProgressSink::new();
-        let err = strict.run(job(demo_spec("x", 1).param("fault", "oom")), sink.clone(), CancellationToken::new()).await.unwrap_err();
+        let err = strict
+            .run(
+                job(demo_spec("x", 1).param("fault", "oom")),
+                sink.clone(),
+                CancellationToken::new(),
+            )
+            .await
+            .unwrap_err();
         assert!(matches!(err, RunError::Failed(e) if e.kind == FailureKind::InvalidInput));
 
         let lax = SimBackend::new(fast());
-        let err = lax.run(job(demo_spec("x", 1).param("fault", "oom")), sink.clone(), CancellationToken::new()).await.unwrap_err();
-        assert!(matches!(err, RunError::Failed(e) if e.kind == FailureKind::OutOfMemory && e.retryable));
-        let err = lax.run(job(demo_spec("x", 1).param("fault", "fail")), sink.clone(), CancellationToken::new()).await.unwrap_err();
+        let err = lax
+            .run(
+                job(demo_spec("x", 1).param("fault", "oom")),
+                sink.clone(),
+                CancellationToken::new(),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RunError::Failed(e) if e.kind == FailureKind::OutOfMemory && e.retryable)
+        );
+        let err = lax
+            .run(
+                job(demo_spec("x", 1).param("fault", "fail")),
+                sink.clone(),
+                CancellationToken::new(),
+            )
+            .await
+            .unwrap_err();
         assert!(matches!(err, RunError::Failed(e) if !e.retryable));
-        let err = lax.run(job(demo_spec("x", 1).param("width", 100_000)), sink, CancellationToken::new()).await.unwrap_err();
+        let err = lax
+            .run(
+                job(demo_spec("x", 1).param("width", 100_000)),
+                sink,
+                CancellationToken::new(),
+            )
+            .await
+            .unwrap_err();
         assert!(matches!(err, RunError::Failed(e) if e.message.contains("params.width")));
     }
 
@@ -375,12 +463,20 @@ mod tests {
     async fn model_switches_are_reported() {
         let sim = SimBackend::new(fast());
         assert_eq!(sim.loaded_model(), None);
-        let mut spec = demo_spec("x", 1).param("steps", 0).param("width", 8).param("height", 8);
+        let mut spec = demo_spec("x", 1)
+            .param("steps", 0)
+            .param("width", 8)
+            .param("height", 8);
         spec.model = Some("sim-sdxl".into());
         let (sink, _rx) = ProgressSink::new();
-        sim.run(job(spec.clone()), sink.clone(), CancellationToken::new()).await.unwrap();
+        sim.run(job(spec.clone()), sink.clone(), CancellationToken::new())
+            .await
+            .unwrap();
         assert_eq!(sim.loaded_model().as_deref(), Some("sim-sdxl"));
         spec.model = Some("not-installed".into());
-        assert!(sim.run(job(spec), sink, CancellationToken::new()).await.is_err());
+        assert!(sim
+            .run(job(spec), sink, CancellationToken::new())
+            .await
+            .is_err());
     }
 }

@@ -25,7 +25,11 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     kiln_config::logging::init("info,zeromq=warn");
     let args = Args::parse();
-    let files = if args.config.is_empty() { kiln_config::default_files() } else { args.config };
+    let files = if args.config.is_empty() {
+        kiln_config::default_files()
+    } else {
+        args.config
+    };
     let mut cfg = KilnConfig::load(&files)?;
     if let Some(gpu) = args.gpu {
         cfg.worker.gpu.index = gpu;
@@ -50,7 +54,9 @@ async fn main() -> anyhow::Result<()> {
     {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("signal handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
