@@ -2,7 +2,7 @@
 //! any number of concurrent calls over one connection), the configuration, the
 //! allowed roots, and what the gateway remembers about the jobs it submitted.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -48,6 +48,24 @@ pub struct Gateway {
     /// shared so any session (or stateless HTTP request) can poll any task.
     pub tasks: TaskManager,
     post: Mutex<(HashMap<JobId, PostProcess>, VecDeque<JobId>)>,
+    /// Jobs that calls in progress are waiting for: their results have nowhere to
+    /// go once the client is gone, so they are cancelled when the gateway stops.
+    waited: Mutex<HashSet<JobId>>,
+}
+
+/// Marks jobs as waited for by a call until it is dropped.
+pub struct Waiting<'a> {
+    gw: &'a Gateway,
+    jobs: Vec<JobId>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut waited = self.gw.waited.lock().expect("not poisoned");
+        for job in &self.jobs {
+            waited.remove(job);
+        }
+    }
 }
 
 impl Gateway {
@@ -59,6 +77,7 @@ impl Gateway {
             roots,
             tasks: TaskManager::new(),
             post: Mutex::default(),
+            waited: Mutex::default(),
         }
     }
 
@@ -76,6 +95,36 @@ impl Gateway {
             if let Some(old) = order.pop_front() {
                 map.remove(&old);
             }
+        }
+    }
+
+    /// Records that a call waits for `jobs` (see [`Gateway::cancel_waited`]).
+    pub fn waiting(&self, jobs: Vec<JobId>) -> Waiting<'_> {
+        self.waited
+            .lock()
+            .expect("not poisoned")
+            .extend(jobs.iter().copied());
+        Waiting { gw: self, jobs }
+    }
+
+    /// Cancels every job a call is still waiting for: the gateway is stopping or
+    /// its client went away, so nobody will receive their results. Bounded by
+    /// `limit` so a dead broker cannot hold up the exit.
+    pub async fn cancel_waited(&self, limit: Duration) {
+        let jobs: Vec<JobId> = self
+            .waited
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .copied()
+            .collect();
+        if jobs.is_empty() {
+            return;
+        }
+        tracing::info!(jobs = jobs.len(), "cancelling the jobs of unfinished calls");
+        let cancels = futures::future::join_all(jobs.iter().map(|id| self.client.cancel(*id)));
+        if tokio::time::timeout(limit, cancels).await.is_err() {
+            tracing::warn!("the broker did not confirm every cancel in time");
         }
     }
 

@@ -219,6 +219,11 @@ pub async fn run(
             .collect();
         return Ok((items, Ended::NotWaited));
     }
+    let _waiting = gw.waiting(
+        ids.iter()
+            .filter_map(|id| id.as_ref().ok().copied())
+            .collect(),
+    );
     let (latest, ended) = follow_all(gw, &ids, timeout, call).await?;
     let mut items = Vec::with_capacity(ids.len());
     for (id, snap) in ids.into_iter().zip(latest) {

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -77,18 +78,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 allowed_hosts: cfg.mcp.allowed_hosts.clone(),
                 allowed_origins: cfg.mcp.allowed_origins.clone(),
             };
-            http::serve(gw, settings, shutdown).await?;
+            let served = http::serve(gw.clone(), settings, shutdown).await;
+            gw.cancel_waited(Duration::from_secs(5)).await;
+            served?;
         }
         None => {
             tracing::info!(broker = %cfg.client.broker, "serving MCP over stdio");
-            let service = KilnMcp::new(gw)
+            let service = KilnMcp::new(gw.clone())
                 .serve(rmcp::transport::stdio_pipes())
                 .await
                 .context("starting the stdio MCP session")?;
-            tokio::select! {
-                r = service.waiting() => { r.context("the stdio MCP session failed")?; }
-                _ = shutdown.cancelled() => {}
-            }
+            // The client closing stdin or a signal ends the session; calls still
+            // waiting then have nobody to answer, so their jobs are cancelled.
+            let ended = tokio::select! {
+                r = service.waiting() => r.map(|_| ()).context("the stdio MCP session failed"),
+                _ = shutdown.cancelled() => Ok(()),
+            };
+            gw.cancel_waited(Duration::from_secs(5)).await;
+            ended?;
         }
     }
     Ok(())

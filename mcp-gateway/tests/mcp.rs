@@ -275,3 +275,39 @@ fn the_example_config_parses_with_its_mcp_block() {
     assert!(!mcp.allowed_roots.is_empty());
     assert!(mcp.output_dir.is_some());
 }
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/kiln-mcp.service"),
+    )
+    .unwrap();
+    assert!(
+        unit.contains("--http") && unit.contains("LoadCredential=kiln-mcp-token:"),
+        "{unit}"
+    );
+    // Point ExecStart at the binary just built so systemd-analyze can check it.
+    let scratch = Scratch::new();
+    let path = scratch.path().join("kiln-mcp.service");
+    std::fs::write(
+        &path,
+        unit.replace(
+            "/usr/local/bin/kiln-mcp",
+            &bin("kiln-mcp").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze is installed (scripts/test-deps)");
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    // A missing `kiln` user is expected on a build machine.
+    let complaints: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.contains("User=kiln") && !l.contains("user kiln"))
+        .collect();
+    assert!(complaints.is_empty(), "systemd-analyze verify: {text}");
+}
