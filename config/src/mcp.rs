@@ -119,3 +119,64 @@ impl McpConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_of(cfg: McpConfig) -> String {
+        match cfg.validate().unwrap_err() {
+            ConfigError::Invalid { key, .. } => key,
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_loopback_and_valid() {
+        let cfg = McpConfig::default();
+        cfg.validate().unwrap();
+        let addr: std::net::SocketAddr = cfg.http_bind.parse().unwrap();
+        assert!(addr.ip().is_loopback());
+        assert_eq!(cfg.inline_image_max_bytes, 1024 * 1024);
+        assert!(
+            cfg.allowed_roots.is_empty(),
+            "no file access unless configured"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let bad = |f: fn(&mut McpConfig)| {
+            let mut c = McpConfig::default();
+            f(&mut c);
+            key_of(c)
+        };
+        assert_eq!(bad(|c| c.http_bind = "localhost".into()), "mcp.http_bind");
+        assert_eq!(bad(|c| c.http_path = "mcp".into()), "mcp.http_path");
+        assert_eq!(
+            bad(|c| c.allowed_roots = vec!["assets".into()]),
+            "mcp.allowed_roots"
+        );
+        assert_eq!(bad(|c| c.output_dir = Some("out".into())), "mcp.output_dir");
+        assert_eq!(bad(|c| c.wait_timeout_s = 7200), "mcp.wait_timeout_s");
+        assert_eq!(
+            bad(|c| c.inline_image_max_bytes = 10),
+            "mcp.inline_image_max_bytes"
+        );
+        assert_eq!(bad(|c| c.priority = 11), "mcp.priority");
+    }
+
+    #[test]
+    fn the_token_resolves_from_a_file() {
+        let dir = std::env::temp_dir().join(format!("kiln-mcp-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "  abc123\n").unwrap();
+        let cfg = McpConfig {
+            token_file: Some(file),
+            ..McpConfig::default()
+        };
+        assert_eq!(cfg.resolved_token().unwrap().unwrap().expose(), "abc123");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -30,10 +30,6 @@ impl AllowedRoots {
         Ok(AllowedRoots { roots })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.roots.is_empty()
-    }
-
     fn root_of(&self, path: &Path) -> Option<&Path> {
         self.roots
             .iter()

@@ -33,16 +33,6 @@ pub struct CallContext {
 }
 
 impl CallContext {
-    /// A context for work with no client attached (tests, tasks without progress).
-    pub fn detached(cancel: CancellationToken) -> CallContext {
-        CallContext {
-            peer: None,
-            progress_token: None,
-            cancel,
-            task: None,
-        }
-    }
-
     async fn notify(&self, value: f64, total: f64, message: String) {
         if let Some(task) = &self.task {
             task.set_status_message(format!("{value:.0}% {message}"));
@@ -205,18 +195,13 @@ pub async fn run(
 ) -> Result<(Vec<Item>, Ended), Cancelled> {
     let ids = submit_all(gw, specs).await;
     if !wait {
-        let snapshots = join_all(ids.iter().map(|id| async move {
+        let items = join_all(ids.into_iter().map(|id| async move {
             match id {
-                Ok(id) => gw.client.get(*id).await.map_err(ToolError::from),
-                Err(e) => Err(ToolError::Io(e.to_string())),
+                Ok(id) => gw.client.get(id).await.map_err(ToolError::from),
+                Err(e) => Err(e),
             }
         }))
         .await;
-        let items = ids
-            .into_iter()
-            .zip(snapshots)
-            .map(|(id, snap)| id.and(snap))
-            .collect();
         return Ok((items, Ended::NotWaited));
     }
     let _waiting = gw.waiting(
