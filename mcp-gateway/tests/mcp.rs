@@ -172,9 +172,13 @@ async fn check_broker(fleet: &Fleet, lines: &[Value]) {
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(fleet.assets.join("game.assets.json")).unwrap())
             .unwrap();
+    let mode = scenario(lines, "mode")["mode"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(
-        manifest["assets"]["knight_idle"]["path"],
-        "sprites/knight/idle.png"
+        manifest["assets"][format!("knight_idle_{mode}")]["path"],
+        format!("sprites/{mode}/knight/idle.png")
     );
     let copies = std::fs::read_dir(&fleet.outputs).unwrap().count();
     assert!(
@@ -231,22 +235,28 @@ async fn over_http_with_the_python_sdk() {
         },
     )
     .await;
-    let lines = run_scenarios(
-        &fleet,
-        &[
-            "--transport".into(),
-            "http".into(),
-            "--url".into(),
-            format!("http://127.0.0.1:{port}/mcp"),
-            "--token".into(),
-            MCP_TOKEN.into(),
-        ],
-    )
-    .await;
-    for name in ["http_guards", "sdk_without_token", "concurrent_sessions"] {
-        assert_eq!(scenario(&lines, name)["ok"], true, "{name}");
+    // Both protocol generations over HTTP: sessions (initialize) and stateless
+    // 2026-07-28 requests.
+    for mode in ["legacy", "auto"] {
+        let lines = run_scenarios(
+            &fleet,
+            &[
+                "--transport".into(),
+                "http".into(),
+                "--url".into(),
+                format!("http://127.0.0.1:{port}/mcp"),
+                "--token".into(),
+                MCP_TOKEN.into(),
+                "--mode".into(),
+                mode.into(),
+            ],
+        )
+        .await;
+        for name in ["http_guards", "sdk_without_token", "concurrent_sessions"] {
+            assert_eq!(scenario(&lines, name)["ok"], true, "{mode}: {name}");
+        }
+        check_broker(&fleet, &lines).await;
     }
-    check_broker(&fleet, &lines).await;
 }
 
 #[test]
