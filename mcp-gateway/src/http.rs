@@ -19,6 +19,10 @@ use tokio_util::sync::CancellationToken;
 use crate::gateway::Gateway;
 use crate::server::KilnMcp;
 
+/// Largest request body: a base64 input image at the broker's 16 MiB input limit
+/// is about 21.4 MiB of JSON, and rmcp's own default (4 MiB) would refuse it.
+const MAX_REQUEST_BODY_BYTES: usize = 32 * 1024 * 1024;
+
 /// How the HTTP endpoint is exposed.
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
@@ -85,8 +89,9 @@ pub async fn serve(
     if settings.token.is_none() && !settings.bind.ip().is_loopback() {
         return Err(HttpError::NoTokenOnNetwork(settings.bind));
     }
-    let mut config =
-        StreamableHttpServerConfig::default().with_cancellation_token(shutdown.child_token());
+    let mut config = StreamableHttpServerConfig::default()
+        .with_cancellation_token(shutdown.child_token())
+        .with_max_request_body_bytes(MAX_REQUEST_BODY_BYTES);
     if !settings.allowed_hosts.is_empty() {
         config = config.with_allowed_hosts(settings.allowed_hosts.clone());
     }
