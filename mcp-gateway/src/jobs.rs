@@ -57,6 +57,8 @@ pub enum Ended {
     TimedOut,
     /// The caller asked not to wait.
     NotWaited,
+    /// Nobody waited: a look at the jobs as they are (`get_job`).
+    Looked,
 }
 
 /// One item of a call: the job's latest snapshot, or why it was never accepted.

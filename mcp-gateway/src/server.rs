@@ -273,19 +273,7 @@ impl KilnMcp {
             Err(e) => return e.into_result(),
         };
         match self.gw.client.get(id).await {
-            Ok(s) => {
-                render::render(
-                    &self.gw,
-                    vec![Ok(s.clone())],
-                    None,
-                    if s.state.is_terminal() {
-                        Ended::Finished
-                    } else {
-                        Ended::TimedOut
-                    },
-                )
-                .await
-            }
+            Ok(s) => render::render(&self.gw, vec![Ok(s)], None, Ended::Looked).await,
             Err(e) => ToolError::from(e).into_result(),
         }
     }
