@@ -12,6 +12,7 @@
 
 mod comfyui;
 pub mod logging;
+mod mcp;
 mod secret;
 mod wan2gp;
 
@@ -23,6 +24,7 @@ use kiln_protocol::Limits;
 use serde::{Deserialize, Serialize};
 
 pub use comfyui::{ComfyUiConfig, ComfyUiMode};
+pub use mcp::McpConfig;
 pub use secret::{resolve as resolve_secret, Secret};
 pub use wan2gp::{
     parse_resolution, DefaultModels, VramRow, VramTable, Wan2gpConfig, WAN2GP_PROFILES,
@@ -47,6 +49,7 @@ pub struct KilnConfig {
     pub broker: BrokerConfig,
     pub worker: WorkerConfig,
     pub client: ClientConfig,
+    pub mcp: McpConfig,
 }
 
 /// The broker daemon.
@@ -294,7 +297,7 @@ pub fn default_state_dir() -> PathBuf {
 }
 
 /// The tables a `KILN_<TABLE>__...` variable may address.
-const TABLES: [&str; 3] = ["broker", "worker", "client"];
+const TABLES: [&str; 4] = ["broker", "worker", "client", "mcp"];
 
 impl KilnConfig {
     /// Loads defaults, then `files` in order (each must exist), then the environment.
@@ -381,6 +384,7 @@ impl KilnConfig {
         }
         self.worker.comfyui.validate()?;
         self.worker.wan2gp.validate()?;
+        self.mcp.validate()?;
         Ok(self)
     }
 

@@ -1,0 +1,83 @@
+//! What a tool call can fail with, and how the failure reaches the assistant.
+//!
+//! Every failure becomes an in-band tool result (`isError: true`) whose text and
+//! structured content name the kind and, for bad arguments, the field: the assistant
+//! reads it and can fix its call. Protocol errors are left to rmcp.
+
+use kiln_protocol::ClientError;
+use rmcp::model::{CallToolResult, ContentBlock};
+use serde_json::json;
+
+/// Why a tool call did not produce its result.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    /// An argument is missing, of the wrong type, outside its range or otherwise
+    /// unusable. `field` is the argument's path, e.g. `loras[1].strength`.
+    #[error("invalid argument `{field}`: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    /// The broker refused or could not be reached.
+    #[error("{0}")]
+    Broker(#[from] ClientError),
+    /// A path outside the allowed roots, or file access while none is configured.
+    #[error("file access refused for `{field}`: {reason}")]
+    AccessDenied { field: String, reason: String },
+    /// Reading or writing a file failed.
+    #[error("{0}")]
+    Io(String),
+    /// The output could not be decoded or re-encoded.
+    #[error("image processing failed: {0}")]
+    Image(String),
+}
+
+impl ToolError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ToolError::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn denied(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ToolError::AccessDenied {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A short machine-readable name of the kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ToolError::InvalidArgument { .. } => "invalid_argument",
+            ToolError::Broker(ClientError::Broker(_)) => "refused",
+            ToolError::Broker(_) => "broker_unavailable",
+            ToolError::AccessDenied { .. } => "access_denied",
+            ToolError::Io(_) => "io",
+            ToolError::Image(_) => "image",
+        }
+    }
+
+    /// The argument or wire field at fault, when there is one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            ToolError::InvalidArgument { field, .. } | ToolError::AccessDenied { field, .. } => {
+                Some(field)
+            }
+            ToolError::Broker(ClientError::Broker(body)) => body.field.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The in-band error result the assistant sees.
+    pub fn into_result(self) -> CallToolResult {
+        let mut result = CallToolResult::error(vec![ContentBlock::text(self.to_string())]);
+        result.structured_content = Some(json!({
+            "error": { "kind": self.kind(), "field": self.field(), "message": self.to_string() }
+        }));
+        result
+    }
+}
+
+/// A failure while preparing inputs, converted from `std::io::Error` with context.
+pub fn io_error(what: &str, err: std::io::Error) -> ToolError {
+    ToolError::Io(format!("{what}: {err}"))
+}
