@@ -107,7 +107,7 @@ fn register(core: &mut Core, i: usize, out: &mut Vec<Output>) {
 }
 
 fn submit(core: &mut Core, i: u64, now: u64, out: &mut Vec<Output>) {
-    let peer = Bytes::from(format!("client{}", i % 100));
+    let peer = Bytes::from(format!("client{}", i % 1000));
     core.handle(
         now,
         Input::Request {

@@ -404,7 +404,7 @@ async fn worker_state_changes_are_published() {
         }
     }
     let ev = seen.expect("a worker_state event within 20 jobs");
-    assert_eq!(ev.worker_id, "announced");
+    assert_eq!(&*ev.worker_id, "announced");
     let workers = client.workers().await.unwrap();
     assert_eq!(workers.len(), 1);
     assert_eq!(workers[0].gpu.name, "test GPU");

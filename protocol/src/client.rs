@@ -759,9 +759,9 @@ fn apply(snap: &mut JobSnapshot, event: Event) {
         Event::JobProgress(e) => {
             snap.seq = e.seq;
             snap.attempt = e.attempt;
-            snap.worker = Some(e.worker);
+            snap.worker = Some(e.worker.to_string());
             if !e.gpu.is_empty() {
-                snap.gpu = Some(e.gpu);
+                snap.gpu = Some(e.gpu.to_string());
             }
             snap.progress = Some(e.progress);
         }
@@ -772,7 +772,7 @@ fn apply(snap: &mut JobSnapshot, event: Event) {
             }
             snap.state = e.state;
             snap.attempt = e.attempt;
-            snap.worker = e.worker;
+            snap.worker = e.worker.as_deref().map(str::to_string);
             snap.error = e.error;
             snap.cancel_requested = e.cancel_requested;
             if !e.artifacts.is_empty() {

@@ -5,6 +5,9 @@
 //! PUB is lossy (slow joiners, full queues), so each job event carries a per-job
 //! sequence number; a follower that sees a gap asks for a snapshot with `get`.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::ids::JobId;
@@ -34,15 +37,15 @@ pub struct JobStateEvent {
     pub state: JobState,
     pub attempt: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub worker: Option<String>,
+    pub worker: Option<Arc<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<JobError>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<ArtifactMeta>,
     #[serde(default)]
     pub cancel_requested: bool,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub note: String,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub note: Cow<'static, str>,
     pub at_ms: u64,
 }
 
@@ -52,10 +55,10 @@ pub struct JobProgressEvent {
     pub job_id: JobId,
     pub seq: u64,
     pub attempt: u32,
-    pub worker: String,
+    pub worker: Arc<str>,
     /// The worker's GPU name, for messages like `sampling 12/30 on gpu0 (RTX 4090)`.
     #[serde(default)]
-    pub gpu: String,
+    pub gpu: Arc<str>,
     #[serde(flatten)]
     pub progress: Progress,
 }
@@ -63,7 +66,7 @@ pub struct JobProgressEvent {
 /// A worker registered, changed state or went offline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerStateEvent {
-    pub worker_id: String,
+    pub worker_id: Arc<str>,
     pub state: WorkerState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<JobId>,

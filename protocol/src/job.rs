@@ -1,5 +1,8 @@
 //! What a job is: its specification, its state, its outputs and its snapshot.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -482,10 +485,12 @@ pub struct Transition {
     pub at_ms: u64,
     pub state: JobState,
     pub attempt: u32,
+    /// Shared with the broker's worker table (an `Arc`, so recording costs no copy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub worker: Option<String>,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub note: String,
+    pub worker: Option<Arc<str>>,
+    /// Why, when the state alone does not say (a requeue, a failure).
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub note: Cow<'static, str>,
 }
 
 /// The whole observable state of a job at sequence number `seq`: what `get` returns,

@@ -299,19 +299,23 @@ impl Core {
     /// fleet memory) could run jobs with these requirements; if not, why not, in
     /// terms an operator can act on.
     pub(super) fn fleet_can_run(&self, now_ms: u64, req: &Requirements) -> Result<(), String> {
+        let in_fleet = |w: &&super::Worker| {
+            w.online || now_ms.saturating_sub(w.last_seen_ms) < self.cfg.fleet_memory_ms
+        };
+        // The common case, without collecting anything: some worker fits.
+        let mut fleet = self.workers.iter().map(|(_, w)| w).filter(in_fleet);
+        if fleet.any(|w| w.can_run(req)) {
+            return Ok(());
+        }
+        // Refused: work out why, in terms an operator can act on.
         let fleet: Vec<_> = self
             .workers
             .iter()
             .map(|(_, w)| w)
-            .filter(|w| {
-                w.online || now_ms.saturating_sub(w.last_seen_ms) < self.cfg.fleet_memory_ms
-            })
+            .filter(in_fleet)
             .collect();
         if fleet.is_empty() {
             return Err("no workers have registered with this broker".into());
-        }
-        if fleet.iter().any(|w| w.can_run(req)) {
-            return Ok(());
         }
         let with_backend: Vec<_> = fleet
             .iter()

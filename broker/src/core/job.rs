@@ -1,6 +1,7 @@
 //! A job as the broker keeps it: the client's spec plus everything that happened.
 //! The serialized form is the durable record; fields marked `skip` are rebuilt.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use kiln_protocol::{
@@ -110,7 +111,7 @@ impl Job {
         Ok(job)
     }
 
-    pub fn record(&mut self, at_ms: u64, note: impl Into<String>) {
+    pub fn record(&mut self, at_ms: u64, note: Cow<'static, str>) {
         if self.history.len() >= MAX_HISTORY {
             self.history.remove(1); // keep the first entry: when it was submitted
         }
@@ -122,8 +123,8 @@ impl Job {
             at_ms,
             state: self.state,
             attempt: self.attempt,
-            worker: self.worker.as_deref().map(str::to_string),
-            note: note.into(),
+            worker: self.worker.clone(),
+            note,
         });
     }
 

@@ -1,6 +1,8 @@
 //! The one place where jobs change state, and the scheduling decisions that cause
 //! those changes: enqueue, assign, requeue, finish.
 
+use std::borrow::Cow;
+
 use kiln_protocol::event::{JobStateEvent, WorkerStateEvent};
 use kiln_protocol::worker::{Assign, BrokerMessage, JobRef};
 use kiln_protocol::{ArtifactMeta, Event, FailureKind, JobError, JobId, JobState};
@@ -18,7 +20,7 @@ impl Core {
         now_ms: u64,
         id: JobId,
         state: JobState,
-        note: impl Into<String>,
+        note: impl Into<Cow<'static, str>>,
         out: &mut Vec<Output>,
     ) {
         let Some(job) = self.jobs.get_mut(&id) else {
@@ -50,7 +52,7 @@ impl Core {
         &mut self,
         now_ms: u64,
         id: JobId,
-        note: String,
+        note: Cow<'static, str>,
         out: &mut Vec<Output>,
     ) {
         let persist = self.cfg.persist;
@@ -69,7 +71,7 @@ impl Core {
             seq: job.seq,
             state: job.state,
             attempt: job.attempt,
-            worker: job.worker.as_deref().map(str::to_string),
+            worker: job.worker.clone(),
             error: job.error.clone(),
             artifacts: job.artifacts.clone(),
             cancel_requested: job.cancel_requested,
@@ -81,7 +83,7 @@ impl Core {
     pub(super) fn publish_worker(&self, now_ms: u64, idx: WorkerIdx, out: &mut Vec<Output>) {
         let w = self.workers.get(idx);
         out.push(Output::Publish(Event::WorkerState(WorkerStateEvent {
-            worker_id: w.id.to_string(),
+            worker_id: w.id.clone(),
             state: w.state(),
             job_id: w.current.map(|r| r.job_id),
             at_ms: now_ms,
@@ -203,13 +205,8 @@ impl Core {
                 degrade,
             }),
         });
-        self.change(
-            now_ms,
-            id,
-            JobState::Running,
-            format!("attempt {attempt} on {worker_id}"),
-            out,
-        );
+        // The transition itself records the attempt and the worker.
+        self.change(now_ms, id, JobState::Running, "", out);
         self.publish_worker(now_ms, idx, out);
         self.add_timer(now_ms + 2 * liveness_ms, TimerKind::StartAck, id, attempt);
         if let Some(at) = run_deadline {
@@ -340,8 +337,7 @@ impl Core {
         if let Some(p) = job.progress.as_mut() {
             p.pct = 100.0;
         }
-        let note = format!("{} output(s)", job.artifacts.len());
-        self.change(now_ms, id, JobState::Succeeded, note, out);
+        self.change(now_ms, id, JobState::Succeeded, "", out);
     }
 
     /// Ends a queued job without running it (cancel, queue timeout).

@@ -1,5 +1,7 @@
 //! Worker messages, liveness, timers, recovery and retention.
 
+use std::sync::Arc;
+
 use kiln_protocol::ids::is_simple_name;
 use kiln_protocol::job::safe_file_name;
 use kiln_protocol::worker::{
@@ -98,7 +100,7 @@ impl Core {
                     return;
                 }
                 let max_stage = self.cfg.limits.max_stage_len;
-                let worker = self.workers.get(idx).id.to_string();
+                let worker = self.workers.get(idx).id.clone();
                 let job = self.jobs.get_mut(&p.job_id).expect("current job exists");
                 let mut progress = p.progress;
                 kiln_protocol::limits::truncate(&mut progress.stage, max_stage);
@@ -118,7 +120,7 @@ impl Core {
                         seq: job.seq,
                         attempt: p.attempt,
                         worker,
-                        gpu: job.gpu.as_deref().unwrap_or_default().to_string(),
+                        gpu: job.gpu.clone().unwrap_or_else(|| Arc::from("")),
                         progress,
                     },
                 )));
