@@ -198,29 +198,69 @@ async fn kiln_figures(
     lat.sort();
     drop(events);
 
-    // Throughput: many submits in flight, completion read from `health`.
+    // Throughput: many submits in flight and at most WINDOW jobs outstanding (a
+    // producer that outruns the workers would only grow the queue). Completions
+    // are counted from the event stream; `health` settles the count at the end.
+    const WINDOW: u64 = 2_000;
     let before = client.health().await.unwrap().finished;
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let mut events = client.subscribe("job/").await.unwrap();
+    let counter = {
+        let (done, wake) = (done.clone(), wake.clone());
+        tokio::spawn(async move {
+            while let Some(e) = events.recv().await {
+                if matches!(&e, Event::JobState(s) if s.state.is_terminal()) {
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    wake.notify_one();
+                }
+            }
+        })
+    };
     let t = Instant::now();
-    let inflight = Arc::new(Semaphore::new(512));
+    let inflight = Arc::new(Semaphore::new(256));
+    let mut submitted = 0u64;
     let mut tasks = Vec::new();
-    for _ in 0..throughput_jobs {
-        let permit = inflight.clone().acquire_owned().await.unwrap();
-        let client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            client.submit(noop()).await.unwrap();
-            drop(permit);
-        }));
+    while submitted < throughput_jobs as u64 {
+        let finished = done.load(std::sync::atomic::Ordering::Relaxed);
+        if submitted.saturating_sub(finished) >= WINDOW {
+            // Events are lossy: fall back to `health` if none come for a while.
+            if tokio::time::timeout(Duration::from_millis(50), wake.notified())
+                .await
+                .is_err()
+            {
+                let h = client.health().await.unwrap().finished - before;
+                done.fetch_max(h, std::sync::atomic::Ordering::Relaxed);
+            }
+            continue;
+        }
+        let burst = (WINDOW - (submitted - finished)).min(throughput_jobs as u64 - submitted);
+        for _ in 0..burst {
+            let permit = inflight.clone().acquire_owned().await.unwrap();
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                client.submit(noop()).await.unwrap();
+                drop(permit);
+            }));
+        }
+        submitted += burst;
     }
     for t in tasks {
         t.await.unwrap();
     }
     loop {
-        let h = client.health().await.unwrap();
-        if h.finished - before >= throughput_jobs as u64 {
+        if done.load(std::sync::atomic::Ordering::Relaxed) >= throughput_jobs as u64 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        if tokio::time::timeout(Duration::from_millis(50), wake.notified())
+            .await
+            .is_err()
+        {
+            let h = client.health().await.unwrap().finished - before;
+            done.fetch_max(h, std::sync::atomic::Ordering::Relaxed);
+        }
     }
+    counter.abort();
     let per_sec = throughput_jobs as f64 / t.elapsed().as_secs_f64();
     (
         Figures {

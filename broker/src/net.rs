@@ -14,7 +14,8 @@
 //! - The committer thread writes the batch's records in one redb transaction (all
 //!   batches waiting are grouped) and only then sends the batch's replies, worker
 //!   messages and events. So `accepted` always follows the commit, and nothing a
-//!   client hears about can be lost by a crash.
+//!   client hears about can be lost by a crash. Assignments alone go out at once
+//!   from the router (their attempt numbers are reserved by earlier records).
 //! - Each peer has its own send task with a bounded queue, so a stalled peer never
 //!   blocks the broker: its messages are dropped (clients re-query) or, for a
 //!   worker, the worker is declared unreachable.
@@ -31,6 +32,7 @@ use futures::FutureExt;
 use kiln_config::{ConfigError, KilnConfig};
 use kiln_protocol::frame::{self, peek_envelope, PROTOCOL_TAG};
 use kiln_protocol::request::{Chunk, Reply};
+use kiln_protocol::worker::BrokerMessage;
 use kiln_protocol::{ErrorBody, ErrorCode, Request, WorkerMessage};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -237,20 +239,25 @@ impl Broker {
                 .spawn(move || artifact_loop(artifacts, art_rx, clients, stored_tx))
                 .expect("spawn artifact thread");
         }
-        let (commit_tx, commit_rx) = mpsc::channel::<Batch>(1024);
         let (fatal_tx, fatal_rx) = oneshot::channel::<String>();
-        {
-            let ctx = Dispatch {
-                clients,
-                workers,
-                events: pub_tx,
-                artifacts: art_tx.clone(),
-            };
-            std::thread::Builder::new()
-                .name("kiln-commit".into())
-                .spawn(move || commit_loop(store, commit_rx, ctx, fatal_tx))
-                .expect("spawn committer thread");
-        }
+        let ctx = Dispatch {
+            clients,
+            workers,
+            events: pub_tx,
+            artifacts: art_tx.clone(),
+        };
+        // The committer thread also sends (encoding and socket work off the
+        // router's thread), with or without a store.
+        let (commit_tx, commit_rx) = mpsc::channel::<Batch>(1024);
+        let workers = ctx.workers.clone();
+        std::thread::Builder::new()
+            .name("kiln-commit".into())
+            .spawn(move || commit_loop(store, commit_rx, ctx, fatal_tx))
+            .expect("spawn committer thread");
+        let downstream = Downstream {
+            commits: commit_tx,
+            workers,
+        };
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let alive = Arc::new(AtomicU64::new(clock.now_ms()));
@@ -259,7 +266,7 @@ impl Broker {
             clock,
             inputs_rx,
             stored_rx,
-            commit_tx,
+            downstream,
             art_tx,
             shutdown_rx,
             fatal_rx,
@@ -416,7 +423,7 @@ async fn route_loop(
     clock: Clock,
     mut inputs: mpsc::Receiver<Input>,
     mut stored: mpsc::UnboundedReceiver<Input>,
-    commits: mpsc::Sender<Batch>,
+    downstream: Downstream,
     artifacts: mpsc::Sender<ArtifactOp>,
     mut shutdown: watch::Receiver<bool>,
     mut fatal: oneshot::Receiver<String>,
@@ -432,7 +439,9 @@ async fn route_loop(
         let first = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
-            reason = &mut fatal => return Err(BrokerError::CommitFailed(reason.unwrap_or_else(|_| "committer stopped".into()))),
+            reason = &mut fatal => {
+                return Err(BrokerError::CommitFailed(reason.unwrap_or_else(|_| "committer stopped".into())))
+            }
             input = stored.recv() => match input {
                 Some(i) => i,
                 None => break,
@@ -462,6 +471,10 @@ async fn route_loop(
         for o in out.drain(..) {
             match o {
                 Output::Persist(r) => batch.records.push(r),
+                Output::ToWorker {
+                    peer,
+                    msg: msg @ BrokerMessage::Assign(_),
+                } => downstream.workers.send(peer, frame::encode_body(&msg)),
                 Output::Artifact(op @ ArtifactOp::Delete { .. }) => {
                     batch.after.push(Output::Artifact(op))
                 }
@@ -474,13 +487,22 @@ async fn route_loop(
             }
         }
         if !(batch.records.is_empty() && batch.after.is_empty())
-            && commits.send(batch).await.is_err()
+            && downstream.commits.send(batch).await.is_err()
         {
             return Err(BrokerError::CommitFailed("committer stopped".into()));
         }
     }
     // Dropping `commits` lets the committer finish what it has and exit.
     Ok(())
+}
+
+/// Where a router pass's outputs go: records and everything that must follow
+/// them through the committer; assignments straight to the workers, because
+/// they need not wait for their records (see `Job::attempt_reserve`), so a
+/// worker's next job does not wait for the fsync of its last result.
+struct Downstream {
+    commits: mpsc::Sender<Batch>,
+    workers: Arc<Outbox>,
 }
 
 /// Where the committer sends things.

@@ -5,6 +5,7 @@
 //! waiting into one transaction, so a burst of submits costs one fsync, not one
 //! each (group commit).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use kiln_protocol::JobId;
@@ -135,19 +136,32 @@ impl Store {
         })
     }
 
-    /// Writes records in one durable transaction (fsync before returning).
+    /// Writes records in one durable transaction (fsync before returning). Of
+    /// several state records of one job only the last is written: a job queued and
+    /// assigned in the same group costs one write.
     pub fn commit<'a>(
         &mut self,
         records: impl IntoIterator<Item = &'a Record>,
     ) -> Result<(), StoreError> {
+        let records: Vec<&Record> = records.into_iter().collect();
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut last: HashMap<JobId, usize> = HashMap::new();
+        for (i, r) in records.iter().enumerate() {
+            if let Record::Job { id, .. } = r {
+                last.insert(*id, i);
+            }
+        }
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         let mut next = self.next_job_id;
         {
             let mut jobs = txn.open_table(JOBS).map_err(|e| self.err(e))?;
             let mut specs = txn.open_table(SPECS).map_err(|e| self.err(e))?;
             let mut workers = txn.open_table(WORKERS).map_err(|e| self.err(e))?;
-            for r in records {
+            for (i, r) in records.into_iter().enumerate() {
                 match r {
+                    Record::Job { id, .. } if last[id] != i => {}
                     Record::Spec { id, bytes } => {
                         specs
                             .insert(id.0, bytes.as_slice())
@@ -222,6 +236,43 @@ mod tests {
             loaded.next_job_id, 8,
             "deleting the newest job does not reuse its id"
         );
+    }
+
+    #[test]
+    fn only_the_last_state_of_a_job_in_a_group_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.load().unwrap();
+        let spec = kiln_protocol::JobSpec::new(
+            kiln_protocol::Backend::Sim,
+            kiln_protocol::Task::TextToImage,
+        );
+        let spec = rmp_serde::to_vec_named(&spec).unwrap();
+        let state = |s: &str| {
+            let mut v = rmp_serde::to_vec_named(&serde_json::json!({"marker": s})).unwrap();
+            v.shrink_to_fit();
+            v
+        };
+        store
+            .commit(&[
+                Record::Spec {
+                    id: JobId(1),
+                    bytes: spec,
+                },
+                Record::Job {
+                    id: JobId(1),
+                    bytes: state("queued"),
+                },
+                Record::Job {
+                    id: JobId(1),
+                    bytes: state("running"),
+                },
+            ])
+            .unwrap();
+        let txn = store.db.begin_write().unwrap();
+        let jobs = txn.open_table(JOBS).unwrap();
+        let stored = jobs.get(1).unwrap().unwrap().value().to_vec();
+        assert_eq!(stored, state("running"));
     }
 
     #[test]

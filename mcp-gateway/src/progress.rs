@@ -170,6 +170,7 @@ mod tests {
             priority: 0,
             client: "c".into(),
             attempt: 1,
+            tries: 1,
             max_attempts: 3,
             worker: Some("gpu0".into()),
             gpu: Some("gpu0 (RTX 4090)".into()),

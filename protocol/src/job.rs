@@ -507,8 +507,12 @@ pub struct JobSnapshot {
     pub model: Option<String>,
     pub priority: i8,
     pub client: String,
-    /// The current or last attempt (0 before the first start).
+    /// The number of the current or last attempt (0 before the first start).
+    /// Numbers jump after a broker restart; `tries` counts the starts.
     pub attempt: u32,
+    /// Starts that count against `max_attempts`.
+    #[serde(default)]
+    pub tries: u32,
     pub max_attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,

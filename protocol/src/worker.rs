@@ -86,7 +86,6 @@ pub enum WorkerMessage {
     /// Boxed: much larger than the messages that flow every second.
     Register(Box<Register>),
     Heartbeat(Heartbeat),
-    Started(JobRef),
     Progress(ProgressReport),
     Upload(Upload),
     Finished(Finished),
@@ -97,7 +96,6 @@ pub enum WorkerMessage {
 wire_message!(WorkerMessage {
     "register" => Register,
     "heartbeat" => Heartbeat,
-    "started" => JobRef,
     "progress" => ProgressReport,
     "upload" => Upload,
     "finished" => Finished,
@@ -138,6 +136,9 @@ pub struct Heartbeat {
     pub utilization_pct: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature_c: Option<u32>,
+    /// The attempt this worker holds: running, or finished but not yet
+    /// acknowledged. An assignment the worker does not name here within two
+    /// heartbeats was lost on the way and is requeued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<JobRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -493,7 +493,11 @@ impl Session {
             free_vram_mb: status.gpu.free_vram_mb,
             utilization_pct: status.gpu.utilization_pct,
             temperature_c: status.gpu.temperature_c,
-            current: self.running.as_ref().map(|r| r.r),
+            current: self
+                .running
+                .as_ref()
+                .map(|r| r.r)
+                .or(self.unacked.as_ref().map(|d| d.r)),
             loaded_model: self.loaded_model(),
             healthy: status.healthy,
             backends,
@@ -564,7 +568,7 @@ impl Session {
             cancel,
             self.done_tx.clone(),
         ));
-        self.send(conn, &WorkerMessage::Started(r)).await
+        Ok(())
     }
 
     /// Sends the next piece of the unacknowledged result, then `finished`.

@@ -262,10 +262,12 @@ impl Core {
             run_deadline_ms: None,
             degrade: 0,
             refusals: 0,
+            tries: 0,
+            attempt_reserve: 0,
+            attempt_floor: 0,
             progress: None,
             slot: None,
             class: 0,
-            started: false,
             finalizing: false,
             uploads: Vec::new(),
         };

@@ -54,15 +54,25 @@ pub struct Job {
     /// Assignments a busy worker refused; they do not use up attempts.
     #[serde(default)]
     pub refusals: u32,
+    /// Assignments made, for `max_attempts` (the attempt *number* can jump, see
+    /// `attempt_reserve`).
+    #[serde(default)]
+    pub tries: u32,
+    /// Every stored record reserves the attempt numbers up to this, so that the
+    /// broker may send an assignment before its record is on disk: after a crash,
+    /// new attempts are numbered above the reservation and can never collide with
+    /// one that was sent but not recorded.
+    #[serde(default)]
+    pub attempt_reserve: u32,
+    /// Recovered jobs number their next attempt above this.
+    #[serde(skip)]
+    pub attempt_floor: u32,
     #[serde(skip)]
     pub progress: Option<Progress>,
     #[serde(skip)]
     pub slot: Option<Slot>,
     #[serde(skip)]
     pub class: ClassId,
-    /// The worker acknowledged the current assignment.
-    #[serde(skip)]
-    pub started: bool,
     /// The worker reported success and the outputs are being verified.
     #[serde(skip)]
     pub finalizing: bool,
@@ -91,7 +101,7 @@ fn unset_spec() -> Arc<JobSpec> {
 impl Job {
     /// Attempts that count against `max_attempts`.
     pub fn attempts_used(&self) -> u32 {
-        self.attempt.saturating_sub(self.refusals)
+        self.tries.saturating_sub(self.refusals)
     }
 
     /// The state record of the job.
@@ -139,6 +149,7 @@ impl Job {
             priority: self.spec.priority,
             client: self.client.to_string(),
             attempt: self.attempt,
+            tries: self.attempts_used(),
             max_attempts: self.max_attempts,
             worker: self.worker.as_deref().map(str::to_string),
             gpu: self.gpu.as_deref().map(str::to_string),

@@ -11,6 +11,10 @@ use super::queue::{Requirements, Slot};
 use super::registry::WorkerIdx;
 use super::{ArtifactOp, Core, Output, Record, TimerKind};
 
+/// Attempt numbers each stored record reserves (see `Job::attempt_reserve`): far
+/// more assignments than can happen between two commits of one job.
+const ATTEMPT_RESERVE: u32 = 64;
+
 impl Core {
     /// Moves a job to `state`: updates counters, records the transition in its
     /// history, bumps its sequence number, persists its record and publishes the
@@ -61,6 +65,7 @@ impl Core {
         };
         job.seq += 1;
         if persist {
+            job.attempt_reserve = job.attempt + ATTEMPT_RESERVE;
             out.push(Output::Persist(Record::Job {
                 id,
                 bytes: job.state_record(),
@@ -80,8 +85,15 @@ impl Core {
         })));
     }
 
-    pub(super) fn publish_worker(&self, now_ms: u64, idx: WorkerIdx, out: &mut Vec<Output>) {
-        let w = self.workers.get(idx);
+    /// Announces a worker's state when it changed (a worker going from one job
+    /// straight to the next stays busy and says nothing).
+    pub(super) fn publish_worker(&mut self, now_ms: u64, idx: WorkerIdx, out: &mut Vec<Output>) {
+        let w = self.workers.get_mut(idx);
+        let state = w.state();
+        if w.announced == Some(state) {
+            return;
+        }
+        w.announced = Some(state);
         out.push(Output::Publish(Event::WorkerState(WorkerStateEvent {
             worker_id: w.id.clone(),
             state: w.state(),
@@ -167,7 +179,6 @@ impl Core {
     /// Starts the next attempt of a job on a worker.
     pub(super) fn assign(&mut self, now_ms: u64, id: JobId, idx: WorkerIdx, out: &mut Vec<Output>) {
         let default_run = self.cfg.default_run_timeout_s;
-        let liveness_ms = self.cfg.liveness_ms();
         let w = self.workers.get_mut(idx);
         let Some(peer) = w.peer.clone() else {
             return;
@@ -175,12 +186,12 @@ impl Core {
         let worker_id = w.id.clone();
         let gpu = w.gpu_label();
         let job = self.jobs.get_mut(&id).expect("assigned job exists");
-        job.attempt += 1;
+        job.attempt = job.attempt.max(job.attempt_floor) + 1;
+        job.tries += 1;
         job.worker = Some(worker_id.clone());
         job.gpu = Some(gpu);
         job.started_ms = Some(now_ms);
         job.progress = None;
-        job.started = false;
         job.finalizing = false;
         job.uploads.clear();
         job.error = None;
@@ -208,7 +219,6 @@ impl Core {
         // The transition itself records the attempt and the worker.
         self.change(now_ms, id, JobState::Running, "", out);
         self.publish_worker(now_ms, idx, out);
-        self.add_timer(now_ms + 2 * liveness_ms, TimerKind::StartAck, id, attempt);
         if let Some(at) = run_deadline {
             self.add_timer(at, TimerKind::RunTimeout, id, attempt);
         }

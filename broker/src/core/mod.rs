@@ -184,7 +184,6 @@ enum TimerKind {
     QueueTimeout,
     RunTimeout,
     CancelGrace,
-    StartAck,
 }
 
 /// A deadline on one attempt of one job. Timers are never removed: when one fires

@@ -54,6 +54,8 @@ pub struct Worker {
     compat: Vec<u8>,
     /// "box1-gpu0 (RTX 4090)", shared by the jobs it runs.
     label: Arc<str>,
+    /// The state last published in a `worker_state` event.
+    pub announced: Option<WorkerState>,
 }
 
 impl Worker {
@@ -77,6 +79,7 @@ impl Worker {
             jobs_done: 0,
             compat: Vec::new(),
             label: Arc::from(""),
+            announced: None,
         };
         w.set_backends(r.backends);
         w

@@ -118,14 +118,24 @@ impl Sim {
         )
     }
 
+    /// A heartbeat from a worker that holds what the broker assigned it.
     fn beat(&mut self, w: &str) -> Vec<Output> {
+        let current = self
+            .core
+            .workers()
+            .by_id(w)
+            .and_then(|i| self.core.workers().get(i).current);
+        self.beat_holding(w, current)
+    }
+
+    fn beat_holding(&mut self, w: &str, current: Option<JobRef>) -> Vec<Output> {
         self.worker(
             w,
             WorkerMessage::Heartbeat(Heartbeat {
                 free_vram_mb: 1000,
                 utilization_pct: None,
                 temperature_c: None,
-                current: None,
+                current,
                 loaded_model: None,
                 healthy: true,
                 backends: None,
@@ -439,13 +449,6 @@ fn an_unconfirmed_cancel_is_recorded_after_the_grace_period() {
     let mut sim = Sim::new();
     sim.register("w1", 8000);
     let (job, _) = sim.submit(spec());
-    sim.worker(
-        "w1",
-        WorkerMessage::Started(JobRef {
-            job_id: job,
-            attempt: 1,
-        }),
-    );
     sim.request(
         "client",
         Request::Cancel(Cancel {
@@ -466,17 +469,23 @@ fn an_unconfirmed_cancel_is_recorded_after_the_grace_period() {
 }
 
 #[test]
-fn an_unacknowledged_assignment_is_requeued() {
+fn an_assignment_the_worker_never_received_is_requeued() {
     let mut sim = Sim::new();
     sim.register("w1", 8000);
     let (job, _) = sim.submit(spec());
-    let mut out = Vec::new();
-    for _ in 0..7 {
-        sim.beat("w1");
-        out.extend(sim.advance(HB));
-    }
-    // The assignment was lost: the worker is free again and gets attempt 2.
+    // A beat that crosses the assignment is not evidence of loss.
+    let out = sim.beat_holding("w1", None);
+    assert!(assigns(&out).is_empty());
+    assert_eq!(sim.state(job), JobState::Running);
+    // Two heartbeats later the worker still does not name it: lost on the way.
+    sim.advance(2 * HB);
+    let out = sim.beat_holding("w1", None);
     assert_eq!(assigns(&out), [("w1".to_string(), job, 2)]);
+    let snap = sim.core.job(job).unwrap().snapshot(true);
+    assert!(snap
+        .history
+        .iter()
+        .any(|t| t.note.contains("never reached the worker")));
 }
 
 #[test]
@@ -846,11 +855,17 @@ fn recovery_keeps_order_and_waits_for_running_workers() {
     assert!(assigns(&out).is_empty());
     let out = sim2.succeed("w1", running, 1);
     assert_eq!(sim2.state(running), JobState::Succeeded);
+    let next = assigns(&out);
     assert_eq!(
-        assigns(&out),
-        [("w1".to_string(), queued[0], 1)],
+        (next.len(), &next[0].0, next[0].1),
+        (1, &"w1".to_string(), queued[0]),
         "queue order survived"
     );
+    assert!(
+        next[0].2 > 1,
+        "attempts after a restart are numbered above the stored reservation"
+    );
+    assert_eq!(sim2.core.job(queued[0]).unwrap().tries, 1);
     assert_eq!(sim2.submit(spec()).0, JobId(5));
 }
 
@@ -884,9 +899,15 @@ fn recovered_running_jobs_are_requeued_when_their_worker_stays_away() {
         sim2.beat("w2");
         all.extend(sim2.advance(HB));
     }
+    let moved = assigns(&all);
     assert_eq!(
-        assigns(&all),
-        [("w2".to_string(), job, 2)],
+        (moved.len(), &moved[0].0, moved[0].1),
+        (1, &"w2".to_string(), job)
+    );
+    assert!(moved[0].2 > 1);
+    assert_eq!(
+        sim2.core.job(job).unwrap().tries,
+        2,
         "attempt 1 counted as lost"
     );
     assert!(all

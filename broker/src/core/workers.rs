@@ -71,7 +71,11 @@ impl Core {
                     truncate_models(&mut backends);
                     w.set_backends(backends);
                 }
+                let held = w.current;
                 to_worker(out, peer, BrokerMessage::Heartbeat(BrokerBeat {}));
+                if let Some(held) = held.filter(|r| h.current != Some(*r)) {
+                    self.not_held(now_ms, idx, held, out);
+                }
                 if was_healthy != h.healthy || inventory_changed {
                     self.workers.refresh_idle(idx);
                     if was_healthy != h.healthy {
@@ -82,13 +86,6 @@ impl Core {
                         self.persist_worker(idx, out);
                     }
                     self.dispatch(now_ms, idx, out);
-                }
-            }
-            WorkerMessage::Started(r) => {
-                if self.is_current(idx, r) {
-                    if let Some(job) = self.jobs.get_mut(&r.job_id) {
-                        job.started = true;
-                    }
                 }
             }
             WorkerMessage::Progress(p) => {
@@ -111,7 +108,6 @@ impl Core {
                 } else {
                     floor
                 };
-                job.started = true;
                 job.seq += 1;
                 job.progress = Some(progress.clone());
                 out.push(Output::Publish(kiln_protocol::Event::JobProgress(
@@ -247,11 +243,6 @@ impl Core {
                 done.attempt, done.job_id
             );
             to_worker(out, peer, BrokerMessage::ResultAck(done));
-        }
-        if let Some(cur) = current {
-            if let Some(job) = self.jobs.get_mut(&cur.job_id) {
-                job.started = true;
-            }
         }
         self.publish_worker(now_ms, idx, out);
         self.dispatch(now_ms, idx, out);
@@ -489,6 +480,31 @@ impl Core {
         }
     }
 
+    /// A heartbeat does not name the attempt the broker thinks the worker holds.
+    /// For the current attempt, two heartbeats after the assignment, that means the
+    /// assignment never arrived: requeue it. For a stale attempt the worker was
+    /// busy with, it means the worker is done with it.
+    fn not_held(&mut self, now_ms: u64, idx: WorkerIdx, held: JobRef, out: &mut Vec<Output>) {
+        if !self.is_current(idx, held) {
+            self.release_worker(now_ms, idx, out);
+            return;
+        }
+        let grace = 2 * self.cfg.heartbeat_ms;
+        let job = &self.jobs[&held.job_id];
+        let assigned_ms = job.started_ms.unwrap_or(now_ms);
+        if job.finalizing || now_ms < assigned_ms + grace {
+            return; // the result is being verified, or the heartbeat crossed the assignment
+        }
+        tracing::warn!(job = %held.job_id, attempt = held.attempt, worker = %self.workers.get(idx).id, "the worker does not hold its assignment; it was lost on the way, requeueing");
+        let err = JobError::new(
+            FailureKind::WorkerLost,
+            "the assignment never reached the worker",
+            true,
+        );
+        self.end_attempt(now_ms, held.job_id, err, out);
+        self.release_worker(now_ms, idx, out);
+    }
+
     /// The worker is still busy with another attempt: requeue the refused job
     /// without charging it an attempt, count the worker busy with what it runs, and
     /// stop that if it is stale.
@@ -681,25 +697,6 @@ impl Core {
                     self.end_attempt(now_ms, t.job_id, err, out);
                 }
             }
-            TimerKind::StartAck => {
-                if job.state == JobState::Running && job.attempt == t.attempt && !job.started {
-                    let holder = job.worker.as_deref().and_then(|w| self.workers.by_id(w));
-                    tracing::warn!(job = %t.job_id, attempt = t.attempt, "worker never acknowledged the assignment; requeueing");
-                    let r = JobRef {
-                        job_id: t.job_id,
-                        attempt: t.attempt,
-                    };
-                    let err = JobError::new(
-                        FailureKind::WorkerLost,
-                        "assignment was not acknowledged",
-                        true,
-                    );
-                    self.end_attempt(now_ms, t.job_id, err, out);
-                    if let Some(idx) = holder.filter(|i| self.workers.get(*i).current == Some(r)) {
-                        self.release_worker(now_ms, idx, out);
-                    }
-                }
-            }
         }
     }
 
@@ -793,7 +790,9 @@ impl Core {
     /// Rebuilds the broker from its store after a restart.
     ///
     /// `boot` counts broker starts; this boot's sequence numbers start above
-    /// `boot << 32` so followers never mistake a new event for an old one. Queued
+    /// `boot << 32` so followers never mistake a new event for an old one, and a
+    /// job's next attempt is numbered above its stored reservation (attempt
+    /// numbers jump after a restart; `max_attempts` counts tries, not numbers). Queued
     /// jobs go back in line in their original order. A job that was running stays
     /// assigned to its worker for one liveness window: if the worker re-registers
     /// still running it (or holding its result) the attempt goes on; otherwise the
@@ -820,6 +819,9 @@ impl Core {
         let scratch = out;
         for mut job in jobs {
             job.seq = job.seq.max(self.seq_floor);
+            // Assignments may have been sent without being recorded: number the
+            // next ones above every number that could have been used.
+            job.attempt_floor = job.attempt_reserve.max(job.attempt);
             self.next_job_id = self.next_job_id.max(job.id.0 + 1);
             self.next_enqueue_seq = self.next_enqueue_seq.max(job.enqueue_seq + 1);
             if let Some(key) = &job.spec.idempotency_key {
@@ -841,7 +843,6 @@ impl Core {
                 JobState::Running => {
                     self.running += 1;
                     let job = self.jobs.get_mut(&id).expect("inserted");
-                    job.started = true;
                     let r = JobRef {
                         job_id: id,
                         attempt: job.attempt,

@@ -233,7 +233,10 @@ pub async fn status(client: &Client, job: &str, json: bool) -> anyhow::Result<Ex
     if let Some(m) = &snap.model {
         println!("model      {m}");
     }
-    println!("attempt    {} of {}", snap.attempt, snap.max_attempts);
+    println!(
+        "tries      {} of {} (attempt #{})",
+        snap.tries, snap.max_attempts, snap.attempt
+    );
     if let Some(w) = &snap.gpu {
         println!("worker     {w}");
     }
