@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use kiln_config::KilnConfig;
-use kiln_protocol::{Client, ClientOptions};
+use kiln_protocol::Client;
 
 #[derive(Parser)]
 #[command(
@@ -97,12 +97,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
-    let files = if cli.config.is_empty() {
-        kiln_config::default_files()
-    } else {
-        cli.config.clone()
-    };
-    let cfg = KilnConfig::load(&files)?;
+    let (cfg, files) = kiln_config::load_for_command_line(&cli.config)?;
     let ok = std::process::ExitCode::SUCCESS;
     match cli.command {
         Command::Demo(args) => commands::demo::run(cfg, args).await.map(|_| ok),
@@ -145,16 +140,15 @@ fn client(
     events: &Option<String>,
     token: &Option<String>,
 ) -> anyhow::Result<Client> {
-    let c = &cfg.client;
-    let mut opts = ClientOptions::new(
-        broker.clone().unwrap_or_else(|| c.broker.clone()),
-        events.clone().unwrap_or_else(|| c.events.clone()),
-    );
-    opts.token = match token {
-        Some(t) => Some(t.clone()),
-        None => cfg.client_token()?.map(|s| s.expose().to_string()),
-    };
-    opts.name = c.name.clone();
-    opts.request_timeout = std::time::Duration::from_secs(c.request_timeout_s.max(1));
+    let mut opts = cfg.client_options()?;
+    if let Some(b) = broker {
+        opts.endpoint = b.clone();
+    }
+    if let Some(e) = events {
+        opts.events_endpoint = e.clone();
+    }
+    if let Some(t) = token {
+        opts.token = Some(t.clone());
+    }
     Ok(Client::connect(opts))
 }

@@ -498,6 +498,29 @@ pub fn is_loopback_endpoint(ep: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// Loads the files named on a command line (`--config`), or the default files
+/// when none was; returns the configuration and the files actually read.
+pub fn load_for_command_line(files: &[PathBuf]) -> Result<(KilnConfig, Vec<PathBuf>), ConfigError> {
+    let files = if files.is_empty() {
+        default_files()
+    } else {
+        files.to_vec()
+    };
+    Ok((KilnConfig::load(&files)?, files))
+}
+
+impl KilnConfig {
+    /// Broker client settings from `[client]`, with its token resolved.
+    pub fn client_options(&self) -> Result<kiln_protocol::ClientOptions, ConfigError> {
+        let c = &self.client;
+        let mut opts = kiln_protocol::ClientOptions::new(c.broker.clone(), c.events.clone());
+        opts.token = self.client_token()?.map(|s| s.expose().to_string());
+        opts.name = c.name.clone();
+        opts.request_timeout = std::time::Duration::from_secs(c.request_timeout_s.max(1));
+        Ok(opts)
+    }
+}
+
 /// Reads a config file list from `KILN_CONFIG` (colon-separated) when no file was
 /// named on the command line; `/etc/kiln/kiln.toml` is used when it exists.
 pub fn default_files() -> Vec<PathBuf> {

@@ -142,10 +142,7 @@ impl Gateway {
 /// The broker connection described by the `[client]` table. The client name
 /// defaults to `kiln-mcp` so `list_jobs mine` can find the gateway's jobs.
 pub fn client_options(cfg: &KilnConfig) -> Result<ClientOptions, kiln_config::ConfigError> {
-    let c = &cfg.client;
-    let mut opts = ClientOptions::new(c.broker.clone(), c.events.clone());
-    opts.token = cfg.client_token()?.map(|s| s.expose().to_string());
-    opts.name = Some(c.name.clone().unwrap_or_else(|| "kiln-mcp".into()));
-    opts.request_timeout = Duration::from_secs(c.request_timeout_s.max(1));
+    let mut opts = cfg.client_options()?;
+    opts.name.get_or_insert_with(|| "kiln-mcp".into());
     Ok(opts)
 }

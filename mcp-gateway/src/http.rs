@@ -11,9 +11,9 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use kiln_protocol::auth::token_matches;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::Gateway;
@@ -48,12 +48,6 @@ pub enum HttpError {
     },
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
-}
-
-/// Compares tokens through their SHA-256 digests, so the comparison's timing says
-/// nothing about how much of a guess was right.
-fn token_matches(given: Option<&str>, expected: &str) -> bool {
-    given.is_some_and(|g| Sha256::digest(g.as_bytes()) == Sha256::digest(expected.as_bytes()))
 }
 
 async fn require_token(
@@ -121,23 +115,4 @@ pub async fn serve(
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .map_err(HttpError::Serve)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::token_matches;
-
-    #[test]
-    fn only_the_exact_token_matches() {
-        assert!(token_matches(Some("s3cret"), "s3cret"));
-        for wrong in [
-            None,
-            Some(""),
-            Some("s3cre"),
-            Some("s3cret!"),
-            Some("S3cret"),
-        ] {
-            assert!(!token_matches(wrong, "s3cret"), "{wrong:?}");
-        }
-    }
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use kiln_config::KilnConfig;
 use kiln_mcp::files::AllowedRoots;
 use kiln_mcp::gateway::{client_options, Gateway};
 use kiln_mcp::http::{self, HttpSettings};
@@ -50,12 +49,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let files = if args.config.is_empty() {
-        kiln_config::default_files()
-    } else {
-        args.config
-    };
-    let cfg = KilnConfig::load(&files)?;
+    let (cfg, _) = kiln_config::load_for_command_line(&args.config)?;
     let roots = AllowedRoots::new(&cfg.mcp.allowed_roots).context("preparing mcp.allowed_roots")?;
     let client = Client::connect(client_options(&cfg)?);
     let gw = Arc::new(Gateway::new(client, cfg.mcp.clone(), roots));

@@ -9,6 +9,7 @@
 //! there is exactly one definition of every message. `docs/protocol.md` documents the
 //! same messages for people writing clients in other languages.
 
+pub mod auth;
 pub mod client;
 pub mod error;
 pub mod event;

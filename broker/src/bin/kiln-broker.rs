@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use kiln_broker::{Broker, BrokerSettings};
-use kiln_config::KilnConfig;
 
 #[derive(Parser)]
 #[command(
@@ -30,12 +29,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     kiln_config::logging::init("info,zeromq=warn");
     let args = Args::parse();
-    let files = if args.config.is_empty() {
-        kiln_config::default_files()
-    } else {
-        args.config
-    };
-    let mut cfg = KilnConfig::load(&files)?;
+    let (mut cfg, _) = kiln_config::load_for_command_line(&args.config)?;
     if let Some(dir) = args.state_dir {
         cfg.broker.state_dir = dir;
     }

@@ -12,11 +12,11 @@ use kiln_protocol::{
     ProtocolError, Reply, Request,
 };
 
-use super::auth::token_matches;
 use super::job::Job;
 use super::queue::Requirements;
 use super::registry::PeerId;
 use super::{ArtifactOp, Core, Output, Record, Session, TimerKind};
+use kiln_protocol::auth::token_matches;
 
 /// Refused connections remembered at most; beyond this the set starts over (a
 /// refused peer then gets one more error, never any service).

@@ -12,7 +12,6 @@
 //! Every change of a job's state goes through [`lifecycle`], which records the
 //! transition, bumps the job's sequence number, persists it and publishes it.
 
-mod auth;
 mod clients;
 pub mod job;
 mod lifecycle;

@@ -13,10 +13,10 @@ use kiln_protocol::{
     ProtocolError,
 };
 
-use super::auth::token_matches;
 use super::job::{self, Job};
 use super::registry::{FleetRecord, PeerId, Worker, WorkerIdx};
 use super::{ArtifactOp, Core, Output, Record, Timer, TimerKind};
+use kiln_protocol::auth::token_matches;
 
 fn to_worker(out: &mut Vec<Output>, peer: PeerId, msg: BrokerMessage) {
     out.push(Output::ToWorker { peer, msg });
@@ -336,24 +336,19 @@ impl Core {
         } else {
             let slot = job.uploads.iter().position(|x| x.index == u.index);
             match (slot, u.offset) {
-                (Some(i), 0) => {
-                    job.uploads[i] = job::Upload {
+                (slot, 0) => {
+                    // A piece at offset 0 starts the output (again).
+                    let fresh = job::Upload {
                         index: u.index,
                         name: u.name.clone(),
                         media_type: u.media_type.clone(),
                         total: u.total,
                         received: 0,
                     };
-                    None
-                }
-                (None, 0) => {
-                    job.uploads.push(job::Upload {
-                        index: u.index,
-                        name: u.name.clone(),
-                        media_type: u.media_type.clone(),
-                        total: u.total,
-                        received: 0,
-                    });
+                    match slot {
+                        Some(i) => job.uploads[i] = fresh,
+                        None => job.uploads.push(fresh),
+                    }
                     None
                 }
                 (Some(i), off)

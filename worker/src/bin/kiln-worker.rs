@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use kiln_config::KilnConfig;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -25,12 +24,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     kiln_config::logging::init("info,zeromq=warn");
     let args = Args::parse();
-    let files = if args.config.is_empty() {
-        kiln_config::default_files()
-    } else {
-        args.config
-    };
-    let mut cfg = KilnConfig::load(&files)?;
+    let (mut cfg, _) = kiln_config::load_for_command_line(&args.config)?;
     if let Some(gpu) = args.gpu {
         cfg.worker.gpu.index = gpu;
     }

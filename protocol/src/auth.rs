@@ -1,7 +1,8 @@
 //! Token checks that take the same time whatever the guess.
 
 /// Compares a presented token with the expected one in time that depends only on
-/// the expected token's length, so a stranger cannot learn it byte by byte.
+/// the expected token's length, so a stranger cannot learn it byte by byte. Used
+/// by the broker (`hello`, `register`) and the MCP gateway (bearer tokens).
 pub fn token_matches(given: Option<&str>, expected: &str) -> bool {
     let given = given.unwrap_or("").as_bytes();
     let expected = expected.as_bytes();
