@@ -106,14 +106,104 @@ async fn echo_baseline(rounds: usize) -> Figures {
     }
 }
 
+/// The system under test: real processes (the default, like a deployment), or
+/// everything in this process (`KILN_BENCH_IN_PROCESS=1`).
 struct Cluster {
-    broker: Broker,
-    stop: CancellationToken,
     client: Client,
-    _state: tempfile::TempDir,
+    run: Running,
 }
 
-async fn cluster(durable: bool, workers: usize) -> Cluster {
+enum Running {
+    InProcess {
+        broker: Broker,
+        stop: CancellationToken,
+        _state: tempfile::TempDir,
+    },
+    Processes {
+        _procs: Vec<kiln_testkit::Proc>,
+        _scratch: kiln_testkit::Scratch,
+    },
+}
+
+impl Cluster {
+    async fn stop(self) {
+        match self.run {
+            Running::InProcess { broker, stop, .. } => {
+                stop.cancel();
+                broker.shutdown().await.unwrap();
+            }
+            Running::Processes { .. } => {} // dropping kills them
+        }
+    }
+}
+
+/// Starts the release binaries: `kiln-broker` and `workers` × `kiln-worker`.
+async fn processes(durable: bool, workers: usize) -> Cluster {
+    use kiln_testkit::{bin, free_port, Proc, Scratch};
+    let scratch = Scratch::new();
+    let dir = scratch.path();
+    let (f, b, e) = (free_port(), free_port(), free_port());
+    let cfg = dir.join("kiln.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[broker]\nfrontend = \"tcp://127.0.0.1:{f}\"\nbackend = \"tcp://127.0.0.1:{b}\"\nevents = \"tcp://127.0.0.1:{e}\"\nstate_dir = \"{}\"\ndurable = {durable}\n\
+             [worker]\nbroker = \"tcp://127.0.0.1:{b}\"\n[worker.gpu]\nnvml = false\nname = \"bench GPU\"\ntotal_vram_mb = 24576\n",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let quiet = [("KILN_LOG".to_string(), "warn".to_string())];
+    let config = cfg.display().to_string();
+    let mut procs = vec![Proc::spawn(
+        "kiln-broker",
+        &bin("kiln-broker"),
+        &["--config".into(), config.clone()],
+        &quiet,
+        dir.join("broker.log"),
+    )];
+    for i in 0..workers {
+        procs.push(Proc::spawn(
+            "kiln-worker",
+            &bin("kiln-worker"),
+            &[
+                "--config".into(),
+                config.clone(),
+                "--id".into(),
+                format!("bench{i}"),
+            ],
+            &quiet,
+            dir.join(format!("worker{i}.log")),
+        ));
+    }
+    let client = Client::connect(ClientOptions::new(
+        format!("tcp://127.0.0.1:{f}"),
+        format!("tcp://127.0.0.1:{e}"),
+    ));
+    wait_for_workers(&client, workers).await;
+    Cluster {
+        client,
+        run: Running::Processes {
+            _procs: procs,
+            _scratch: scratch,
+        },
+    }
+}
+
+async fn wait_for_workers(client: &Client, workers: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(w) = client.workers().await {
+            if w.len() >= workers {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "workers did not register");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn in_process(durable: bool, workers: usize) -> Cluster {
     let state = tempfile::tempdir().unwrap();
     let mut cfg = KilnConfig::default();
     cfg.broker.frontend = "tcp://127.0.0.1:0".into();
@@ -139,16 +229,14 @@ async fn cluster(durable: bool, workers: usize) -> Cluster {
     }
     let ep = broker.endpoints();
     let client = Client::connect(ClientOptions::new(ep.frontend.clone(), ep.events.clone()));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client.workers().await.unwrap().len() < workers {
-        assert!(Instant::now() < deadline, "workers did not register");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_workers(&client, workers).await;
     Cluster {
-        broker,
-        stop,
         client,
-        _state: state,
+        run: Running::InProcess {
+            broker,
+            stop,
+            _state: state,
+        },
     }
 }
 
@@ -286,7 +374,11 @@ fn main() {
         let echo = echo_baseline(jobs / 10).await;
         print("raw zeromq DEALER/ROUTER echo (baseline)", &echo);
         for durable in [false, true] {
-            let c = cluster(durable, 4).await;
+            let c = if std::env::var_os("KILN_BENCH_IN_PROCESS").is_some() {
+                in_process(durable, 4).await
+            } else {
+                processes(durable, 4).await
+            };
             let (f, fallbacks) = kiln_figures(&c, jobs / 10, jobs).await;
             let name = if durable { "kiln no-op job, 4 workers, durable (redb)" } else { "kiln no-op job, 4 workers, in memory" };
             print(name, &f);
@@ -297,8 +389,7 @@ fn main() {
                 f.per_sec / echo.per_sec,
                 if fallbacks > 0 { format!(" ({fallbacks} events missed, recovered by get)") } else { String::new() }
             );
-            c.stop.cancel();
-            c.broker.shutdown().await.unwrap();
+            c.stop().await;
         }
     });
 }

@@ -165,23 +165,40 @@ impl Backend for SimBackend {
         progress.stage(96.0, "encoding");
         let video = spec.task.is_video();
         let inputs_hash = spec.inputs.iter().fold(0u64, |h, i| h ^ fnv(&i.data));
-        let mut outputs = Vec::new();
-        for i in 0..count {
-            let item_seed = seed.wrapping_add(i as u64) ^ inputs_hash;
-            let (data, name, media_type) = if video {
-                let data = render_apng(&prompt, item_seed, width, height, frames, fps)
-                    .map_err(internal)?;
-                (data, format!("sim_{}_{i}.png", job.job_id), "image/apng")
-            } else {
-                let data = render_png(&prompt, item_seed, width, height).map_err(internal)?;
-                (data, format!("sim_{}_{i}.png", job.job_id), "image/png")
-            };
-            outputs.push(OutputFile {
-                name,
-                media_type: media_type.into(),
-                data: OutputData::Bytes(data),
-            });
-        }
+        let job_id = job.job_id;
+        // Rendering is CPU work: off the async threads, which keep the heartbeats.
+        let render = move || -> Result<Vec<OutputFile>, png::EncodingError> {
+            let mut outputs = Vec::new();
+            for i in 0..count {
+                let item_seed = seed.wrapping_add(i as u64) ^ inputs_hash;
+                let (data, media_type) = if video {
+                    let frames = render_apng(&prompt, item_seed, width, height, frames, fps)?;
+                    (frames, "image/apng")
+                } else {
+                    (render_png(&prompt, item_seed, width, height)?, "image/png")
+                };
+                outputs.push(OutputFile {
+                    name: format!("sim_{job_id}_{i}.png"),
+                    media_type: media_type.into(),
+                    data: OutputData::Bytes(data),
+                });
+            }
+            Ok(outputs)
+        };
+        let outputs = if count == 0 {
+            Vec::new()
+        } else {
+            tokio::task::spawn_blocking(render)
+                .await
+                .map_err(|e| {
+                    RunError::Failed(JobError::new(
+                        FailureKind::Internal,
+                        format!("render task failed: {e}"),
+                        true,
+                    ))
+                })?
+                .map_err(internal)?
+        };
         let info = json!({
             "seed": seed,
             "width": width,

@@ -20,7 +20,7 @@ struct Args {
     id: Option<String>,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     kiln_config::logging::init("info,zeromq=warn");
     let args = Args::parse();
