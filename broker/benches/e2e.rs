@@ -54,15 +54,25 @@ fn print(name: &str, f: &Figures) {
 }
 
 async fn echo_baseline(rounds: usize) -> Figures {
-    let mut router = RouterSocket::new();
-    let ep = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok(msg) = router.recv().await {
-            if router.send(msg).await.is_err() {
-                return;
+    // The echo server gets its own thread and runtime, as the broker has its own process.
+    let (ep_tx, ep_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut router = RouterSocket::new();
+            let ep = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+            ep_tx.send(ep).unwrap();
+            while let Ok(msg) = router.recv().await {
+                if router.send(msg).await.is_err() {
+                    return;
+                }
             }
-        }
+        });
     });
+    let ep = ep_rx.await.unwrap();
     let mut dealer = DealerSocket::new();
     dealer.connect(&ep).await.unwrap();
     let body = Bytes::from(vec![7u8; 68]);
@@ -365,7 +375,9 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // One thread for the client side, like a script or the CLI: no wake-ups
+    // between runtime threads inside the measuring process.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
