@@ -392,7 +392,7 @@ fn main() {
                 processes(durable, 4).await
             };
             let (f, fallbacks) = kiln_figures(&c, jobs / 10, jobs).await;
-            let name = if durable { "kiln no-op job, 4 workers, durable (redb)" } else { "kiln no-op job, 4 workers, in memory" };
+            let name = if durable { "kiln no-op job, 4 workers, durable" } else { "kiln no-op job, 4 workers, in memory" };
             print(name, &f);
             println!(
                 "{:<44} latency {:.1}x the echo, throughput {:.2}x{}",

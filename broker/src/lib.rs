@@ -3,6 +3,7 @@
 //! - [`core`]: the scheduler, registry, heartbeats, requeue and cancel logic as a
 //!   state machine without I/O.
 //! - [`store`]: the durable job store (redb) with group commit.
+//! - [`wal`]: the store's write-ahead log, one fsync per group.
 //! - [`artifacts`]: output files on disk, with their size and sha256.
 //! - [`net`]: the thin async shell: frontend ROUTER, backend ROUTER, events PUB.
 
@@ -10,5 +11,6 @@ pub mod artifacts;
 pub mod core;
 pub mod net;
 pub mod store;
+pub mod wal;
 
 pub use net::{Broker, BrokerError, BrokerSettings, Endpoints};

@@ -1,17 +1,24 @@
-//! The durable job store: one redb file in the broker's state directory.
+//! The durable job store: a redb file and its write-ahead log in the broker's state
+//! directory.
 //!
 //! Every job record the core emits is written here before any reply or event that
 //! depends on it leaves the broker. The committer groups every batch that is
-//! waiting into one transaction, so a burst of submits costs one fsync, not one
-//! each (group commit).
+//! waiting into one commit, so a burst of submits costs one fsync, not one each
+//! (group commit). That fsync is the log's ([`crate::wal`]); redb holds the same
+//! records as tables to read at start-up, and is synced at checkpoints.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use kiln_protocol::JobId;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableTable, TableDefinition};
 
 use crate::core::{FleetRecord, Job, Record};
+use crate::wal::Wal;
+
+/// Log size at which a commit also syncs redb and empties the log. Bounds both
+/// the replay at start-up and the data a checkpoint syncs at once.
+const CHECKPOINT_BYTES: u64 = 8 << 20;
 
 /// Job state records, rewritten on every transition.
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
@@ -30,6 +37,13 @@ pub enum StoreError {
     },
     #[error("job store {path}: {source}")]
     Redb { path: PathBuf, source: redb::Error },
+    #[error("job store log {path}: {source}")]
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("job store log {path}: a frame with a valid checksum does not decode ({reason}); the log was written by another version of Kiln or is damaged, and is left as it is")]
+    LogCorrupt { path: PathBuf, reason: String },
 }
 
 /// Everything read back at start-up.
@@ -46,7 +60,10 @@ pub struct Loaded {
 pub struct Store {
     db: Database,
     path: PathBuf,
+    wal: Wal,
     next_job_id: u64,
+    /// The encoded group, reused between commits.
+    payload: Vec<u8>,
 }
 
 impl Store {
@@ -62,11 +79,62 @@ impl Store {
             path: path.clone(),
             source: e.into(),
         })?;
-        Ok(Store {
+        let wal_path = state_dir.join("jobs.wal");
+        let (wal, replay) = Wal::open(&wal_path).map_err(|source| StoreError::Log {
+            path: wal_path.clone(),
+            source,
+        })?;
+        let mut store = Store {
             db,
             path,
+            wal,
             next_job_id: 1,
-        })
+            payload: Vec::new(),
+        };
+        store.next_job_id = store.stored_next_job_id()?;
+        if replay.frames.is_empty() && replay.torn_bytes == 0 {
+            return Ok(store);
+        }
+        // Commits after the last checkpoint: apply them again (each record is a
+        // whole value under its key, so one already in redb is rewritten as it
+        // was), sync, and start the log afresh.
+        let mut records = Vec::new();
+        for frame in &replay.frames {
+            decode_group(frame, &mut records).map_err(|reason| StoreError::LogCorrupt {
+                path: wal_path.clone(),
+                reason,
+            })?;
+        }
+        store.apply(records.iter(), Durability::Immediate)?;
+        store.wal.reset().map_err(|e| store.log_err(e))?;
+        tracing::info!(
+            commits = replay.frames.len(),
+            records = records.len(),
+            torn_bytes = replay.torn_bytes,
+            "replayed the job store's log"
+        );
+        Ok(store)
+    }
+
+    fn stored_next_job_id(&self) -> Result<u64, StoreError> {
+        use redb::ReadableDatabase;
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let meta = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(1),
+            Err(e) => return Err(self.err(e)),
+        };
+        Ok(meta
+            .get("next_job_id")
+            .map_err(|e| self.err(e))?
+            .map_or(1, |v| v.value()))
+    }
+
+    fn log_err(&self, source: std::io::Error) -> StoreError {
+        StoreError::Log {
+            path: self.wal.path().to_path_buf(),
+            source,
+        }
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> StoreError {
@@ -136,9 +204,9 @@ impl Store {
         })
     }
 
-    /// Writes records in one durable transaction (fsync before returning). Of
-    /// several state records of one job only the last is written: a job queued and
-    /// assigned in the same group costs one write.
+    /// Makes records durable as one commit: appended to the log and synced, then
+    /// applied to redb. Of several state records of one job only the last is
+    /// written: a job queued and assigned in the same group costs one write.
     pub fn commit<'a>(
         &mut self,
         records: impl IntoIterator<Item = &'a Record>,
@@ -153,15 +221,48 @@ impl Store {
                 last.insert(*id, i);
             }
         }
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let kept: Vec<&Record> = records
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| !matches!(r, Record::Job { id, .. } if last[id] != *i))
+            .map(|(_, r)| *r)
+            .collect();
+        self.payload.clear();
+        for r in &kept {
+            encode_record(r, &mut self.payload);
+        }
+        if let Err(e) = self.wal.append(&self.payload) {
+            return Err(self.log_err(e));
+        }
+        let checkpoint = self.wal.len() >= CHECKPOINT_BYTES;
+        let durability = if checkpoint {
+            Durability::Immediate
+        } else {
+            // Already durable in the log.
+            Durability::None
+        };
+        self.apply(kept, durability)?;
+        if checkpoint {
+            self.wal.reset().map_err(|e| self.log_err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes records to redb in order, in one transaction.
+    fn apply<'a>(
+        &mut self,
+        records: impl IntoIterator<Item = &'a Record>,
+        durability: Durability,
+    ) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.set_durability(durability).map_err(|e| self.err(e))?;
         let mut next = self.next_job_id;
         {
             let mut jobs = txn.open_table(JOBS).map_err(|e| self.err(e))?;
             let mut specs = txn.open_table(SPECS).map_err(|e| self.err(e))?;
             let mut workers = txn.open_table(WORKERS).map_err(|e| self.err(e))?;
-            for (i, r) in records.into_iter().enumerate() {
+            for r in records {
                 match r {
-                    Record::Job { id, .. } if last[id] != i => {}
                     Record::Spec { id, bytes } => {
                         specs
                             .insert(id.0, bytes.as_slice())
@@ -196,6 +297,92 @@ impl Store {
         self.next_job_id = next;
         Ok(())
     }
+}
+
+/// Record kinds in a log frame.
+const SPEC: u8 = 1;
+const JOB: u8 = 2;
+const DELETE_JOB: u8 = 3;
+const WORKER: u8 = 4;
+const DELETE_WORKER: u8 = 5;
+
+/// Appends one record to a log payload: a kind byte, the key (u64 LE, or a
+/// length-prefixed string), then for writes the length-prefixed value.
+fn encode_record(r: &Record, out: &mut Vec<u8>) {
+    fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+    match r {
+        Record::Spec { id, bytes: v } => {
+            out.push(SPEC);
+            out.extend_from_slice(&id.0.to_le_bytes());
+            bytes(out, v);
+        }
+        Record::Job { id, bytes: v } => {
+            out.push(JOB);
+            out.extend_from_slice(&id.0.to_le_bytes());
+            bytes(out, v);
+        }
+        Record::DeleteJob(id) => {
+            out.push(DELETE_JOB);
+            out.extend_from_slice(&id.0.to_le_bytes());
+        }
+        Record::Worker { id, bytes: v } => {
+            out.push(WORKER);
+            bytes(out, id.as_bytes());
+            bytes(out, v);
+        }
+        Record::DeleteWorker(id) => {
+            out.push(DELETE_WORKER);
+            bytes(out, id.as_bytes());
+        }
+    }
+}
+
+/// Reads back every record of one log payload.
+fn decode_group(mut b: &[u8], out: &mut Vec<Record>) -> Result<(), String> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+        if b.len() < n {
+            return Err(format!("{n} bytes expected, {} left", b.len()));
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Ok(head)
+    }
+    fn id(b: &mut &[u8]) -> Result<JobId, String> {
+        Ok(JobId(u64::from_le_bytes(
+            take(b, 8)?.try_into().expect("8 bytes"),
+        )))
+    }
+    fn bytes(b: &mut &[u8]) -> Result<Vec<u8>, String> {
+        let len = u32::from_le_bytes(take(b, 4)?.try_into().expect("4 bytes"));
+        Ok(take(b, len as usize)?.to_vec())
+    }
+    fn name(b: &mut &[u8]) -> Result<String, String> {
+        String::from_utf8(bytes(b)?).map_err(|_| "a worker id is not UTF-8".to_string())
+    }
+    while let Some((&kind, rest)) = b.split_first() {
+        b = rest;
+        out.push(match kind {
+            SPEC => Record::Spec {
+                id: id(&mut b)?,
+                bytes: bytes(&mut b)?,
+            },
+            JOB => Record::Job {
+                id: id(&mut b)?,
+                bytes: bytes(&mut b)?,
+            },
+            DELETE_JOB => Record::DeleteJob(id(&mut b)?),
+            WORKER => Record::Worker {
+                id: name(&mut b)?,
+                bytes: bytes(&mut b)?,
+            },
+            DELETE_WORKER => Record::DeleteWorker(name(&mut b)?),
+            other => return Err(format!("unknown record kind {other}")),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -273,6 +460,117 @@ mod tests {
         let jobs = txn.open_table(JOBS).unwrap();
         let stored = jobs.get(1).unwrap().unwrap().value().to_vec();
         assert_eq!(stored, state("running"));
+    }
+
+    fn junk_job(id: u64) -> [Record; 2] {
+        [
+            Record::Spec {
+                id: JobId(id),
+                bytes: b"not a spec".to_vec(),
+            },
+            Record::Job {
+                id: JobId(id),
+                bytes: b"not a job".to_vec(),
+            },
+        ]
+    }
+
+    #[test]
+    fn a_killed_broker_keeps_every_commit_of_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.load().unwrap();
+        store.commit(&junk_job(3)).unwrap();
+        store.commit(&junk_job(4)).unwrap();
+        store.commit(&[Record::DeleteJob(JobId(3))]).unwrap();
+        assert!(
+            !store.wal.is_empty(),
+            "no checkpoint yet: the log holds the commits"
+        );
+        // What `kill -9` leaves: the files as they are, the process gone.
+        let crashed = tempfile::tempdir().unwrap();
+        for f in ["jobs.redb", "jobs.wal"] {
+            std::fs::copy(dir.path().join(f), crashed.path().join(f)).unwrap();
+        }
+        let mut store = Store::open(crashed.path()).unwrap();
+        assert!(store.wal.is_empty(), "replayed, synced and emptied");
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.unreadable, [4], "job 4 is there, job 3 deleted");
+        assert_eq!(loaded.next_job_id, 5);
+    }
+
+    #[test]
+    fn a_commit_only_in_the_log_is_replayed_and_a_torn_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.load().unwrap();
+        store.commit(&junk_job(1)).unwrap();
+        drop(store);
+        // Two more commits that reached the log but never redb; the second torn.
+        let (mut wal, _) = Wal::open(&dir.path().join("jobs.wal")).unwrap();
+        let mut payload = Vec::new();
+        junk_job(2)
+            .iter()
+            .for_each(|r| encode_record(r, &mut payload));
+        wal.append(&payload).unwrap();
+        payload.clear();
+        junk_job(3)
+            .iter()
+            .for_each(|r| encode_record(r, &mut payload));
+        wal.append(&payload).unwrap();
+        let torn = wal.len() - 5;
+        drop(wal);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("jobs.wal"))
+            .unwrap()
+            .set_len(torn)
+            .unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.unreadable, [1, 2]);
+        assert_eq!(loaded.next_job_id, 3);
+    }
+
+    #[test]
+    fn a_big_log_is_checkpointed_into_redb_and_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.load().unwrap();
+        let big = vec![7u8; 1 << 20];
+        let mut emptied = false;
+        for id in 1..=10 {
+            store
+                .commit(&[Record::Job {
+                    id: JobId(id),
+                    bytes: big.clone(),
+                }])
+                .unwrap();
+            emptied |= store.wal.is_empty();
+            assert!(store.wal.len() < CHECKPOINT_BYTES);
+        }
+        assert!(emptied, "10 MiB of commits passed a checkpoint");
+        drop(store);
+        let mut store = Store::open(dir.path()).unwrap();
+        // No specs were written, so every job reads back as unreadable: all there.
+        assert_eq!(
+            store.load().unwrap().unreadable,
+            (1..=10).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_log_frame_that_does_not_decode_stops_the_start_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        let (mut wal, _) = Wal::open(&dir.path().join("jobs.wal")).unwrap();
+        wal.append(&[42, 0, 0]).unwrap();
+        drop(wal);
+        let err = Store::open(dir.path()).err().expect("refused");
+        assert!(
+            matches!(&err, StoreError::LogCorrupt { reason, .. } if reason.contains("unknown record kind 42")),
+            "{err}"
+        );
     }
 
     #[test]
