@@ -24,7 +24,9 @@ pub struct JobRun {
     /// the job ran out of memory on the largest GPU); each backend documents what
     /// a level means for it.
     pub degrade: u8,
-    /// Scratch space for this attempt; removed after its result is acknowledged.
+    /// Scratch space for this attempt, created by the backend that writes to it
+    /// (most jobs of the sim backend need none); removed after its result is
+    /// acknowledged.
     pub work_dir: PathBuf,
 }
 

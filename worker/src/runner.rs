@@ -659,7 +659,6 @@ async fn run_job(
     cancel: CancellationToken,
     done: mpsc::Sender<Done>,
 ) {
-    let _ = tokio::fs::create_dir_all(&work_dir).await;
     let run = JobRun {
         job_id: r.job_id,
         attempt: r.attempt,
