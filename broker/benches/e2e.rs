@@ -1,17 +1,23 @@
-//! End to end over loopback TCP, beside a raw zeromq DEALER/ROUTER echo.
+//! End to end over loopback TCP, beside a raw zeromq DEALER/ROUTER echo and a
+//! bare fsync.
 //!
-//! Starts a broker (in memory, then durable with redb), four sim workers and a
-//! client in this process, and measures:
+//! Starts the real `kiln-broker` (in memory, then durable) and four `kiln-worker`
+//! processes with the sim backend, and a client in this process on one thread,
+//! and measures:
 //! - no-op job latency: submit → the client sees the `succeeded` event, one job
 //!   at a time (p50/p99);
 //! - throughput: jobs completed per second with many submits in flight;
 //! - the same two measures for a bare DEALER/ROUTER echo on the same machine, so
-//!   the broker's overhead reads as a ratio.
+//!   the broker's overhead reads as a ratio, and the latency of appending to a
+//!   file and syncing it, the floor of a durable commit.
 //!
-//! A no-op job is a sim job with zero steps and zero outputs.
+//! A no-op job is a sim job with zero steps and zero outputs. The binaries are
+//! the release ones, so build them first:
 //!
-//!     cargo bench -p kiln-broker --bench e2e
+//!     cargo build --release --bins && cargo bench -p kiln-broker --bench e2e
 //!     KILN_BENCH_JOBS=5000 cargo bench -p kiln-broker --bench e2e   (quicker)
+//!     KILN_BENCH_IN_PROCESS=1 cargo bench -p kiln-broker --bench e2e  (broker
+//!         and workers as tasks in this process, no binaries needed)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -113,6 +119,29 @@ async fn echo_baseline(rounds: usize) -> Figures {
         p50: percentile(&lat, 0.5),
         p99: percentile(&lat, 0.99),
         per_sec: got as f64 / t.elapsed().as_secs_f64(),
+    }
+}
+
+/// Appending 128 bytes to a file and `fdatasync`: what one durable commit
+/// cannot go below on this disk.
+fn fsync_baseline(rounds: usize) -> Figures {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = std::fs::File::create(dir.path().join("fsync")).unwrap();
+    let mut lat = Vec::with_capacity(rounds);
+    let t0 = Instant::now();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        f.write_all(&[7u8; 128]).unwrap();
+        f.sync_data().unwrap();
+        lat.push(t.elapsed());
+    }
+    let per_sec = rounds as f64 / t0.elapsed().as_secs_f64();
+    lat.sort();
+    Figures {
+        p50: percentile(&lat, 0.5),
+        p99: percentile(&lat, 0.99),
+        per_sec,
     }
 }
 
@@ -385,6 +414,7 @@ fn main() {
         println!("loopback TCP, {} cores; latency over {} sequential round trips/jobs, throughput over {jobs}", std::thread::available_parallelism().map_or(0, |n| n.get()), jobs / 10);
         let echo = echo_baseline(jobs / 10).await;
         print("raw zeromq DEALER/ROUTER echo (baseline)", &echo);
+        print("append + fdatasync (baseline)", &fsync_baseline(jobs / 10));
         for durable in [false, true] {
             let c = if std::env::var_os("KILN_BENCH_IN_PROCESS").is_some() {
                 in_process(durable, 4).await

@@ -429,13 +429,15 @@ impl ComfyUiBackend {
         let produced = history::produced(&entry["outputs"]);
         let total = produced.files.len() as u32;
         if total > 0 {
-            tokio::fs::create_dir_all(&job.work_dir).await.map_err(|e| {
-                failed(
-                    FailureKind::Internal,
-                    format!("cannot create {}: {e}", job.work_dir.display()),
-                    true,
-                )
-            })?;
+            tokio::fs::create_dir_all(&job.work_dir)
+                .await
+                .map_err(|e| {
+                    failed(
+                        FailureKind::Internal,
+                        format!("cannot create {}: {e}", job.work_dir.display()),
+                        true,
+                    )
+                })?;
         }
         let mut outputs = Vec::new();
         for (i, (node, file)) in produced.files.iter().enumerate() {
