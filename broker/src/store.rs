@@ -18,7 +18,7 @@ use crate::wal::Wal;
 
 /// Log size at which a commit also syncs redb and empties the log. Bounds both
 /// the replay at start-up and the data a checkpoint syncs at once.
-const CHECKPOINT_BYTES: u64 = 2 << 20;
+const CHECKPOINT_BYTES: u64 = 8 << 20;
 
 /// Job state records, rewritten on every transition.
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
