@@ -19,10 +19,13 @@
 //!     KILN_BENCH_IN_PROCESS=1 cargo bench -p kiln-broker --bench e2e  (broker
 //!         and workers as tasks in this process, no binaries needed)
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::percentile;
 use kiln_broker::{Broker, BrokerSettings};
 use kiln_config::KilnConfig;
 use kiln_protocol::{Backend, Client, ClientOptions, Event, JobSpec, JobState, Task};
@@ -34,10 +37,6 @@ fn noop() -> JobSpec {
     JobSpec::new(Backend::Sim, Task::TextToImage)
         .param("steps", 0)
         .param("count", 0)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn micros(d: Duration) -> f64 {
@@ -122,21 +121,9 @@ async fn echo_baseline(rounds: usize) -> Figures {
     }
 }
 
-/// Appending 128 bytes to a file and `fdatasync`: what one durable commit
-/// cannot go below on this disk.
 fn fsync_baseline(rounds: usize) -> Figures {
-    use std::io::Write;
-    let dir = tempfile::tempdir().unwrap();
-    let mut f = std::fs::File::create(dir.path().join("fsync")).unwrap();
-    let mut lat = Vec::with_capacity(rounds);
-    let t0 = Instant::now();
-    for _ in 0..rounds {
-        let t = Instant::now();
-        f.write_all(&[7u8; 128]).unwrap();
-        f.sync_data().unwrap();
-        lat.push(t.elapsed());
-    }
-    let per_sec = rounds as f64 / t0.elapsed().as_secs_f64();
+    let mut lat = common::fsync_latencies(rounds);
+    let per_sec = rounds as f64 / lat.iter().sum::<Duration>().as_secs_f64();
     lat.sort();
     Figures {
         p50: percentile(&lat, 0.5),
@@ -158,8 +145,10 @@ enum Running {
         stop: CancellationToken,
         _state: tempfile::TempDir,
     },
+    /// Dropped in this order: the processes are killed, then their files removed.
     Processes {
-        _procs: Vec<kiln_testkit::Proc>,
+        _workers: Vec<kiln_testkit::Proc>,
+        _broker: Box<kiln_testkit::Broker>,
         _scratch: kiln_testkit::Scratch,
     },
 }
@@ -176,69 +165,34 @@ impl Cluster {
     }
 }
 
-/// Starts the release binaries: `kiln-broker` and `workers` × `kiln-worker`.
+/// Starts the release binaries: `kiln-broker` and `workers` × `kiln-worker`,
+/// logging only warnings.
 async fn processes(durable: bool, workers: usize) -> Cluster {
-    use kiln_testkit::{bin, free_port, Proc, Scratch};
+    use kiln_testkit::{BrokerOpts, Scratch, WorkerOpts};
     let scratch = Scratch::new();
-    let dir = scratch.path();
-    let (f, b, e) = (free_port(), free_port(), free_port());
-    let cfg = dir.join("kiln.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[broker]\nfrontend = \"tcp://127.0.0.1:{f}\"\nbackend = \"tcp://127.0.0.1:{b}\"\nevents = \"tcp://127.0.0.1:{e}\"\nstate_dir = \"{}\"\ndurable = {durable}\n\
-             [worker]\nbroker = \"tcp://127.0.0.1:{b}\"\n[worker.gpu]\nnvml = false\nname = \"bench GPU\"\ntotal_vram_mb = 24576\n",
-            dir.join("state").display()
-        ),
-    )
-    .unwrap();
-    let quiet = [("KILN_LOG".to_string(), "warn".to_string())];
-    let config = cfg.display().to_string();
-    let mut procs = vec![Proc::spawn(
-        "kiln-broker",
-        &bin("kiln-broker"),
-        &["--config".into(), config.clone()],
-        &quiet,
-        dir.join("broker.log"),
-    )];
+    let quiet = vec![("KILN_LOG".to_string(), "warn".to_string())];
+    let broker = scratch
+        .broker(BrokerOpts {
+            durable,
+            env: quiet.clone(),
+            ..BrokerOpts::default()
+        })
+        .await;
+    let mut procs = Vec::new();
     for i in 0..workers {
-        procs.push(Proc::spawn(
-            "kiln-worker",
-            &bin("kiln-worker"),
-            &[
-                "--config".into(),
-                config.clone(),
-                "--id".into(),
-                format!("bench{i}"),
-            ],
-            &quiet,
-            dir.join(format!("worker{i}.log")),
-        ));
+        let opts = WorkerOpts {
+            env: quiet.clone(),
+            ..WorkerOpts::sim(&format!("bench{i}"))
+        };
+        procs.push(scratch.worker(&broker, opts).await);
     }
-    let client = Client::connect(ClientOptions::new(
-        format!("tcp://127.0.0.1:{f}"),
-        format!("tcp://127.0.0.1:{e}"),
-    ));
-    wait_for_workers(&client, workers).await;
     Cluster {
-        client,
+        client: broker.client(),
         run: Running::Processes {
-            _procs: procs,
+            _workers: procs,
+            _broker: Box::new(broker),
             _scratch: scratch,
         },
-    }
-}
-
-async fn wait_for_workers(client: &Client, workers: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(w) = client.workers().await {
-            if w.len() >= workers {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "workers did not register");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -268,7 +222,11 @@ async fn in_process(durable: bool, workers: usize) -> Cluster {
     }
     let ep = broker.endpoints();
     let client = Client::connect(ClientOptions::new(ep.frontend.clone(), ep.events.clone()));
-    wait_for_workers(&client, workers).await;
+    kiln_testkit::eventually("the workers to register", Duration::from_secs(30), || {
+        let client = client.clone();
+        async move { (client.workers().await.ok()?.len() >= workers).then_some(()) }
+    })
+    .await;
     Cluster {
         client,
         run: Running::InProcess {

@@ -4,8 +4,11 @@
 //!     cargo bench -p kiln-broker --bench store
 //!     KILN_BENCH_COMMITS=500 cargo bench -p kiln-broker --bench store   (quicker)
 
-use std::io::Write;
+mod common;
+
 use std::time::{Duration, Instant};
+
+use common::percentile;
 
 use kiln_broker::core::Record;
 use kiln_broker::store::Store;
@@ -19,7 +22,7 @@ const STATE_BYTES: usize = 300;
 fn figures(name: &str, mut lat: Vec<Duration>, per_commit: usize) {
     lat.sort();
     let total: Duration = lat.iter().sum();
-    let at = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
+    let at = |p: f64| percentile(&lat, p).as_secs_f64() * 1e6;
     println!(
         "{name:<48} p50 {:>8.1} µs   p99 {:>8.1} µs   {:>8.0} jobs/s",
         at(0.5),
@@ -48,17 +51,11 @@ fn main() {
         .unwrap_or(3_000);
     println!("one commit at a time; {commits} commits each");
 
-    let dir = tempfile::tempdir().unwrap();
-    let mut f = std::fs::File::create(dir.path().join("fsync")).unwrap();
-    let lat = (0..commits)
-        .map(|_| {
-            let t = Instant::now();
-            f.write_all(&[7; 128]).unwrap();
-            f.sync_data().unwrap();
-            t.elapsed()
-        })
-        .collect();
-    figures("append 128 B + fdatasync (baseline)", lat, 1);
+    figures(
+        "append 128 B + fdatasync (baseline)",
+        common::fsync_latencies(commits),
+        1,
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path()).unwrap();

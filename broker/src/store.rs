@@ -150,7 +150,7 @@ impl Store {
         let mut jobs = Vec::new();
         let mut fleet = Vec::new();
         let mut unreadable = Vec::new();
-        let (boot, next_job_id);
+        let boot;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
             let prev = meta
@@ -159,10 +159,6 @@ impl Store {
                 .map_or(0, |v| v.value());
             boot = prev + 1;
             meta.insert("boot", boot).map_err(|e| self.err(e))?;
-            next_job_id = meta
-                .get("next_job_id")
-                .map_err(|e| self.err(e))?
-                .map_or(1, |v| v.value());
             let table = txn.open_table(JOBS).map_err(|e| self.err(e))?;
             let specs = txn.open_table(SPECS).map_err(|e| self.err(e))?;
             for row in table.iter().map_err(|e| self.err(e))? {
@@ -194,7 +190,11 @@ impl Store {
             }
         }
         txn.commit().map_err(|e| self.err(e))?;
-        self.next_job_id = next_job_id.max(jobs.iter().map(|j| j.id.0 + 1).max().unwrap_or(1));
+        // `open` read the stored counter and replay raised it; a job above it
+        // comes from a store written before the counter existed.
+        self.next_job_id = self
+            .next_job_id
+            .max(jobs.iter().map(|j| j.id.0 + 1).max().unwrap_or(1));
         Ok(Loaded {
             jobs,
             fleet,

@@ -224,6 +224,7 @@ pub struct BrokerOpts {
     pub heartbeat_ms: u64,
     /// Extra lines appended to the `[broker]` table.
     pub extra: String,
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for BrokerOpts {
@@ -234,6 +235,7 @@ impl Default for BrokerOpts {
             worker_token: None,
             heartbeat_ms: 1000,
             extra: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -294,7 +296,7 @@ impl Scratch {
             "kiln-broker",
             &bin("kiln-broker"),
             &["--config".into(), config.display().to_string()],
-            &[],
+            &opts.env,
             dir.join("broker.log"),
         );
         let broker = Broker {
