@@ -311,7 +311,7 @@ pub struct ClientConfig {
     #[schemars(example = &"/etc/kiln/credentials/client.token")]
     pub token_file: Option<PathBuf>,
     /// Name the broker files this client's jobs under (fairness, `kiln jobs`).
-    /// Unset: the CLI uses `user@host`, kiln-mcp `kiln-mcp`.
+    /// Unset: the CLI uses `<user>.<host>`, kiln-mcp `kiln-mcp`.
     #[schemars(example = &"studio-pipeline")]
     pub name: Option<String>,
     /// How long one request may wait for its reply, in seconds. A broker that is
@@ -638,15 +638,22 @@ fn did_you_mean(found: &str, known: &[&str]) -> String {
 fn describe_lines(err: figment::Error, table: &str) -> Vec<String> {
     err.into_iter()
         .map(|e| {
+            // figment's `extract_inner` appends the table to the end of the path.
+            let mut rest = e.path.clone();
+            if !table.is_empty() && rest.last().map(String::as_str) == Some(table) {
+                rest.pop();
+            }
             let mut path: Vec<String> = Vec::new();
-            if !table.is_empty() && e.path.first().map(String::as_str) != Some(table) {
+            if !table.is_empty() && rest.first().map(String::as_str) != Some(table) {
                 path.push(table.to_string());
             }
-            path.extend(e.path.iter().cloned());
+            path.extend(rest);
             let (kind, key) = match &e.kind {
                 figment::error::Kind::UnknownField(found, expected) => {
                     let mut key = path.clone();
-                    key.push(found.clone());
+                    if key.last() != Some(found) {
+                        key.push(found.clone());
+                    }
                     (
                         format!(
                             "unknown key{}",
