@@ -88,20 +88,24 @@ pub fn status(snap: &JobSnapshot) -> String {
         "attempts",
         format!("{} of at most {}", snap.tries, snap.max_attempts),
     );
-    match (&snap.worker, &snap.gpu) {
-        (Some(w), Some(g)) => line("worker", format!("{w} ({g})")),
-        (Some(w), None) => line("worker", w.clone()),
-        (None, Some(g)) => line("gpu", g.clone()),
-        (None, None) => {}
+    // `gpu` already names the worker: `box1-gpu0 (NVIDIA RTX 4090)`.
+    if let Some(w) = snap.gpu.as_ref().or(snap.worker.as_ref()) {
+        line("worker", w.clone());
     }
     // Progress belongs to a running attempt; a finished job's last stage would
     // read as if it were still encoding.
     if snap.state == JobState::Running {
         if let Some(p) = &snap.progress {
-            line("progress", format!("{:.0}% {}", p.pct, p.stage).trim_end().into());
+            line(
+                "progress",
+                format!("{:.0}% {}", p.pct, p.stage).trim_end().into(),
+            );
         }
     }
-    if let Some(q) = snap.queue_position.filter(|_| snap.state == JobState::Queued) {
+    if let Some(q) = snap
+        .queue_position
+        .filter(|_| snap.state == JobState::Queued)
+    {
         line("ahead", format!("{q} job(s)"));
     }
     if let Some(e) = &snap.error {
@@ -143,7 +147,15 @@ pub fn status(snap: &JobSnapshot) -> String {
 /// `kiln jobs`: one row per job.
 pub fn jobs_table(jobs: &[JobSnapshot]) -> String {
     let mut t = Table::new([
-        "JOB", "STATE", "BACKEND", "TASK", "PROGRESS", "WORKER", "CLIENT", "TRIES", "SUBMITTED",
+        "JOB",
+        "STATE",
+        "BACKEND",
+        "TASK",
+        "PROGRESS",
+        "WORKER",
+        "CLIENT",
+        "TRIES",
+        "SUBMITTED",
     ]);
     for j in jobs {
         t.row([

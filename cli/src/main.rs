@@ -211,11 +211,15 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
         } => commands::fleet::config_fence(&load(&[Table::Broker])?.0),
         Command::Demo(args) => {
             let (cfg, _) = load(&[Table::Broker, Table::Worker])?;
-            commands::demo::run(cfg, args).await.map(|_| Outcome::Ok.into())
+            commands::demo::run(cfg, args)
+                .await
+                .map(|_| Outcome::Ok.into())
         }
         Command::Up(args) => {
             let (cfg, _) = load(&[Table::Broker, Table::Worker])?;
-            commands::up::run(cfg, args).await.map(|_| Outcome::Ok.into())
+            commands::up::run(cfg, args)
+                .await
+                .map(|_| Outcome::Ok.into())
         }
         Command::GpuInfo(o) => commands::fleet::gpu_info(&load(&[Table::Worker])?.0, o.json),
         command => {

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::ConfigError;
 
 /// Whether the worker drives a ComfyUI someone else runs, or runs its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ComfyUiMode {
     /// A ComfyUI already running at `url` (started by the operator or systemd).
@@ -210,6 +212,9 @@ mod tests {
         );
         assert!(c.model_folders.iter().any(|f| f == "loras"));
         let text = std::fs::read_to_string(path).unwrap();
-        assert!(text.contains("# main_py = \"/opt/ComfyUI/main.py\""), "{text}");
+        assert!(
+            text.contains("# main_py = \"/opt/ComfyUI/main.py\""),
+            "{text}"
+        );
     }
 }

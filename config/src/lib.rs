@@ -603,7 +603,9 @@ fn with_origin(err: ConfigError, figment: &Figment) -> ConfigError {
 
 /// Reports top-level keys that are not a table of the schema, with a suggestion.
 fn check_top_level(figment: &Figment) -> Result<(), ConfigError> {
-    let data = figment.data().map_err(|e| ConfigError::Parse(describe_lines(e, "")))?;
+    let data = figment
+        .data()
+        .map_err(|e| ConfigError::Parse(describe_lines(e, "")))?;
     let mut errors = Vec::new();
     for dict in data.values() {
         for key in dict.keys().filter(|k| !TABLES.contains(&k.as_str())) {
@@ -655,10 +657,7 @@ fn describe_lines(err: figment::Error, table: &str) -> Vec<String> {
                         key.push(found.clone());
                     }
                     (
-                        format!(
-                            "unknown key{}",
-                            did_you_mean(found, expected)
-                        ),
+                        format!("unknown key{}", did_you_mean(found, expected)),
                         key.join("."),
                     )
                 }

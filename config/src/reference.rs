@@ -217,7 +217,10 @@ fn toml_value(v: &Value) -> String {
         }
         Value::String(s) => Value::String(s.clone()).to_string(),
         Value::Array(items) if items.iter().any(Value::is_object) => {
-            let rows: Vec<String> = items.iter().map(|i| format!("  {},", toml_value(i))).collect();
+            let rows: Vec<String> = items
+                .iter()
+                .map(|i| format!("  {},", toml_value(i)))
+                .collect();
             format!("[\n{}\n]", rows.join("\n"))
         }
         Value::Array(items) => {
@@ -239,8 +242,7 @@ fn toml_value(v: &Value) -> String {
 
 fn toml_key(k: &str) -> String {
     if !k.is_empty()
-        && k
-            .chars()
+        && k.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     {
         k.to_string()
@@ -459,11 +461,17 @@ mod tests {
             .filter(|e| e.doc.trim().is_empty())
             .map(|e| e.key.as_str())
             .collect();
-        assert!(undocumented.is_empty(), "keys without a doc comment: {undocumented:?}");
+        assert!(
+            undocumented.is_empty(),
+            "keys without a doc comment: {undocumented:?}"
+        );
         let comfy = entries
             .iter()
             .find(|e| e.key == "worker.comfyui.main_py")
             .unwrap();
-        assert!(comfy.default.is_null() && comfy.example.is_some(), "{comfy:?}");
+        assert!(
+            comfy.default.is_null() && comfy.example.is_some(),
+            "{comfy:?}"
+        );
     }
 }

@@ -131,7 +131,14 @@ mod tests {
             Endpoint::parse("ipc:///run/k").unwrap(),
             Endpoint::Ipc(_)
         ));
-        for bad in ["garbage", "tcp://host", "tcp://:5555", "tcp://h:99999", "ipc://", "tcp://[]:1"] {
+        for bad in [
+            "garbage",
+            "tcp://host",
+            "tcp://:5555",
+            "tcp://h:99999",
+            "ipc://",
+            "tcp://[]:1",
+        ] {
             assert_eq!(
                 Endpoint::parse(bad),
                 Err(Unreachable::BadEndpoint(bad.into())),
@@ -155,6 +162,29 @@ mod tests {
         assert_eq!(
             probe(&ipc, Duration::from_secs(2)).await,
             Err(Unreachable::Refused(ipc.clone()))
+        );
+    }
+
+    /// kiln-mcp and the CLI share this: a broker that is not running costs a
+    /// call one refused connect, not the request timeout.
+    #[tokio::test]
+    async fn a_client_that_never_reached_its_broker_fails_at_once() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let endpoint = format!("tcp://127.0.0.1:{port}");
+        let mut opts = crate::ClientOptions::new(endpoint.clone(), "tcp://127.0.0.1:1");
+        opts.request_timeout = Duration::from_secs(600);
+        let client = crate::Client::connect(opts);
+        let err = tokio::time::timeout(Duration::from_secs(60), client.ping())
+            .await
+            .expect("the call must not wait for its request timeout")
+            .unwrap_err();
+        assert!(
+            matches!(&err, crate::ClientError::Unreachable(Unreachable::Refused(e)) if *e == endpoint),
+            "{err:?}"
         );
     }
 }

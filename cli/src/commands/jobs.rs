@@ -243,9 +243,11 @@ fn report(snap: &JobSnapshot, files: &[PathBuf], json: bool) {
         JobState::Failed => eprintln!(
             "{} failed: {}",
             snap.job_id,
-            snap.error
-                .as_ref()
-                .map_or(String::new(), |e| format!("{}: {}", format::failure_kind(e.kind), e.message))
+            snap.error.as_ref().map_or(String::new(), |e| format!(
+                "{}: {}",
+                format::failure_kind(e.kind),
+                e.message
+            ))
         ),
         other => eprintln!("{} {other}", snap.job_id),
     }

@@ -32,7 +32,12 @@ fn page(
     std::fs::write(&path, buf).with_context(|| format!("writing {}", path.display()))?;
     written.push(path);
     for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
-        page(sub.clone(), &format!("{name}-{}", sub.get_name()), dir, written)?;
+        page(
+            sub.clone(),
+            &format!("{name}-{}", sub.get_name()),
+            dir,
+            written,
+        )?;
     }
     Ok(())
 }
