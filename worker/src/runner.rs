@@ -896,3 +896,26 @@ pub fn hostname() -> String {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempt_folders_of_an_earlier_run_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["j12-1", "j7-3/sub", "wan2gp", "notes-x", "j5-"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        std::fs::write(dir.path().join("j12-1/0_out.png"), b"png").unwrap();
+        std::fs::write(dir.path().join("j9-2"), b"a file, not an attempt").unwrap();
+        remove_stale_attempts(dir.path());
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["j5-", "j9-2", "notes-x", "wan2gp"]);
+        remove_scratch(&dir.path().join("never-existed"));
+    }
+}

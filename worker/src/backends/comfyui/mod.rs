@@ -641,6 +641,7 @@ impl Backend for ComfyUiBackend {
                 self.api.base()
             ));
         }
+        self.reaped.get_or_init(|| self.reap_predecessors()).await;
         Health::ok()
     }
 

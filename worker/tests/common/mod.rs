@@ -1,0 +1,5 @@
+//! Helpers shared by the worker's integration tests. Each test binary uses a
+//! different part of them.
+#![allow(dead_code)]
+
+pub mod comfy;
