@@ -87,6 +87,8 @@ struct Done {
     files: Vec<(OutputMeta, OutputData)>,
     loaded_model: Option<String>,
     work_dir: PathBuf,
+    /// Sent before the first upload: see [`closing_progress`].
+    closing: Option<Progress>,
 }
 
 struct Running {
@@ -341,9 +343,10 @@ impl Session {
     }
 
     /// A job task finished: keep its result until the broker acknowledges it.
-    fn finish(&mut self, done: Done) {
-        if self.running.as_ref().is_some_and(|r| r.r == done.r) {
-            self.running = None;
+    fn finish(&mut self, mut done: Done) {
+        if let Some(run) = self.running.take_if(|r| r.r == done.r) {
+            let last = run.progress.borrow().clone();
+            done.closing = closing_progress(&done.outcome, last.as_ref());
         }
         if !matches!(done.outcome, Outcome::Succeeded { .. }) {
             // Nothing of a failed or cancelled attempt is uploaded: its scratch
@@ -623,9 +626,17 @@ impl Session {
 
     /// Sends the next piece of the unacknowledged result, then `finished`.
     async fn upload_next(&mut self, conn: &mut DealerConn) -> Result<(), String> {
-        let (Some(done), Some(cursor)) = (&self.unacked, &mut self.cursor) else {
+        let (Some(done), Some(cursor)) = (&mut self.unacked, &mut self.cursor) else {
             return Ok(());
         };
+        if let Some(progress) = done.closing.take() {
+            let msg = WorkerMessage::Progress(ProgressReport {
+                job_id: done.r.job_id,
+                attempt: done.r.attempt,
+                progress,
+            });
+            return self.send(conn, &msg).await;
+        }
         if cursor.file >= done.files.len() {
             let msg = WorkerMessage::Finished(Finished {
                 job_id: done.r.job_id,
@@ -810,8 +821,26 @@ async fn run_job(
             files,
             loaded_model: backend.loaded_model(),
             work_dir,
+            closing: None,
         })
         .await;
+}
+
+/// The progress a finished attempt leaves behind. Progress goes out at most ten
+/// times a second, so the last stage a backend reported ("downloading
+/// x_00001_.png", "encoding") may never have been sent, and the broker would keep
+/// an earlier one on the finished job. A success closes at 100 % "done", keeping
+/// the step count; a failure leaves the progress to the broker, which clears it.
+fn closing_progress(outcome: &Outcome, last: Option<&Progress>) -> Option<Progress> {
+    match outcome {
+        Outcome::Succeeded { .. } => Some(Progress {
+            pct: 100.0,
+            step: last.and_then(|p| p.steps.or(p.step)),
+            steps: last.and_then(|p| p.steps),
+            stage: "done".into(),
+        }),
+        Outcome::Failed { .. } | Outcome::Cancelled => None,
+    }
 }
 
 type Prepared = (Outcome, Vec<(OutputMeta, OutputData)>);
@@ -900,6 +929,32 @@ pub fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_finished_job_closes_at_done_not_at_its_last_stage() {
+        let last = Progress {
+            pct: 97.5,
+            step: Some(1),
+            steps: Some(2),
+            stage: "downloading upscaled_00001_.png".into(),
+        };
+        let ok = Outcome::Succeeded {
+            outputs: vec![],
+            info: Default::default(),
+        };
+        let closing = closing_progress(&ok, Some(&last)).unwrap();
+        assert_eq!(
+            (closing.pct, closing.stage.as_str(), closing.step, closing.steps),
+            (100.0, "done", Some(2), Some(2))
+        );
+        // A job too short to have reported anything still closes at done.
+        assert_eq!(closing_progress(&ok, None).unwrap().stage, "done");
+        let failed = Outcome::Failed {
+            error: JobError::new(FailureKind::Backend, "boom", false),
+        };
+        assert_eq!(closing_progress(&failed, Some(&last)), None);
+        assert_eq!(closing_progress(&Outcome::Cancelled, Some(&last)), None);
+    }
 
     #[test]
     fn attempt_folders_of_an_earlier_run_are_removed_and_nothing_else() {
