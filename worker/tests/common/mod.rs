@@ -3,3 +3,4 @@
 #![allow(dead_code)]
 
 pub mod comfy;
+pub mod wan2gp;
