@@ -4,22 +4,13 @@
 //!
 //! Python comes from `KILN_TEST_PYTHON` (set by `scripts/test`), else `python3`.
 
-use std::time::Duration;
 
 mod common;
 
 use common::wan2gp::*;
-use kiln_protocol::{Backend, Client, FailureKind, JobSnapshot, JobSpec, JobState, LoraRef, Task};
+use kiln_protocol::{FailureKind, JobState, LoraRef};
 use kiln_testkit::{eventually, BrokerOpts, Scratch};
 use serde_json::{json, Value};
-
-/// The settings the fake WanGP recorded in an output.
-async fn recorded(client: &Client, snap: &JobSnapshot) -> Value {
-    let art = client.fetch_artifact(snap.artifacts[0].id).await.unwrap();
-    let text = String::from_utf8_lossy(&art.data).into_owned();
-    assert!(text.starts_with("KILN-FAKE-MP4"), "{text}");
-    serde_json::from_str(text.lines().nth(1).unwrap()).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_stream_progress_the_model_stays_loaded_and_models_are_listed() {

@@ -97,3 +97,10 @@ pub async fn wait_state(
     .await
 }
 
+/// The settings the fake WanGP recorded in an output.
+pub async fn recorded(client: &Client, snap: &JobSnapshot) -> Value {
+    let art = client.fetch_artifact(snap.artifacts[0].id).await.unwrap();
+    let text = String::from_utf8_lossy(&art.data).into_owned();
+    assert!(text.starts_with("KILN-FAKE-MP4"), "{text}");
+    serde_json::from_str(text.lines().nth(1).unwrap()).unwrap()
+}
