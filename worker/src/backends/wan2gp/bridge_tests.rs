@@ -693,7 +693,12 @@ async fn the_bridge_speaks_the_protocol() {
         .unwrap();
     assert_eq!(
         loras["loras"],
-        json!(["kiln_motion.safetensors", "kiln_style.safetensors"])
+        json!([
+            "anime/kiln_ink.safetensors",
+            "kiln_motion.safetensors",
+            "kiln_style.safetensors"
+        ]),
+        "relative to the family's folder, subfolders included, sorted without case"
     );
     let missing = ask(&mut p, 6, "availability", json!({"model_type": "ltx2_22B"}))
         .await
