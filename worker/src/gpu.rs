@@ -542,7 +542,9 @@ mod tests {
             v2: Ok((24 * 1024 * MIB, 20 * 1024 * MIB)),
             v1: Err(MemoryCallError::Other("must not be called".into())),
         };
-        assert!(matches!(read_memory(&current), MemoryReading::Known { total_bytes, .. } if total_bytes == 24 * 1024 * MIB));
+        assert!(
+            matches!(read_memory(&current), MemoryReading::Known { total_bytes, .. } if total_bytes == 24 * 1024 * MIB)
+        );
         // A GB10 answers Not Supported to either; a real failure stays one.
         let unified = Calls {
             v2: Err(MemoryCallError::Missing("v2".into())),
@@ -574,9 +576,15 @@ mod tests {
         assert_eq!(g.source, Source::None);
         assert!(g.total_vram_mb > 0);
         let lost = Fake(Err(GpuError::Nvml("GPU is lost".into())));
-        let g = GpuProbe::new(Some(Box::new(lost)), None, GpuConfig::default(), true, meminfo)
-            .probe()
-            .unwrap();
+        let g = GpuProbe::new(
+            Some(Box::new(lost)),
+            None,
+            GpuConfig::default(),
+            true,
+            meminfo,
+        )
+        .probe()
+        .unwrap();
         assert_eq!(g.source, Source::None);
         // A worker with real backends still refuses: it would schedule blind.
         let err = GpuProbe::new(

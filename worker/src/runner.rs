@@ -704,7 +704,9 @@ fn remove_scratch(dir: &std::path::Path) {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot remove an attempt's scratch"),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove an attempt's scratch")
+        }
     }
 }
 
@@ -944,7 +946,12 @@ mod tests {
         };
         let closing = closing_progress(&ok, Some(&last)).unwrap();
         assert_eq!(
-            (closing.pct, closing.stage.as_str(), closing.step, closing.steps),
+            (
+                closing.pct,
+                closing.stage.as_str(),
+                closing.step,
+                closing.steps
+            ),
             (100.0, "done", Some(2), Some(2))
         );
         // A job too short to have reported anything still closes at done.

@@ -90,8 +90,8 @@ fn read_pid(file: &Path) -> i32 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_of_an_attached_worker_cancels_the_prompt_says_goodbye_and_the_retry_runs_at_once(
-) {
+async fn sigterm_of_an_attached_worker_cancels_the_prompt_says_goodbye_and_the_retry_runs_at_once()
+{
     let s = Scratch::new();
     let fake = Fake::start(&s, "0.27.0").await;
     let broker = slow_beat_broker(&s).await;
@@ -131,7 +131,10 @@ async fn sigterm_of_an_attached_worker_cancels_the_prompt_says_goodbye_and_the_r
         "no prompt ran on for a worker that is gone"
     );
     let log = w1.log();
-    assert!(log.contains("stopping the running job before exiting"), "{log}");
+    assert!(
+        log.contains("stopping the running job before exiting"),
+        "{log}"
+    );
 
     // An idle worker's goodbye arrives too.
     drop(w2);
@@ -199,11 +202,9 @@ async fn sigkill_of_an_attached_worker_leaves_no_prompt_behind_once_it_is_back()
         .unwrap()
         .unwrap();
     assert_eq!(done.state, JobState::Cancelled);
-    eventually(
-        "the fake to be idle",
-        Duration::from_secs(10),
-        || async { queue_is_empty(&fake).await.then_some(()) },
-    )
+    eventually("the fake to be idle", Duration::from_secs(10), || async {
+        queue_is_empty(&fake).await.then_some(())
+    })
     .await;
     assert_eq!(abandoned(&fake).await, (vec![], vec![]));
 }
@@ -262,7 +263,10 @@ async fn a_managed_comfyui_dies_with_its_worker_and_sigterm_stops_both_cleanly()
     // SIGTERM mid-job: the prompt is cancelled, goodbye said, the server stopped.
     let status = worker.stop().unwrap();
     assert!(status.success(), "{status:?}");
-    assert!(is_gone(second), "the managed ComfyUI stopped with its worker");
+    assert!(
+        is_gone(second),
+        "the managed ComfyUI stopped with its worker"
+    );
     let snap = client.get(id).await.unwrap();
     assert_eq!(snap.state, JobState::Queued, "{snap:?}");
     assert!(

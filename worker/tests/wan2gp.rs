@@ -4,7 +4,6 @@
 //!
 //! Python comes from `KILN_TEST_PYTHON` (set by `scripts/test`), else `python3`.
 
-
 mod common;
 
 use common::wan2gp::*;

@@ -33,7 +33,11 @@ async fn two_heartbeats(client: &Client) {
 
 /// The bridge's process id, from the info of a successful job.
 async fn bridge_pid(client: &Client) -> u64 {
-    let id = client.submit(t2v("a probe", json!({"steps": 1}))).await.unwrap().job_id;
+    let id = client
+        .submit(t2v("a probe", json!({"steps": 1})))
+        .await
+        .unwrap()
+        .job_id;
     let snap = finish(client, id).await;
     assert_eq!(snap.state, JobState::Succeeded, "{:?}", snap.error);
     snap.info["bridge_pid"].as_u64().unwrap()
@@ -88,7 +92,11 @@ async fn only_cuda_faults_restart_the_bridge_and_error_texts_keep_their_quotes()
         "{}",
         err.message
     );
-    assert_eq!(bridge_pid(client).await, pid, "neither failure restarted the bridge");
+    assert_eq!(
+        bridge_pid(client).await,
+        pid,
+        "neither failure restarted the bridge"
+    );
 
     // A CUDA fault does.
     let id = client
@@ -104,7 +112,11 @@ async fn only_cuda_faults_restart_the_bridge_and_error_texts_keep_their_quotes()
         "{:?}",
         snap.history
     );
-    assert_ne!(bridge_pid(client).await, pid, "a fresh bridge after the fault");
+    assert_ne!(
+        bridge_pid(client).await,
+        pid,
+        "a fresh bridge after the fault"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,7 +130,11 @@ async fn a_submit_that_raises_is_answered_at_once() {
     // The stall watchdog would have answered after 900 s.
     let snap = finish(client, id).await;
     let err = snap.error.unwrap();
-    assert_eq!((err.kind, snap.attempt), (FailureKind::Backend, 1), "{err:?}");
+    assert_eq!(
+        (err.kind, snap.attempt),
+        (FailureKind::Backend, 1),
+        "{err:?}"
+    );
     assert!(
         err.message.contains("refused the job (error): KeyError"),
         "{}",

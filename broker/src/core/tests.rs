@@ -1041,12 +1041,7 @@ fn out_of_memory_on_the_last_attempt_promises_no_lower_setting() {
     let (job, _) = sim.submit(s);
     let oom = JobError::new(FailureKind::OutOfMemory, "CUDA out of memory", true);
     for attempt in 1..=3u32 {
-        let out = sim.finish(
-            "only",
-            job,
-            attempt,
-            Outcome::Failed { error: oom.clone() },
-        );
+        let out = sim.finish("only", job, attempt, Outcome::Failed { error: oom.clone() });
         let assigned = out.iter().any(|o| {
             matches!(
                 o,

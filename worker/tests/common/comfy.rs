@@ -13,7 +13,6 @@ pub fn fixtures() -> PathBuf {
     fixture("comfyui")
 }
 
-
 pub const MODELS: [&str; 4] = [
     "checkpoints/sd15.safetensors",
     "loras/detail.safetensors",
@@ -109,7 +108,6 @@ impl Fake {
     }
 }
 
-
 pub fn comfy_opts(id: &str, comfyui_toml: &str) -> WorkerOpts {
     WorkerOpts {
         backends: vec!["comfyui".into()],
@@ -117,7 +115,6 @@ pub fn comfy_opts(id: &str, comfyui_toml: &str) -> WorkerOpts {
         ..WorkerOpts::sim(id)
     }
 }
-
 
 pub async fn wait_healthy(client: &Client, id: &str) {
     eventually(
@@ -135,7 +132,6 @@ pub async fn wait_healthy(client: &Client, id: &str) {
     )
     .await;
 }
-
 
 pub async fn wait_progress(client: &Client, id: JobId) {
     eventually(
@@ -159,4 +155,3 @@ pub fn slow_job(steps: u32) -> JobSpec {
     spec.model = Some("sd15.safetensors".into());
     spec
 }
-

@@ -290,10 +290,7 @@ impl Api {
                     .and_then(|extra| extra.get("client_id"))
                     .and_then(Value::as_str)
                     .unwrap_or("");
-                if let (true, Some(id)) = (
-                    wanted(client),
-                    item.get(1).and_then(Value::as_str),
-                ) {
+                if let (true, Some(id)) = (wanted(client), item.get(1).and_then(Value::as_str)) {
                     ids.push(id.to_string());
                 }
             }

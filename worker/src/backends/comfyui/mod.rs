@@ -171,9 +171,7 @@ impl ComfyUiBackend {
                     .wait_connected(Duration::from_millis(500))
                     .await
             {
-                self.reaped
-                    .get_or_init(|| self.reap_predecessors())
-                    .await;
+                self.reaped.get_or_init(|| self.reap_predecessors()).await;
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -384,7 +382,9 @@ impl ComfyUiBackend {
             client != self.client_id
                 && client
                     .strip_prefix(&self.client_prefix)
-                    .is_some_and(|rest| rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .is_some_and(|rest| {
+                        rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit())
+                    })
         };
         let ids = match self.api.queued_for_clients(earlier).await {
             Ok(ids) => ids,

@@ -136,16 +136,16 @@ async fn supervise(
         let reason = match port.map(port_is_free).unwrap_or(Ok(())) {
             Err(why) => why,
             Ok(()) => match start(&launch, gpu) {
-            Ok(mut child) => {
-                tracing::info!(gpu, pid = child.id(), program = %launch.program.display(), args = ?launch.args, "started a managed ComfyUI");
-                let reason = run_until_exit(&mut child, &api, timing, &state, &stop).await;
-                if stop.is_cancelled() {
-                    terminate(&mut child).await;
-                    break;
+                Ok(mut child) => {
+                    tracing::info!(gpu, pid = child.id(), program = %launch.program.display(), args = ?launch.args, "started a managed ComfyUI");
+                    let reason = run_until_exit(&mut child, &api, timing, &state, &stop).await;
+                    if stop.is_cancelled() {
+                        terminate(&mut child).await;
+                        break;
+                    }
+                    reason
                 }
-                reason
-            }
-            Err(e) => format!("cannot start {}: {e}", launch.program.display()),
+                Err(e) => format!("cannot start {}: {e}", launch.program.display()),
             },
         };
         if started.elapsed() > Duration::from_secs(60) {
@@ -197,7 +197,14 @@ fn start(launch: &Launch, gpu: u32) -> std::io::Result<Child> {
     unsafe {
         cmd.pre_exec(move || {
             // Dies with the thread that spawned it (the worker's runtime thread).
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             // The worker died before the prctl: do not run as an orphan.
@@ -341,7 +348,10 @@ mod tests {
             "INFO Starting server warn"
         );
         assert_eq!(strip_ansi("\u{1b}]0;title\u{7}plain"), "plain");
-        assert_eq!(strip_ansi("no escapes: 100%|####|"), "no escapes: 100%|####|");
+        assert_eq!(
+            strip_ansi("no escapes: 100%|####|"),
+            "no escapes: 100%|####|"
+        );
         assert_eq!(strip_ansi("trailing \u{1b}"), "trailing ");
     }
 
