@@ -203,7 +203,7 @@ mod tests {
     fn check_example() {
         // The example file shows the defaults; the ComfyUI examples are comments.
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kiln.example.toml");
-        let cfg = crate::KilnConfig::load(&[path.clone()]).unwrap();
+        let cfg = crate::KilnConfig::load(std::slice::from_ref(&path)).unwrap();
         let c = &cfg.worker.comfyui;
         assert_eq!(*c, ComfyUiConfig::default());
         assert_eq!(

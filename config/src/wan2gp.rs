@@ -381,7 +381,7 @@ mod example {
     fn check_example() {
         // The example file shows the defaults; the Wan2GP examples are comments.
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kiln.example.toml");
-        let cfg = KilnConfig::load(&[path.clone()]).unwrap();
+        let cfg = KilnConfig::load(std::slice::from_ref(&path)).unwrap();
         let w = &cfg.worker.wan2gp;
         assert_eq!(*w, crate::Wan2gpConfig::default());
         assert_eq!(
