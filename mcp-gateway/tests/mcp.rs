@@ -287,7 +287,11 @@ fn the_example_config_parses_with_its_mcp_block() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/kiln.example.toml"),
     )
     .unwrap();
-    for key in ["# token_file = ", "# allowed_roots = ", "# output_dir = "] {
+    for key in [
+        "# token_file = \"/etc/kiln/mcp-token\"",
+        "# Example: allowed_roots = [\"/srv/games/my-game/assets\"]",
+        "# output_dir = \"/var/lib/kiln/mcp-outputs\"",
+    ] {
         assert!(text.contains(key), "{key} missing from the example");
     }
 }
