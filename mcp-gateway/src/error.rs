@@ -70,9 +70,12 @@ impl ToolError {
     /// The in-band error result the assistant sees.
     pub fn into_result(self) -> CallToolResult {
         let mut result = CallToolResult::error(vec![ContentBlock::text(self.to_string())]);
-        result.structured_content = Some(json!({
-            "error": { "kind": self.kind(), "field": self.field(), "message": self.to_string() }
-        }));
+        let mut error = json!({ "kind": self.kind(), "message": self.to_string() });
+        if let Some(field) = self.field() {
+            error["field"] = field.into();
+        }
+        // The error form every output schema admits (crate::schema::error_schema).
+        result.structured_content = Some(json!({ "error": error }));
         result
     }
 }
