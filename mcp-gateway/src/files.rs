@@ -83,7 +83,8 @@ impl AllowedRoots {
         } else {
             first.join(given)
         };
-        let existing = nearest_existing(&candidate).ok_or_else(|| self.outside(field, &candidate))?;
+        let existing =
+            nearest_existing(&candidate).ok_or_else(|| self.outside(field, &candidate))?;
         let root = self
             .root_of(&existing)
             .ok_or_else(|| self.outside(field, &candidate))?
@@ -93,7 +94,11 @@ impl AllowedRoots {
 
     /// Creates a directory checked by [`Self::target_dir`] and checks its real
     /// path again (a symlink may lead out of the roots).
-    pub fn create_dir(&self, field: &str, candidate: &Path) -> Result<(PathBuf, PathBuf), ToolError> {
+    pub fn create_dir(
+        &self,
+        field: &str,
+        candidate: &Path,
+    ) -> Result<(PathBuf, PathBuf), ToolError> {
         std::fs::create_dir_all(candidate).map_err(|e| io_error("creating the directory", e))?;
         let real = candidate
             .canonicalize()

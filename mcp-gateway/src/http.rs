@@ -110,7 +110,11 @@ async fn http_conventions(request: Request, next: Next) -> Response {
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"));
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
     let request = if method == Method::POST && json_body {
         let (parts, body) = request.into_parts();
         let bytes = match axum::body::to_bytes(body, MAX_REQUEST_BODY_BYTES).await {

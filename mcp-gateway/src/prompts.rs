@@ -155,13 +155,27 @@ mod tests {
 
     #[test]
     fn numeric_arguments_are_checked() {
-        let story = |s: Value| get_prompt("storyboard_to_video", &args(json!({"story": "a\nb", "seconds_per_shot": s})));
+        let story = |s: Value| {
+            get_prompt(
+                "storyboard_to_video",
+                &args(json!({"story": "a\nb", "seconds_per_shot": s})),
+            )
+        };
         let e = story(json!("abc")).unwrap_err();
-        assert!(e.message.contains("seconds_per_shot") && e.message.contains("number"), "{}", e.message);
+        assert!(
+            e.message.contains("seconds_per_shot") && e.message.contains("number"),
+            "{}",
+            e.message
+        );
         assert!(story(json!("500")).unwrap_err().message.contains("between"));
         let ok = story(json!("2.5")).unwrap();
         assert!(format!("{:?}", ok.messages).contains("seconds: 2.5"));
-        let sheet = |s: &str| get_prompt("sprite_sheet", &args(json!({"subject": "a cat", "poses": "idle", "size": s})));
+        let sheet = |s: &str| {
+            get_prompt(
+                "sprite_sheet",
+                &args(json!({"subject": "a cat", "poses": "idle", "size": s})),
+            )
+        };
         assert!(sheet("500").unwrap_err().message.contains("multiple of 8"));
         assert!(format!("{:?}", sheet("256").unwrap().messages).contains("256"));
     }

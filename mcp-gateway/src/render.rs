@@ -5,12 +5,12 @@
 
 use base64::Engine;
 use kiln_protocol::client::hex;
-use sha2::{Digest, Sha256};
 use kiln_protocol::{ArtifactMeta, JobSnapshot, JobState};
 use rmcp::model::{CallToolResult, ContentBlock, Resource};
 use schemars::JsonSchema;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use crate::error::ToolError;
 use crate::files::write_atomic;

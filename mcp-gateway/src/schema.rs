@@ -97,7 +97,8 @@ fn into_object(value: Value) -> JsonObject {
 }
 
 fn is_null_schema(v: &Value) -> bool {
-    v.get("type").and_then(Value::as_str) == Some("null") && v.as_object().is_some_and(|o| o.len() == 1)
+    v.get("type").and_then(Value::as_str) == Some("null")
+        && v.as_object().is_some_and(|o| o.len() == 1)
 }
 
 /// Rewrites one schema and all its subschemas in place.
@@ -227,6 +228,9 @@ mod tests {
                 { "required": ["error"], "properties": { "error": {} } }
             ])
         );
-        assert_eq!(out["properties"]["error"]["required"], json!(["kind", "message"]));
+        assert_eq!(
+            out["properties"]["error"]["required"],
+            json!(["kind", "message"])
+        );
     }
 }

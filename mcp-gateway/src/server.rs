@@ -102,8 +102,9 @@ fn parse_job(s: &str) -> Result<JobId, ToolError> {
 /// cancelled), in the error form every output schema admits.
 fn cancelled_result(stopped: &Cancelled) -> CallToolResult {
     let mut r = CallToolResult::error(vec![ContentBlock::text(stopped.to_string())]);
-    r.structured_content =
-        Some(serde_json::json!({ "error": { "kind": "cancelled", "message": stopped.to_string() } }));
+    r.structured_content = Some(
+        serde_json::json!({ "error": { "kind": "cancelled", "message": stopped.to_string() } }),
+    );
     r
 }
 
@@ -146,8 +147,14 @@ impl KilnMcp {
         post: PostProcess,
         ctx: &RequestContext<RoleServer>,
     ) -> CallToolResult {
-        self.generate(spec.map(|s| vec![s]), None, wait, post, self.call_context(ctx))
-            .await
+        self.generate(
+            spec.map(|s| vec![s]),
+            None,
+            wait,
+            post,
+            self.call_context(ctx),
+        )
+        .await
     }
 
     /// Submits, waits, and renders: the shared body of every generate tool.

@@ -67,7 +67,9 @@ fn type_matches(ty: &str, value: &Value) -> bool {
         "integer" => {
             value.is_i64()
                 || value.is_u64()
-                || value.as_f64().is_some_and(|f| f.fract() == 0.0 && f.is_finite())
+                || value
+                    .as_f64()
+                    .is_some_and(|f| f.fract() == 0.0 && f.is_finite())
         }
         "number" => value.is_number(),
         "string" => value.is_string(),
@@ -562,12 +564,18 @@ mod tests {
             json!({"steps": 4, "cfg": 7.5, "wait": false, "prompt": "12",
                    "loras": [{"strength": 0.5}], "params": {"x": null, "n": "3"}})
         );
-        let mut args = json!({"steps": 512.0, "cfg": null}).as_object().cloned().unwrap();
+        let mut args = json!({"steps": 512.0, "cfg": null})
+            .as_object()
+            .cloned()
+            .unwrap();
         coerce_arguments(schema, &mut args);
         assert_eq!(Value::Object(args.clone()), json!({"steps": 512}));
         assert!(args["steps"].is_u64());
         // What is not a number stays as it is, to be refused by name.
-        let mut args = json!({"steps": "abc", "wait": "maybe"}).as_object().cloned().unwrap();
+        let mut args = json!({"steps": "abc", "wait": "maybe"})
+            .as_object()
+            .cloned()
+            .unwrap();
         coerce_arguments(schema, &mut args);
         let e = check_arguments(schema, &args).unwrap_err();
         assert_eq!(e.field(), Some("steps"));
@@ -586,7 +594,9 @@ mod tests {
         run(json!({"workflow": {}})).unwrap();
         let none = run(json!({})).unwrap_err();
         assert_eq!(none.field(), Some("workflow"));
-        assert!(none.to_string().contains("exactly one of `workflow` or `template`"));
+        assert!(none
+            .to_string()
+            .contains("exactly one of `workflow` or `template`"));
         let both = run(json!({"workflow": {}, "template": "t"})).unwrap_err();
         assert_eq!(both.field(), Some("template"));
         // The rule does not hide the other checks.
