@@ -56,13 +56,19 @@ impl ToolError {
         }
     }
 
-    /// The argument or wire field at fault, when there is one.
+    /// The argument at fault, when there is one.
     pub fn field(&self) -> Option<&str> {
         match self {
             ToolError::InvalidArgument { field, .. } | ToolError::AccessDenied { field, .. } => {
                 Some(field)
             }
-            ToolError::Broker(ClientError::Broker(body)) => body.field.as_deref(),
+            // The broker names spec fields (`job.model`, `job.params.width`); the
+            // tools' arguments carry the same names without the prefix.
+            ToolError::Broker(ClientError::Broker(body)) => body.field.as_deref().map(|f| {
+                f.strip_prefix("job.params.")
+                    .or_else(|| f.strip_prefix("job."))
+                    .unwrap_or(f)
+            }),
             _ => None,
         }
     }

@@ -9,7 +9,10 @@
 //! `notifications/cancelled` gives a reason that says it timed out, as the
 //! TypeScript SDK's "Request timed out" and the Python SDK's "timed out after …"
 //! do), a client that goes away, or a gateway that stops, leaves the jobs running:
-//! their results stay at the broker for `get_job`/`wait_for_job`.
+//! their results stay at the broker for `get_job`/`wait_for_job`. One exception is
+//! the protocol's own: over streamable HTTP at 2026-07-28, closing a request's
+//! response stream is its cancel signal (that protocol has no other), so it
+//! cancels the jobs.
 //!
 //! A batch's jobs are submitted at once so the broker spreads them over every
 //! capable GPU; each is followed by its own task, and their snapshots are folded
@@ -91,7 +94,8 @@ pub enum CancelSource {
         id: RequestId,
         reasons: Arc<CancelReasons>,
     },
-    /// The token fires only on an explicit cancel (an MCP task's `tasks/cancel`).
+    /// The token fires only on an explicit cancel: an MCP task's `tasks/cancel`,
+    /// or a 2026-07-28 HTTP request's closed response stream.
     Explicit,
 }
 

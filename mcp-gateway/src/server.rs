@@ -49,12 +49,17 @@ fn save_schema() -> Arc<JsonObject> {
 impl KilnMcp {
     fn call_context(&self, ctx: &RequestContext<RoleServer>) -> CallContext {
         let task = ctx.extensions.get::<TaskContext>().cloned();
+        // Over streamable HTTP at 2026-07-28 a request has no session: closing its
+        // response stream is the protocol's one cancel signal (there are no
+        // client notifications to say why), so the token firing is the cancel.
+        let stateless_http = at_least(ctx, &ProtocolVersion::V_2026_07_28)
+            && ctx.extensions.get::<axum::http::request::Parts>().is_some();
         CallContext {
             peer: Some(ctx.peer.clone()),
             progress_token: ctx.meta.get_progress_token(),
             cancel: ctx.ct.clone(),
             // A task's token fires only on `tasks/cancel`.
-            cancel_source: if task.is_some() {
+            cancel_source: if task.is_some() || stateless_http {
                 CancelSource::Explicit
             } else {
                 CancelSource::Request {
@@ -73,11 +78,15 @@ impl KilnMcp {
 /// Inspector negotiate 2025-11-25) always get the plain result.
 const TASKS_SINCE: ProtocolVersion = ProtocolVersion::V_2026_07_28;
 
+/// Whether the request's protocol version is `version` or newer (versions are
+/// dates, so they order as strings).
+fn at_least(ctx: &RequestContext<RoleServer>, version: &ProtocolVersion) -> bool {
+    ctx.protocol_version()
+        .is_some_and(|v| v.as_str() >= version.as_str())
+}
+
 fn takes_tasks(ctx: &RequestContext<RoleServer>) -> bool {
-    let version_ok = ctx
-        .protocol_version()
-        .is_some_and(|v| v.as_str() >= TASKS_SINCE.as_str());
-    version_ok
+    at_least(ctx, &TASKS_SINCE)
         && ctx
             .client_capabilities()
             .is_some_and(|c| c.supports_tasks())

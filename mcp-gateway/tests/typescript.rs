@@ -241,7 +241,13 @@ async fn the_conformance_suite_over_http() {
     let toml = std::fs::read_to_string(&fleet.config)
         .unwrap()
         .lines()
-        .filter(|l| !l.starts_with("token = \"mcp"))
+        // No token (the suite sends none) and the default backends (comfyui,
+        // wan2gp) on a sim-only fleet: calls without `backend` must still run.
+        .filter(|l| {
+            !l.starts_with("token = \"mcp")
+                && !l.starts_with("image_backend")
+                && !l.starts_with("video_backend")
+        })
         .collect::<Vec<_>>()
         .join("\n");
     assert!(!toml.contains(MCP_TOKEN));
@@ -302,6 +308,30 @@ async fn the_conformance_suite_over_http() {
         failures.is_empty(),
         "conformance failures:\n{}",
         failures.join("\n")
+    );
+
+    let script = tests_dir().join("fixtures/mcp/typescript.mjs");
+    let (lines, ok, output) = run_node(
+        cwd,
+        &[
+            script.display().to_string(),
+            "--transport".into(),
+            "http".into(),
+            "--url".into(),
+            url,
+            "--assets".into(),
+            fleet.assets.display().to_string(),
+            "--only".into(),
+            "fleet_default".into(),
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        ok && lines
+            .iter()
+            .any(|l| l["scenario"] == "fleet_default" && l["ok"] == true),
+        "{output}"
     );
 }
 
