@@ -74,7 +74,7 @@ fn number(
         return Err(bad(format!("must be between {min} and {max}")));
     }
     if let Some(step) = step {
-        if n.fract() != 0.0 || n as u64 % u64::from(step) != 0 {
+        if n.fract() != 0.0 || !(n as u64).is_multiple_of(u64::from(step)) {
             return Err(bad(format!("must be a whole multiple of {step}")));
         }
     }

@@ -292,12 +292,10 @@ pub async fn render(
     ended: Ended,
 ) -> CallToolResult {
     // Follow events carry no queue position; the broker's `get` does.
-    for item in items.iter_mut() {
-        if let Ok(s) = item {
-            if s.state == JobState::Queued && s.queue_position.is_none() {
-                if let Ok(fresh) = gw.client.get(s.job_id).await {
-                    *s = fresh;
-                }
+    for s in items.iter_mut().flatten() {
+        if s.state == JobState::Queued && s.queue_position.is_none() {
+            if let Ok(fresh) = gw.client.get(s.job_id).await {
+                *s = fresh;
             }
         }
     }
