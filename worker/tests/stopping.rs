@@ -2,8 +2,9 @@
 //! ComfyUI: SIGTERM and SIGKILL of attach-mode and managed workers in the
 //! middle of a job leave no prompt running and no orphan server, the broker
 //! hears the goodbye, and the retry runs at once. Also: a managed worker never
-//! adopts a server it did not start, and a GPU declared in `[worker.gpu]` is what
-//! the broker schedules on.
+//! adopts a server it did not start, a GPU declared in `[worker.gpu]` is what
+//! the broker schedules on, and an attempt's uploads do not stay in ComfyUI's
+//! input folder.
 
 mod common;
 
@@ -11,8 +12,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::comfy::*;
+use kiln_protocol::job::InputFile;
 use kiln_protocol::worker::{GpuSource, WorkerState};
-use kiln_protocol::{Client, JobId, JobSnapshot, JobState};
+use kiln_protocol::{Backend, Client, JobId, JobSnapshot, JobSpec, JobState, Task};
 use kiln_testkit::{eventually, free_port, python, Broker, BrokerOpts, Proc, Scratch};
 use serde_json::Value;
 
@@ -353,4 +355,72 @@ async fn the_gpu_declared_in_the_config_is_not_overridden_by_comfyui() {
     spec.min_vram_mb = Some(16_000);
     let err = client.submit(spec).await.unwrap_err();
     assert!(err.to_string().contains("16000"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempts_uploads_are_removed_from_comfyuis_input_folder() {
+    let s = Scratch::new();
+    let fake = Fake::start(&s, "0.27.0").await;
+    let port = fake.url.rsplit(':').next().unwrap();
+    let input_dir = s.path().join(format!("comfyui-{port}")).join("input");
+    let broker = s
+        .broker(BrokerOpts {
+            heartbeat_ms: 200,
+            ..BrokerOpts::default()
+        })
+        .await;
+    let client = broker.client();
+    let toml = format!(
+        "url = \"{}\"\ninput_dir = \"{}\"",
+        fake.url,
+        input_dir.display()
+    );
+    let _w = s.worker(&broker, comfy_opts("u1", &toml)).await;
+    wait_healthy(&client, "u1").await;
+    let image = |name: &str| InputFile {
+        name: name.into(),
+        media_type: "image/png".into(),
+        data: std::fs::read(fixtures().join("workflows/inputs").join(name)).unwrap(),
+    };
+    let raw = |name: &str, input: &str| {
+        let mut spec = JobSpec::new(Backend::Comfyui, Task::Workflow);
+        let text =
+            std::fs::read_to_string(fixtures().join(format!("workflows/{name}.json"))).unwrap();
+        spec.workflow = Some(serde_json::from_str(&text).unwrap());
+        spec.inputs.push(image(input));
+        spec
+    };
+    // One that succeeds and one that fails at run time on its upload.
+    for (spec, state) in [
+        (
+            raw("10_loadimage_subfolder_preview", "upload_test.png"),
+            JobState::Succeeded,
+        ),
+        (
+            raw("07_runtime_error_broken_upload", "broken.png"),
+            JobState::Failed,
+        ),
+    ] {
+        let id = client.submit(spec).await.unwrap().job_id;
+        let done = tokio::time::timeout(Duration::from_secs(60), client.wait(id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.state, state, "{done:?}");
+        let uploaded = fake
+            .log()
+            .await
+            .into_iter()
+            .filter(|l| l.starts_with(&format!("POST /upload/image kiln/{id}-1/")))
+            .count();
+        assert_eq!(uploaded, 1, "the input went into the attempt's own folder");
+        assert!(
+            !input_dir.join(format!("kiln/{id}-1")).exists(),
+            "the attempt's uploads were removed"
+        );
+    }
+    assert!(
+        input_dir.join("kiln").is_dir(),
+        "the fake stored the uploads there"
+    );
 }
