@@ -402,7 +402,10 @@ async fn a_cancel_during_a_model_load_takes_effect_after_the_load() {
     let job = JobRun {
         job_id: JobId(900),
         attempt: 1,
-        spec: Arc::new(t2v("slow load", json!({"load_s": 1.5, "steps": 500, "step_s": 0.02}))),
+        spec: Arc::new(t2v(
+            "slow load",
+            json!({"load_s": 1.5, "steps": 500, "step_s": 0.02}),
+        )),
         degrade: 0,
         work_dir: rig.dir.path().join("job900"),
     };
@@ -424,8 +427,15 @@ async fn a_cancel_during_a_model_load_takes_effect_after_the_load() {
     let (r, ()) = tokio::join!(run, cancel_while_loading);
     assert_eq!(r.unwrap_err(), RunError::Cancelled);
     let next = rig.run(t2v("next", json!({"steps": 1}))).await.unwrap();
-    assert_eq!(next.info["model_load"], false, "the interrupted job's load completed");
-    assert_eq!(rig.starts(), 1, "the cancel was honoured after the load, no kill");
+    assert_eq!(
+        next.info["model_load"], false,
+        "the interrupted job's load completed"
+    );
+    assert_eq!(
+        rig.starts(),
+        1,
+        "the cancel was honoured after the load, no kill"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
