@@ -12,7 +12,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::comfy::*;
-use kiln_protocol::job::InputFile;
 use kiln_protocol::worker::{GpuSource, WorkerState};
 use kiln_protocol::{Backend, Client, JobId, JobSnapshot, JobSpec, JobState, Task};
 use kiln_testkit::{eventually, free_port, python, Broker, BrokerOpts, Proc, Scratch};
@@ -23,6 +22,15 @@ use serde_json::Value;
 async fn slow_beat_broker(s: &Scratch) -> Broker {
     s.broker(BrokerOpts {
         heartbeat_ms: 4000,
+        ..BrokerOpts::default()
+    })
+    .await
+}
+
+/// A broker that notices a killed worker within a second.
+async fn fast_beat_broker(s: &Scratch) -> Broker {
+    s.broker(BrokerOpts {
+        heartbeat_ms: 200,
         ..BrokerOpts::default()
     })
     .await
@@ -167,12 +175,7 @@ async fn sigterm_of_an_attached_worker_cancels_the_prompt_says_goodbye_and_the_r
 async fn sigkill_of_an_attached_worker_leaves_no_prompt_behind_once_it_is_back() {
     let s = Scratch::new();
     let fake = Fake::start(&s, "0.27.0").await;
-    let broker = s
-        .broker(BrokerOpts {
-            heartbeat_ms: 200,
-            ..BrokerOpts::default()
-        })
-        .await;
+    let broker = fast_beat_broker(&s).await;
     let client = broker.client();
     let mut w1 = attach(&s, &broker, &fake, "k1").await;
     let id = client.submit(slow_job(3000)).await.unwrap().job_id;
@@ -230,12 +233,7 @@ fn managed_toml(s: &Scratch, name: &str, port: u16) -> (String, std::path::PathB
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_managed_comfyui_dies_with_its_worker_and_sigterm_stops_both_cleanly() {
     let s = Scratch::new();
-    let broker = s
-        .broker(BrokerOpts {
-            heartbeat_ms: 200,
-            ..BrokerOpts::default()
-        })
-        .await;
+    let broker = fast_beat_broker(&s).await;
     let client = broker.client();
     let port = free_port();
     let (toml, pid_file) = managed_toml(&s, "managed", port);
@@ -283,12 +281,7 @@ async fn a_managed_comfyui_dies_with_its_worker_and_sigterm_stops_both_cleanly()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_managed_worker_never_adopts_a_server_it_did_not_start() {
     let s = Scratch::new();
-    let broker = s
-        .broker(BrokerOpts {
-            heartbeat_ms: 200,
-            ..BrokerOpts::default()
-        })
-        .await;
+    let broker = fast_beat_broker(&s).await;
     let client = broker.client();
     // Someone else's server (an orphan, another install) holds the port.
     let mut squatter = Fake::start(&s, "0.27.0").await;
@@ -326,12 +319,7 @@ async fn a_managed_worker_never_adopts_a_server_it_did_not_start() {
 async fn the_gpu_declared_in_the_config_is_not_overridden_by_comfyui() {
     let s = Scratch::new();
     let fake = Fake::start(&s, "0.27.0").await;
-    let broker = s
-        .broker(BrokerOpts {
-            heartbeat_ms: 200,
-            ..BrokerOpts::default()
-        })
-        .await;
+    let broker = fast_beat_broker(&s).await;
     let client = broker.client();
     let opts = kiln_testkit::WorkerOpts {
         vram_mb: 8192,
@@ -363,12 +351,7 @@ async fn an_attempts_uploads_are_removed_from_comfyuis_input_folder() {
     let fake = Fake::start(&s, "0.27.0").await;
     let port = fake.url.rsplit(':').next().unwrap();
     let input_dir = s.path().join(format!("comfyui-{port}")).join("input");
-    let broker = s
-        .broker(BrokerOpts {
-            heartbeat_ms: 200,
-            ..BrokerOpts::default()
-        })
-        .await;
+    let broker = fast_beat_broker(&s).await;
     let client = broker.client();
     let toml = format!(
         "url = \"{}\"\ninput_dir = \"{}\"",
@@ -377,17 +360,10 @@ async fn an_attempts_uploads_are_removed_from_comfyuis_input_folder() {
     );
     let _w = s.worker(&broker, comfy_opts("u1", &toml)).await;
     wait_healthy(&client, "u1").await;
-    let image = |name: &str| InputFile {
-        name: name.into(),
-        media_type: "image/png".into(),
-        data: std::fs::read(fixtures().join("workflows/inputs").join(name)).unwrap(),
-    };
-    let raw = |name: &str, input: &str| {
+    let raw = |name: &str, file: &str| {
         let mut spec = JobSpec::new(Backend::Comfyui, Task::Workflow);
-        let text =
-            std::fs::read_to_string(fixtures().join(format!("workflows/{name}.json"))).unwrap();
-        spec.workflow = Some(serde_json::from_str(&text).unwrap());
-        spec.inputs.push(image(input));
+        spec.workflow = Some(workflow(name));
+        spec.inputs.push(input(file, "image/png"));
         spec
     };
     // One that succeeds and one that fails at run time on its upload.

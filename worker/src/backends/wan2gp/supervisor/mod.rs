@@ -16,10 +16,10 @@
 //! - **protocol hygiene**: lines on the channel that are not messages are
 //!   counted; too many mean it is polluted, and the bridge restarts.
 //!
-//! The actor lives in three files beside this one: [`bridge`] (starting,
+//! The actor lives in three files beside this one: `bridge.rs` (starting,
 //! stopping, killing and reaping the process, queries, inventory, recycling),
-//! [`job`] (one job from submit to its end, and how Wan2GP's failures become
-//! Kiln's) and [`watchdog`] (the clocks a running job is watched by).
+//! `job.rs` (one job from submit to its end, and how Wan2GP's failures become
+//! Kiln's) and `watchdog.rs` (the clocks a running job is watched by).
 //!
 //! A crash or a fatal CUDA error fails the running job as a retryable
 //! infrastructure error and restarts the bridge at once (with a backoff when it
