@@ -54,6 +54,10 @@ pub struct BrokerSettings {
     pub frontend: String,
     pub backend: String,
     pub events: String,
+    /// Whether the events port is opened. A PUB socket cannot tell who subscribes,
+    /// so with client tokens configured it stays closed unless the transport itself
+    /// authenticates every connection; clients then follow jobs with `get`.
+    pub events_open: bool,
     pub state_dir: PathBuf,
     pub durable: bool,
     pub peer_queue: usize,
@@ -78,8 +82,10 @@ impl BrokerSettings {
             retention_max_bytes: b.retention.max_artifact_bytes,
             retention_sweep_ms: b.retention.sweep_interval_s.max(1) * 1000,
         };
+        let events_open = core.client_token.is_none();
         Ok(BrokerSettings {
             core,
+            events_open,
             frontend: b.frontend.clone(),
             backend: b.backend.clone(),
             events: b.events.clone(),
@@ -111,7 +117,8 @@ pub enum BrokerError {
 pub struct Endpoints {
     pub frontend: String,
     pub backend: String,
-    pub events: String,
+    /// `None` when the events port is closed (see [`BrokerSettings::events_open`]).
+    pub events: Option<String>,
 }
 
 /// A running broker. Dropping it does not stop it; call [`Broker::shutdown`].
@@ -195,14 +202,22 @@ impl Broker {
         let frontend_ep = bind(&mut frontend, &settings.frontend).await?;
         let mut backend = RouterSocket::new();
         let backend_ep = bind(&mut backend, &settings.backend).await?;
-        let mut events = PubSocket::new();
-        let events_ep = bind(&mut events, &settings.events).await?;
+        let mut events = None;
+        if settings.events_open {
+            let mut socket = PubSocket::new();
+            events = Some((bind(&mut socket, &settings.events).await?, socket));
+        } else {
+            tracing::warn!(
+                events = %settings.events,
+                "the events port stays closed: client tokens are configured and a PUB socket cannot authenticate its subscribers; clients follow jobs with `get`"
+            );
+        }
         let endpoints = Endpoints {
             frontend: frontend_ep,
             backend: backend_ep,
-            events: events_ep,
+            events: events.as_ref().map(|(ep, _)| ep.clone()),
         };
-        tracing::info!(frontend = %endpoints.frontend, backend = %endpoints.backend, events = %endpoints.events, durable = settings.durable, "broker listening");
+        tracing::info!(frontend = %endpoints.frontend, backend = %endpoints.backend, events = endpoints.events.as_deref().unwrap_or("closed"), durable = settings.durable, "broker listening");
 
         let (inputs_tx, inputs_rx) = mpsc::channel::<Input>(65_536);
         let (front_tx, front_rx) = frontend.split();
@@ -227,7 +242,9 @@ impl Broker {
             inputs_tx.clone(),
         ));
         let (pub_tx, pub_rx) = mpsc::channel::<ZmqMessage>(65_536);
-        tokio::spawn(publish_loop(events, pub_rx));
+        if let Some((_, socket)) = events {
+            tokio::spawn(publish_loop(socket, pub_rx));
+        }
 
         let (art_tx, art_rx) = mpsc::channel::<ArtifactOp>(256);
         // Verifications come back on their own unbounded channel: the router may be

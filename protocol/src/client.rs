@@ -36,7 +36,9 @@ use crate::worker::{HealthReport, ModelInfo, WorkerInfo};
 pub struct ClientOptions {
     /// The broker's frontend, e.g. `tcp://127.0.0.1:5555`.
     pub endpoint: String,
-    /// The broker's event PUB socket, e.g. `tcp://127.0.0.1:5557`.
+    /// The broker's event PUB socket, e.g. `tcp://127.0.0.1:5557`; empty when the
+    /// broker keeps its events port closed (client tokens without an authenticating
+    /// transport): [`Client::follow`] then keeps a job current from `get` alone.
     pub events_endpoint: String,
     pub token: Option<String>,
     /// The name the broker files this client's jobs under (fairness, `list`).
@@ -594,6 +596,23 @@ fn start_hub(endpoint: String) -> mpsc::UnboundedSender<HubCommand> {
 /// Owns the SUB socket (which, unlike DEALER, reconnects by itself) and fans events
 /// out to subscribers by topic prefix.
 async fn run_hub(endpoint: String, mut commands: mpsc::UnboundedReceiver<HubCommand>) {
+    if endpoint.is_empty() {
+        // No events port: subscriptions are accepted and stay silent, so `follow`
+        // keeps the job current from `get` snapshots alone.
+        let mut open = Vec::new();
+        while let Some(cmd) = commands.recv().await {
+            match cmd {
+                HubCommand::Subscribe {
+                    id, events, done, ..
+                } => {
+                    open.push((id, events));
+                    let _ = done.send(());
+                }
+                HubCommand::Unsubscribe { id } => open.retain(|(i, _)| *i != id),
+            }
+        }
+        return;
+    }
     struct Subscriber {
         id: u64,
         prefix: String,
