@@ -1007,7 +1007,7 @@ fn out_of_memory_on_the_largest_gpu_degrades_when_allowed() {
     s.max_attempts = Some(10);
     let (job, _) = sim.submit(s);
     let oom = JobError::new(FailureKind::OutOfMemory, "CUDA out of memory", true);
-    for level in 1..=super::workers::MAX_DEGRADE {
+    for level in 1..=super::results::MAX_DEGRADE {
         let out = sim.finish(
             "only",
             job,
