@@ -112,6 +112,19 @@ impl Core {
         session.last_seen_ms = now_ms;
         let client = session.name.clone();
 
+        if let Some(cause) = &self.store_fault {
+            if matches!(request, Request::Submit(_) | Request::Cancel(_)) {
+                let message = format!(
+                    "the broker cannot write its job store ({cause}); jobs already accepted are kept, and writes resume by themselves once the store can write again"
+                );
+                reply(
+                    out,
+                    peer,
+                    Reply::error(Some(req_id), error(ErrorCode::Unavailable, message)),
+                );
+                return;
+            }
+        }
         match request {
             Request::Hello(h) => {
                 if let Some(name) = &h.client {
