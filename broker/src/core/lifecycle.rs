@@ -139,7 +139,9 @@ impl Core {
         }
         let job = self.jobs.get_mut(&id).expect("enqueued job exists");
         job.class = class;
-        if let Some((_, _, idx)) = best {
+        // While the store cannot write, nothing new starts: its outputs could not
+        // be kept, and the attempt would be spent on the broker's own fault.
+        if let Some((_, _, idx)) = best.filter(|_| self.store_fault.is_none()) {
             self.assign(now_ms, id, idx, out);
             return;
         }
@@ -227,7 +229,9 @@ impl Core {
     /// Gives an idle, healthy worker the next job it can run, if any.
     pub(super) fn dispatch(&mut self, now_ms: u64, idx: WorkerIdx, out: &mut Vec<Output>) {
         let w = self.workers.get(idx);
-        if !(w.online && w.healthy && w.current.is_none() && w.peer.is_some()) {
+        if !(w.online && w.healthy && w.current.is_none() && w.peer.is_some())
+            || self.store_fault.is_some()
+        {
             return;
         }
         let classes = self.queue.class_count();

@@ -348,7 +348,17 @@ impl Core {
                     self.sessions.remove(&peer);
                 }
             }
-            Input::StoreFault { cause } => self.store_fault = cause,
+            Input::StoreFault { cause } => {
+                let cleared = cause.is_none() && self.store_fault.is_some();
+                self.store_fault = cause;
+                if cleared {
+                    // Assignments held back during the fault start now.
+                    let idle: Vec<WorkerIdx> = self.workers.idle().collect();
+                    for idx in idle {
+                        self.dispatch(now_ms, idx, out);
+                    }
+                }
+            }
             Input::Tick => self.on_tick(now_ms, out),
         }
     }
