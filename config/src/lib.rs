@@ -93,6 +93,7 @@ pub struct BrokerConfig {
     /// Required from workers in `register` when set.
     pub worker_token: Option<Secret>,
     pub worker_token_file: Option<PathBuf>,
+    #[serde(deserialize_with = "Limits::deserialize_strict")]
     pub limits: Limits,
     pub retention: RetentionConfig,
     /// Networks (CIDR) besides loopback allowed to reach the broker's ports; the
@@ -365,14 +366,17 @@ impl KilnConfig {
         }
         if let Some(id) = &self.worker.id {
             if !kiln_protocol::ids::is_simple_name(id, 64) {
-                return invalid("worker.id", "must be 1-64 characters of [A-Za-z0-9._-]");
+                return invalid("worker.id", &kiln_protocol::ids::simple_name_rule(64));
             }
         }
         for label in &self.worker.labels {
             if !kiln_protocol::ids::is_simple_name(label, 64) {
                 return invalid(
                     "worker.labels",
-                    &format!("label {label:?} must be 1-64 characters of [A-Za-z0-9._-]"),
+                    &format!(
+                        "label {label:?} {}",
+                        kiln_protocol::ids::simple_name_rule(64)
+                    ),
                 );
             }
         }

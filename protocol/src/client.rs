@@ -132,7 +132,13 @@ pub struct Artifact {
 impl Client {
     /// Starts the client. It connects in the background; the first request waits
     /// for the connection (within its timeout).
-    pub fn connect(opts: ClientOptions) -> Client {
+    pub fn connect(mut opts: ClientOptions) -> Client {
+        // Idempotency keys belong to the client name: keep one name across
+        // reconnects, so a resent submit finds its first job.
+        if opts.name.is_none() {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            opts.name = Some(format!("client-{}", &id[..12]));
+        }
         let (calls, rx) = mpsc::channel(4096);
         let welcome = Arc::new(Mutex::new(None));
         tokio::spawn(drive(opts.clone(), rx, welcome.clone()));
@@ -203,12 +209,26 @@ impl Client {
         }
     }
 
+    /// The first page of matching jobs, newest first (see [`Client::list_page`]).
     pub async fn list(&self, filter: ListFilter) -> Result<Vec<JobSnapshot>, ClientError> {
+        Ok(self.list_page(filter, None).await?.jobs)
+    }
+
+    /// One page of matching jobs; pass the reply's `next_cursor` to get the next.
+    pub async fn list_page(
+        &self,
+        filter: ListFilter,
+        cursor: Option<String>,
+    ) -> Result<JobsReply, ClientError> {
         match self
-            .request(Request::List(List { req_id: 0, filter }))
+            .request(Request::List(List {
+                req_id: 0,
+                filter,
+                cursor,
+            }))
             .await?
         {
-            Reply::Jobs(j) => Ok(j.jobs),
+            Reply::Jobs(j) => Ok(j),
             other => Err(unexpected(other)),
         }
     }
@@ -521,6 +541,20 @@ async fn connect_and_hello(opts: &ClientOptions) -> Result<(DealerConn, Welcome)
                 Ok(Reply::Welcome(w)) => return Ok((conn, w)),
                 Ok(Reply::Error(e)) if e.req_id == Some(0) => {
                     return Err(ClientError::Broker(e.error))
+                }
+                // The answer to our hello that this client cannot read: say why
+                // rather than waiting for a welcome that has come.
+                Err(e)
+                    if frames
+                        .get(1)
+                        .and_then(|b| frame::peek_envelope(b))
+                        .is_some_and(|env| {
+                            env.req_id == Some(0) && env.kind.as_deref() == Some("welcome")
+                        }) =>
+                {
+                    return Err(timeout(format!(
+                        "the broker's welcome does not decode: {e}"
+                    )))
                 }
                 // A late reply to a request of an earlier connection: not ours now.
                 _ => continue,

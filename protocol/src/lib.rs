@@ -19,6 +19,7 @@ pub mod job;
 pub mod limits;
 pub mod request;
 pub mod socket;
+pub mod strict;
 pub mod worker;
 
 pub use client::{Client, ClientError, ClientOptions, Follow};

@@ -170,6 +170,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                     worker: None,
                     limit: Some(10),
                 },
+                cursor: Some("j40".into()),
             }),
         ),
         (
@@ -204,6 +205,7 @@ fn replies() -> Vec<(&'static str, Reply)> {
                 version: "0.1.0".into(),
                 client: "render-farm".into(),
                 limits: Limits::default(),
+                features: request::FEATURES.iter().map(|f| f.to_string()).collect(),
             }),
         ),
         (
@@ -227,6 +229,7 @@ fn replies() -> Vec<(&'static str, Reply)> {
             Reply::Jobs(JobsReply {
                 req_id: 4,
                 jobs: vec![snapshot()],
+                next_cursor: Some("j42".into()),
             }),
         ),
         (

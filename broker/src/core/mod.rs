@@ -19,6 +19,8 @@ pub mod queue;
 pub mod registry;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_contract;
 pub(crate) mod workers;
 
 use std::cmp::Reverse;
@@ -242,7 +244,8 @@ pub struct Core {
     jobs: HashMap<JobId, Box<Job>, BuildHasherDefault<IdHasher>>,
     queue: Queue,
     workers: Registry,
-    idempotency: HashMap<String, JobId>,
+    /// Idempotency keys belong to a client: (client name, key) to the job.
+    idempotency: HashMap<(Arc<str>, String), JobId>,
     sessions: HashMap<PeerId, Session>,
     refused: HashSet<PeerId>,
     client_names: HashMap<String, Arc<str>>,

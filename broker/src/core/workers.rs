@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use kiln_protocol::ids::is_simple_name;
+use kiln_protocol::ids::{check_labels, check_simple_name};
 use kiln_protocol::job::safe_file_name;
 use kiln_protocol::worker::{
     BrokerBeat, BrokerMessage, Finished, JobRef, Outcome, Register, Registered, Upload,
@@ -10,7 +10,6 @@ use kiln_protocol::worker::{
 };
 use kiln_protocol::{
     ArtifactId, ArtifactMeta, ErrorBody, ErrorCode, FailureKind, JobError, JobId, JobState,
-    ProtocolError,
 };
 
 use super::job::{self, Job};
@@ -158,19 +157,13 @@ impl Core {
                 return;
             }
         }
-        let max_label = self.cfg.limits.max_label_len as usize;
-        if !is_simple_name(&r.worker_id, max_label) {
+        let limits = &self.cfg.limits;
+        let named =
+            check_simple_name("worker_id", &r.worker_id, limits.max_label_len).and_then(|()| {
+                check_labels("labels", &r.labels, limits.max_labels, limits.max_label_len)
+            });
+        if let Err(err) = named {
             self.stats.protocol_errors += 1;
-            let err =
-                ProtocolError::invalid("worker_id", "must be 1-64 characters of [A-Za-z0-9._-]");
-            worker_error(out, peer, err.to_body());
-            return;
-        }
-        if r.labels.len() as u64 > self.cfg.limits.max_labels
-            || r.labels.iter().any(|l| !is_simple_name(l, max_label))
-        {
-            self.stats.protocol_errors += 1;
-            let err = ProtocolError::invalid("labels", "at most 16 labels of [A-Za-z0-9._-]");
             worker_error(out, peer, err.to_body());
             return;
         }
@@ -772,7 +765,7 @@ impl Core {
         let bytes: u64 = job.artifacts.iter().map(|a| a.size).sum();
         self.artifact_bytes = self.artifact_bytes.saturating_sub(bytes);
         if let Some(key) = &job.spec.idempotency_key {
-            self.idempotency.remove(key);
+            self.idempotency.remove(&(job.client.clone(), key.clone()));
         }
         if self.cfg.persist {
             out.push(Output::Persist(Record::DeleteJob(id)));
@@ -813,14 +806,23 @@ impl Core {
         let grace = now_ms + 2 * self.cfg.liveness_ms();
         let scratch = out;
         for mut job in jobs {
-            job.seq = job.seq.max(self.seq_floor);
+            if job.state.is_terminal() {
+                // Nothing more is published for a finished job: its snapshot keeps
+                // the number its last event had.
+                self.stats.count_finished(job.state);
+            } else {
+                // Events after the last stored record may have been published;
+                // the job's next ones must be numbered above them.
+                job.seq = job.seq.max(self.seq_floor);
+            }
             // Assignments may have been sent without being recorded: number the
             // next ones above every number that could have been used.
             job.attempt_floor = job.attempt_reserve.max(job.attempt);
             self.next_job_id = self.next_job_id.max(job.id.0 + 1);
             self.next_enqueue_seq = self.next_enqueue_seq.max(job.enqueue_seq + 1);
             if let Some(key) = &job.spec.idempotency_key {
-                self.idempotency.insert(key.clone(), job.id);
+                self.idempotency
+                    .insert((job.client.clone(), key.clone()), job.id);
             }
             self.artifact_bytes += job.artifacts.iter().map(|a| a.size).sum::<u64>();
             let id = job.id;
