@@ -53,6 +53,7 @@ fn records() -> Vec<(&'static str, Vec<u8>)> {
                 kind: "checkpoints".into(),
             }],
             detail: None,
+            params: None,
         }],
         labels: vec!["fast".into()],
         loaded_model: None,

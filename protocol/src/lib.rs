@@ -17,6 +17,7 @@ pub mod frame;
 pub mod ids;
 pub mod job;
 pub mod limits;
+pub mod params;
 pub mod request;
 pub mod socket;
 pub mod strict;

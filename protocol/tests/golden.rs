@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use kiln_protocol::event::*;
 use kiln_protocol::frame::{decode_body, encode_body, WireMessage};
+use kiln_protocol::params::*;
 use kiln_protocol::request::*;
 use kiln_protocol::worker::*;
 use kiln_protocol::*;
@@ -125,6 +126,20 @@ fn inventory() -> BackendInventory {
             kind: "checkpoints".into(),
         }],
         detail: None,
+        params: Some(ParamSchema {
+            sets: vec![ParamSet {
+                tasks: vec![Task::TextToImage],
+                template: None,
+                params: vec![
+                    ParamSpec::new("steps", ParamKind::Integer, "sampling steps")
+                        .range(0.0, 10_000.0)
+                        .default(20),
+                    ParamSpec::new("sampler", ParamKind::String, "")
+                        .choices(&["euler", "ddim"]),
+                ],
+                open: false,
+            }],
+        }),
     }
 }
 

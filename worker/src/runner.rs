@@ -134,6 +134,7 @@ impl Worker {
                 healthy: health.healthy,
                 models,
                 detail: health.detail,
+                params: b.params(),
             });
         }
         let probe = self.probe.clone();

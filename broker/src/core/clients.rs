@@ -222,6 +222,11 @@ impl Core {
             );
             return;
         }
+        if let Err(e) = self.check_params(now_ms, &req, &spec) {
+            self.stats.protocol_errors += 1;
+            reply(out, peer, Reply::error(Some(req_id), e));
+            return;
+        }
         let queued = self.queued_per_client.get(&client).copied().unwrap_or(0);
         if queued >= self.cfg.limits.max_queued_per_client {
             let mut body = error(
@@ -310,9 +315,7 @@ impl Core {
     /// fleet memory) could run jobs with these requirements; if not, why not, in
     /// terms an operator can act on.
     pub(super) fn fleet_can_run(&self, now_ms: u64, req: &Requirements) -> Result<(), String> {
-        let in_fleet = |w: &&super::Worker| {
-            w.online || now_ms.saturating_sub(w.last_seen_ms) < self.cfg.fleet_memory_ms
-        };
+        let in_fleet = |w: &&super::Worker| self.in_fleet(now_ms, w);
         // The common case, without collecting anything: some worker fits.
         let mut fleet = self.workers.iter().map(|(_, w)| w).filter(in_fleet);
         if fleet.any(|w| w.can_run(req)) {

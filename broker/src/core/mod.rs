@@ -15,6 +15,7 @@
 mod clients;
 pub mod job;
 mod lifecycle;
+mod params_check;
 pub mod queue;
 pub mod registry;
 #[cfg(test)]

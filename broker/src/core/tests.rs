@@ -30,6 +30,7 @@ pub(super) fn inventory(backend: Backend, models: &[&str]) -> BackendInventory {
             })
             .collect(),
         detail: None,
+        params: None,
     }
 }
 

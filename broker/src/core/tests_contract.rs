@@ -249,3 +249,46 @@ fn name_errors_state_the_configured_limit() {
     );
     let _ = peer("unused");
 }
+
+#[test]
+fn params_are_checked_at_submit_against_the_workers_descriptions() {
+    use kiln_protocol::params::*;
+    use kiln_protocol::worker::BackendInventory;
+    let described = |max_steps: f64| BackendInventory {
+        params: Some(ParamSchema {
+            sets: vec![ParamSet {
+                params: vec![
+                    ParamSpec::new("prompt", ParamKind::String, ""),
+                    ParamSpec::new("steps", ParamKind::Integer, "").range(1.0, max_steps),
+                ],
+                ..ParamSet::default()
+            }],
+        }),
+        ..super::tests::inventory(Backend::Sim, &[])
+    };
+    let mut sim = Sim::new();
+    sim.register_full("small", 8000, vec![described(50.0)], &[], None);
+    let refused = |sim: &mut Sim, spec: JobSpec| {
+        let e = sim.submit_as("c", spec).expect_err("refused at submit");
+        (e.code, e.field.unwrap_or_default())
+    };
+    for (bad, field) in [
+        (spec().param("steps", "abc"), "job.params.steps"),
+        (spec().param("steps", 0), "job.params.steps"),
+        (spec().param("stepz", 10), "job.params.stepz"),
+    ] {
+        assert_eq!(
+            refused(&mut sim, bad),
+            (ErrorCode::InvalidField, field.to_string())
+        );
+    }
+    assert_eq!(sim.core.jobs_len(), 0, "nothing refused was queued");
+    // Accepted when some capable worker accepts it: a second one allows more.
+    assert!(sim.submit_as("c", spec().param("steps", 80)).is_err());
+    sim.register_full("big", 8000, vec![described(100.0)], &[], None);
+    assert!(sim.submit_as("c", spec().param("steps", 80)).is_ok());
+    // A worker that describes nothing (older) leaves the check to itself.
+    let mut old = Sim::new();
+    old.register("w1", 8000);
+    assert!(old.submit_as("c", spec().param("stepz", 10)).is_ok());
+}
