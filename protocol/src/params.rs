@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ProtocolError;
-use crate::job::{Params, Task};
+use crate::job::{JobSpec, Params, Task};
 
 /// What a backend accepts, for every kind of job it runs.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -33,6 +33,9 @@ pub struct ParamSet {
     /// template applies only to jobs naming it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+    /// Applies to jobs that carry a raw `workflow` graph (and only to them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub workflow: bool,
     pub params: Vec<ParamSpec>,
     /// Keys not listed are passed through instead of refused.
     #[serde(default)]
@@ -134,7 +137,10 @@ impl ParamSpec {
                         "must be from {} to {}{}, got {shown}",
                         fmt_num(lo),
                         fmt_num(hi),
-                        self.unit.as_deref().map(|u| format!(" {u}")).unwrap_or_default()
+                        self.unit
+                            .as_deref()
+                            .map(|u| format!(" {u}"))
+                            .unwrap_or_default()
                     ),
                 });
             }
@@ -153,7 +159,10 @@ impl ParamSpec {
                 let n = v.as_f64().ok_or_else(|| wrong("a number"))?;
                 range(n, v.to_string())
             }
-            ParamKind::Boolean => v.as_bool().map(|_| ()).ok_or_else(|| wrong("true or false")),
+            ParamKind::Boolean => v
+                .as_bool()
+                .map(|_| ())
+                .ok_or_else(|| wrong("true or false")),
             ParamKind::Object => v.as_object().map(|_| ()).ok_or_else(|| wrong("a map")),
             ParamKind::String | ParamKind::FilePrefix => {
                 let s = v.as_str().ok_or_else(|| wrong("a string"))?;
@@ -215,9 +224,64 @@ pub fn check_file_prefix(field: &str, s: &str) -> Result<(), ProtocolError> {
     }
 }
 
+/// Kiln's common parameter names, which every backend accepts (using them, or
+/// ignoring them when it has no use for them) so that one job, or one MCP tool, runs
+/// on any backend: the same type everywhere, checked even where unused.
+pub const COMMON_PARAMS: &[&str] = &[
+    "prompt",
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "cfg",
+    "seed",
+    "count",
+    "sampler",
+    "scheduler",
+    "strength",
+    "denoise",
+    "frames",
+    "fps",
+    "image",
+    "background",
+    "filename_prefix",
+];
+
+/// The generic description of a common parameter a backend does not use.
+pub fn unused_common_param(name: &str) -> ParamSpec {
+    use ParamKind::*;
+    let (kind, min, max) = match name {
+        "width" | "height" | "frames" => (Integer, Some(1.0), None),
+        "steps" | "seed" | "count" => (Integer, Some(0.0), None),
+        "cfg" | "fps" => (Number, Some(0.0), None),
+        "strength" | "denoise" => (Number, Some(0.0), Some(1.0)),
+        "filename_prefix" => (FilePrefix, None, None),
+        _ => (String, None, None),
+    };
+    ParamSpec {
+        min,
+        max,
+        ..ParamSpec::new(name, kind, "a common parameter this backend ignores")
+    }
+}
+
 impl ParamSet {
-    /// Whether this set describes jobs of `task` naming `template`.
-    pub fn applies_to(&self, task: Task, template: Option<&str>) -> bool {
+    /// Adds every [`COMMON_PARAMS`] name the set does not describe, as unused.
+    pub fn with_common(mut self) -> Self {
+        for name in COMMON_PARAMS {
+            if !self.params.iter().any(|p| p.name == *name) {
+                self.params.push(unused_common_param(name));
+            }
+        }
+        self
+    }
+
+    /// Whether this set describes `job`.
+    pub fn applies_to(&self, job: &JobSpec) -> bool {
+        if job.workflow.is_some() || self.workflow {
+            return job.workflow.is_some() && self.workflow;
+        }
+        let (task, template) = (job.task, job.template.as_deref());
         match (&self.template, template) {
             (Some(a), Some(b)) => a == b,
             (Some(_), None) => false,
@@ -235,14 +299,12 @@ impl ParamSet {
                 Some(spec) => spec.check(&field, value)?,
                 None if self.open => {}
                 None => {
-                    let mut names: Vec<&str> = self.params.iter().map(|p| p.name.as_str()).collect();
+                    let mut names: Vec<&str> =
+                        self.params.iter().map(|p| p.name.as_str()).collect();
                     names.sort_unstable();
                     return Err(ProtocolError::invalid(
                         field,
-                        format!(
-                            "unknown parameter; this backend takes {}",
-                            names.join(", ")
-                        ),
+                        format!("unknown parameter; this backend takes {}", names.join(", ")),
                     ));
                 }
             }
@@ -252,24 +314,24 @@ impl ParamSet {
 }
 
 impl ParamSchema {
-    /// The set that describes jobs of `task` naming `template`: the template's own
-    /// set first, then the task's.
-    pub fn set_for(&self, task: Task, template: Option<&str>) -> Option<&ParamSet> {
+    /// The set that describes `job`: for a raw workflow the workflow set, else the
+    /// set of its template, else the set of its task.
+    pub fn set_for(&self, job: &JobSpec) -> Option<&ParamSet> {
         self.sets
             .iter()
-            .find(|s| s.template.is_some() && s.applies_to(task, template))
+            .find(|s| s.template.is_some() && s.applies_to(job))
             .or_else(|| {
                 self.sets
                     .iter()
-                    .find(|s| s.template.is_none() && s.applies_to(task, template))
+                    .find(|s| s.template.is_none() && s.applies_to(job))
             })
     }
 
-    /// Checks a job's params against the set for its task and template. A job of a
-    /// kind the schema does not describe passes (the backend decides).
-    pub fn check(&self, task: Task, template: Option<&str>, params: &Params) -> Result<(), ProtocolError> {
-        match self.set_for(task, template) {
-            Some(set) => set.check(params),
+    /// Checks a job's params against the set that describes it. A job of a kind
+    /// the schema does not describe passes (the backend decides).
+    pub fn check(&self, job: &JobSpec) -> Result<(), ProtocolError> {
+        match self.set_for(job) {
+            Some(set) => set.check(&job.params),
             None => Ok(()),
         }
     }
@@ -284,6 +346,7 @@ mod tests {
         ParamSet {
             tasks: vec![],
             template: None,
+            workflow: false,
             params: vec![
                 ParamSpec::new("steps", ParamKind::Integer, "sampling steps").range(0.0, 100.0),
                 ParamSpec::new("prefix", ParamKind::FilePrefix, "output name prefix"),
@@ -301,7 +364,11 @@ mod tests {
     fn values_are_checked_by_type_range_and_name() {
         let s = set();
         let p = |v: Value| v.as_object().cloned().unwrap();
-        assert!(s.check(&p(json!({"steps": 20, "prefix": "renders/v1", "sampler": "ddim"}))).is_ok());
+        assert!(s
+            .check(&p(
+                json!({"steps": 20, "prefix": "renders/v1", "sampler": "ddim"})
+            ))
+            .is_ok());
         assert!(s.check(&p(json!({"steps": null}))).is_ok());
         for (bad, at) in [
             (json!({"steps": "abc"}), "job.params.steps"),
@@ -313,7 +380,11 @@ mod tests {
             (json!({"prefix": "/etc/x"}), "job.params.prefix"),
             (json!({"sampler": "dpm"}), "job.params.sampler"),
         ] {
-            assert_eq!(field(s.check(&p(bad.clone()))).as_deref(), Some(at), "{bad}");
+            assert_eq!(
+                field(s.check(&p(bad.clone()))).as_deref(),
+                Some(at),
+                "{bad}"
+            );
         }
         let err = s.check(&p(json!({"stepz": 1}))).unwrap_err().to_string();
         assert!(err.contains("prefix, sampler, steps"), "{err}");
@@ -334,10 +405,20 @@ mod tests {
                 },
             ],
         };
-        let p = json!({"steps": 5}).as_object().cloned().unwrap();
-        assert!(schema.check(Task::TextToImage, None, &p).is_ok());
-        assert!(schema.check(Task::Workflow, Some("upscale"), &p).is_err());
+        let job = |task, template: Option<&str>| {
+            let mut j = JobSpec::new(crate::Backend::Comfyui, task).param("steps", 5);
+            j.template = template.map(String::from);
+            j
+        };
+        assert!(schema.check(&job(Task::TextToImage, None)).is_ok());
+        assert!(schema.check(&job(Task::Workflow, Some("upscale"))).is_err());
         // A kind of job the schema does not describe is the backend's business.
-        assert!(schema.check(Task::TextToVideo, None, &p).is_ok());
+        assert!(schema.check(&job(Task::TextToVideo, None)).is_ok());
+        let mut raw = job(Task::TextToImage, None);
+        raw.workflow = Some(json!({}));
+        assert!(
+            schema.check(&raw).is_ok(),
+            "no set describes raw workflows here"
+        );
     }
 }

@@ -130,12 +130,12 @@ fn inventory() -> BackendInventory {
             sets: vec![ParamSet {
                 tasks: vec![Task::TextToImage],
                 template: None,
+                workflow: false,
                 params: vec![
                     ParamSpec::new("steps", ParamKind::Integer, "sampling steps")
                         .range(0.0, 10_000.0)
                         .default(20),
-                    ParamSpec::new("sampler", ParamKind::String, "")
-                        .choices(&["euler", "ddim"]),
+                    ParamSpec::new("sampler", ParamKind::String, "").choices(&["euler", "ddim"]),
                 ],
                 open: false,
             }],

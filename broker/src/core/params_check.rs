@@ -39,7 +39,7 @@ impl Core {
             let Some(schema) = schema else {
                 return Ok(());
             };
-            match schema.check(spec.task, spec.template.as_deref(), &spec.params) {
+            match schema.check(spec) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     refusal.get_or_insert(e);

@@ -12,10 +12,10 @@
 //! (default 512, up to `max_side`), `steps` (default from config), `step_ms`
 //! (per-job pace override), `count` (images, 0-8), `frames` (video tasks, 2-48),
 //! `fps`, and, only when faults are allowed, `fault` (`fail`, `fail_retryable`,
-//! `oom`, `hang`, `crash`). The common parameters of real generators
-//! (`negative_prompt`, `cfg`, `sampler`, `scheduler`, `strength`, `image`) are
-//! accepted and ignored, so a job written for ComfyUI runs on `sim` unchanged; any
-//! other key is refused. `steps = 0` with `count = 0` is a no-op job, for
+//! `oom`, `hang`, `crash`). Kiln's other common parameters
+//! (`kiln_protocol::params::COMMON_PARAMS`: `negative_prompt`, `cfg`, `sampler`, …)
+//! are type-checked and ignored, so a job written for ComfyUI runs on `sim`
+//! unchanged; any other key is refused. `steps = 0` with `count = 0` is a no-op job, for
 //! benchmarks.
 
 use std::io::Write;
@@ -53,9 +53,6 @@ impl SimBackend {
                 .default(512)
                 .unit("px")
         };
-        let ignored = |name: &str, kind| {
-            ParamSpec::new(name, kind, "accepted for compatibility; the simulator ignores it")
-        };
         let mut params = vec![
             ParamSpec::new("prompt", String, "drawn into the image's pixels"),
             ParamSpec::new("seed", Integer, "default: derived from the prompt")
@@ -80,12 +77,6 @@ impl SimBackend {
                 .range(1.0, 60.0)
                 .default(8)
                 .unit("fps"),
-            ignored("negative_prompt", String),
-            ignored("cfg", Number),
-            ignored("sampler", String),
-            ignored("scheduler", String),
-            ignored("strength", Number),
-            ignored("image", String),
         ];
         if self.cfg.allow_faults {
             params.push(
@@ -100,11 +91,10 @@ impl SimBackend {
         }
         ParamSchema {
             sets: vec![ParamSet {
-                tasks: Vec::new(),
-                template: None,
                 params,
-                open: false,
-            }],
+                ..ParamSet::default()
+            }
+            .with_common()],
         }
     }
 }
@@ -155,7 +145,7 @@ impl Backend for SimBackend {
         let spec = &job.spec;
         // The broker checked this already against the same schema; a job from an
         // older broker is checked here, with the same message.
-        if let Err(e) = self.schema().check(spec.task, spec.template.as_deref(), &spec.params) {
+        if let Err(e) = self.schema().check(spec) {
             return Err(invalid(e.to_string()));
         }
         let prompt = str_param(spec, "prompt")?.unwrap_or("").to_string();
