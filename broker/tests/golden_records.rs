@@ -133,6 +133,9 @@ fn this_versions_records_match_their_golden_files() {
 
 #[test]
 fn records_of_every_release_still_load() {
+    if std::env::var_os("KILN_BLESS").is_some() {
+        return; // the other test is rewriting current/
+    }
     let mut seen = 0;
     for release in std::fs::read_dir(dir()).unwrap() {
         let release = release.unwrap().path();

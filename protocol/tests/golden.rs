@@ -561,6 +561,9 @@ fn this_versions_encoding_matches_its_golden_files() {
 
 #[test]
 fn every_golden_file_of_every_release_still_decodes() {
+    if std::env::var_os("KILN_BLESS").is_some() {
+        return; // the other test is rewriting current/
+    }
     let mut seen = 0;
     for release in std::fs::read_dir(dir()).unwrap() {
         let release = release.unwrap().path();
