@@ -48,17 +48,21 @@ async fn a_client_written_from_the_doc_alone_conforms() {
     assert!(out.contains(" 0 failed"), "{out}");
     broker.crash_and_restart().await;
     let client = broker.client();
-    eventually("both workers to re-register", Duration::from_secs(30), || {
-        let client = client.clone();
-        async move {
-            let w = client.workers().await.ok()?;
-            (w.iter()
-                .filter(|w| w.state != kiln_protocol::worker::WorkerState::Offline)
-                .count()
-                == 2)
-                .then_some(())
-        }
-    })
+    eventually(
+        "both workers to re-register",
+        Duration::from_secs(30),
+        || {
+            let client = client.clone();
+            async move {
+                let w = client.workers().await.ok()?;
+                (w.iter()
+                    .filter(|w| w.state != kiln_protocol::worker::WorkerState::Offline)
+                    .count()
+                    == 2)
+                    .then_some(())
+            }
+        },
+    )
     .await;
     let out = phase(&broker, "after", &state).await;
     println!("{out}");

@@ -572,12 +572,14 @@ impl Core {
     }
 
     fn models(&self) -> Vec<ModelInfo> {
-        let mut models: BTreeMap<(Backend, String), ModelInfo> = BTreeMap::new();
+        // Keyed by kind too: a Wan2GP LoRA id is relative to its family's
+        // folder, so one name can be two LoRAs (`lora:wan`, `lora:flux`).
+        let mut models: BTreeMap<(Backend, String, String), ModelInfo> = BTreeMap::new();
         for (_, w) in self.workers.iter().filter(|(_, w)| w.online) {
             for inv in &w.backends {
                 for m in &inv.models {
                     let entry = models
-                        .entry((inv.backend, m.name.clone()))
+                        .entry((inv.backend, m.name.clone(), m.kind.clone()))
                         .or_insert_with(|| ModelInfo {
                             name: m.name.clone(),
                             kind: m.kind.clone(),

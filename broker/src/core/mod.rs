@@ -17,11 +17,15 @@ pub mod job;
 mod lifecycle;
 mod params_check;
 pub mod queue;
+mod recovery;
 pub mod registry;
+pub(crate) mod results;
+mod retention;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_contract;
+mod timers;
 pub(crate) mod workers;
 
 use std::cmp::Reverse;
@@ -35,6 +39,7 @@ use kiln_protocol::{ArtifactMeta, Event, JobId, Limits, ProtocolError, Reply, Re
 pub use job::Job;
 pub use queue::{Queue, Requirements};
 pub use registry::{FleetRecord, PeerId, Registry, Worker, WorkerIdx};
+use timers::{Timer, TimerKind};
 
 /// The core's settings, derived from the broker config.
 #[derive(Debug, Clone)]
@@ -179,23 +184,6 @@ pub enum ArtifactOp {
     },
     /// Remove all files of a job (retention).
     Delete { job_id: JobId },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum TimerKind {
-    QueueTimeout,
-    RunTimeout,
-    CancelGrace,
-}
-
-/// A deadline on one attempt of one job. Timers are never removed: when one fires
-/// it checks that its job is still in the situation it was set for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Timer {
-    at_ms: u64,
-    kind: TimerKind,
-    job_id: JobId,
-    attempt: u32,
 }
 
 /// A client connection the broker has let in.
@@ -395,15 +383,6 @@ impl Core {
             self.next_retention_ms = now_ms + self.cfg.retention_sweep_ms.max(1);
             self.apply_retention(now_ms, out);
         }
-    }
-
-    fn add_timer(&mut self, at_ms: u64, kind: TimerKind, job_id: JobId, attempt: u32) {
-        self.timers.push(Reverse(Timer {
-            at_ms,
-            kind,
-            job_id,
-            attempt,
-        }));
     }
 
     /// Interns a client name so that every job of a client shares one allocation.

@@ -67,6 +67,11 @@ pub struct ComfyUiBackend {
     shutdown: CancellationToken,
     object_info: tokio::sync::Mutex<Option<Arc<Map<String, Value>>>>,
     loaded: Mutex<Option<String>>,
+    /// `kiln-<worker id>-`: the client ids of every process of this worker.
+    client_prefix: String,
+    /// Set once the prompts left behind by an earlier process of this worker
+    /// have been cancelled (see [`ComfyUiBackend::reap_predecessors`]).
+    reaped: tokio::sync::OnceCell<()>,
 }
 
 fn failed(kind: FailureKind, message: impl Into<String>, retryable: bool) -> RunError {
@@ -92,7 +97,8 @@ impl ComfyUiBackend {
         let api = Api::new(&base, Duration::from_secs(cfg.http_timeout_s));
         // One client id per worker process, so events of an earlier process's
         // prompts never reach this one.
-        let client_id = format!("kiln-{worker_id}-{}", uuid::Uuid::new_v4().simple());
+        let client_prefix = format!("kiln-{worker_id}-");
+        let client_id = format!("{client_prefix}{}", uuid::Uuid::new_v4().simple());
         Ok(ComfyUiBackend {
             cfg,
             api,
@@ -103,6 +109,8 @@ impl ComfyUiBackend {
             shutdown: CancellationToken::new(),
             object_info: tokio::sync::Mutex::new(None),
             loaded: Mutex::new(None),
+            client_prefix,
+            reaped: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -164,6 +172,7 @@ impl ComfyUiBackend {
                     .wait_connected(Duration::from_millis(500))
                     .await
             {
+                self.reaped.get_or_init(|| self.reap_predecessors()).await;
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -363,13 +372,48 @@ impl ComfyUiBackend {
         })
     }
 
-    /// API.md §11: the jobs API cancel when the server has it, else delete from
-    /// the queue and interrupt by prompt id; then wait for ComfyUI to confirm.
-    async fn cancel_prompt(
-        &self,
-        prompt_id: &str,
-        rx: &mut broadcast::Receiver<WsEvent>,
-    ) -> RunError {
+    /// Cancels the prompts an earlier process of this worker left queued or
+    /// running (it was killed before it could cancel them), so this process's
+    /// first job does not wait behind work nobody will collect. Prompts of other
+    /// workers on the same server are left alone.
+    async fn reap_predecessors(&self) {
+        // Client ids are `kiln-<worker id>-<32 hex digits>`; the exact shape
+        // keeps worker `w1` off the prompts of worker `w1-b`.
+        let earlier = |client: &str| {
+            client != self.client_id
+                && client
+                    .strip_prefix(&self.client_prefix)
+                    .is_some_and(|rest| {
+                        rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit())
+                    })
+        };
+        let ids = match self.api.queued_for_clients(earlier).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read ComfyUI's queue for abandoned prompts");
+                return;
+            }
+        };
+        if ids.is_empty() {
+            return;
+        }
+        for id in &ids {
+            tracing::warn!(prompt_id = %id, "cancelling a prompt left behind by an earlier process of this worker");
+            self.request_cancel(id).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(self.cfg.cancel_timeout_s);
+        while Instant::now() < deadline {
+            match self.api.queued_for_clients(earlier).await {
+                Ok(left) if !left.iter().any(|id| ids.contains(id)) => return,
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        tracing::warn!("ComfyUI did not confirm the cancel of the abandoned prompts in time");
+    }
+
+    /// Asks ComfyUI to drop `prompt_id`, queued or running: the jobs API when the
+    /// server has it, else `/queue` delete and `/interrupt` by prompt id.
+    async fn request_cancel(&self, prompt_id: &str) {
         match self.api.cancel_job(prompt_id).await {
             Ok(Some(cancelled)) => {
                 tracing::info!(prompt_id, cancelled, "cancelled through the jobs API")
@@ -388,6 +432,16 @@ impl ComfyUiBackend {
                 );
             }
         }
+    }
+
+    /// API.md §11: the jobs API cancel when the server has it, else delete from
+    /// the queue and interrupt by prompt id; then wait for ComfyUI to confirm.
+    async fn cancel_prompt(
+        &self,
+        prompt_id: &str,
+        rx: &mut broadcast::Receiver<WsEvent>,
+    ) -> RunError {
+        self.request_cancel(prompt_id).await;
         let confirm = async {
             let mut events_open = true;
             let mut poll = tokio::time::interval(Duration::from_millis(200));
@@ -592,6 +646,7 @@ impl Backend for ComfyUiBackend {
                 self.api.base()
             ));
         }
+        self.reaped.get_or_init(|| self.reap_predecessors()).await;
         Health::ok()
     }
 

@@ -239,7 +239,7 @@ async fn jobs_report_steps_keep_the_model_loaded_and_list_the_inventory() {
         "{inventory:?}"
     );
     assert!(
-        has("kiln_style.safetensors", "lora") && has("kiln_ink.safetensors", "lora"),
+        has("kiln_style.safetensors", "lora:wan") && has("kiln_ink.safetensors", "lora:flux"),
         "{inventory:?}"
     );
     assert!(
@@ -290,7 +290,7 @@ async fn text_to_image_and_image_to_video() {
         .param("wan2gp", json!({"_fake": {"steps": 2}}));
     let out = rig.run(spec).await.unwrap();
     assert_eq!(out.outputs.len(), 2);
-    assert!(out.outputs.iter().all(|o| o.media_type == "image/png"));
+    assert!(out.outputs.iter().all(|o| o.media_type == "image/jpeg"));
     let facts = facts_of(&out, 0);
     assert_eq!(
         facts["model_type"], "flux",
@@ -693,7 +693,12 @@ async fn the_bridge_speaks_the_protocol() {
         .unwrap();
     assert_eq!(
         loras["loras"],
-        json!(["kiln_motion.safetensors", "kiln_style.safetensors"])
+        json!([
+            "anime/kiln_ink.safetensors",
+            "kiln_motion.safetensors",
+            "kiln_style.safetensors"
+        ]),
+        "relative to the family's folder, subfolders included, sorted without case"
     );
     let missing = ask(&mut p, 6, "availability", json!({"model_type": "ltx2_22B"}))
         .await

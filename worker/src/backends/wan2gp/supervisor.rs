@@ -303,9 +303,38 @@ fn retryable(kind: FailureKind, msg: impl Into<String>) -> JobEnd {
     JobEnd::Failed(JobError::new(kind, msg, true))
 }
 
+/// The text of a Python string repr: WanGP hands generic errors over as
+/// `str(gr.Error(msg))`, which is `repr(msg)`. Only a whole literal is undone,
+/// so a message that merely starts and ends with quotes (`'<' not supported
+/// between instances of 'int' and 'str'`) is kept as it is.
+pub fn unrepr(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let quote = match bytes.first() {
+        Some(q @ (b'\'' | b'"')) if bytes.len() >= 2 && bytes[bytes.len() - 1] == *q => *q as char,
+        _ => return text.to_string(),
+    };
+    let inner = &text[1..text.len() - 1];
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some('n') => out.push('\n'),
+                Some('t') => out.push('\t'),
+                Some(other) => out.push(other),
+                None => return text.to_string(),
+            },
+            // An unescaped quote of the same kind: not one literal.
+            c if c == quote => return text.to_string(),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// A Wan2GP failure as a Kiln failure.
 pub fn job_error(e: &ErrorMsg) -> JobError {
-    let mut message = e.message.trim().trim_matches(['"', '\'']).to_string();
+    let mut message = unrepr(e.message.trim());
     if !e.log_tail.is_empty() && !e.oom {
         let tail: Vec<&str> = e
             .log_tail
@@ -913,15 +942,17 @@ impl Actor {
             FromBridge::Rejected {
                 reason, message, ..
             } => {
-                let kind = if reason == "bad_request" {
-                    FailureKind::InvalidInput
-                } else {
-                    FailureKind::Backend
+                // busy: another job still holds the session, try again; an
+                // exception at submit ("error") will happen again.
+                let (kind, retryable) = match reason.as_str() {
+                    "bad_request" => (FailureKind::InvalidInput, false),
+                    "busy" => (FailureKind::Backend, true),
+                    _ => (FailureKind::Backend, false),
                 };
                 Step::End(JobEnd::Failed(JobError::new(
                     kind,
                     format!("the Wan2GP bridge refused the job ({reason}): {message}"),
-                    kind != FailureKind::InvalidInput,
+                    retryable,
                 )))
             }
             FromBridge::Progress(p) => {
@@ -1037,6 +1068,30 @@ mod tests {
             "{}",
             other.message
         );
+    }
+
+    #[test]
+    fn only_a_whole_python_string_repr_loses_its_quotes() {
+        assert_eq!(
+            unrepr("'The generation of the video has encountered an error, please check your terminal for more information. \\'boom\\''"),
+            "The generation of the video has encountered an error, please check your terminal for more information. 'boom'"
+        );
+        assert_eq!(unrepr("\"it's fine\""), "it's fine");
+        let kept = "'<' not supported between instances of 'int' and 'str'";
+        assert_eq!(unrepr(kept), kept);
+        assert_eq!(unrepr("plain text"), "plain text");
+        assert_eq!(unrepr("'"), "'");
+        let e = ErrorMsg {
+            job_id: "j1-1".into(),
+            stage: "runtime".into(),
+            message: kept.into(),
+            oom: false,
+            fatal: false,
+            log_tail: vec![],
+        };
+        let err = job_error(&e);
+        assert!(err.message.contains(kept), "{}", err.message);
+        assert_eq!((err.kind, err.retryable), (FailureKind::Backend, false));
     }
 
     #[test]
