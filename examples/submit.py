@@ -124,7 +124,9 @@ def main():
         "backend": args.backend,
         "task": args.task,
         "params": {"prompt": args.prompt, "steps": args.steps, "seed": args.seed},
-        # A retry of this submit with the same key returns the same job.
+        # A retry of this submit with the same key (from the same client name, see
+        # hello) returns the same job; the same key with another job is an
+        # `idempotency_conflict` error.
         "idempotency_key": str(uuid.uuid4()),
     }
     accepted = broker.request("submit", job=job)

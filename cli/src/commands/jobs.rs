@@ -283,6 +283,8 @@ pub struct JobsArgs {
     backend: Option<String>,
     #[arg(long)]
     worker: Option<String>,
+    /// At most this many jobs, newest first (fetched a page at a time past the
+    /// broker's `max_list`).
     #[arg(long, default_value_t = 50)]
     limit: u64,
 }
@@ -304,13 +306,24 @@ pub async fn list(client: &Client, args: JobsArgs, json: bool) -> anyhow::Result
         worker: args.worker,
         limit: Some(args.limit),
     };
-    let jobs = client.list(filter).await?;
+    // Page past the broker's `max_list` with the reply's cursor until `--limit`.
+    let mut jobs = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = client.list_page(filter.clone(), cursor).await?;
+        jobs.extend(page.jobs);
+        cursor = page.next_cursor;
+        if cursor.is_none() || jobs.len() as u64 >= args.limit {
+            break;
+        }
+    }
+    jobs.truncate(args.limit as usize);
     if json {
         print_json(&jobs);
         return Ok(ExitCode::SUCCESS);
     }
     let mut t = Table::new([
-        "JOB", "STATE", "BACKEND", "TASK", "PROGRESS", "WORKER", "CLIENT", "ATTEMPT",
+        "JOB", "STATE", "BACKEND", "TASK", "PROGRESS", "WORKER", "CLIENT", "TRIES",
     ]);
     for j in jobs {
         t.row([
@@ -323,7 +336,8 @@ pub async fn list(client: &Client, args: JobsArgs, json: bool) -> anyhow::Result
                 .unwrap_or_default(),
             j.worker.unwrap_or_default(),
             j.client,
-            format!("{}/{}", j.attempt, j.max_attempts),
+            // Tries, not the attempt number: numbers jump after a broker restart.
+            format!("{}/{}", j.tries, j.max_attempts),
         ]);
     }
     t.print();
