@@ -208,12 +208,7 @@ impl Core {
                 return;
             }
         }
-        let req = Requirements {
-            backend: spec.backend,
-            model: spec.model.clone(),
-            min_vram_mb: spec.min_vram_mb.unwrap_or(0),
-            labels: spec.labels.clone(),
-        };
+        let req = Requirements::of(&spec, spec.min_vram_mb.unwrap_or(0));
         if let Err(why) = self.fleet_can_run(now_ms, &req) {
             reply(
                 out,

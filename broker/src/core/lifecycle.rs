@@ -100,12 +100,7 @@ impl Core {
 
     pub(super) fn requirements(&self, id: JobId) -> Requirements {
         let job = &self.jobs[&id];
-        Requirements {
-            backend: job.spec.backend,
-            model: job.spec.model.clone(),
-            min_vram_mb: job.min_vram_mb,
-            labels: job.spec.labels.clone(),
-        }
+        Requirements::of(&job.spec, job.min_vram_mb)
     }
 
     /// Puts a job (new, recovered or requeued) in line, or straight onto the best
