@@ -609,9 +609,11 @@ async fn a_catalogue_of_bad_inputs_each_gets_its_typed_error_while_others_are_se
                 Some("job.priority"),
             ),
             (
+                // A value out of its range is invalid_field (with the range);
+                // field_too_large is for sizes (docs/protocol.md, Errors).
                 "max_attempts over limit",
                 with("max_attempts", json!(50)),
-                FieldTooLarge,
+                InvalidField,
                 Some("job.max_attempts"),
             ),
             (
@@ -623,7 +625,7 @@ async fn a_catalogue_of_bad_inputs_each_gets_its_typed_error_while_others_are_se
             (
                 "queue timeout over limit",
                 with("queue_timeout_s", json!(999_999_999)),
-                FieldTooLarge,
+                InvalidField,
                 Some("job.queue_timeout_s"),
             ),
             (
@@ -678,7 +680,7 @@ async fn a_catalogue_of_bad_inputs_each_gets_its_typed_error_while_others_are_se
                 "unknown field",
                 with("priorty", json!(1)),
                 InvalidField,
-                None,
+                Some("job.priorty"),
             ),
             (
                 "missing job",
