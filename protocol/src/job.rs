@@ -698,6 +698,55 @@ mod tests {
     }
 
     #[test]
+    fn the_field_lists_name_every_key() {
+        let mut s = spec();
+        s.model = Some("m".into());
+        s.loras = vec![LoraRef {
+            name: "l".into(),
+            strength: 1.0,
+        }];
+        s.min_vram_mb = Some(1);
+        s.labels = vec!["a".into()];
+        s.queue_timeout_s = Some(1);
+        s.run_timeout_s = Some(1);
+        s.max_attempts = Some(1);
+        s.inputs = vec![InputFile {
+            name: "a.png".into(),
+            media_type: "image/png".into(),
+            data: vec![],
+        }];
+        s.workflow = Some(serde_json::json!({}));
+        s.template = Some("t".into());
+        s.idempotency_key = Some("k".into());
+        s.allow_degrade = true;
+        let keys = |v: Value| {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        let sorted = |f: &[&str]| {
+            let mut f: Vec<String> = f.iter().map(|s| s.to_string()).collect();
+            f.sort();
+            f
+        };
+        assert_eq!(
+            keys(serde_json::to_value(&s).unwrap()),
+            sorted(JOB_SPEC_FIELDS)
+        );
+        let filter = ListFilter {
+            states: vec![JobState::Queued],
+            backend: Some(Backend::Sim),
+            client: Some("c".into()),
+            worker: Some("w".into()),
+            limit: Some(1),
+        };
+        assert_eq!(
+            keys(serde_json::to_value(&filter).unwrap()),
+            sorted(LIST_FILTER_FIELDS)
+        );
+    }
+
+    #[test]
     fn file_names_cannot_escape() {
         for bad in ["", "..", "../x", "a/b", "a\\b", ".hidden", "a\0b", "a\nb"] {
             assert!(safe_file_name(bad).is_none(), "{bad:?}");
