@@ -24,7 +24,9 @@ fn describe(name: &str) -> ParamSpec {
     match name {
         "prompt" => p(String, "the positive prompt"),
         "negative_prompt" => p(String, "the negative prompt"),
-        "width" | "height" => p(Integer, "image side").range(16.0, 16_384.0).unit("px"),
+        // The node's own limits (EmptyLatentImage: 16 to 16384, multiples of 8) come
+        // from ComfyUI's /object_info, which the worker checks before queueing.
+        "width" | "height" => p(Integer, "image side").range(1.0, 16_384.0).unit("px"),
         "steps" => p(Integer, "sampling steps").range(1.0, 10_000.0),
         "cfg" => p(Number, "classifier-free guidance scale").range(0.0, 100.0),
         "seed" => p(
