@@ -68,6 +68,13 @@ pub struct ComfyUiConfig {
     pub cancel_timeout_s: u64,
     /// Model folders reported as the worker's inventory.
     pub model_folders: Vec<String>,
+    /// ComfyUI's input folder as this host sees it. ComfyUI has no call that
+    /// deletes an upload, so the worker removes each attempt's uploads
+    /// (`input/kiln/<job>-<attempt>/`) itself once the prompt is over. Managed
+    /// mode knows the folder (`--input-directory`, `--base-directory`, or next to
+    /// `main_py`); attach mode only when it is set here. Unset in attach mode:
+    /// uploads stay on the server.
+    pub input_dir: Option<PathBuf>,
 }
 
 impl Default for ComfyUiConfig {
@@ -91,6 +98,7 @@ impl Default for ComfyUiConfig {
             poll_ms: 2000,
             unreachable_timeout_s: 300,
             cancel_timeout_s: 15,
+            input_dir: None,
             model_folders: [
                 "checkpoints",
                 "diffusion_models",

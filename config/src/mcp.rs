@@ -28,7 +28,8 @@ pub struct McpConfig {
     /// means the loopback names `localhost`, `127.0.0.1` and `::1`.
     pub allowed_hosts: Vec<String>,
     /// Browser origins accepted over HTTP, e.g. `https://app.example.com:443`. Empty
-    /// means requests that carry an `Origin` header are refused.
+    /// means pages served from the machine itself (`localhost`, `127.0.0.1`,
+    /// `[::1]`, any port); requests with any other `Origin` are refused.
     pub allowed_origins: Vec<String>,
     /// Where the gateway keeps a copy of every output it returns, so a desktop
     /// assistant can name a file on disk. No copies when unset.
@@ -41,11 +42,14 @@ pub struct McpConfig {
     /// as a resource.
     pub inline_image_max_bytes: u64,
     /// How long the generate tools wait for their result before returning the job
-    /// ids and states instead (the jobs keep running).
+    /// ids, states and progress instead (the jobs keep running). The default stays
+    /// under the 60 s request timeout of the TypeScript SDK (MCP Inspector, Claude
+    /// Desktop), so the assistant gets the handle rather than a timeout.
     pub wait_timeout_s: u64,
     /// The longest `timeout_s` a caller may ask for.
     pub max_wait_timeout_s: u64,
-    /// Backend of image tools when the call names none.
+    /// Backend of image tools when the call names none (if the fleet has it;
+    /// otherwise the gateway picks one the fleet offers).
     pub image_backend: Backend,
     /// Backend of `generate_video` when the call names none.
     pub video_backend: Backend,
@@ -65,7 +69,7 @@ impl Default for McpConfig {
             output_dir: None,
             allowed_roots: Vec::new(),
             inline_image_max_bytes: 1024 * 1024,
-            wait_timeout_s: 600,
+            wait_timeout_s: 45,
             max_wait_timeout_s: 3600,
             image_backend: Backend::Comfyui,
             video_backend: Backend::Wan2gp,

@@ -10,58 +10,11 @@ use std::time::Duration;
 
 use kiln_config::KilnConfig;
 use kiln_protocol::{JobId, JobState};
-use kiln_testkit::{bin, eventually, free_port, Broker, BrokerOpts, Proc, Scratch, WorkerOpts};
+use kiln_testkit::{bin, eventually, free_port, Proc, Scratch};
 use serde_json::Value;
 
-const CLIENT_TOKEN: &str = "broker-client-token";
-const MCP_TOKEN: &str = "mcp-http-token";
-/// A small inline budget so a 512x512 render has to be shrunk.
-const INLINE_BUDGET: u64 = 65_536;
-
-struct Fleet {
-    scratch: Scratch,
-    broker: Broker,
-    _workers: Vec<Proc>,
-    config: PathBuf,
-    assets: PathBuf,
-    outputs: PathBuf,
-}
-
-async fn fleet() -> Fleet {
-    let scratch = Scratch::new();
-    let broker = scratch
-        .broker(BrokerOpts {
-            durable: false,
-            client_token: Some(CLIENT_TOKEN.into()),
-            ..BrokerOpts::default()
-        })
-        .await;
-    let mut workers = Vec::new();
-    for id in ["w1", "w2"] {
-        workers.push(scratch.worker(&broker, WorkerOpts::sim(id)).await);
-    }
-    let assets = scratch.path().join("game/assets");
-    let outputs = scratch.path().join("mcp-outputs");
-    let config = scratch.path().join("kiln-mcp.toml");
-    let toml = format!(
-        "[client]\nbroker = \"{}\"\nevents = \"{}\"\ntoken = \"{CLIENT_TOKEN}\"\n\n\
-         [mcp]\nimage_backend = \"sim\"\nvideo_backend = \"sim\"\ntoken = \"{MCP_TOKEN}\"\n\
-         allowed_roots = [\"{}\"]\noutput_dir = \"{}\"\ninline_image_max_bytes = {INLINE_BUDGET}\nwait_timeout_s = 120\n",
-        broker.frontend,
-        broker.events,
-        assets.display(),
-        outputs.display()
-    );
-    std::fs::write(&config, toml).expect("gateway config");
-    Fleet {
-        scratch,
-        broker,
-        _workers: workers,
-        config,
-        assets,
-        outputs,
-    }
-}
+mod common;
+use common::{fleet, Fleet, INLINE_BUDGET, MCP_TOKEN};
 
 fn python() -> String {
     std::env::var("KILN_TEST_PYTHON").unwrap_or_else(|_| "python3".into())

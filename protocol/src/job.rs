@@ -601,6 +601,11 @@ pub struct JobSnapshot {
     /// Every state change, oldest first (omitted in `list` replies).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<Transition>,
+    /// The spec's parameters, in `get` replies only (not in events or `list`):
+    /// lets a client that did not submit the job see how it was asked for (the
+    /// MCP gateway reads a sprite's `background` from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<Params>,
 }
 
 fn is_zero(n: &u8) -> bool {

@@ -2,8 +2,9 @@
 //! ComfyUI: SIGTERM and SIGKILL of attach-mode and managed workers in the
 //! middle of a job leave no prompt running and no orphan server, the broker
 //! hears the goodbye, and the retry runs at once. Also: a managed worker never
-//! adopts a server it did not start, and a GPU declared in `[worker.gpu]` is what
-//! the broker schedules on.
+//! adopts a server it did not start, a GPU declared in `[worker.gpu]` is what
+//! the broker schedules on, and an attempt's uploads do not stay in ComfyUI's
+//! input folder.
 
 mod common;
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use common::comfy::*;
 use kiln_protocol::worker::{GpuSource, WorkerState};
-use kiln_protocol::{Client, JobId, JobSnapshot, JobState};
+use kiln_protocol::{Backend, Client, JobId, JobSnapshot, JobSpec, JobState, Task};
 use kiln_testkit::{eventually, free_port, python, Broker, BrokerOpts, Proc, Scratch};
 use serde_json::Value;
 
@@ -21,6 +22,15 @@ use serde_json::Value;
 async fn slow_beat_broker(s: &Scratch) -> Broker {
     s.broker(BrokerOpts {
         heartbeat_ms: 4000,
+        ..BrokerOpts::default()
+    })
+    .await
+}
+
+/// A broker that notices a killed worker within a second.
+async fn fast_beat_broker(s: &Scratch) -> Broker {
+    s.broker(BrokerOpts {
+        heartbeat_ms: 200,
         ..BrokerOpts::default()
     })
     .await
@@ -165,12 +175,7 @@ async fn sigterm_of_an_attached_worker_cancels_the_prompt_says_goodbye_and_the_r
 async fn sigkill_of_an_attached_worker_leaves_no_prompt_behind_once_it_is_back() {
     let s = Scratch::new();
     let fake = Fake::start(&s, "0.27.0").await;
-    let broker = s
-        .broker(BrokerOpts {
-            heartbeat_ms: 200,
-            ..BrokerOpts::default()
-        })
-        .await;
+    let broker = fast_beat_broker(&s).await;
     let client = broker.client();
     let mut w1 = attach(&s, &broker, &fake, "k1").await;
     let id = client.submit(slow_job(3000)).await.unwrap().job_id;
@@ -228,12 +233,7 @@ fn managed_toml(s: &Scratch, name: &str, port: u16) -> (String, std::path::PathB
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_managed_comfyui_dies_with_its_worker_and_sigterm_stops_both_cleanly() {
     let s = Scratch::new();
-    let broker = s
-        .broker(BrokerOpts {
-            heartbeat_ms: 200,
-            ..BrokerOpts::default()
-        })
-        .await;
+    let broker = fast_beat_broker(&s).await;
     let client = broker.client();
     let port = free_port();
     let (toml, pid_file) = managed_toml(&s, "managed", port);
@@ -281,12 +281,7 @@ async fn a_managed_comfyui_dies_with_its_worker_and_sigterm_stops_both_cleanly()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_managed_worker_never_adopts_a_server_it_did_not_start() {
     let s = Scratch::new();
-    let broker = s
-        .broker(BrokerOpts {
-            heartbeat_ms: 200,
-            ..BrokerOpts::default()
-        })
-        .await;
+    let broker = fast_beat_broker(&s).await;
     let client = broker.client();
     // Someone else's server (an orphan, another install) holds the port.
     let mut squatter = Fake::start(&s, "0.27.0").await;
@@ -324,12 +319,7 @@ async fn a_managed_worker_never_adopts_a_server_it_did_not_start() {
 async fn the_gpu_declared_in_the_config_is_not_overridden_by_comfyui() {
     let s = Scratch::new();
     let fake = Fake::start(&s, "0.27.0").await;
-    let broker = s
-        .broker(BrokerOpts {
-            heartbeat_ms: 200,
-            ..BrokerOpts::default()
-        })
-        .await;
+    let broker = fast_beat_broker(&s).await;
     let client = broker.client();
     let opts = kiln_testkit::WorkerOpts {
         vram_mb: 8192,
@@ -353,4 +343,60 @@ async fn the_gpu_declared_in_the_config_is_not_overridden_by_comfyui() {
     spec.min_vram_mb = Some(16_000);
     let err = client.submit(spec).await.unwrap_err();
     assert!(err.to_string().contains("16000"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempts_uploads_are_removed_from_comfyuis_input_folder() {
+    let s = Scratch::new();
+    let fake = Fake::start(&s, "0.27.0").await;
+    let port = fake.url.rsplit(':').next().unwrap();
+    let input_dir = s.path().join(format!("comfyui-{port}")).join("input");
+    let broker = fast_beat_broker(&s).await;
+    let client = broker.client();
+    let toml = format!(
+        "url = \"{}\"\ninput_dir = \"{}\"",
+        fake.url,
+        input_dir.display()
+    );
+    let _w = s.worker(&broker, comfy_opts("u1", &toml)).await;
+    wait_healthy(&client, "u1").await;
+    let raw = |name: &str, file: &str| {
+        let mut spec = JobSpec::new(Backend::Comfyui, Task::Workflow);
+        spec.workflow = Some(workflow(name));
+        spec.inputs.push(input(file, "image/png"));
+        spec
+    };
+    // One that succeeds and one that fails at run time on its upload.
+    for (spec, state) in [
+        (
+            raw("10_loadimage_subfolder_preview", "upload_test.png"),
+            JobState::Succeeded,
+        ),
+        (
+            raw("07_runtime_error_broken_upload", "broken.png"),
+            JobState::Failed,
+        ),
+    ] {
+        let id = client.submit(spec).await.unwrap().job_id;
+        let done = tokio::time::timeout(Duration::from_secs(60), client.wait(id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.state, state, "{done:?}");
+        let uploaded = fake
+            .log()
+            .await
+            .into_iter()
+            .filter(|l| l.starts_with(&format!("POST /upload/image kiln/{id}-1/")))
+            .count();
+        assert_eq!(uploaded, 1, "the input went into the attempt's own folder");
+        assert!(
+            !input_dir.join(format!("kiln/{id}-1")).exists(),
+            "the attempt's uploads were removed"
+        );
+    }
+    assert!(
+        input_dir.join("kiln").is_dir(),
+        "the fake stored the uploads there"
+    );
 }

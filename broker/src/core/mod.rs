@@ -117,6 +117,10 @@ pub enum Input {
     /// Messages to this peer could not be delivered (its queue is full or it is
     /// gone).
     PeerUnreachable { peer: PeerId, worker: bool },
+    /// The store stopped writing (`Some(cause)`, e.g. a full disk) or writes again
+    /// (`None`). While it cannot write, requests that change state are refused with
+    /// `unavailable` naming the cause; reads are answered.
+    StoreFault { cause: Option<String> },
     /// Time passed; run whatever is due.
     Tick,
 }
@@ -253,6 +257,8 @@ pub struct Core {
     stats: Stats,
     /// Scratch space of `dispatch`: which job classes the worker can run.
     runnable: Vec<bool>,
+    /// Why the store cannot write right now, if it cannot.
+    store_fault: Option<String>,
 }
 
 impl Core {
@@ -279,6 +285,7 @@ impl Core {
             next_session_sweep_ms: now_ms + 60_000,
             stats: Stats::default(),
             runnable: Vec::new(),
+            store_fault: None,
         }
     }
 
@@ -345,6 +352,7 @@ impl Core {
                     self.sessions.remove(&peer);
                 }
             }
+            Input::StoreFault { cause } => self.store_fault = cause,
             Input::Tick => self.on_tick(now_ms, out),
         }
     }

@@ -284,6 +284,7 @@ fn impossible_jobs_are_refused_with_the_reason() {
         "{}",
         err.message
     );
+    assert_eq!(err.field.as_deref(), Some("job.min_vram_mb"));
 
     let err = sim
         .submit_as("c", JobSpec::new(Backend::Wan2gp, Task::TextToVideo))

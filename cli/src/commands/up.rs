@@ -114,7 +114,9 @@ pub async fn run(cfg: KilnConfig, args: UpArgs) -> anyhow::Result<()> {
     let ep = local.broker.endpoints().clone();
     println!(
         "kiln up: broker on {} (clients), {} (workers), {} (events); {n} worker(s)",
-        ep.frontend, ep.backend, ep.events
+        ep.frontend,
+        ep.backend,
+        ep.events.as_deref().unwrap_or("closed")
     );
     println!("press Ctrl-C to stop");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

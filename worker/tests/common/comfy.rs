@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kiln_protocol::job::InputFile;
 use kiln_protocol::worker::WorkerState;
 use kiln_protocol::{Backend, Client, JobId, JobSpec, JobState, Task};
 use kiln_testkit::{eventually, fixture, free_port, python, Proc, Scratch, WorkerOpts};
@@ -154,4 +155,18 @@ pub fn slow_job(steps: u32) -> JobSpec {
         .param("height", 512);
     spec.model = Some("sd15.safetensors".into());
     spec
+}
+
+pub fn workflow(name: &str) -> Value {
+    let text =
+        std::fs::read_to_string(fixtures().join("workflows").join(format!("{name}.json"))).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn input(name: &str, media_type: &str) -> InputFile {
+    InputFile {
+        name: name.into(),
+        media_type: media_type.into(),
+        data: std::fs::read(fixtures().join("workflows/inputs").join(name)).unwrap(),
+    }
 }

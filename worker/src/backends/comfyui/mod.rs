@@ -197,12 +197,57 @@ impl ComfyUiBackend {
         }
     }
 
+    /// Where an attempt's uploads go, under ComfyUI's `input/`.
+    fn upload_folder(job: &JobRun) -> String {
+        format!("kiln/{}-{}", job.job_id, job.attempt)
+    }
+
+    /// ComfyUI's input folder on this host, when known (see `input_dir`).
+    fn input_dir(&self) -> Option<std::path::PathBuf> {
+        if let Some(dir) = &self.cfg.input_dir {
+            return Some(dir.clone());
+        }
+        if self.cfg.mode != ComfyUiMode::Managed {
+            return None;
+        }
+        let args = &self.cfg.args;
+        let flag = |name: &str| {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1))
+                .map(std::path::PathBuf::from)
+        };
+        flag("--input-directory")
+            .or_else(|| flag("--base-directory").map(|b| b.join("input")))
+            .or_else(|| {
+                let main = self.cfg.main_py.as_ref()?;
+                Some(main.parent()?.join("input"))
+            })
+    }
+
+    /// Removes the attempt's uploads from ComfyUI's input folder, when this host
+    /// can see it: ComfyUI itself never deletes them.
+    async fn remove_uploads(&self, job: &JobRun) {
+        let Some(input) = self.input_dir() else {
+            return;
+        };
+        let folder = input.join(Self::upload_folder(job));
+        match tokio::fs::remove_dir_all(&folder).await {
+            Ok(()) => tracing::debug!(folder = %folder.display(), "removed the attempt's uploads"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(folder = %folder.display(), error = %e, "cannot remove the attempt's uploads")
+            }
+        }
+    }
+
     async fn upload_inputs(&self, job: &JobRun) -> Result<Vec<Uploaded>, RunError> {
         let mut uploaded = Vec::with_capacity(job.spec.inputs.len());
+        let folder = Self::upload_folder(job);
         for input in &job.spec.inputs {
             let stored = self
                 .api
-                .upload(&input.name, &input.media_type, input.data.clone(), "kiln")
+                .upload(&input.name, &input.media_type, input.data.clone(), &folder)
                 .await
                 .map_err(|e| unreachable_failure(&e))?;
             tracing::debug!(job = %job.job_id, name = %input.name, stored = %stored.input_path(), "uploaded an input");
@@ -682,6 +727,30 @@ impl Backend for ComfyUiBackend {
         progress: ProgressSink,
         cancel: CancellationToken,
     ) -> Result<RunOutput, RunError> {
+        let result = self.attempt(&job, &progress, &cancel).await;
+        if !job.spec.inputs.is_empty() {
+            self.remove_uploads(&job).await;
+        }
+        result
+    }
+
+    async fn shutdown(&self) {
+        self.shutdown.cancel();
+        if let Some(sup) = self.running.get().and_then(|r| r.supervisor.as_ref()) {
+            sup.stop().await;
+        }
+    }
+}
+
+impl ComfyUiBackend {
+    /// One attempt: [`Backend::run`] without the clean-up of its uploads.
+    async fn attempt(
+        &self,
+        job: &JobRun,
+        progress: &ProgressSink,
+        cancel: &CancellationToken,
+    ) -> Result<RunOutput, RunError> {
+        let (job, progress, cancel) = (job.clone(), progress.clone(), cancel.clone());
         let started = Instant::now();
         self.wait_ready(&cancel, &progress).await?;
         progress.stage(0.0, "preparing the workflow");
@@ -777,13 +846,6 @@ impl Backend for ComfyUiBackend {
             (started.elapsed().as_millis() as u64).into(),
         );
         Ok(RunOutput { outputs, info })
-    }
-
-    async fn shutdown(&self) {
-        self.shutdown.cancel();
-        if let Some(sup) = self.running.get().and_then(|r| r.supervisor.as_ref()) {
-            sup.stop().await;
-        }
     }
 }
 
