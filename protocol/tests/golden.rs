@@ -100,6 +100,7 @@ fn snapshot() -> JobSnapshot {
             worker: None,
             note: "submitted".into(),
         }],
+        params: Some(spec().params),
     }
 }
 

@@ -34,6 +34,7 @@ async fn forgetful_broker(mut router: RouterSocket, forget_once: bool) -> (u32, 
                     version: kiln_protocol::VERSION.to_string(),
                     client: "test".into(),
                     limits: Limits::default(),
+                    features: Vec::new(),
                 })
             }
             Request::Ping(p) if !forgot => {
