@@ -16,7 +16,7 @@ async fn phase(broker: &kiln_testkit::Broker, name: &str, state: &std::path::Pat
         .arg(state)
         .env("KILN_BROKER", &broker.frontend)
         .env("KILN_EVENTS", &broker.events)
-        .env("KILN_TOKEN", "conformance")
+        .envs(broker.opts.client_token.as_ref().map(|t| ("KILN_TOKEN", t.as_str())))
         .output()
         .await
         .expect("python runs (scripts/test installs pyzmq and msgpack into .venv)");
@@ -35,7 +35,6 @@ async fn a_client_written_from_the_doc_alone_conforms() {
     let s = Scratch::new();
     let mut broker = s
         .broker(BrokerOpts {
-            client_token: Some("conformance".into()),
             extra: "[broker.limits]\nmax_list = 5\nmax_queued_per_client = 6\nmax_message_bytes = 2097152\n".into(),
             ..BrokerOpts::default()
         })
@@ -67,4 +66,15 @@ async fn a_client_written_from_the_doc_alone_conforms() {
     let out = phase(&broker, "after", &state).await;
     println!("{out}");
     assert!(out.contains(" 0 failed"), "{out}");
+
+    // The token rules, on a broker that has one (its events port stays closed).
+    let guarded = s
+        .broker(BrokerOpts {
+            client_token: Some("conformance".into()),
+            ..BrokerOpts::default()
+        })
+        .await;
+    let out = phase(&guarded, "auth", &state).await;
+    println!("{out}");
+    assert!(out.contains("auth: 2 checks passed, 0 failed"), "{out}");
 }
