@@ -68,6 +68,19 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// CURVE keys for the libzmq transport.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Write a new CURVE key pair: NAME.key (public, give it to the peers that
+    /// must accept this one) and NAME.key_secret (mode 0600), in the certificate
+    /// format pyzmq's zmq.auth.load_certificate reads.
+    Generate { name: std::path::PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -109,6 +122,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             command: ConfigCommand::Fence,
         } => commands::fleet::config_fence(&cfg),
         Command::GpuInfo => commands::fleet::gpu_info(&cfg, cli.json),
+        Command::Keys {
+            command: KeysCommand::Generate { name },
+        } => commands::keys::generate(&name, cli.json),
         command => {
             let client = client(&cfg, &cli.broker, &cli.events, &cli.token)?;
             let json = cli.json;

@@ -11,6 +11,7 @@
 //! unknown-key check. Errors name the key and where its value came from.
 
 mod comfyui;
+mod curve;
 pub mod logging;
 mod mcp;
 mod secret;
@@ -24,6 +25,8 @@ use kiln_protocol::Limits;
 use serde::{Deserialize, Serialize};
 
 pub use comfyui::{ComfyUiConfig, ComfyUiMode};
+pub use curve::BrokerCurve;
+pub use kiln_protocol::transport::TransportKind;
 pub use mcp::McpConfig;
 pub use secret::{resolve as resolve_secret, Secret};
 pub use wan2gp::{
@@ -56,9 +59,10 @@ pub struct KilnConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// ROUTER for clients. Loopback by default: the zeromq crate has no
-    /// authentication at the transport level and a hostile peer can crash it, so
-    /// bind other addresses only on a private network (see the README).
+    /// `"libzmq"` (default) or `"zeromq"`; see docs/security.md.
+    pub transport: TransportKind,
+    /// ROUTER for clients. Loopback by default; any other address needs CURVE
+    /// (`curve_secret_key`) or an explicit `allow_insecure_network = true`.
     pub frontend: String,
     /// ROUTER for workers.
     pub backend: String,
@@ -98,11 +102,25 @@ pub struct BrokerConfig {
     /// Networks (CIDR) besides loopback allowed to reach the broker's ports; the
     /// systemd unit is fenced to them (`kiln config fence` prints the drop-in).
     pub allowed_networks: Vec<String>,
+    /// The broker's CURVE secret key (Z85 or a `kiln keys generate` certificate);
+    /// also `curve_secret_key_file` or the systemd credential `kiln-broker-curve`.
+    /// Setting it turns CURVE on for all three ports (libzmq only).
+    pub curve_secret_key: Option<Secret>,
+    pub curve_secret_key_file: Option<PathBuf>,
+    /// Public keys (Z85, or paths of `.key` files) of clients allowed on the
+    /// frontend and the events port.
+    pub curve_client_keys: Vec<String>,
+    /// Public keys of workers allowed on the backend and the events port.
+    pub curve_worker_keys: Vec<String>,
+    /// Lets the broker bind a non-loopback address without CURVE: only for a
+    /// network fenced to trusted hosts (`allowed_networks`).
+    pub allow_insecure_network: bool,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
+            transport: TransportKind::default(),
             frontend: "tcp://127.0.0.1:5555".into(),
             backend: "tcp://127.0.0.1:5556".into(),
             events: "tcp://127.0.0.1:5557".into(),
@@ -123,6 +141,11 @@ impl Default for BrokerConfig {
             limits: Limits::default(),
             retention: RetentionConfig::default(),
             allowed_networks: Vec::new(),
+            curve_secret_key: None,
+            curve_secret_key_file: None,
+            curve_client_keys: Vec::new(),
+            curve_worker_keys: Vec::new(),
+            allow_insecure_network: false,
         }
     }
 }
@@ -156,10 +179,18 @@ impl Default for RetentionConfig {
 pub struct WorkerConfig {
     /// Stable name, unique in the fleet; `<hostname>-gpu<index>` when unset.
     pub id: Option<String>,
+    /// `"libzmq"` (default) or `"zeromq"`: the broker's.
+    pub transport: TransportKind,
     /// The broker's backend ROUTER.
     pub broker: String,
     pub token: Option<Secret>,
     pub token_file: Option<PathBuf>,
+    /// The broker's CURVE public key (Z85 or a `.key` path); turns CURVE on.
+    pub broker_public_key: Option<String>,
+    /// This worker's CURVE secret key; also `curve_secret_key_file` or the systemd
+    /// credential `kiln-worker-curve`.
+    pub curve_secret_key: Option<Secret>,
+    pub curve_secret_key_file: Option<PathBuf>,
     pub gpu: GpuConfig,
     /// Labels jobs can require (`labels = ["fast", "nvlink"]`).
     pub labels: Vec<String>,
@@ -179,9 +210,13 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             id: None,
+            transport: TransportKind::default(),
             broker: "tcp://127.0.0.1:5556".into(),
             token: None,
             token_file: None,
+            broker_public_key: None,
+            curve_secret_key: None,
+            curve_secret_key_file: None,
             gpu: GpuConfig::default(),
             labels: Vec::new(),
             backends: vec![kiln_protocol::Backend::Sim],
@@ -263,10 +298,18 @@ impl Default for SimConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
+    /// `"libzmq"` (default) or `"zeromq"`: the broker's.
+    pub transport: TransportKind,
     pub broker: String,
     pub events: String,
     pub token: Option<Secret>,
     pub token_file: Option<PathBuf>,
+    /// The broker's CURVE public key (Z85 or a `.key` path); turns CURVE on.
+    pub broker_public_key: Option<String>,
+    /// This client's CURVE secret key; also `curve_secret_key_file` or the systemd
+    /// credential `kiln-client-curve`.
+    pub curve_secret_key: Option<Secret>,
+    pub curve_secret_key_file: Option<PathBuf>,
     /// Name for fairness and `list` filters (the connection id when unset).
     pub name: Option<String>,
     pub request_timeout_s: u64,
@@ -275,10 +318,14 @@ pub struct ClientConfig {
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
+            transport: TransportKind::default(),
             broker: "tcp://127.0.0.1:5555".into(),
             events: "tcp://127.0.0.1:5557".into(),
             token: None,
             token_file: None,
+            broker_public_key: None,
+            curve_secret_key: None,
+            curve_secret_key_file: None,
             name: None,
             request_timeout_s: 15,
         }
@@ -385,6 +432,7 @@ impl KilnConfig {
         self.worker.comfyui.validate()?;
         self.worker.wan2gp.validate()?;
         self.mcp.validate()?;
+        self.validate_transport()?;
         Ok(self)
     }
 
@@ -517,6 +565,8 @@ impl KilnConfig {
         opts.token = self.client_token()?.map(|s| s.expose().to_string());
         opts.name = c.name.clone();
         opts.request_timeout = std::time::Duration::from_secs(c.request_timeout_s.max(1));
+        opts.transport = c.transport;
+        opts.curve = self.client_curve()?;
         Ok(opts)
     }
 }

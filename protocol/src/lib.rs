@@ -18,7 +18,7 @@ pub mod ids;
 pub mod job;
 pub mod limits;
 pub mod request;
-pub mod socket;
+pub mod transport;
 pub mod worker;
 
 pub use client::{Client, ClientError, ClientOptions, Follow};
