@@ -195,8 +195,10 @@ impl Broker {
         let kind = settings.transport;
         let max = settings.core.limits.max_message_bytes;
         let opts = |curve: Option<&CurveServer>, peer_queue: usize| BindOptions {
-            // The envelope (routing id, tag) rides on top of the body limit.
-            max_message_bytes: max + 4096,
+            // The transport's hard cap (libzmq drops a peer announcing more before
+            // reading it) sits above the protocol limit, so a message a little
+            // over the limit still gets its typed `message_too_large` error.
+            max_message_bytes: max.saturating_mul(2).saturating_add(64 * 1024),
             peer_queue,
             curve: curve.cloned(),
             ..BindOptions::default()
