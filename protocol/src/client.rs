@@ -77,6 +77,12 @@ pub enum ClientError {
         timeout: Duration,
         detail: String,
     },
+    /// Nothing answers at the endpoint (refused, unresolvable, unroutable, or not
+    /// an endpoint at all), and this client has never reached the broker: calls
+    /// fail at once instead of waiting out their timeout. A client that was
+    /// connected before keeps retrying instead, as the broker may be restarting.
+    #[error(transparent)]
+    Unreachable(#[from] crate::probe::Unreachable),
     #[error("the broker sent an unexpected reply: {0}")]
     Unexpected(String),
     #[error("artifact {id} failed its integrity check: expected sha256 {expected}, got {actual}")]
@@ -421,10 +427,16 @@ async fn drive(
                 }
                 Err(e) => {
                     last_error = e.to_string();
-                    if let ClientError::Broker(body) = &e {
+                    let never_connected = welcome.lock().map_or(true, |w| w.is_none());
+                    let definitive = match &e {
                         // Refused (bad token): every waiting call gets the refusal.
+                        ClientError::Broker(_) => true,
+                        ClientError::Unreachable(_) => never_connected,
+                        _ => false,
+                    };
+                    if definitive {
                         for (_, call) in pending.drain() {
-                            let _ = call.reply.send(Err(ClientError::Broker(body.clone())));
+                            let _ = call.reply.send(Err(e.clone()));
                         }
                     }
                     retry_at = Instant::now() + backoff.next_delay();
@@ -447,6 +459,11 @@ async fn drive(
                 None => calls_open = false,
                 Some(call) => {
                     let req_id = call.request.req_id();
+                    if conn.is_none() && welcome.lock().map_or(true, |w| w.is_none()) {
+                        // Never connected: try now, so a broker that is down is
+                        // reported at once and one that just came up is used.
+                        retry_at = Instant::now();
+                    }
                     if let Some(c) = conn.as_mut() {
                         if let Err(e) = c.send(frame::encode(&call.request)).await {
                             last_error = format!("send failed: {e}");
@@ -525,6 +542,7 @@ async fn connect_and_hello(opts: &ClientOptions) -> Result<(DealerConn, Welcome)
         timeout: opts.connect_timeout,
         detail,
     };
+    crate::probe::probe(&opts.endpoint, opts.connect_timeout).await?;
     let mut conn = DealerConn::connect(&opts.endpoint, None, opts.connect_timeout)
         .await
         .map_err(|e| timeout(format!("connect failed: {e}")))?;
