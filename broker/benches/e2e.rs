@@ -228,7 +228,7 @@ async fn in_process(kind: TransportKind, durable: bool, workers: usize) -> Clust
         tokio::spawn(worker.run(status, stop.clone()));
     }
     let ep = broker.endpoints();
-    let mut opts = ClientOptions::new(ep.frontend.clone(), ep.events.clone());
+    let mut opts = ClientOptions::new(ep.frontend.clone(), ep.events.clone().unwrap_or_default());
     opts.transport = kind;
     let client = Client::connect(opts);
     kiln_testkit::eventually("the workers to register", Duration::from_secs(30), || {

@@ -36,10 +36,11 @@ use kiln_protocol::transport::{
 };
 use kiln_protocol::worker::BrokerMessage;
 use kiln_protocol::{ErrorBody, ErrorCode, Request, WorkerMessage};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::artifacts::ArtifactStore;
+use crate::committer::{self, Batch, Durable};
 use crate::core::{ArtifactOp, Core, CoreConfig, Input, Output, PeerId, Record};
 use crate::store::{Store, StoreError};
 
@@ -50,6 +51,10 @@ pub struct BrokerSettings {
     pub frontend: String,
     pub backend: String,
     pub events: String,
+    /// Whether the events port is opened. A PUB socket cannot tell who subscribes,
+    /// so with client tokens configured it stays closed unless the transport itself
+    /// authenticates every connection; clients then follow jobs with `get`.
+    pub events_open: bool,
     pub state_dir: PathBuf,
     pub durable: bool,
     pub peer_queue: usize,
@@ -77,8 +82,13 @@ impl BrokerSettings {
             retention_max_bytes: b.retention.max_artifact_bytes,
             retention_sweep_ms: b.retention.sweep_interval_s.max(1) * 1000,
         };
+        // With CURVE every subscriber is a known key, so the port can open even
+        // with tokens; a plain PUB cannot tell who subscribes.
+        let curve = cfg.broker_curve()?;
+        let events_open = core.client_token.is_none() || curve.is_some();
         Ok(BrokerSettings {
             core,
+            events_open,
             frontend: b.frontend.clone(),
             backend: b.backend.clone(),
             events: b.events.clone(),
@@ -86,7 +96,7 @@ impl BrokerSettings {
             durable: b.durable,
             peer_queue: b.peer_queue,
             transport: b.transport,
-            curve: cfg.broker_curve()?,
+            curve,
         })
     }
 }
@@ -112,7 +122,8 @@ pub enum BrokerError {
 pub struct Endpoints {
     pub frontend: String,
     pub backend: String,
-    pub events: String,
+    /// `None` when the events port is closed (see [`BrokerSettings::events_open`]).
+    pub events: Option<String>,
 }
 
 /// A running broker. Dropping it does not stop it; call [`Broker::shutdown`].
@@ -219,18 +230,27 @@ impl Broker {
             opts(curve.map(|c| &c.workers), settings.peer_queue),
         )
         .await?;
-        let (events, events_ep) = Publisher::bind(
-            kind,
-            &settings.events,
-            opts(curve.map(|c| &c.events), settings.peer_queue),
-        )
-        .await?;
+        let mut events = None;
+        if settings.events_open {
+            let (publisher, ep) = Publisher::bind(
+                kind,
+                &settings.events,
+                opts(curve.map(|c| &c.events), settings.peer_queue),
+            )
+            .await?;
+            events = Some((ep, publisher));
+        } else {
+            tracing::warn!(
+                events = %settings.events,
+                "the events port stays closed: client tokens are configured without CURVE and a plain PUB socket cannot authenticate its subscribers; clients follow jobs with `get`"
+            );
+        }
         let endpoints = Endpoints {
             frontend: frontend_ep,
             backend: backend_ep,
-            events: events_ep,
+            events: events.as_ref().map(|(ep, _)| ep.clone()),
         };
-        tracing::info!(frontend = %endpoints.frontend, backend = %endpoints.backend, events = %endpoints.events, durable = settings.durable, transport = %kind, curve = settings.curve.is_some(), "broker listening");
+        tracing::info!(frontend = %endpoints.frontend, backend = %endpoints.backend, events = endpoints.events.as_deref().unwrap_or("closed"), durable = settings.durable, transport = %kind, curve = settings.curve.is_some(), "broker listening");
 
         let (inputs_tx, inputs_rx) = mpsc::channel::<Input>(65_536);
         let max = max as usize;
@@ -239,11 +259,14 @@ impl Broker {
 
         let clients = Arc::new(Outbox(front_tx));
         let workers = Arc::new(Outbox(back_tx));
+        let events = events.map(|(_, publisher)| publisher);
 
         let (art_tx, art_rx) = mpsc::channel::<ArtifactOp>(256);
         // Verifications come back on their own unbounded channel: the router may be
         // waiting for room in `art_tx`, so the artifact thread must never wait on it.
         let (stored_tx, stored_rx) = mpsc::unbounded_channel::<Input>();
+        // The committer reports a store that cannot write (and its recovery) there too.
+        let stored_tx_faults = stored_tx.clone();
         {
             let clients = clients.clone();
             std::thread::Builder::new()
@@ -251,7 +274,6 @@ impl Broker {
                 .spawn(move || artifact_loop(artifacts, art_rx, clients, stored_tx))
                 .expect("spawn artifact thread");
         }
-        let (fatal_tx, fatal_rx) = oneshot::channel::<String>();
         let ctx = Dispatch {
             clients,
             workers,
@@ -262,9 +284,15 @@ impl Broker {
         // router's thread), with or without a store.
         let (commit_tx, commit_rx) = mpsc::channel::<Batch>(1024);
         let workers = ctx.workers.clone();
+        let durable = store.map(|store| Durable {
+            store,
+            state_dir: settings.state_dir.clone(),
+        });
+        let faults = stored_tx_faults;
+        let rt = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("kiln-commit".into())
-            .spawn(move || commit_loop(store, commit_rx, ctx, fatal_tx))
+            .spawn(move || committer::run(durable, commit_rx, |o| dispatch(&ctx, o), faults, rt))
             .expect("spawn committer thread");
         let downstream = Downstream {
             commits: commit_tx,
@@ -281,7 +309,6 @@ impl Broker {
             downstream,
             art_tx,
             shutdown_rx,
-            fatal_rx,
             alive.clone(),
         ));
         drop(inputs_tx);
@@ -389,13 +416,6 @@ async fn recv_loop(mut rx: RouterRx, inputs: mpsc::Sender<Input>, max_bytes: usi
     }
 }
 
-/// Outputs of one router pass: records to commit, then what may follow the commit.
-#[derive(Default)]
-struct Batch {
-    records: Vec<Record>,
-    after: Vec<Output>,
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn route_loop(
     mut core: Core,
@@ -405,7 +425,6 @@ async fn route_loop(
     downstream: Downstream,
     artifacts: mpsc::Sender<ArtifactOp>,
     mut shutdown: watch::Receiver<bool>,
-    mut fatal: oneshot::Receiver<String>,
     alive: Arc<AtomicU64>,
 ) -> Result<(), BrokerError> {
     let mut out = Vec::with_capacity(1024);
@@ -418,9 +437,6 @@ async fn route_loop(
         let first = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
-            reason = &mut fatal => {
-                return Err(BrokerError::CommitFailed(reason.unwrap_or_else(|_| "committer stopped".into())))
-            }
             input = stored.recv() => match input {
                 Some(i) => i,
                 None => break,
@@ -488,36 +504,8 @@ struct Downstream {
 struct Dispatch {
     clients: Arc<Outbox>,
     workers: Arc<Outbox>,
-    events: Publisher,
+    events: Option<Publisher>,
     artifacts: mpsc::Sender<ArtifactOp>,
-}
-
-fn commit_loop(
-    mut store: Option<Store>,
-    mut batches: mpsc::Receiver<Batch>,
-    ctx: Dispatch,
-    fatal: oneshot::Sender<String>,
-) {
-    let mut group: Vec<Batch> = Vec::new();
-    while let Some(first) = batches.blocking_recv() {
-        group.push(first);
-        while let Ok(b) = batches.try_recv() {
-            group.push(b);
-        }
-        if let Some(store) = store.as_mut() {
-            let records = group.iter().flat_map(|b| b.records.iter());
-            if let Err(e) = store.commit(records) {
-                tracing::error!(error = %e, "job store commit failed");
-                let _ = fatal.send(e.to_string());
-                return;
-            }
-        }
-        for batch in group.drain(..) {
-            for o in batch.after {
-                dispatch(&ctx, o);
-            }
-        }
-    }
 }
 
 fn dispatch(ctx: &Dispatch, o: Output) {
@@ -531,7 +519,9 @@ fn dispatch(ctx: &Dispatch, o: Output) {
                 frame::encode_body(&event),
             ];
             // PUB is lossy by design; a follower that misses events resyncs.
-            let _ = ctx.events.send(frames);
+            if let Some(events) = &ctx.events {
+                let _ = events.send(frames);
+            }
         }
         Output::Artifact(op) => {
             let _ = ctx.artifacts.blocking_send(op);
@@ -558,6 +548,11 @@ fn artifact_loop(
                 offset,
                 data,
             } => {
+                // After the first failure (a full disk, say) the rest of the upload
+                // is skipped, and that first cause is the one reported.
+                if broken.contains_key(&(job_id, attempt)) {
+                    continue;
+                }
                 if let Err(e) = store.write(job_id, attempt, index, offset, &data) {
                     tracing::warn!(job = %job_id, attempt, "{e}");
                     broken.insert((job_id, attempt), e);

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use kiln_protocol::transport::{curve, CurveClient, CurveKeyPair, CurveServer, TransportKind};
 
-use crate::{invalid, is_loopback_endpoint, resolve_secret, ConfigError, KilnConfig};
+use crate::{invalid, is_loopback_endpoint, resolve_secret, ConfigError, KilnConfig, Table};
 
 /// The broker's CURVE servers: one key pair, and the keys each port lets in.
 #[derive(Debug, Clone)]
@@ -108,7 +108,7 @@ impl KilnConfig {
     }
 
     /// What `validated` checks about transports and keys.
-    pub(crate) fn validate_transport(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate_transport(&self, tables: &[Table]) -> Result<(), ConfigError> {
         // Key files are read when a program starts (they may be readable by that
         // program's user only); here only whether CURVE is on matters.
         let b = &self.broker;
@@ -135,7 +135,7 @@ impl KilnConfig {
                 );
             }
         }
-        if !broker_curve && !b.allow_insecure_network {
+        if tables.contains(&Table::Broker) && !broker_curve && !b.allow_insecure_network {
             for (key, ep) in [
                 ("broker.frontend", &b.frontend),
                 ("broker.backend", &b.backend),

@@ -190,6 +190,7 @@ mod tests {
             started_ms: None,
             finished_ms: None,
             history: vec![],
+            params: None,
         }
     }
 

@@ -16,9 +16,13 @@ mod clients;
 pub mod job;
 mod lifecycle;
 pub mod queue;
+mod recovery;
 pub mod registry;
+pub(crate) mod results;
+mod retention;
 #[cfg(test)]
 mod tests;
+mod timers;
 pub(crate) mod workers;
 
 use std::cmp::Reverse;
@@ -32,6 +36,7 @@ use kiln_protocol::{ArtifactMeta, Event, JobId, Limits, ProtocolError, Reply, Re
 pub use job::Job;
 pub use queue::{Queue, Requirements};
 pub use registry::{FleetRecord, PeerId, Registry, Worker, WorkerIdx};
+use timers::{Timer, TimerKind};
 
 /// The core's settings, derived from the broker config.
 #[derive(Debug, Clone)]
@@ -112,6 +117,10 @@ pub enum Input {
     /// The connection behind this routing id ended or was replaced: whatever it
     /// proved (`hello`, `register`) is void, so nobody inherits it by reusing the id.
     PeerGone { peer: PeerId, worker: bool },
+    /// The store stopped writing (`Some(cause)`, e.g. a full disk) or writes again
+    /// (`None`). While it cannot write, requests that change state are refused with
+    /// `unavailable` naming the cause; reads are answered.
+    StoreFault { cause: Option<String> },
     /// Time passed; run whatever is due.
     Tick,
 }
@@ -181,23 +190,6 @@ pub enum ArtifactOp {
     Delete { job_id: JobId },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum TimerKind {
-    QueueTimeout,
-    RunTimeout,
-    CancelGrace,
-}
-
-/// A deadline on one attempt of one job. Timers are never removed: when one fires
-/// it checks that its job is still in the situation it was set for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Timer {
-    at_ms: u64,
-    kind: TimerKind,
-    job_id: JobId,
-    attempt: u32,
-}
-
 /// A client connection the broker has let in.
 #[derive(Debug)]
 struct Session {
@@ -264,6 +256,8 @@ pub struct Core {
     stats: Stats,
     /// Scratch space of `dispatch`: which job classes the worker can run.
     runnable: Vec<bool>,
+    /// Why the store cannot write right now, if it cannot.
+    store_fault: Option<String>,
 }
 
 impl Core {
@@ -290,6 +284,7 @@ impl Core {
             next_session_sweep_ms: now_ms + 60_000,
             stats: Stats::default(),
             runnable: Vec::new(),
+            store_fault: None,
         }
     }
 
@@ -368,6 +363,7 @@ impl Core {
                     self.refused.remove(&peer);
                 }
             }
+            Input::StoreFault { cause } => self.store_fault = cause,
             Input::Tick => self.on_tick(now_ms, out),
         }
     }
@@ -406,15 +402,6 @@ impl Core {
             self.next_retention_ms = now_ms + self.cfg.retention_sweep_ms.max(1);
             self.apply_retention(now_ms, out);
         }
-    }
-
-    fn add_timer(&mut self, at_ms: u64, kind: TimerKind, job_id: JobId, attempt: u32) {
-        self.timers.push(Reverse(Timer {
-            at_ms,
-            kind,
-            job_id,
-            attempt,
-        }));
     }
 
     /// Interns a client name so that every job of a client shares one allocation.

@@ -2,4 +2,5 @@ pub mod demo;
 pub mod fleet;
 pub mod jobs;
 pub mod keys;
+pub mod man;
 pub mod up;

@@ -102,6 +102,19 @@ impl Backend for SimBackend {
             ));
         }
 
+        // Like a real generator, the simulator refuses what it does not have: it
+        // has models (sim.models) but no LoRAs and no workflow templates.
+        if let Some(lora) = spec.loras.first() {
+            return Err(invalid(format!(
+                "LoRA {:?} (loras[0]) is not installed on this sim worker (it has no LoRAs)",
+                lora.name
+            )));
+        }
+        if let Some(template) = &spec.template {
+            return Err(invalid(format!(
+                "template {template:?} is not installed on this sim worker (it has no templates)"
+            )));
+        }
         if let Some(model) = &spec.model {
             if !self.cfg.models.contains(model) {
                 return Err(invalid(format!(
