@@ -16,7 +16,13 @@ async fn phase(broker: &kiln_testkit::Broker, name: &str, state: &std::path::Pat
         .arg(state)
         .env("KILN_BROKER", &broker.frontend)
         .env("KILN_EVENTS", &broker.events)
-        .envs(broker.opts.client_token.as_ref().map(|t| ("KILN_TOKEN", t.as_str())))
+        .envs(
+            broker
+                .opts
+                .client_token
+                .as_ref()
+                .map(|t| ("KILN_TOKEN", t.as_str())),
+        )
         .output()
         .await
         .expect("python runs (scripts/test installs pyzmq and msgpack into .venv)");

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::{invalid, resolve_secret, ConfigError, Secret};
 
 /// Settings of the MCP gateway.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct McpConfig {
     /// Address of the streamable HTTP transport (`kiln-mcp --http` without an
@@ -23,9 +23,12 @@ pub struct McpConfig {
     /// Bearer token HTTP clients must present (`Authorization: Bearer …`). Also read
     /// from `token_file` or the systemd credential `kiln-mcp-token`.
     pub token: Option<Secret>,
+    /// A file holding `token`.
+    #[schemars(example = &"/etc/kiln/mcp-token")]
     pub token_file: Option<PathBuf>,
     /// `Host` header values accepted over HTTP (a guard against DNS rebinding). Empty
     /// means the loopback names `localhost`, `127.0.0.1` and `::1`.
+    #[schemars(example = ["gpu-box.lan:8765"])]
     pub allowed_hosts: Vec<String>,
     /// Browser origins accepted over HTTP, e.g. `https://app.example.com:443`. Empty
     /// means pages served from the machine itself (`localhost`, `127.0.0.1`,
@@ -33,9 +36,11 @@ pub struct McpConfig {
     pub allowed_origins: Vec<String>,
     /// Where the gateway keeps a copy of every output it returns, so a desktop
     /// assistant can name a file on disk. No copies when unset.
+    #[schemars(example = &"/var/lib/kiln/mcp-outputs")]
     pub output_dir: Option<PathBuf>,
     /// Directories `save_output` may write into and input images may be read from.
     /// Nothing outside them is ever touched; empty means no file access at all.
+    #[schemars(example = ["/srv/games/my-game/assets"])]
     pub allowed_roots: Vec<PathBuf>,
     /// Largest inline image content of one tool result, in bytes of base64. Bigger
     /// images are scaled down and re-encoded to fit; the full file stays available

@@ -48,7 +48,11 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let (cfg, _) = kiln_config::load_for_command_line(&args.config)?;
+    // Only the tables kiln-mcp reads: a broker-only key never stops the gateway.
+    let (cfg, _) = kiln_config::load_tables_for_command_line(
+        &args.config,
+        &[kiln_config::Table::Client, kiln_config::Table::Mcp],
+    )?;
     let roots = AllowedRoots::new(&cfg.mcp.allowed_roots).context("preparing mcp.allowed_roots")?;
     let client = Client::connect(client_options(&cfg)?);
     let gw = Arc::new(Gateway::new(client, cfg.mcp.clone(), roots));

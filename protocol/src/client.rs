@@ -20,7 +20,6 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, OnceCell};
 use tokio::time::Instant;
-use zeromq::{Socket, SocketRecv, SubSocket};
 
 use crate::error::{ErrorBody, ErrorCode};
 use crate::event::{Event, Topic};
@@ -28,7 +27,9 @@ use crate::frame::{self, check_header};
 use crate::ids::{ArtifactId, JobId};
 use crate::job::{JobSnapshot, JobSpec, JobState, ListFilter};
 use crate::request::*;
-use crate::socket::{Backoff, DealerConn, Incoming};
+use crate::transport::{
+    Backoff, ConnectOptions, CurveClient, Dealer, Incoming, Subscriber, TransportKind,
+};
 use crate::worker::{HealthReport, ModelInfo, WorkerInfo};
 
 /// Where the broker is and how to talk to it.
@@ -49,6 +50,10 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// How often [`Follow`] asks for a snapshot when no event arrives.
     pub resync_interval: Duration,
+    /// Which ZeroMQ implementation to use; it must match the broker's.
+    pub transport: TransportKind,
+    /// The broker's public key and ours, when the broker requires CURVE.
+    pub curve: Option<CurveClient>,
 }
 
 impl ClientOptions {
@@ -61,6 +66,8 @@ impl ClientOptions {
             request_timeout: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(3),
             resync_interval: Duration::from_secs(2),
+            transport: TransportKind::default(),
+            curve: None,
         }
     }
 }
@@ -77,6 +84,12 @@ pub enum ClientError {
         timeout: Duration,
         detail: String,
     },
+    /// Nothing answers at the endpoint (refused, unresolvable, unroutable, or not
+    /// an endpoint at all), and this client has never reached the broker: calls
+    /// fail at once instead of waiting out their timeout. A client that was
+    /// connected before keeps retrying instead, as the broker may be restarting.
+    #[error(transparent)]
+    Unreachable(#[from] crate::probe::Unreachable),
     #[error("the broker sent an unexpected reply: {0}")]
     Unexpected(String),
     #[error("artifact {id} failed its integrity check: expected sha256 {expected}, got {actual}")]
@@ -336,7 +349,7 @@ impl Client {
         let hub = self
             .inner
             .hub
-            .get_or_init(|| async { start_hub(self.inner.opts.events_endpoint.clone()) })
+            .get_or_init(|| async { start_hub(&self.inner.opts) })
             .await
             .clone();
         let (tx, rx) = mpsc::channel(1024);
@@ -404,7 +417,7 @@ async fn drive(
     welcome: Arc<Mutex<Option<Welcome>>>,
 ) {
     let mut pending: HashMap<u64, Call> = HashMap::new();
-    let mut conn: Option<DealerConn> = None;
+    let mut conn: Option<Dealer> = None;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut retry_at = Instant::now();
     let mut last_error = String::from("not connected yet");
@@ -441,10 +454,16 @@ async fn drive(
                 }
                 Err(e) => {
                     last_error = e.to_string();
-                    if let ClientError::Broker(body) = &e {
+                    let never_connected = welcome.lock().map_or(true, |w| w.is_none());
+                    let definitive = match &e {
                         // Refused (bad token): every waiting call gets the refusal.
+                        ClientError::Broker(_) => true,
+                        ClientError::Unreachable(_) => never_connected,
+                        _ => false,
+                    };
+                    if definitive {
                         for (_, call) in pending.drain() {
-                            let _ = call.reply.send(Err(ClientError::Broker(body.clone())));
+                            let _ = call.reply.send(Err(e.clone()));
                         }
                     }
                     retry_at = Instant::now() + backoff.next_delay();
@@ -467,6 +486,11 @@ async fn drive(
                 None => calls_open = false,
                 Some(call) => {
                     let req_id = call.request.req_id();
+                    if conn.is_none() && welcome.lock().map_or(true, |w| w.is_none()) {
+                        // Never connected: try now, so a broker that is down is
+                        // reported at once and one that just came up is used.
+                        retry_at = Instant::now();
+                    }
                     if let Some(c) = conn.as_mut() {
                         if let Err(e) = c.send(frame::encode(&call.request)).await {
                             last_error = format!("send failed: {e}");
@@ -514,7 +538,7 @@ async fn drive(
     }
 }
 
-async fn next_incoming(conn: &mut Option<DealerConn>) -> Incoming {
+async fn next_incoming(conn: &mut Option<Dealer>) -> Incoming {
     match conn {
         Some(c) => c.next().await,
         None => std::future::pending().await,
@@ -539,13 +563,14 @@ fn expire(pending: &mut HashMap<u64, Call>, now: Instant, opts: &ClientOptions, 
 }
 
 /// Connects a fresh DEALER and introduces the client with `hello`.
-async fn connect_and_hello(opts: &ClientOptions) -> Result<(DealerConn, Welcome), ClientError> {
+async fn connect_and_hello(opts: &ClientOptions) -> Result<(Dealer, Welcome), ClientError> {
     let timeout = |detail: String| ClientError::Timeout {
         endpoint: opts.endpoint.clone(),
         timeout: opts.connect_timeout,
         detail,
     };
-    let mut conn = DealerConn::connect(&opts.endpoint, None, opts.connect_timeout)
+    crate::probe::probe(&opts.endpoint, opts.connect_timeout).await?;
+    let mut conn = Dealer::connect(opts.transport, &opts.endpoint, connect_options(opts))
         .await
         .map_err(|e| timeout(format!("connect failed: {e}")))?;
     let hello = Request::Hello(Hello {
@@ -590,6 +615,15 @@ async fn connect_and_hello(opts: &ClientOptions) -> Result<(DealerConn, Welcome)
     }
 }
 
+fn connect_options(opts: &ClientOptions) -> ConnectOptions {
+    ConnectOptions {
+        identity: None,
+        connect_timeout: opts.connect_timeout,
+        curve: opts.curve.clone(),
+        ..ConnectOptions::default()
+    }
+}
+
 enum HubCommand {
     Subscribe {
         id: u64,
@@ -621,15 +655,25 @@ impl Drop for EventStream {
     }
 }
 
-fn start_hub(endpoint: String) -> mpsc::UnboundedSender<HubCommand> {
+fn start_hub(opts: &ClientOptions) -> mpsc::UnboundedSender<HubCommand> {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run_hub(endpoint, rx));
+    tokio::spawn(run_hub(
+        opts.transport,
+        opts.events_endpoint.clone(),
+        connect_options(opts),
+        rx,
+    ));
     tx
 }
 
 /// Owns the SUB socket (which, unlike DEALER, reconnects by itself) and fans events
 /// out to subscribers by topic prefix.
-async fn run_hub(endpoint: String, mut commands: mpsc::UnboundedReceiver<HubCommand>) {
+async fn run_hub(
+    kind: TransportKind,
+    endpoint: String,
+    copts: ConnectOptions,
+    mut commands: mpsc::UnboundedReceiver<HubCommand>,
+) {
     if endpoint.is_empty() {
         // No events port: subscriptions are accepted and stay silent, so `follow`
         // keeps the job current from `get` snapshots alone.
@@ -647,25 +691,23 @@ async fn run_hub(endpoint: String, mut commands: mpsc::UnboundedReceiver<HubComm
         }
         return;
     }
-    struct Subscriber {
+    struct Listener {
         id: u64,
         prefix: String,
         events: mpsc::Sender<Event>,
     }
-    let mut subscribers: Vec<Subscriber> = Vec::new();
+    let mut subscribers: Vec<Listener> = Vec::new();
     let mut early: Vec<HubCommand> = Vec::new();
-    let mut sub = SubSocket::new();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     // Subscriptions made while connecting are applied once connected; their callers
     // are released at once and rely on snapshots meanwhile.
-    loop {
+    let mut sub = loop {
         tokio::select! {
-            res = sub.connect(&endpoint) => match res {
-                Ok(()) => break,
+            res = Subscriber::connect(kind, &endpoint, copts.clone()) => match res {
+                Ok(sub) => break sub,
                 Err(e) => {
                     tracing::debug!(error = %e, %endpoint, "event socket connect failed; retrying");
                     tokio::time::sleep(backoff.next_delay()).await;
-                    sub = SubSocket::new();
                 }
             },
             cmd = commands.recv() => match cmd {
@@ -677,7 +719,7 @@ async fn run_hub(endpoint: String, mut commands: mpsc::UnboundedReceiver<HubComm
                 Some(other) => early.push(other),
             },
         }
-    }
+    };
 
     let mut counts: HashMap<String, usize> = HashMap::new();
     let mut pending_cmds: std::collections::VecDeque<HubCommand> = early.into();
@@ -691,8 +733,8 @@ async fn run_hub(endpoint: String, mut commands: mpsc::UnboundedReceiver<HubComm
                         Some(c) => Some(c),
                     },
                     msg = sub.recv() => {
-                        if let Ok(msg) = msg {
-                            dispatch(&msg.into_vec(), &subscribers);
+                        if let Ok(frames) = msg {
+                            dispatch(&frames, &subscribers);
                         }
                         None
                     }
@@ -713,7 +755,7 @@ async fn run_hub(endpoint: String, mut commands: mpsc::UnboundedReceiver<HubComm
                     }
                 }
                 *count += 1;
-                subscribers.push(Subscriber { id, prefix, events });
+                subscribers.push(Listener { id, prefix, events });
                 let _ = done.send(());
             }
             Some(HubCommand::Unsubscribe { id }) => {
@@ -732,7 +774,7 @@ async fn run_hub(endpoint: String, mut commands: mpsc::UnboundedReceiver<HubComm
         }
     }
 
-    fn dispatch(frames: &[Bytes], subscribers: &[Subscriber]) {
+    fn dispatch(frames: &[Bytes], subscribers: &[Listener]) {
         if frames.len() != 3 || check_header(&frames[1]).is_err() {
             return;
         }

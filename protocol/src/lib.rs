@@ -18,9 +18,10 @@ pub mod ids;
 pub mod job;
 pub mod limits;
 pub mod params;
+pub mod probe;
 pub mod request;
-pub mod socket;
 pub mod strict;
+pub mod transport;
 pub mod worker;
 
 pub use client::{Client, ClientError, ClientOptions, Follow};
@@ -30,6 +31,7 @@ pub use frame::{WireMessage, PROTOCOL_TAG};
 pub use ids::{ArtifactId, IdError, JobId};
 pub use job::*;
 pub use limits::Limits;
+pub use probe::Unreachable;
 pub use request::{Reply, Request};
 pub use worker::{BrokerMessage, WorkerMessage};
 

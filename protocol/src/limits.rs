@@ -12,7 +12,7 @@ use crate::error::ProtocolError;
 /// `welcome` reply tells clients the values in force. Unknown keys are ignored (a
 /// newer broker may announce a limit an older client does not know) and absent ones
 /// take their defaults.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default)]
 pub struct Limits {
     /// Largest body of any message, in bytes (input images travel inside `submit`).

@@ -84,7 +84,11 @@ impl Core {
     ) {
         let req_id = request.req_id();
         if !self.sessions.contains_key(&peer) {
-            if self.refused.contains(&peer) {
+            // A refused connection stays quiet until it says `hello`; a `hello` is
+            // always judged, so a peer refused once (say, by a broker that had
+            // just restarted) can authenticate later.
+            let hello = matches!(request, Request::Hello(_));
+            if self.refused.contains(&peer) && !hello {
                 self.stats.protocol_errors += 1;
                 return;
             }
@@ -98,6 +102,7 @@ impl Core {
                 self.refuse(peer, Some(req_id), out);
                 return;
             }
+            self.refused.remove(&peer);
             let name = default_client_name(&peer);
             let name = self.client_name(&name);
             self.sessions.insert(

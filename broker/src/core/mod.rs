@@ -117,6 +117,9 @@ pub enum Input {
     /// Messages to this peer could not be delivered (its queue is full or it is
     /// gone).
     PeerUnreachable { peer: PeerId, worker: bool },
+    /// The connection behind this routing id ended or was replaced: whatever it
+    /// proved (`hello`, `register`) is void, so nobody inherits it by reusing the id.
+    PeerGone { peer: PeerId, worker: bool },
     /// The store stopped writing (`Some(cause)`, e.g. a full disk) or writes again
     /// (`None`). While it cannot write, requests that change state are refused with
     /// `unavailable` naming the cause; reads are answered.
@@ -350,6 +353,18 @@ impl Core {
                     }
                 } else {
                     self.sessions.remove(&peer);
+                }
+            }
+            Input::PeerGone { peer, worker } => {
+                if worker {
+                    // Its job stays until it registers again or its heartbeats
+                    // lapse: a worker that reconnects keeps what it runs.
+                    if let Some(idx) = self.workers.by_peer(&peer) {
+                        self.workers.detach_peer(idx);
+                    }
+                } else {
+                    self.sessions.remove(&peer);
+                    self.refused.remove(&peer);
                 }
             }
             Input::StoreFault { cause } => self.store_fault = cause,
