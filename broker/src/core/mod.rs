@@ -15,6 +15,7 @@
 mod clients;
 pub mod job;
 mod lifecycle;
+mod params_check;
 pub mod queue;
 mod recovery;
 pub mod registry;
@@ -22,6 +23,8 @@ pub(crate) mod results;
 mod retention;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_contract;
 mod timers;
 pub(crate) mod workers;
 
@@ -114,6 +117,9 @@ pub enum Input {
     /// Messages to this peer could not be delivered (its queue is full or it is
     /// gone).
     PeerUnreachable { peer: PeerId, worker: bool },
+    /// The connection behind this routing id ended or was replaced: whatever it
+    /// proved (`hello`, `register`) is void, so nobody inherits it by reusing the id.
+    PeerGone { peer: PeerId, worker: bool },
     /// The store stopped writing (`Some(cause)`, e.g. a full disk) or writes again
     /// (`None`). While it cannot write, requests that change state are refused with
     /// `unavailable` naming the cause; reads are answered.
@@ -234,7 +240,8 @@ pub struct Core {
     jobs: HashMap<JobId, Box<Job>, BuildHasherDefault<IdHasher>>,
     queue: Queue,
     workers: Registry,
-    idempotency: HashMap<String, JobId>,
+    /// Idempotency keys belong to a client: (client name, key) to the job.
+    idempotency: HashMap<(Arc<str>, String), JobId>,
     sessions: HashMap<PeerId, Session>,
     refused: HashSet<PeerId>,
     client_names: HashMap<String, Arc<str>>,
@@ -346,6 +353,18 @@ impl Core {
                     }
                 } else {
                     self.sessions.remove(&peer);
+                }
+            }
+            Input::PeerGone { peer, worker } => {
+                if worker {
+                    // Its job stays until it registers again or its heartbeats
+                    // lapse: a worker that reconnects keeps what it runs.
+                    if let Some(idx) = self.workers.by_peer(&peer) {
+                        self.workers.detach_peer(idx);
+                    }
+                } else {
+                    self.sessions.remove(&peer);
+                    self.refused.remove(&peer);
                 }
             }
             Input::StoreFault { cause } => {
