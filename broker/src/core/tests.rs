@@ -750,17 +750,29 @@ fn tokens_gate_clients_and_workers() {
         }),
     );
     assert_eq!(error_code(&out), Some(ErrorCode::Unauthenticated));
-    // One error, then nothing at all.
+    // One error, then nothing for anything but a `hello`.
+    let out = sim.request(
+        "stranger",
+        Request::Submit(Submit {
+            req_id: 2,
+            job: spec(),
+        }),
+    );
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(sim.core.jobs_len(), 0);
+    // A refused connection may still log in: its `hello` is judged like any other.
     let out = sim.request(
         "stranger",
         Request::Hello(Hello {
-            req_id: 2,
+            req_id: 3,
             token: Some("c-token".into()),
             client: None,
         }),
     );
-    assert!(out.is_empty());
-    assert_eq!(sim.core.jobs_len(), 0);
+    assert!(
+        matches!(&out[..], [Output::Reply { reply: Reply::Welcome(_), .. }]),
+        "{out:?}"
+    );
 
     let out = sim.request(
         "friend",
