@@ -175,10 +175,12 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_loses_no_accepted_job() {
     let ids: Vec<JobId> = {
         let mut ids = Vec::new();
         for key in &keys {
+            // The same spec as the first submit, or the key would be a conflict.
+            let steps = if key == "long" { 100 } else { 2 };
             let id = eventually("the submit to be taken", Duration::from_secs(30), || {
                 let client = client.clone();
                 let key = key.clone();
-                async move { client.submit(job(&key, 2)).await.ok().map(|a| a.job_id) }
+                async move { client.submit(job(&key, steps)).await.ok().map(|a| a.job_id) }
             })
             .await;
             ids.push(id);
