@@ -770,7 +770,13 @@ fn tokens_gate_clients_and_workers() {
         }),
     );
     assert!(
-        matches!(&out[..], [Output::Reply { reply: Reply::Welcome(_), .. }]),
+        matches!(
+            &out[..],
+            [Output::Reply {
+                reply: Reply::Welcome(_),
+                ..
+            }]
+        ),
         "{out:?}"
     );
 
