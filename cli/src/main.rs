@@ -152,7 +152,11 @@ enum KeysCommand {
     /// Write a new CURVE key pair: NAME.key (public, give it to the peers that
     /// must accept this one) and NAME.key_secret (mode 0600), in the certificate
     /// format pyzmq's zmq.auth.load_certificate reads.
-    Generate { name: std::path::PathBuf },
+    Generate {
+        /// The path of the pair without its extension: writes NAME.key and
+        /// NAME.key_secret (e.g. `/etc/kiln/broker`).
+        name: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
