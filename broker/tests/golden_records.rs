@@ -6,6 +6,10 @@
 //!
 //! The records are made by driving the real core with a fixed clock, so they are
 //! byte-for-byte reproducible. `KILN_BLESS=1` rewrites `current/`.
+//!
+//! The job state record has two encodings (broker/src/core/record.rs): `current/`
+//! holds the positional one (version 2) written now, and `0.1.0-dc6b6c9/` the named
+//! map (version 1) that every release before it wrote, for the same job.
 
 use std::path::{Path, PathBuf};
 
@@ -157,4 +161,41 @@ fn records_of_every_release_still_load() {
         }
     }
     assert!(seen >= 1, "no golden job records found");
+}
+
+/// The same job stored by the release before the positional encoding (named,
+/// version 1) and by this one (positional, version 2) loads as the same job, and
+/// this version writes it back positionally, byte for byte.
+#[test]
+fn the_named_and_the_positional_record_of_one_job_load_alike() {
+    if std::env::var_os("KILN_BLESS").is_some() {
+        return;
+    }
+    let read = |release: &str, n: &str| std::fs::read(dir().join(release).join(n)).unwrap();
+    let spec = read("current", "record.spec.msgpack");
+    let named = read("0.1.0-dc6b6c9", "record.job.msgpack");
+    let positional = read("current", "record.job.msgpack");
+    assert!(
+        (0x80..=0x8f).contains(&named[0]),
+        "the old record is a msgpack map"
+    );
+    assert_eq!(positional[0] & 0xf0, 0x90, "the new record is a msgpack array");
+    assert_eq!(positional[1], 2, "of version 2");
+    assert!(
+        positional.len() * 2 < named.len(),
+        "{} bytes positional, {} named",
+        positional.len(),
+        named.len()
+    );
+    let old = Job::from_records(&named, &spec).unwrap();
+    let new = Job::from_records(&positional, &spec).unwrap();
+    // Every stored field, compared through the named encoding of the whole job.
+    assert_eq!(
+        rmp_serde::to_vec_named(&old).unwrap(),
+        rmp_serde::to_vec_named(&new).unwrap()
+    );
+    assert_eq!(new.history.len(), 2);
+    assert_eq!(new.worker.as_deref(), Some("box1-gpu0"));
+    assert_eq!(old.state_record(), positional);
+    assert_eq!(new.state_record(), positional);
 }

@@ -260,42 +260,17 @@ impl Core {
             .queue_timeout_s
             .unwrap_or(self.cfg.default_queue_timeout_s);
         let queue_deadline_ms = (queue_timeout > 0).then(|| now_ms + queue_timeout as u64 * 1000);
+        let max_attempts = spec.attempts_allowed(self.cfg.default_max_attempts) as u32;
         if let Some(key) = &spec.idempotency_key {
             self.idempotency.insert((client.clone(), key.clone()), id);
         }
-        let job = Job {
-            id,
-            max_attempts: spec.attempts_allowed(self.cfg.default_max_attempts) as u32,
-            min_vram_mb: req.min_vram_mb,
-            spec: std::sync::Arc::new(spec),
-            client,
-            state: JobState::Queued,
-            attempt: 0,
-            worker: None,
-            gpu: None,
-            seq: self.seq_floor,
-            error: None,
-            artifacts: Vec::new(),
-            info: Default::default(),
-            cancel_requested: false,
-            created_ms: now_ms,
-            started_ms: None,
-            finished_ms: None,
-            enqueue_seq,
-            history: Vec::new(),
-            queue_deadline_ms,
-            run_deadline_ms: None,
-            degrade: 0,
-            refusals: 0,
-            tries: 0,
-            attempt_reserve: 0,
-            attempt_floor: 0,
-            progress: None,
-            slot: None,
-            class: 0,
-            finalizing: false,
-            uploads: Vec::new(),
-        };
+        let mut job = Job::new(id, std::sync::Arc::new(spec), client);
+        job.max_attempts = max_attempts;
+        job.min_vram_mb = req.min_vram_mb;
+        job.seq = self.seq_floor;
+        job.created_ms = now_ms;
+        job.enqueue_seq = enqueue_seq;
+        job.queue_deadline_ms = queue_deadline_ms;
         if self.cfg.persist {
             out.push(Output::Persist(Record::Spec {
                 id,

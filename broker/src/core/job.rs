@@ -1,5 +1,7 @@
 //! A job as the broker keeps it: the client's spec plus everything that happened.
-//! The serialized form is the durable record; fields marked `skip` are rebuilt.
+//! The durable state record is written positionally by [`super::record`]; the
+//! serde form (fields marked `skip` are rebuilt) is the named record of earlier
+//! releases, still read.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -104,9 +106,47 @@ impl Job {
         self.tries.saturating_sub(self.refusals)
     }
 
-    /// The state record of the job.
+    /// A queued job with nothing happened yet: the start of a submitted job and
+    /// of a decoded state record.
+    pub fn new(id: JobId, spec: Arc<JobSpec>, client: Arc<str>) -> Job {
+        Job {
+            id,
+            spec,
+            client,
+            state: JobState::Queued,
+            attempt: 0,
+            max_attempts: 0,
+            worker: None,
+            gpu: None,
+            seq: 0,
+            error: None,
+            artifacts: Vec::new(),
+            info: Map::new(),
+            cancel_requested: false,
+            created_ms: 0,
+            started_ms: None,
+            finished_ms: None,
+            enqueue_seq: 0,
+            min_vram_mb: 0,
+            history: Vec::new(),
+            queue_deadline_ms: None,
+            run_deadline_ms: None,
+            degrade: 0,
+            refusals: 0,
+            tries: 0,
+            attempt_reserve: 0,
+            attempt_floor: 0,
+            progress: None,
+            slot: None,
+            class: 0,
+            finalizing: false,
+            uploads: Vec::new(),
+        }
+    }
+
+    /// The state record of the job, in the positional encoding ([`super::record`]).
     pub fn state_record(&self) -> Vec<u8> {
-        rmp_serde::to_vec_named(self).expect("job records encode")
+        super::record::encode(self)
     }
 
     /// The spec record of the job.
@@ -114,11 +154,10 @@ impl Job {
         rmp_serde::to_vec_named(&*self.spec).expect("job specs encode")
     }
 
-    /// Rebuilds a job from its two stored records.
-    pub fn from_records(state: &[u8], spec: &[u8]) -> Result<Job, rmp_serde::decode::Error> {
-        let mut job: Job = rmp_serde::from_slice(state)?;
-        job.spec = Arc::new(rmp_serde::from_slice(spec)?);
-        Ok(job)
+    /// Rebuilds a job from its two stored records; the state record may be of any
+    /// version this broker reads ([`super::record`]).
+    pub fn from_records(state: &[u8], spec: &[u8]) -> Result<Job, super::record::RecordError> {
+        super::record::decode(state, spec)
     }
 
     pub fn record(&mut self, at_ms: u64, note: Cow<'static, str>) {

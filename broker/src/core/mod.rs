@@ -17,6 +17,7 @@ pub mod job;
 mod lifecycle;
 mod params_check;
 pub mod queue;
+pub mod record;
 mod recovery;
 pub mod registry;
 pub(crate) mod results;

@@ -55,10 +55,16 @@ pub struct Fake {
 
 impl Fake {
     pub async fn start(s: &Scratch, version: &str) -> Fake {
+        Fake::start_with(s, version, &[]).await
+    }
+
+    /// A fake with more arguments, e.g. `["--step-ms", "3"]` (the last one wins).
+    pub async fn start_with(s: &Scratch, version: &str, extra: &[&str]) -> Fake {
         let port = free_port();
         let dir = s.path().join(format!("comfyui-{port}"));
         std::fs::create_dir_all(&dir).unwrap();
         let mut args = fake_args(&dir, version);
+        args.extend(extra.iter().map(|a| a.to_string()));
         args.extend(["--port".into(), port.to_string()]);
         let proc = Proc::spawn("fake ComfyUI", &python(), &args, &[], dir.join("fake.log"));
         let fake = Fake {
