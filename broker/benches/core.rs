@@ -3,7 +3,9 @@
 //! Prints submit throughput, scheduling decisions per second (a worker reports a
 //! result and the core picks and assigns its next job: fairness, classes,
 //! affinity, events and records included) and the memory a queued job costs
-//! beyond its parameters, measured with a counting allocator.
+//! beyond its parameters, measured with a counting allocator. Three runs: no
+//! records (the in-memory broker), state records in the named encoding of earlier
+//! releases (the baseline), and in the positional encoding written now.
 //!
 //!     cargo bench -p kiln-broker --bench core
 //!     KILN_BENCH_JOBS=100000 cargo bench -p kiln-broker --bench core   (quicker)
@@ -133,9 +135,20 @@ fn assigned(out: &[Output]) -> impl Iterator<Item = (Bytes, JobId, u32)> + '_ {
     })
 }
 
-fn run(persist: bool, workers: usize, jobs: u64) {
+/// Whether and how the core encodes job state records.
+#[derive(Clone, Copy)]
+enum Records {
+    Off,
+    /// Version 1, the named msgpack map of earlier releases: the baseline.
+    Named,
+    /// Version 2, positional: what the durable broker writes now.
+    Positional,
+}
+
+fn run(records: Records, workers: usize, jobs: u64) {
     let cfg = CoreConfig {
-        persist,
+        persist: !matches!(records, Records::Off),
+        named_records: matches!(records, Records::Named),
         ..CoreConfig::default()
     };
     let mut core = Core::new(cfg, 0);
@@ -224,7 +237,11 @@ fn run(persist: bool, workers: usize, jobs: u64) {
     let decide_secs = t.elapsed().as_secs_f64();
     println!(
         "core (records {}): {workers} workers, {jobs} queued jobs",
-        if persist { "encoded" } else { "off" }
+        match records {
+            Records::Off => "off",
+            Records::Named => "encoded named, version 1",
+            Records::Positional => "encoded positional, version 2",
+        }
     );
     println!("  submit       {:>10.0} jobs/s", jobs as f64 / submit_secs);
     println!(
@@ -246,6 +263,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000);
-    run(false, workers, jobs);
-    run(true, workers, jobs);
+    run(Records::Off, workers, jobs);
+    run(Records::Named, workers, jobs);
+    run(Records::Positional, workers, jobs);
 }

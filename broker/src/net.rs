@@ -78,6 +78,7 @@ impl BrokerSettings {
             client_token: cfg.broker_client_token()?.map(|s| s.expose().to_string()),
             worker_token: cfg.broker_worker_token()?.map(|s| s.expose().to_string()),
             persist: b.durable,
+            named_records: b.named_state_records,
             retention_max_age_ms: b.retention.max_age_s * 1000,
             retention_max_bytes: b.retention.max_artifact_bytes,
             retention_sweep_ms: b.retention.sweep_interval_s.max(1) * 1000,

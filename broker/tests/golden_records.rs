@@ -25,8 +25,14 @@ fn dir() -> PathBuf {
 
 /// The spec, state and worker records of one job submitted to a durable core.
 fn records() -> Vec<(&'static str, Vec<u8>)> {
+    records_with(false)
+}
+
+/// [`records`], with the state record in the named encoding when `named`.
+fn records_with(named: bool) -> Vec<(&'static str, Vec<u8>)> {
     let cfg = CoreConfig {
         persist: true,
+        named_records: named,
         ..CoreConfig::default()
     };
     let now = 1_700_000_000_000;
@@ -190,12 +196,26 @@ fn the_named_and_the_positional_record_of_one_job_load_alike() {
     let old = Job::from_records(&named, &spec).unwrap();
     let new = Job::from_records(&positional, &spec).unwrap();
     // Every stored field, compared through the named encoding of the whole job.
-    assert_eq!(
-        rmp_serde::to_vec_named(&old).unwrap(),
-        rmp_serde::to_vec_named(&new).unwrap()
-    );
+    assert_eq!(old.named_state_record(), new.named_state_record());
+    assert_eq!(old.named_state_record(), named);
     assert_eq!(new.history.len(), 2);
     assert_eq!(new.worker.as_deref(), Some("box1-gpu0"));
     assert_eq!(old.state_record(), positional);
     assert_eq!(new.state_record(), positional);
+}
+
+/// `broker.named_state_records` (for a rollback to a release before the
+/// positional encoding) makes the core write exactly what those releases wrote.
+#[test]
+fn a_core_told_to_write_named_records_writes_the_old_release_bytes() {
+    if std::env::var_os("KILN_BLESS").is_some() {
+        return;
+    }
+    let named = records_with(true);
+    let (_, job) = named
+        .iter()
+        .find(|(n, _)| *n == "record.job.msgpack")
+        .unwrap();
+    let old = std::fs::read(dir().join("0.1.0-dc6b6c9/record.job.msgpack")).unwrap();
+    assert!(*job == old, "the named record is the old release's, byte for byte");
 }

@@ -77,6 +77,11 @@ pub struct BrokerConfig {
     /// Keep jobs in a redb store and reply `accepted` only after commit. `false` keeps
     /// everything in memory (benchmarks, throwaway demos).
     pub durable: bool,
+    /// Write job state records in the named encoding (version 1) of the releases
+    /// before the positional one (version 2), which those releases can read. Set it
+    /// before an upgrade when a rollback to such a release must stay possible; every
+    /// release since reads both encodings.
+    pub named_state_records: bool,
     /// Interval of the broker's heartbeats to workers, in milliseconds.
     pub heartbeat_ms: u64,
     /// Missed heartbeats after which a worker is declared dead and its job requeued.
@@ -144,6 +149,7 @@ impl Default for BrokerConfig {
             events: "tcp://127.0.0.1:5557".into(),
             state_dir: default_state_dir(),
             durable: true,
+            named_state_records: false,
             heartbeat_ms: kiln_protocol::HEARTBEAT_INTERVAL_MS,
             liveness: kiln_protocol::HEARTBEAT_LIVENESS,
             default_max_attempts: 3,

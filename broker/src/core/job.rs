@@ -149,6 +149,11 @@ impl Job {
         super::record::encode(self)
     }
 
+    /// The state record in the named encoding of earlier releases (version 1).
+    pub fn named_state_record(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("job records encode")
+    }
+
     /// The spec record of the job.
     pub fn spec_record(&self) -> Vec<u8> {
         rmp_serde::to_vec_named(&*self.spec).expect("job specs encode")

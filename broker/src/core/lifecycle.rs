@@ -55,7 +55,7 @@ impl Core {
         note: Cow<'static, str>,
         out: &mut Vec<Output>,
     ) {
-        let persist = self.cfg.persist;
+        let (persist, named) = (self.cfg.persist, self.cfg.named_records);
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
@@ -64,7 +64,11 @@ impl Core {
             job.attempt_reserve = job.attempt + ATTEMPT_RESERVE;
             out.push(Output::Persist(Record::Job {
                 id,
-                bytes: job.state_record(),
+                bytes: if named {
+                    job.named_state_record()
+                } else {
+                    job.state_record()
+                },
             }));
         }
         out.push(Output::Publish(Event::JobState(JobStateEvent {

@@ -59,6 +59,11 @@ pub struct CoreConfig {
     pub worker_token: Option<String>,
     /// Emit [`Record`]s for a store. Off for the in-memory broker and benchmarks.
     pub persist: bool,
+    /// Write job state records in the named encoding (version 1) of the releases
+    /// before the positional one, which those releases can read back
+    /// (`broker.named_state_records`, for a rollback across that change); the core
+    /// bench's baseline. See [`record`].
+    pub named_records: bool,
     /// Finished jobs older than this are removed (0 = never).
     pub retention_max_age_ms: u64,
     /// Oldest finished jobs are removed while artifacts exceed this (0 = no limit).
@@ -80,6 +85,7 @@ impl Default for CoreConfig {
             client_token: None,
             worker_token: None,
             persist: false,
+            named_records: false,
             retention_max_age_ms: 0,
             retention_max_bytes: 0,
             retention_sweep_ms: 60_000,

@@ -449,7 +449,7 @@ mod tests {
     /// The named encoding of every stored field: two jobs with equal named
     /// records are equal as far as the store is concerned.
     fn named(j: &Job) -> Vec<u8> {
-        rmp_serde::to_vec_named(j).unwrap()
+        j.named_state_record()
     }
 
     #[test]
