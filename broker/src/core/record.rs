@@ -72,9 +72,9 @@ pub enum RecordError {
     Spec(rmp_serde::decode::Error),
     #[error("the state record is neither a msgpack map (version 1) nor an array (version 2 and later); first byte {0:#04x}")]
     Shape(u8),
-    #[error("state record version {0} is not one this broker reads (1 and {POSITIONAL}); it was written by a later release")]
+    #[error("state record version {0} is not one this broker reads (1 and {v}); it was written by a later release", v = POSITIONAL)]
     Version(u64),
-    #[error("the version {POSITIONAL} state record has {0} fields; at least {n} expected", n = FIELDS.len() + 1)]
+    #[error("the version {v} state record has {0} fields; at least {n} expected", v = POSITIONAL, n = FIELDS.len() + 1)]
     Short(u32),
     #[error("field `{field}` of the state record: {reason}")]
     Field { field: &'static str, reason: String },
@@ -282,7 +282,7 @@ struct Dec<'a> {
     at: usize,
 }
 
-impl Dec<'_> {
+impl<'a> Dec<'a> {
     /// Moves on to the next top-level field.
     fn next(&mut self) -> &mut Self {
         self.at += 1;
@@ -346,7 +346,7 @@ impl Dec<'_> {
         }
     }
 
-    fn str(&mut self) -> Result<&str, RecordError> {
+    fn str(&mut self) -> Result<&'a str, RecordError> {
         let len = rmp::decode::read_str_len(&mut self.rd).map_err(|e| self.err(e))? as usize;
         if self.rd.len() < len {
             return Err(self.err("the record ends inside a string"));
