@@ -14,7 +14,9 @@
 //! It prints the wall times, their ratio (Kiln over direct), and the idle gap the
 //! generator saw between the end of one prompt and the start of the next, p50 and
 //! p99, from the fake's own record of when each prompt started and ended executing
-//! (`GET /fake/timings`). Each prompt differs (the colour of its first node), so
+//! (`GET /fake/timings`), with the HTTP requests the client made inside those
+//! gaps (when, after the previous prompt ended, and how long each took): the
+//! profile of the gap as the generator sees it. Each prompt differs (the colour of its first node), so
 //! ComfyUI's node cache does not skip any work.
 //!
 //!     cargo build --release --bins && cargo bench -p kiln-worker --bench comfyui_overhead
@@ -53,8 +55,7 @@ struct Phase {
     name: String,
     wall: Duration,
     /// From the fake: how long each prompt executed, and the gaps between them.
-    exec: Vec<Duration>,
-    gaps: Vec<Duration>,
+    seen: Seen,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -68,10 +69,18 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// The fake's record of every prompt it executed, in order.
-async fn timings(fake: &Fake, jobs: u64) -> (Vec<Duration>, Vec<Duration>) {
+/// What the generator saw: each prompt's execution, the idle gaps between them,
+/// and what the client asked over HTTP inside those gaps.
+struct Seen {
+    exec: Vec<Duration>,
+    gaps: Vec<Duration>,
+    profile: Vec<String>,
+}
+
+/// The fake's record of every prompt it executed, in order, and of every request.
+async fn timings(fake: &Fake, jobs: u64) -> Seen {
     let t = fake.get("/fake/timings").await.expect("the fake's timings");
-    let spans: Vec<(u64, u64)> = t
+    let spans: Vec<(u64, u64)> = t["prompts"]
         .as_array()
         .unwrap()
         .iter()
@@ -96,7 +105,59 @@ async fn timings(fake: &Fake, jobs: u64) -> (Vec<Duration>, Vec<Duration>) {
         .map(|w| Duration::from_nanos(w[1].0.saturating_sub(w[0].1)))
         .collect();
     gaps.sort();
-    (exec, gaps)
+    // The requests that arrived inside a gap: when (after the previous prompt
+    // ended) and for how long, per kind of request.
+    let requests: Vec<(u64, u64, String)> = t["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let path = r[3].as_str().unwrap();
+            let path = path.strip_prefix("/api").unwrap_or(path);
+            let first = path.split('/').nth(1).unwrap_or("");
+            (
+                r[0].as_u64().unwrap(),
+                r[1].as_u64().unwrap(),
+                format!("{} /{first}", r[2].as_str().unwrap()),
+            )
+        })
+        .collect();
+    let mut kinds: std::collections::BTreeMap<String, (Vec<Duration>, Vec<Duration>)> =
+        Default::default();
+    for w in spans.windows(2) {
+        let (from, to) = (w[0].1, w[1].0);
+        for (arrived, answered, kind) in &requests {
+            if *arrived >= from && *arrived <= to {
+                let e = kinds.entry(kind.clone()).or_default();
+                e.0.push(Duration::from_nanos(arrived - from));
+                e.1.push(Duration::from_nanos(answered.saturating_sub(*arrived)));
+            }
+        }
+    }
+    let gap_count = spans.len().saturating_sub(1).max(1);
+    let mut profile: Vec<(Duration, String)> = kinds
+        .into_iter()
+        .map(|(kind, (mut at, mut took))| {
+            at.sort();
+            took.sort();
+            let at50 = percentile(&at, 0.5);
+            (
+                at50,
+                format!(
+                    "{kind} ({:.2} per gap) at +{:.2} ms, answered in {:.2} ms",
+                    at.len() as f64 / gap_count as f64,
+                    ms(at50),
+                    ms(percentile(&took, 0.5))
+                ),
+            )
+        })
+        .collect();
+    profile.sort();
+    Seen {
+        exec,
+        gaps,
+        profile: profile.into_iter().map(|(_, p)| p).collect(),
+    }
 }
 
 async fn direct(s: &Scratch, jobs: u64) -> Phase {
@@ -132,12 +193,10 @@ async fn direct(s: &Scratch, jobs: u64) -> Phase {
         }
     }
     let wall = t.elapsed();
-    let (exec, gaps) = timings(&fake, jobs).await;
     Phase {
         name: "direct to ComfyUI's queue".into(),
         wall,
-        exec,
-        gaps,
+        seen: timings(&fake, jobs).await,
     }
 }
 
@@ -167,22 +226,21 @@ async fn through_kiln(s: &Scratch, jobs: u64, depth: Option<u32>) -> Phase {
         assert_eq!(done.state, JobState::Succeeded, "{id}: {:?}", done.error);
     }
     let wall = t.elapsed();
-    let (exec, gaps) = timings(&fake, jobs).await;
     Phase {
         name: format!(
             "Kiln, 1 worker, pipeline_depth {}",
             depth.map_or("default".into(), |d| d.to_string())
         ),
         wall,
-        exec,
-        gaps,
+        seen: timings(&fake, jobs).await,
     }
 }
 
 fn print(p: &Phase, direct: Option<&Phase>) {
-    let mut exec = p.exec.clone();
+    let mut exec = p.seen.exec.clone();
     exec.sort();
-    let busy: Duration = p.exec.iter().sum();
+    let busy: Duration = exec.iter().sum();
+    let gaps = &p.seen.gaps;
     let ratio = direct.map_or(String::new(), |d| {
         format!(
             "   ratio {:.3} (target <= 1.05)",
@@ -196,10 +254,13 @@ fn print(p: &Phase, direct: Option<&Phase>) {
         "",
         ms(percentile(&exec, 0.5)),
         100.0 * busy.as_secs_f64() / p.wall.as_secs_f64(),
-        ms(percentile(&p.gaps, 0.5)),
-        ms(percentile(&p.gaps, 0.99)),
-        ms(p.gaps.last().copied().unwrap_or_default()),
+        ms(percentile(gaps, 0.5)),
+        ms(percentile(gaps, 0.99)),
+        ms(gaps.last().copied().unwrap_or_default()),
     );
+    for line in &p.seen.profile {
+        println!("{:<36}   in the gaps: {line}", "");
+    }
 }
 
 fn main() {
