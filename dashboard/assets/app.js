@@ -512,7 +512,7 @@ function renderJob() {
   if (!j) return;
   setText($('#job-title'), `Job ${j.job_id}`);
   const terminal = ['succeeded', 'failed', 'cancelled'].includes(j.state);
-  const result = h('div', { id: 'job-result', class: 'result', hidden: true, role: 'status' });
+  const result = $('#job-result');
   const actions = h('div', { class: 'actions' },
     terminal ? null : h('button', { id: 'job-cancel', class: 'danger', onclick: () => cancelJob(j.job_id, result), disabled: j.cancel_requested }, j.cancel_requested ? 'Cancel requested' : 'Cancel'),
     h('button', { id: 'job-resubmit', onclick: () => resubmitJob(j.job_id, result) }, 'Resubmit'));
@@ -570,7 +570,7 @@ function renderJob() {
       h('tr', null, h('th', { scope: 'row' }, k), h('td', { class: 'mono' }, typeof v === 'string' ? v : JSON.stringify(v))))))
     : null;
   $('#job-body').replaceChildren(
-    actions, result, progress, error,
+    actions, progress, error,
     h('h2', null, 'Outputs'), outputs,
     h('h2', null, 'Details'), facts,
     h('h2', null, 'Parameters'), params,
@@ -695,6 +695,7 @@ function route() {
   if (page === 'jobs') loadJobs();
   if (page === 'job' && changed) {
     S.job = null;
+    $('#job-result').hidden = true;
     $('#job-body').replaceChildren(h('p', { class: 'muted' }, 'Loading…'));
     setText($('#job-title'), `Job ${id}`);
     loadJob();

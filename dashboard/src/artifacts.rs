@@ -284,7 +284,7 @@ mod tests {
         assert!(HeaderValue::from_str(&d).is_ok(), "{d}");
         assert_eq!(
             d,
-            "inline; filename=\"a_b____c__.png\"; filename*=UTF-8''a%22b%3B%0D%0Ac%20%C3%A9.png"
+            "inline; filename=\"a_b___c__.png\"; filename*=UTF-8''a%22b%3B%0D%0Ac%20%C3%A9.png"
         );
     }
 }

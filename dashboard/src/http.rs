@@ -66,7 +66,6 @@ pub fn router(app: Arc<App>) -> Router {
     let guarded = Router::new()
         .route("/", get(assets::index))
         .route("/app.js", get(assets::script))
-        .route("/app.css", get(assets::style))
         .route("/api/live", get(api::live))
         .route("/api/events", get(api::events))
         .route("/api/queue", get(api::queue))
@@ -81,6 +80,8 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/login", get(assets::login).post(login))
         .route("/favicon.ico", get(assets::favicon))
+        // The stylesheet holds nothing secret, and the login page needs it.
+        .route("/app.css", get(assets::style))
         .merge(guarded)
         .layer(axum::middleware::from_fn_with_state(app.clone(), check_host))
         .layer(axum::middleware::from_fn(security_headers))
