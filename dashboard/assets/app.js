@@ -517,7 +517,8 @@ function renderJob() {
     terminal ? null : h('button', { id: 'job-cancel', class: 'danger', onclick: () => cancelJob(j.job_id, result), disabled: j.cancel_requested }, j.cancel_requested ? 'Cancel requested' : 'Cancel'),
     h('button', { id: 'job-resubmit', onclick: () => resubmitJob(j.job_id, result) }, 'Resubmit'));
   const p = j.progress;
-  const progress = h('div', { class: 'job-bar big', hidden: j.state !== 'running' && !p },
+  // Only a job that runs (or waits to run again with progress kept) has a bar.
+  const progress = h('div', { class: 'job-bar big', hidden: terminal || (j.state !== 'running' && !p) },
     h('progress', { id: 'job-progress', max: '100', value: String(p ? p.pct : 0), 'data-job': j.job_id, 'aria-label': 'progress' }),
     h('span', { id: 'job-pct', class: 'pct num' }, p ? pctText(p.pct) : DASH),
     h('span', { id: 'job-eta', class: 'eta num' }, 'ETA —'),
@@ -569,14 +570,14 @@ function renderJob() {
     ? h('table', { class: 'kv' }, h('tbody', null, Object.entries(j.info).map(([k, v]) =>
       h('tr', null, h('th', { scope: 'row' }, k), h('td', { class: 'mono' }, typeof v === 'string' ? v : JSON.stringify(v))))))
     : null;
-  $('#job-body').replaceChildren(
+  $('#job-body').replaceChildren(...[
     actions, progress, error,
     h('h2', null, 'Outputs'), outputs,
     h('h2', null, 'Details'), facts,
     h('h2', null, 'Parameters'), params,
     info ? h('h2', null, 'Reported by the backend') : null, info,
     h('h2', null, 'Attempts'), attemptTable,
-    h('h2', null, 'History'), timeline);
+    h('h2', null, 'History'), timeline].filter(Boolean));
   renderJobLive();
 }
 

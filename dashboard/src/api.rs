@@ -13,9 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{Stream, StreamExt};
 use kiln_protocol::request::{Accepted, CancelReply};
-use kiln_protocol::{
-    Backend, ClientError, ErrorCode, JobId, JobSnapshot, JobState, ListFilter,
-};
+use kiln_protocol::{Backend, ClientError, ErrorCode, JobId, JobSnapshot, JobState, ListFilter};
 use serde::{Deserialize, Serialize};
 
 use crate::form::{self, FormError, TestJobForm};
@@ -29,7 +27,14 @@ pub fn error_response(status: StatusCode, message: &str, field: Option<&str>) ->
         #[serde(skip_serializing_if = "Option::is_none")]
         field: Option<&'a str>,
     }
-    (status, Json(Body { error: message, field })).into_response()
+    (
+        status,
+        Json(Body {
+            error: message,
+            field,
+        }),
+    )
+        .into_response()
 }
 
 /// A broker error as an HTTP answer, with the broker's field when it named one.
@@ -118,12 +123,8 @@ pub async fn queue(State(app): State<Arc<App>>) -> Response {
     });
     // Why each waits is in `get` replies: ask for the head of the queue at once.
     let detail = app.settings.waiting_detail_limit as usize;
-    let fetched = futures::future::join_all(
-        jobs.iter()
-            .take(detail)
-            .map(|j| app.client.get(j.job_id)),
-    )
-    .await;
+    let fetched =
+        futures::future::join_all(jobs.iter().take(detail).map(|j| app.client.get(j.job_id))).await;
     for (job, full) in jobs.iter_mut().zip(fetched) {
         if let Ok(mut full) = full {
             if full.state == JobState::Queued {

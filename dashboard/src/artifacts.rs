@@ -247,10 +247,7 @@ impl ChunkStream {
                 let actual = kiln_protocol::client::hex(&h.finalize());
                 if actual != chunk.sha256 {
                     tracing::warn!(artifact = %self.id, expected = %chunk.sha256, %actual, "artifact failed its integrity check; the download is cut");
-                    return Some((
-                        Err(std::io::Error::other("sha256 mismatch")),
-                        self,
-                    ));
+                    return Some((Err(std::io::Error::other("sha256 mismatch")), self));
                 }
             }
         }
@@ -264,10 +261,19 @@ mod tests {
 
     #[test]
     fn single_byte_ranges_parse_and_clamp() {
-        assert_eq!(parse_range("bytes=0-99"), Some(ByteRange::From(0, Some(99))));
+        assert_eq!(
+            parse_range("bytes=0-99"),
+            Some(ByteRange::From(0, Some(99)))
+        );
         assert_eq!(parse_range("bytes=100-"), Some(ByteRange::From(100, None)));
         assert_eq!(parse_range("bytes=-500"), Some(ByteRange::Suffix(500)));
-        for ignored in ["bytes=0-1,5-6", "items=0-1", "bytes=5-1", "bytes=x-", "bytes=-0"] {
+        for ignored in [
+            "bytes=0-1,5-6",
+            "items=0-1",
+            "bytes=5-1",
+            "bytes=x-",
+            "bytes=-0",
+        ] {
             assert_eq!(parse_range(ignored), None, "{ignored}");
         }
         assert_eq!(ByteRange::From(0, Some(99)).span(50), Some((0, 49)));

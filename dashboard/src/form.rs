@@ -202,7 +202,10 @@ mod tests {
         assert_eq!(spec.params["steps"], 12);
         assert_eq!(spec.params["seed"], 7);
         assert_eq!(spec.prompt(), Some("a kiln at dusk"));
-        assert!(!spec.params.contains_key("width"), "empty inputs stay unset");
+        assert!(
+            !spec.params.contains_key("width"),
+            "empty inputs stay unset"
+        );
     }
 
     #[test]

@@ -75,7 +75,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/jobs/{id}/resubmit", post(api::resubmit))
         .route("/api/submit", post(api::submit))
         .route("/api/artifacts/{id}", get(crate::artifacts::serve))
-        .layer(axum::middleware::from_fn_with_state(app.clone(), require_token))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            require_token,
+        ))
         .layer(axum::middleware::from_fn(json_actions));
     Router::new()
         .route("/login", get(assets::login).post(login))
@@ -83,7 +86,10 @@ pub fn router(app: Arc<App>) -> Router {
         // The stylesheet holds nothing secret, and the login page needs it.
         .route("/app.css", get(assets::style))
         .merge(guarded)
-        .layer(axum::middleware::from_fn_with_state(app.clone(), check_host))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            check_host,
+        ))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(app)
 }
@@ -161,7 +167,11 @@ async fn login(State(app): State<Arc<App>>, Form(form): Form<LoginForm>) -> Resp
         return Redirect::to("/").into_response();
     };
     if !token_matches(Some(form.token.trim()), expected) {
-        return (StatusCode::UNAUTHORIZED, assets::login_page(Some("wrong token"))).into_response();
+        return (
+            StatusCode::UNAUTHORIZED,
+            assets::login_page(Some("wrong token")),
+        )
+            .into_response();
     }
     // The cookie holds the token itself: only its owner and this origin see it
     // (HttpOnly, SameSite=Strict), and a changed token logs everyone out.
@@ -172,7 +182,10 @@ async fn login(State(app): State<Arc<App>>, Form(form): Form<LoginForm>) -> Resp
     match HeaderValue::from_str(&cookie) {
         Ok(value) => (
             StatusCode::SEE_OTHER,
-            [(header::SET_COOKIE, value), (header::LOCATION, HeaderValue::from_static("/"))],
+            [
+                (header::SET_COOKIE, value),
+                (header::LOCATION, HeaderValue::from_static("/")),
+            ],
         )
             .into_response(),
         Err(_) => (
@@ -194,7 +207,9 @@ async fn check_host(State(app): State<Arc<App>>, request: Request, next: Next) -
     if !host_allowed(host, &app.settings) {
         return api::error_response(
             StatusCode::FORBIDDEN,
-            &format!("Host {host:?} is not one this dashboard answers to (dashboard.allowed_hosts)"),
+            &format!(
+                "Host {host:?} is not one this dashboard answers to (dashboard.allowed_hosts)"
+            ),
             None,
         );
     }
@@ -226,7 +241,11 @@ async fn json_actions(request: Request, next: Next) -> Response {
         let json = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"));
+            .is_some_and(|v| {
+                v.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("application/json")
+            });
         if !json {
             return api::error_response(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -257,9 +276,15 @@ async fn json_actions(request: Request, next: Next) -> Response {
 async fn security_headers(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     let h = response.headers_mut();
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.entry(header::CONTENT_SECURITY_POLICY).or_insert(HeaderValue::from_static(
         "default-src 'self'; img-src 'self' blob: data:; media-src 'self'; style-src 'self'; script-src 'self'; frame-ancestors 'none'; form-action 'self'",
     ));
@@ -283,7 +308,12 @@ mod tests {
     #[test]
     fn loopback_names_only_without_a_token() {
         let s = settings(None, &[]);
-        for ok in ["127.0.0.1:8790", "localhost:8790", "[::1]:8790", "localhost"] {
+        for ok in [
+            "127.0.0.1:8790",
+            "localhost:8790",
+            "[::1]:8790",
+            "localhost",
+        ] {
             assert!(host_allowed(ok, &s), "{ok}");
         }
         for bad in ["evil.example:8790", "evil.example", "", "10.0.0.1:8790"] {
@@ -298,9 +328,15 @@ mod tests {
     #[test]
     fn the_token_comes_from_the_header_or_the_cookie() {
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, HeaderValue::from_static("a=b; kiln_dashboard=s3cret"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=b; kiln_dashboard=s3cret"),
+        );
         assert_eq!(presented(&h).as_deref(), Some("s3cret"));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer t0k"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer t0k"),
+        );
         assert_eq!(presented(&h).as_deref(), Some("t0k"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic t0k"));
         assert_eq!(presented(&h), None);

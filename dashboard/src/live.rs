@@ -104,9 +104,7 @@ impl EtaTracker {
     /// Forgets attempts that are no longer running.
     pub fn retain(&mut self, running: &BTreeMap<JobId, ActiveJob>) {
         self.origins.retain(|(job, attempt), _| {
-            running
-                .get(job)
-                .is_some_and(|j| j.job.attempt == *attempt)
+            running.get(job).is_some_and(|j| j.job.attempt == *attempt)
         });
     }
 }

@@ -55,7 +55,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .as_deref()
         .unwrap_or(&d.bind)
         .parse()
-        .with_context(|| format!("--bind {:?} is not an address like 127.0.0.1:8790", args.bind))?;
+        .with_context(|| {
+            format!(
+                "--bind {:?} is not an address like 127.0.0.1:8790",
+                args.bind
+            )
+        })?;
     let mut opts = cfg.client_options()?;
     opts.name.get_or_insert_with(|| "kiln-dashboard".into());
     let client = Client::connect(opts);

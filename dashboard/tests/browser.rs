@@ -104,7 +104,8 @@ async fn screenshot(b: &fantoccini::Client, name: &str) {
 /// Opens a page of the app and waits until its section is shown.
 async fn open(b: &fantoccini::Client, base: &str, hash: &str, section: &str) {
     b.goto(&format!("{base}/#/{hash}")).await.unwrap();
-    let check = format!("const s = document.getElementById('page-{section}'); return !!s && !s.hidden;");
+    let check =
+        format!("const s = document.getElementById('page-{section}'); return !!s && !s.hidden;");
     eventually(&format!("page {section}"), WAIT, || {
         let check = check.clone();
         async move { (js(b, &check).await == json!(true)).then_some(()) }
@@ -123,14 +124,18 @@ fn sim_job(steps: u32, step_ms: u32) -> JobSpec {
 
 /// The value of the open job page's progress bar, once it has one above 0.
 async fn progress(b: &fantoccini::Client, above: f64) -> f64 {
-    eventually(&format!("the progress bar above {above}"), WAIT, || async move {
-        let v = js(
-            b,
-            "const p = document.getElementById('job-progress'); return p ? p.value : null;",
-        )
-        .await;
-        v.as_f64().filter(|v| *v > above)
-    })
+    eventually(
+        &format!("the progress bar above {above}"),
+        WAIT,
+        || async move {
+            let v = js(
+                b,
+                "const p = document.getElementById('job-progress'); return p ? p.value : null;",
+            )
+            .await;
+            v.as_f64().filter(|v| *v > above)
+        },
+    )
     .await
 }
 
@@ -171,7 +176,11 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
     let first = progress(&b, 0.0).await;
     let second = progress(&b, first).await;
     assert!(second > first, "{second} > {first}");
-    assert_eq!(js(&b, "return window.__kilnNoReload ?? null;").await, json!(42), "the page was reloaded");
+    assert_eq!(
+        js(&b, "return window.__kilnNoReload ?? null;").await,
+        json!(42),
+        "the page was reloaded"
+    );
     // The fleet page shows the same job's bar on its GPU.
     open(&b, &base, "fleet", "fleet").await;
     let on_card = format!("const p = document.querySelector('#gpus progress[data-job=\"{long}\"]'); return p ? p.value : null;");
@@ -185,8 +194,20 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
 
     // Cancel from the job's page: confirm, then the job stops on its GPU.
     open(&b, &base, &format!("jobs/{long}"), "job").await;
-    b.wait().for_element(Locator::Id("job-cancel")).await.unwrap().click().await.unwrap();
-    b.wait().for_element(Locator::Id("confirm-yes")).await.unwrap().click().await.unwrap();
+    b.wait()
+        .for_element(Locator::Id("job-cancel"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.wait()
+        .for_element(Locator::Id("confirm-yes"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     let done = eventually("the cancelled job to end", WAIT, || async {
         let j = client.get(long).await.ok()?;
         j.state.is_terminal().then_some(j)
@@ -198,7 +219,10 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
     assert!(ran < 15_000, "stopped before the end: ran {ran} ms");
     eventually("the GPU to be free again", WAIT, || async {
         let workers = client.workers().await.ok()?;
-        workers.iter().all(|w| w.current_job != Some(long)).then_some(())
+        workers
+            .iter()
+            .all(|w| w.current_job != Some(long))
+            .then_some(())
     })
     .await;
     let text = eventually("the cancel's result on the page", WAIT, || async {
@@ -223,16 +247,32 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
     })
     .await;
     assert_eq!(width, 96, "the image the job asked for");
-    let timeline = b.find(Locator::Css(".timeline")).await.unwrap().text().await.unwrap();
-    assert!(timeline.contains("succeeded") && timeline.contains("running"), "{timeline}");
+    let timeline = b
+        .find(Locator::Css(".timeline"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        timeline.contains("succeeded") && timeline.contains("running"),
+        "{timeline}"
+    );
     screenshot(&b, "job").await;
 
     // Queue and Jobs pages render; the Jobs search finds the cancelled job.
     open(&b, &base, "queue", "queue").await;
-    b.wait().for_element(Locator::Css("#queue-summary")).await.unwrap();
+    b.wait()
+        .for_element(Locator::Css("#queue-summary"))
+        .await
+        .unwrap();
     screenshot(&b, "queue").await;
     open(&b, &base, "jobs", "jobs").await;
-    let search = b.wait().for_element(Locator::Css("#jobs-filter input[name=q]")).await.unwrap();
+    let search = b
+        .wait()
+        .for_element(Locator::Css("#jobs-filter input[name=q]"))
+        .await
+        .unwrap();
     search.send_keys("cancelled").await.unwrap();
     let listed = "return Array.from(document.querySelectorAll('#jobs-table tbody tr')).map(r => r.dataset.job);";
     eventually("the search to list only the cancelled job", WAIT, || {
@@ -246,19 +286,49 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
     // Actions: a bad field is named; a good form queues a job.
     open(&b, &base, "actions", "actions").await;
     eventually("the backend list to come from the fleet", WAIT, || async {
-        (js(&b, "return document.getElementById('f-backend').value;").await == json!("sim")).then_some(())
+        (js(&b, "return document.getElementById('f-backend').value;").await == json!("sim"))
+            .then_some(())
     })
     .await;
     let priority = b.find(Locator::Id("f-priority")).await.unwrap();
     priority.send_keys("99").await.unwrap();
-    b.find(Locator::Id("submit-go")).await.unwrap().click().await.unwrap();
-    b.wait().for_element(Locator::Id("confirm-yes")).await.unwrap().click().await.unwrap();
-    let err = b.wait().for_element(Locator::Css("#submit-form .field-error")).await.unwrap();
+    b.find(Locator::Id("submit-go"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.wait()
+        .for_element(Locator::Id("confirm-yes"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let err = b
+        .wait()
+        .for_element(Locator::Css("#submit-form .field-error"))
+        .await
+        .unwrap();
     let err = err.text().await.unwrap();
-    assert!(err.contains("priority") && err.contains("-10 to 10"), "{err}");
+    assert!(
+        err.contains("priority") && err.contains("-10 to 10"),
+        "{err}"
+    );
     priority.clear().await.unwrap();
-    b.find(Locator::Id("submit-go")).await.unwrap().click().await.unwrap();
-    b.wait().for_element(Locator::Id("confirm-yes")).await.unwrap().click().await.unwrap();
+    b.find(Locator::Id("submit-go"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.wait()
+        .for_element(Locator::Id("confirm-yes"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     let queued = eventually("the submitted job's link", WAIT, || async {
         let t = js(&b, "const a = document.querySelector('#submit-result.ok a'); return a ? a.textContent : null;").await;
         t.as_str().map(str::to_string)
@@ -267,7 +337,13 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
     let queued: JobId = queued.parse().unwrap();
     let snap = client.get(queued).await.unwrap();
     assert_eq!(snap.backend, Backend::Sim);
-    assert_eq!(snap.params.as_ref().and_then(|p| p.get("prompt")).and_then(Value::as_str), Some("a kiln at dusk, test render"));
+    assert_eq!(
+        snap.params
+            .as_ref()
+            .and_then(|p| p.get("prompt"))
+            .and_then(Value::as_str),
+        Some("a kiln at dusk, test render")
+    );
     screenshot(&b, "actions").await;
 
     b.close().await.unwrap();
