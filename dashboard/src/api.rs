@@ -242,21 +242,16 @@ pub async fn jobs(
     }
 }
 
-fn job_id(raw: &str) -> Result<JobId, Response> {
-    raw.parse::<JobId>().map_err(|e| {
-        error_response(
-            StatusCode::BAD_REQUEST,
-            &format!("{raw:?} is not a job id: {e}"),
-            Some("job_id"),
-        )
-    })
+fn job_id(raw: &str) -> Result<JobId, FormError> {
+    raw.parse::<JobId>()
+        .map_err(|e| FormError::new("job_id", e.to_string()))
 }
 
 /// `GET /api/jobs/{id}`: the whole snapshot, history and parameters included.
 pub async fn job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
     let id = match job_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     match app.client.get(id).await {
         Ok(job) => Json(job).into_response(),
@@ -277,7 +272,7 @@ pub enum ActionResult {
 pub async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
     let id = match job_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     match app.client.cancel(id).await {
         Ok(reply) => Json(ActionResult::Cancel(reply)).into_response(),
@@ -290,7 +285,7 @@ pub async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>) -> Resp
 pub async fn resubmit(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
     let id = match job_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let job = match app.client.get(id).await {
         Ok(job) => job,
