@@ -113,6 +113,7 @@ fn gpu() -> GpuInfo {
         free_vram_mb: 20_000,
         utilization_pct: Some(3),
         temperature_c: Some(40),
+        power_mw: Some(61_500),
         unified_memory: false,
         source: GpuSource::Nvml,
     }
@@ -356,6 +357,7 @@ fn worker_messages() -> Vec<(&'static str, WorkerMessage)> {
                 free_vram_mb: 20_000,
                 utilization_pct: Some(90),
                 temperature_c: Some(70),
+                power_mw: Some(402_300),
                 current: Some(job_ref()),
                 loaded_model: Some("sim-xl".into()),
                 healthy: true,

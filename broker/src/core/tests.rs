@@ -136,6 +136,7 @@ impl Sim {
                 free_vram_mb: 1000,
                 utilization_pct: None,
                 temperature_c: None,
+                power_mw: None,
                 current,
                 loaded_model: None,
                 healthy: true,
