@@ -163,7 +163,7 @@ impl BrokerMetrics {
             workers.clone(),
         );
         for s in WORKER_STATES {
-            workers.get_or_create(&StateLabels { state: s.as_str() });
+            workers.get_or_create(&StateLabels { state: s.as_str() }).set(0);
         }
         let commit_seconds = Histogram::new(kiln_metrics::fast_buckets());
         r.register(

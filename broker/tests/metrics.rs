@@ -138,13 +138,13 @@ async fn scraped_metrics_match_the_jobs_that_ran() {
     let urls = [broker.metrics_url.as_str(), u1.as_str(), u2.as_str()];
     let client = broker.client();
 
-    // Both workers busy: one hangs until cancelled, one runs 3 s.
+    // Both workers busy: one hangs until cancelled, one runs 6 s.
     let hang = client
         .submit(sim_job(20).param("fault", "hang"))
         .await
         .unwrap()
         .job_id;
-    let slow = client.submit(sim_job(300)).await.unwrap().job_id;
+    let slow = client.submit(sim_job(600)).await.unwrap().job_id;
     eventually("both workers to be busy", Duration::from_secs(20), || {
         let client = client.clone();
         async move {
@@ -257,12 +257,12 @@ async fn scraped_metrics_match_the_jobs_that_ran() {
     assert_eq!(run_count("succeeded"), 4.0);
     assert_eq!(run_count("failed"), 2.0);
     assert_eq!(run_count("cancelled"), 1.0);
-    // The slow job alone ran 3 s (300 steps of 10 ms).
+    // The slow job alone ran 6 s (600 steps of 10 ms).
     assert!(
         b.sum(
             "kiln_broker_job_run_seconds_sum",
             &[("outcome", "succeeded")]
-        ) >= 3.0
+        ) >= 6.0
     );
     assert_eq!(b.sum("kiln_broker_job_requeues_total", &[]), 1.0);
     assert_eq!(b.sum("kiln_broker_oom_retries_total", &[]), 1.0);

@@ -6,7 +6,9 @@
 //! earlier files in a folder named after their release: every folder, old ones
 //! included, must keep decoding with this version's types (docs/protocol.md,
 //! "Compatibility"). `0.1.0-dc6b6c9/` was written by the release before the contract
-//! of issue #12 (main at dc6b6c9), the previous release's peers as they speak.
+//! of issue #12 (main at dc6b6c9), the previous release's peers as they speak;
+//! `0.1.0-6910ff2/` holds the three messages as they were before `power_mw` (main
+//! at 6910ff2), which must keep decoding.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

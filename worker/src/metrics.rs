@@ -191,7 +191,7 @@ impl WorkerMetrics {
                 })
             })
             .collect();
-        for old in shown.models.iter().filter(|m| !now.contains(m)) {
+        for old in shown.models.iter().filter(|m| !now.contains(*m)) {
             self.resident.remove(old);
         }
         for m in &now {
