@@ -163,7 +163,9 @@ impl BrokerMetrics {
             workers.clone(),
         );
         for s in WORKER_STATES {
-            workers.get_or_create(&StateLabels { state: s.as_str() }).set(0);
+            workers
+                .get_or_create(&StateLabels { state: s.as_str() })
+                .set(0);
         }
         let commit_seconds = Histogram::new(kiln_metrics::fast_buckets());
         r.register(
@@ -268,9 +270,7 @@ impl Recorder {
                 Output::Reply { reply, .. } => match reply {
                     Reply::Accepted(a) if !a.duplicate => {
                         if let Some(job) = core.job(a.job_id) {
-                            m.submitted
-                                .get_or_create(&backend(job.spec.backend))
-                                .inc();
+                            m.submitted.get_or_create(&backend(job.spec.backend)).inc();
                         }
                     }
                     Reply::Error(e) => {
@@ -339,10 +339,12 @@ impl Recorder {
     fn sync_stats(&mut self, now: &Stats) {
         let m = &*self.metrics;
         let last = &self.last;
-        m.requeues.inc_by(now.requeues.saturating_sub(last.requeues));
+        m.requeues
+            .inc_by(now.requeues.saturating_sub(last.requeues));
         m.oom_retries
             .inc_by(now.oom_retries.saturating_sub(last.oom_retries));
-        m.degrades.inc_by(now.degrades.saturating_sub(last.degrades));
+        m.degrades
+            .inc_by(now.degrades.saturating_sub(last.degrades));
         m.model_loads
             .inc_by(now.model_loads.saturating_sub(last.model_loads));
         self.last = now.clone();

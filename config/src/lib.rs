@@ -986,7 +986,11 @@ mod tests {
             assert_eq!(per_gpu.worker.labels, ["rtx4090", "fast"]);
             assert_eq!(per_gpu.worker.comfyui.port, 8189);
             assert_eq!(
-                per_gpu.worker.metrics_addr().unwrap().map(|a| a.to_string()),
+                per_gpu
+                    .worker
+                    .metrics_addr()
+                    .unwrap()
+                    .map(|a| a.to_string()),
                 Some("10.20.0.2:9481".into())
             );
             Ok(())

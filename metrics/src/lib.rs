@@ -89,7 +89,9 @@ pub async fn serve(
             "/",
             get(|| async { "Kiln metrics: GET /metrics (Prometheus text format)\n" }),
         )
-        .fallback(|| async { (StatusCode::NOT_FOUND, "not found: GET /metrics\n").into_response() });
+        .fallback(|| async {
+            (StatusCode::NOT_FOUND, "not found: GET /metrics\n").into_response()
+        });
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the metrics endpoint stopped");
@@ -136,7 +138,10 @@ mod tests {
             prometheus_text::CONTENT_TYPE
         );
         let body = resp.text().await.unwrap();
-        assert!(body.contains("# TYPE kiln_test_things_total counter"), "{body}");
+        assert!(
+            body.contains("# TYPE kiln_test_things_total counter"),
+            "{body}"
+        );
         assert!(body.contains("kiln_test_things_total 3"), "{body}");
         c.inc();
         let body = reqwest::get(&url).await.unwrap().text().await.unwrap();
@@ -156,10 +161,14 @@ mod tests {
         )
         .await
         .unwrap();
-        let err = serve(first.addr(), "broker.metrics_listen", Arc::new(Registry::default()))
-            .await
-            .err()
-            .expect("the port is taken");
+        let err = serve(
+            first.addr(),
+            "broker.metrics_listen",
+            Arc::new(Registry::default()),
+        )
+        .await
+        .err()
+        .expect("the port is taken");
         assert!(err.to_string().contains("broker.metrics_listen"), "{err}");
     }
 }

@@ -147,7 +147,12 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 4] = [Phase::Upload, Phase::Queued, Phase::Sampling, Phase::Download];
+    pub const ALL: [Phase; 4] = [
+        Phase::Upload,
+        Phase::Queued,
+        Phase::Sampling,
+        Phase::Download,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -169,7 +174,8 @@ struct PhaseClock {
 impl PhaseClock {
     fn close(&mut self, now: Instant) {
         if let Some((phase, since)) = self.open.take() {
-            self.done.push((phase, now.saturating_duration_since(since)));
+            self.done
+                .push((phase, now.saturating_duration_since(since)));
         }
     }
 }
@@ -303,7 +309,12 @@ mod tests {
         let phases: Vec<Phase> = sink.take_phases().into_iter().map(|(p, _)| p).collect();
         assert_eq!(
             phases,
-            [Phase::Upload, Phase::Queued, Phase::Sampling, Phase::Download]
+            [
+                Phase::Upload,
+                Phase::Queued,
+                Phase::Sampling,
+                Phase::Download
+            ]
         );
         assert!(sink.take_phases().is_empty(), "taken once");
     }

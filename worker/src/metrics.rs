@@ -222,7 +222,10 @@ impl WorkerMetrics {
                 g.remove(&labels);
             }
         };
-        let (total, free) = (gpu.total_vram_mb as f64 * MIB, gpu.free_vram_mb as f64 * MIB);
+        let (total, free) = (
+            gpu.total_vram_mb as f64 * MIB,
+            gpu.free_vram_mb as f64 * MIB,
+        );
         let memory = gpu.total_vram_mb > 0;
         set(&self.memory_total, memory.then_some(total));
         set(&self.memory_free, memory.then_some(free));
@@ -368,10 +371,7 @@ mod tests {
         assert_eq!(sample(&text, "kiln_gpu_utilization_ratio"), Some(0.87));
         assert_eq!(sample(&text, "kiln_gpu_temperature_celsius"), Some(66.0));
         assert_eq!(sample(&text, "kiln_gpu_power_watts"), Some(312.5));
-        assert!(
-            text.contains(r#"name="NVIDIA GeForce RTX 4090""#),
-            "{text}"
-        );
+        assert!(text.contains(r#"name="NVIDIA GeForce RTX 4090""#), "{text}");
         assert_eq!(sample(&text, "kiln_worker_backend_healthy"), Some(1.0));
         assert!(
             text.contains(r#"kiln_worker_resident_models{worker="box1-gpu0",backend="sim",model="sim-sdxl"} 1"#),
@@ -448,7 +448,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains(r#"kiln_worker_attempts_total{worker="w",backend="comfyui",outcome="succeeded"} 1"#),
+            text.contains(
+                r#"kiln_worker_attempts_total{worker="w",backend="comfyui",outcome="succeeded"} 1"#
+            ),
             "{text}"
         );
     }

@@ -158,7 +158,8 @@ pub async fn run(cfg: KilnConfig, args: UpArgs) -> anyhow::Result<()> {
     }
     for (addr, registry) in &local.worker_metrics {
         if let Some(addr) = addr {
-            servers.push(kiln_metrics::serve(*addr, "worker.metrics_listen", registry.clone()).await?);
+            servers
+                .push(kiln_metrics::serve(*addr, "worker.metrics_listen", registry.clone()).await?);
         }
     }
     if !servers.is_empty() {
