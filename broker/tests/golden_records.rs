@@ -218,5 +218,8 @@ fn a_core_told_to_write_named_records_writes_the_old_release_bytes() {
         .find(|(n, _)| *n == "record.job.msgpack")
         .unwrap();
     let old = std::fs::read(dir().join("0.1.0-dc6b6c9/record.job.msgpack")).unwrap();
-    assert!(*job == old, "the named record is the old release's, byte for byte");
+    assert!(
+        *job == old,
+        "the named record is the old release's, byte for byte"
+    );
 }

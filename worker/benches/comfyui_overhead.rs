@@ -203,7 +203,10 @@ async fn direct(s: &Scratch, jobs: u64) -> Phase {
 async fn through_kiln(s: &Scratch, jobs: u64, depth: Option<u32>) -> Phase {
     let fake = Fake::start_with(s, "0.27.0", &["--step-ms", STEP_MS]).await;
     let broker = s.broker(BrokerOpts::default()).await;
-    let id = format!("bench-{}", depth.map_or("default".into(), |d| d.to_string()));
+    let id = format!(
+        "bench-{}",
+        depth.map_or("default".into(), |d| d.to_string())
+    );
     let mut opts = comfy_opts(&id, &format!("url = \"{}\"", fake.url));
     if let Some(d) = depth {
         opts.env

@@ -392,7 +392,11 @@ mod tests {
 
     /// A job with every stored field set away from its default.
     fn full() -> Job {
-        let mut j = Job::new(JobId(42), Arc::new(JobSpec::new(Backend::Sim, Task::TextToImage)), "studio-a".into());
+        let mut j = Job::new(
+            JobId(42),
+            Arc::new(JobSpec::new(Backend::Sim, Task::TextToImage)),
+            "studio-a".into(),
+        );
         j.spec = Arc::new(JobSpec::new(Backend::Sim, Task::TextToImage).param("prompt", "p"));
         j.state = JobState::Failed;
         j.attempt = 7;
@@ -409,8 +413,10 @@ mod tests {
             sha256: "ab".repeat(32),
         }];
         j.info.insert("seed".into(), 7.into());
-        j.info
-            .insert("nested".into(), serde_json::json!({"a": [1, "b", null, 2.5]}));
+        j.info.insert(
+            "nested".into(),
+            serde_json::json!({"a": [1, "b", null, 2.5]}),
+        );
         j.cancel_requested = true;
         j.created_ms = 1_700_000_000_000;
         j.started_ms = Some(1_700_000_000_100);
@@ -456,7 +462,11 @@ mod tests {
     fn every_field_survives_the_positional_encoding() {
         let j = full();
         let bytes = encode(&j);
-        assert_eq!(bytes[..4], [0xdc, 0, 25, 2], "an array16 of 25, version 2 first");
+        assert_eq!(
+            bytes[..4],
+            [0xdc, 0, 25, 2],
+            "an array16 of 25, version 2 first"
+        );
         let back = decode(&bytes, &spec(&j)).unwrap();
         assert_eq!(named(&back), named(&j));
         assert_eq!(back.spec.prompt(), Some("p"));
@@ -503,7 +513,11 @@ mod tests {
         let err = |b: &[u8]| decode(b, &s).err().expect("refused").to_string();
         assert!(err(&[]).contains("empty"));
         assert!(err(&[0xa3, b'a', b'b', b'c']).contains("first byte 0xa3"));
-        assert!(err(&[0x92, 3, 1]).contains("version 3"), "{}", err(&[0x92, 3, 1]));
+        assert!(
+            err(&[0x92, 3, 1]).contains("version 3"),
+            "{}",
+            err(&[0x92, 3, 1])
+        );
         assert!(err(&[0x92, 2, 1]).contains("2 fields"));
         // The state field holds a number.
         let mut bytes = encode(&j);
@@ -516,6 +530,10 @@ mod tests {
         let bytes = encode(&j);
         let e = err(&bytes[..bytes.len() - 3]);
         assert!(e.contains("field `"), "{e}");
-        assert!(decode(&encode(&j), b"junk").err().unwrap().to_string().contains("spec"));
+        assert!(decode(&encode(&j), b"junk")
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("spec"));
     }
 }
