@@ -510,7 +510,7 @@ mod tests {
     fn bad_records_are_refused_naming_what_is_wrong() {
         let j = full();
         let s = spec(&j);
-        let err = |b: &[u8]| decode(b, &s).err().expect("refused").to_string();
+        let err = |b: &[u8]| decode(b, &s).expect_err("refused").to_string();
         assert!(err(&[]).contains("empty"));
         assert!(err(&[0xa3, b'a', b'b', b'c']).contains("first byte 0xa3"));
         assert!(
