@@ -173,16 +173,33 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
     let long = client.submit(sim_job(400, 50)).await.unwrap().job_id;
     open(&b, &base, &format!("jobs/{long}"), "job").await;
     js(&b, "window.__kilnNoReload = 42; return null;").await;
+    // Where the bar and its figures sit: nothing may move as the numbers change.
+    let layout = "return ['job-progress', 'job-pct', 'job-eta'].map(id => { const r = document.getElementById(id).getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; });";
     let first = progress(&b, 0.0).await;
+    let before = js(&b, layout).await;
     let second = progress(&b, first).await;
     assert!(second > first, "{second} > {first}");
+    assert_eq!(
+        js(&b, layout).await,
+        before,
+        "the bar and its figures kept their place"
+    );
     assert_eq!(
         js(&b, "return window.__kilnNoReload ?? null;").await,
         json!(42),
         "the page was reloaded"
     );
-    // The fleet page shows the same job's bar on its GPU.
-    open(&b, &base, "fleet", "fleet").await;
+    // The fleet page shows the same job's bar on its GPU; the `1` key leads there.
+    b.find(Locator::Css("body"))
+        .await
+        .unwrap()
+        .send_keys("1")
+        .await
+        .unwrap();
+    eventually("the 1 key to open the fleet page", WAIT, || async {
+        (js(&b, "return location.hash;").await == json!("#/fleet")).then_some(())
+    })
+    .await;
     let on_card = format!("const p = document.querySelector('#gpus progress[data-job=\"{long}\"]'); return p ? p.value : null;");
     eventually("the job's bar on its GPU card", WAIT, || {
         let on_card = on_card.clone();
@@ -191,6 +208,20 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
     })
     .await;
     screenshot(&b, "fleet-busy").await;
+    // A phone-sized window: the cards stack and nothing overflows sideways.
+    b.set_window_size(390, 844).await.unwrap();
+    let overflow = js(
+        &b,
+        "return document.documentElement.scrollWidth > document.documentElement.clientWidth;",
+    )
+    .await;
+    assert_eq!(
+        overflow,
+        json!(false),
+        "no sideways scrolling on a narrow screen"
+    );
+    screenshot(&b, "fleet-narrow").await;
+    b.set_window_size(1280, 1000).await.unwrap();
 
     // Cancel from the job's page: confirm, then the job stops on its GPU.
     open(&b, &base, &format!("jobs/{long}"), "job").await;
