@@ -223,6 +223,63 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
     screenshot(&b, "fleet-narrow").await;
     b.set_window_size(1280, 1000).await.unwrap();
 
+    // Both GPUs busy: a third job waits, and the Queue page shows it at the
+    // head of the line with its client.
+    let other = client.submit(sim_job(400, 50)).await.unwrap().job_id;
+    let waiting = client.submit(sim_job(400, 50)).await.unwrap().job_id;
+    open(&b, &base, "queue", "queue").await;
+    let row = format!(
+        "const r = document.querySelector('#queue-table tr[data-job=\"{waiting}\"]'); return r ? Array.from(r.cells).map(c => c.textContent) : null;"
+    );
+    let cells = eventually("the waiting job on the queue page", WAIT, || {
+        let row = row.clone();
+        let b = &b;
+        async move { js(b, &row).await.as_array().cloned() }
+    })
+    .await;
+    assert_eq!(cells[0], "1", "first in line: {cells:?}");
+    assert_eq!(
+        cells[2],
+        json!(client.welcome().unwrap().client),
+        "{cells:?}"
+    );
+    screenshot(&b, "queue").await;
+    // Cancel the waiting one by id from the Actions page.
+    open(&b, &base, "actions", "actions").await;
+    b.find(Locator::Id("act-id"))
+        .await
+        .unwrap()
+        .send_keys(&waiting.to_string())
+        .await
+        .unwrap();
+    b.find(Locator::Id("act-cancel"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.wait()
+        .for_element(Locator::Id("confirm-yes"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let text = eventually("the result of the cancel by id", WAIT, || async {
+        let t = js(&b, "const r = document.getElementById('act-result'); return r && !r.hidden ? r.textContent : null;").await;
+        t.as_str().map(str::to_string)
+    })
+    .await;
+    assert_eq!(
+        text,
+        format!("{waiting}: cancel requested; the job is cancelled")
+    );
+    assert_eq!(
+        client.get(waiting).await.unwrap().state,
+        JobState::Cancelled
+    );
+    client.cancel(other).await.unwrap();
+
     // Cancel from the job's page: confirm, then the job stops on its GPU.
     open(&b, &base, &format!("jobs/{long}"), "job").await;
     b.wait()
@@ -291,13 +348,7 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
     );
     screenshot(&b, "job").await;
 
-    // Queue and Jobs pages render; the Jobs search finds the cancelled job.
-    open(&b, &base, "queue", "queue").await;
-    b.wait()
-        .for_element(Locator::Css("#queue-summary"))
-        .await
-        .unwrap();
-    screenshot(&b, "queue").await;
+    // The Jobs search finds the cancelled jobs.
     open(&b, &base, "jobs", "jobs").await;
     let search = b
         .wait()
@@ -306,10 +357,10 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
         .unwrap();
     search.send_keys("cancelled").await.unwrap();
     let listed = "return Array.from(document.querySelectorAll('#jobs-table tbody tr')).map(r => r.dataset.job);";
-    eventually("the search to list only the cancelled job", WAIT, || {
+    eventually("the search to list the cancelled jobs", WAIT, || {
         let b = &b;
-        let want = long.to_string();
-        async move { (js(b, listed).await == json!([want])).then_some(()) }
+        let want = json!([waiting.to_string(), other.to_string(), long.to_string()]);
+        async move { (js(b, listed).await == want).then_some(()) }
     })
     .await;
     screenshot(&b, "jobs").await;
