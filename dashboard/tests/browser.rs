@@ -113,6 +113,29 @@ async fn open(b: &fantoccini::Client, base: &str, hash: &str, section: &str) {
     .await;
 }
 
+/// Clicks the element with this id once it is there.
+async fn click(b: &fantoccini::Client, id: &str) {
+    let el = b.wait().for_element(Locator::Id(id)).await.unwrap();
+    el.click().await.unwrap();
+}
+
+/// Answers the confirmation dialog with its confirm button.
+async fn confirm(b: &fantoccini::Client) {
+    click(b, "confirm-yes").await;
+}
+
+/// The text of the element with this id once it is shown (not `hidden`).
+async fn shown_text(b: &fantoccini::Client, id: &str) -> String {
+    let script = format!(
+        "const r = document.getElementById('{id}'); return r && !r.hidden ? r.textContent : null;"
+    );
+    eventually(&format!("#{id} to show"), WAIT, || {
+        let script = script.clone();
+        async move { js(b, &script).await.as_str().map(str::to_string) }
+    })
+    .await
+}
+
 fn sim_job(steps: u32, step_ms: u32) -> JobSpec {
     JobSpec::new(Backend::Sim, Task::TextToImage)
         .param("prompt", "a kiln at dusk")
@@ -252,24 +275,9 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
         .send_keys(&waiting.to_string())
         .await
         .unwrap();
-    b.find(Locator::Id("act-cancel"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.wait()
-        .for_element(Locator::Id("confirm-yes"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    let text = eventually("the result of the cancel by id", WAIT, || async {
-        let t = js(&b, "const r = document.getElementById('act-result'); return r && !r.hidden ? r.textContent : null;").await;
-        t.as_str().map(str::to_string)
-    })
-    .await;
+    click(&b, "act-cancel").await;
+    confirm(&b).await;
+    let text = shown_text(&b, "act-result").await;
     assert_eq!(
         text,
         format!("{waiting}: cancel requested; the job is cancelled")
@@ -282,20 +290,8 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
 
     // Cancel from the job's page: confirm, then the job stops on its GPU.
     open(&b, &base, &format!("jobs/{long}"), "job").await;
-    b.wait()
-        .for_element(Locator::Id("job-cancel"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.wait()
-        .for_element(Locator::Id("confirm-yes"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b, "job-cancel").await;
+    confirm(&b).await;
     let done = eventually("the cancelled job to end", WAIT, || async {
         let j = client.get(long).await.ok()?;
         j.state.is_terminal().then_some(j)
@@ -313,11 +309,7 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
             .then_some(())
     })
     .await;
-    let text = eventually("the cancel's result on the page", WAIT, || async {
-        let t = js(&b, "const r = document.getElementById('job-result'); return r && !r.hidden ? r.textContent : null;").await;
-        t.as_str().map(str::to_string)
-    })
-    .await;
+    let text = shown_text(&b, "job-result").await;
     assert!(text.contains("cancel requested"), "{text}");
 
     // A finished job's page shows its image, decoded by the browser.
@@ -374,19 +366,8 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
     .await;
     let priority = b.find(Locator::Id("f-priority")).await.unwrap();
     priority.send_keys("99").await.unwrap();
-    b.find(Locator::Id("submit-go"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.wait()
-        .for_element(Locator::Id("confirm-yes"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b, "submit-go").await;
+    confirm(&b).await;
     let err = b
         .wait()
         .for_element(Locator::Css("#submit-form .field-error"))
@@ -398,19 +379,8 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
         "{err}"
     );
     priority.clear().await.unwrap();
-    b.find(Locator::Id("submit-go"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.wait()
-        .for_element(Locator::Id("confirm-yes"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b, "submit-go").await;
+    confirm(&b).await;
     let queued = eventually("the submitted job's link", WAIT, || async {
         let t = js(&b, "const a = document.querySelector('#submit-result.ok a'); return a ? a.textContent : null;").await;
         t.as_str().map(str::to_string)
