@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use kiln_protocol::worker::{GpuInfo, ModelEntry};
-use kiln_protocol::{JobError, JobId, JobSpec, Progress};
+use kiln_protocol::{JobError, JobId, JobSpec};
 use serde_json::{Map, Value};
-use tokio::sync::watch;
 pub use tokio_util::sync::CancellationToken;
+
+pub use crate::progress::ProgressSink;
 
 /// One attempt of one job, as handed to a backend.
 #[derive(Debug, Clone)]
@@ -127,49 +128,6 @@ pub trait Backend: Send + Sync {
 
     /// Stops whatever the backend started (a managed ComfyUI, a bridge process).
     async fn shutdown(&self) {}
-}
-
-/// A backend's progress reports. Only the latest value matters: the runner sends
-/// at most ten a second to the broker, always the newest.
-#[derive(Clone)]
-pub struct ProgressSink {
-    tx: Arc<watch::Sender<Option<Progress>>>,
-}
-
-impl ProgressSink {
-    pub fn new() -> (ProgressSink, watch::Receiver<Option<Progress>>) {
-        let (tx, rx) = watch::channel(None);
-        (ProgressSink { tx: Arc::new(tx) }, rx)
-    }
-
-    pub fn report(&self, progress: Progress) {
-        self.tx.send_replace(Some(progress));
-    }
-
-    /// Step `step` of `steps`, mapped into the share `[from, to]` of the whole job.
-    pub fn step(&self, step: u32, steps: u32, from: f64, to: f64, stage: impl Into<String>) {
-        let frac = if steps == 0 {
-            1.0
-        } else {
-            step as f64 / steps as f64
-        };
-        self.report(Progress {
-            pct: from + (to - from) * frac.clamp(0.0, 1.0),
-            step: Some(step),
-            steps: Some(steps),
-            stage: stage.into(),
-        });
-    }
-
-    /// A stage without steps at `pct`.
-    pub fn stage(&self, pct: f64, stage: impl Into<String>) {
-        self.report(Progress {
-            pct,
-            step: None,
-            steps: None,
-            stage: stage.into(),
-        });
-    }
 }
 
 /// Reads an integer parameter, checking its range; the error names the field.

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod backends;
 pub mod gpu;
+pub mod progress;
 pub mod runner;
 
 use std::sync::Arc;
