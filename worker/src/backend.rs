@@ -130,6 +130,40 @@ pub trait Backend: Send + Sync {
     async fn shutdown(&self) {}
 }
 
+/// A stretch of an attempt on the generator, timed for the worker's
+/// `kiln_worker_job_phase_seconds` metric. A backend marks the phases it has
+/// ([`ProgressSink::enter`]); time outside any phase (preparing, checking the
+/// workflow, encoding the sim's PNG) is not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Sending the job's inputs to the generator (ComfyUI's `/upload/image`).
+    Upload,
+    /// Waiting in the generator's own queue until it starts the job.
+    Queued,
+    /// The generator runs the job: model loads and sampling steps.
+    Sampling,
+    /// Fetching the outputs from the generator (ComfyUI's `/view`).
+    Download,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 4] = [
+        Phase::Upload,
+        Phase::Queued,
+        Phase::Sampling,
+        Phase::Download,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Upload => "upload",
+            Phase::Queued => "queued",
+            Phase::Sampling => "sampling",
+            Phase::Download => "download",
+        }
+    }
+}
+
 /// Reads an integer parameter, checking its range; the error names the field.
 pub fn int_param(
     spec: &JobSpec,
@@ -161,5 +195,33 @@ pub fn str_param<'a>(spec: &'a JobSpec, key: &str) -> Result<Option<&'a str>, Jo
             format!("params.{key} must be a string, got {v}"),
             false,
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_are_timed_in_order_and_reentering_one_is_a_no_op() {
+        let (sink, _rx) = ProgressSink::new();
+        sink.enter(Phase::Upload);
+        sink.enter(Phase::Queued);
+        sink.enter(Phase::Queued);
+        sink.enter(Phase::Sampling);
+        sink.leave();
+        sink.leave();
+        sink.enter(Phase::Download);
+        let phases: Vec<Phase> = sink.take_phases().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(
+            phases,
+            [
+                Phase::Upload,
+                Phase::Queued,
+                Phase::Sampling,
+                Phase::Download
+            ]
+        );
+        assert!(sink.take_phases().is_empty(), "taken once");
     }
 }

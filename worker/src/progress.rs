@@ -10,9 +10,12 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kiln_protocol::Progress;
 use tokio::sync::Notify;
+
+use crate::backend::Phase;
 
 /// Most stage changes held for the runner at once. Far above what a real
 /// backend reports in one 100 ms window (a ComfyUI graph of a few hundred nodes
@@ -54,10 +57,28 @@ impl Drop for SinkGuard {
     }
 }
 
-/// Where a backend reports its progress: cheap to clone, never blocks.
+/// The phases an attempt went through, with their durations.
+#[derive(Debug, Default)]
+struct PhaseClock {
+    open: Option<(Phase, Instant)>,
+    done: Vec<(Phase, Duration)>,
+}
+
+impl PhaseClock {
+    fn close(&mut self, now: Instant) {
+        if let Some((phase, since)) = self.open.take() {
+            self.done
+                .push((phase, now.saturating_duration_since(since)));
+        }
+    }
+}
+
+/// Where a backend reports its progress: cheap to clone, never blocks. It also
+/// times the attempt's [`Phase`]s.
 #[derive(Clone)]
 pub struct ProgressSink {
     guard: Arc<SinkGuard>,
+    phases: Arc<Mutex<PhaseClock>>,
 }
 
 /// The runner's end: wakes on new reports and hands over every stage held.
@@ -88,9 +109,37 @@ impl ProgressSink {
         (
             ProgressSink {
                 guard: Arc::new(SinkGuard(shared.clone())),
+                phases: Arc::default(),
             },
             ProgressFeed { shared, seen: 0 },
         )
+    }
+
+    /// The attempt enters `phase`, which ends the phase it was in. Entering the
+    /// phase it is already in changes nothing.
+    pub fn enter(&self, phase: Phase) {
+        let mut clock = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        if clock.open.is_some_and(|(p, _)| p == phase) {
+            return;
+        }
+        let now = Instant::now();
+        clock.close(now);
+        clock.open = Some((phase, now));
+    }
+
+    /// The attempt leaves its phase (nothing timed until the next [`enter`]).
+    ///
+    /// [`enter`]: ProgressSink::enter
+    pub fn leave(&self) {
+        let mut clock = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        clock.close(Instant::now());
+    }
+
+    /// Ends the open phase and returns every phase timed so far, in order.
+    pub fn take_phases(&self) -> Vec<(Phase, Duration)> {
+        let mut clock = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        clock.close(Instant::now());
+        std::mem::take(&mut clock.done)
     }
 
     pub fn report(&self, progress: Progress) {
