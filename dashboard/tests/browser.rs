@@ -260,7 +260,16 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
         async move { js(b, &row).await.as_array().cloned() }
     })
     .await;
-    assert_eq!(cells[0], "1", "first in line: {cells:?}");
+    // The position is the broker's (`—` when it reports none, e.g. a job a busy
+    // worker already holds under pipelined dispatch); nothing ahead of it here.
+    assert!(
+        cells[0] == "1" || cells[0] == "—",
+        "first in line: {cells:?}"
+    );
+    assert!(
+        cells[6].as_str().is_some_and(|why| !why.trim().is_empty()),
+        "why it waits is said: {cells:?}"
+    );
     assert_eq!(
         cells[2],
         json!(client.welcome().unwrap().client),
@@ -278,14 +287,14 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
     click(&b, "act-cancel").await;
     confirm(&b).await;
     let text = shown_text(&b, "act-result").await;
-    assert_eq!(
-        text,
-        format!("{waiting}: cancel requested; the job is cancelled")
+    assert!(
+        text.starts_with(&format!("{waiting}: cancel requested; the job is ")),
+        "{text}"
     );
-    assert_eq!(
-        client.get(waiting).await.unwrap().state,
-        JobState::Cancelled
-    );
+    eventually("the waiting job to be cancelled", WAIT, || async {
+        (client.get(waiting).await.ok()?.state == JobState::Cancelled).then_some(())
+    })
+    .await;
     client.cancel(other).await.unwrap();
 
     // Cancel from the job's page: confirm, then the job stops on its GPU.
