@@ -167,6 +167,10 @@ pub struct WorkerConfig {
     pub backends: Vec<kiln_protocol::Backend>,
     pub heartbeat_ms: u64,
     pub liveness: u32,
+    /// Assignments the worker holds while it runs one, so its GPU starts the next
+    /// job the moment the current one ends instead of waiting for a round trip to
+    /// the broker (pipelined dispatch; 0 = one job at a time).
+    pub pipeline_depth: u8,
     /// Scratch space for outputs before upload.
     pub work_dir: Option<PathBuf>,
     pub sim: SimConfig,
@@ -187,6 +191,7 @@ impl Default for WorkerConfig {
             backends: vec![kiln_protocol::Backend::Sim],
             heartbeat_ms: kiln_protocol::HEARTBEAT_INTERVAL_MS,
             liveness: kiln_protocol::HEARTBEAT_LIVENESS,
+            pipeline_depth: 1,
             work_dir: None,
             sim: SimConfig::default(),
             comfyui: ComfyUiConfig::default(),

@@ -113,6 +113,12 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Every model resident in GPU memory, most recently used first, for
+    /// placement that counts load costs. By default just the loaded one.
+    fn resident_models(&self) -> Vec<String> {
+        self.loaded_model().into_iter().collect()
+    }
+
     /// GPU figures the backend itself can report, used when NVML cannot.
     async fn gpu_hint(&self) -> Option<GpuInfo> {
         None

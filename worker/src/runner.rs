@@ -8,6 +8,7 @@
 //! reconnects; its result is kept until the broker acknowledges it and is sent
 //! again after every re-registration.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,6 +38,8 @@ pub struct WorkerSettings {
     pub token: Option<String>,
     pub heartbeat_ms: u64,
     pub liveness: u32,
+    /// Assignments held while one runs (pipelined dispatch).
+    pub pipeline_depth: u8,
     pub labels: Vec<String>,
     pub work_dir: PathBuf,
     pub reconnect_min: Duration,
@@ -176,10 +179,13 @@ impl Worker {
             done_tx,
             done_rx,
             running: None,
+            staged: VecDeque::new(),
             unacked: None,
+            pending: VecDeque::new(),
             cursor: None,
             chunk_bytes: 1024 * 1024,
             sent_inventory: None,
+            sent_resident: None,
         };
         let identity = Bytes::from(format!("{}/{}", this.settings.worker_id, this.instance));
         let mut backoff = Backoff::new(this.settings.reconnect_min, this.settings.reconnect_max);
@@ -279,11 +285,18 @@ struct Session {
     done_tx: mpsc::Sender<Done>,
     done_rx: mpsc::Receiver<Done>,
     running: Option<Running>,
+    /// Assignments held to start the moment the GPU is free, oldest first.
+    staged: VecDeque<Assign>,
+    /// The finished attempt whose result is being sent, until acknowledged.
     unacked: Option<Done>,
+    /// Finished attempts whose results wait for `unacked` to be acknowledged.
+    pending: VecDeque<Done>,
     cursor: Option<Cursor>,
     chunk_bytes: u64,
     /// The inventory last sent, so heartbeats carry it only when it changed.
     sent_inventory: Option<Vec<BackendInventory>>,
+    /// The resident models last sent.
+    sent_resident: Option<Vec<String>>,
 }
 
 async fn progress_changed(running: &mut Option<Running>) {
@@ -317,8 +330,16 @@ impl Session {
             backends: status.backends.clone(),
             labels: s.labels.clone(),
             loaded_model: self.loaded_model(),
+            resident: self.resident(),
             current: self.running.as_ref().map(|r| r.r),
             unacked: self.unacked.as_ref().map(|d| d.r),
+            held: self
+                .pending
+                .iter()
+                .map(|d| d.r)
+                .chain(self.staged.iter().map(assign_ref))
+                .collect(),
+            max_held: s.pipeline_depth,
         }))
     }
 
@@ -326,13 +347,55 @@ impl Session {
         self.worker.backends.iter().find_map(|b| b.loaded_model())
     }
 
-    /// A job task finished: keep its result until the broker acknowledges it.
+    fn resident(&self) -> Vec<String> {
+        self.worker
+            .backends
+            .iter()
+            .flat_map(|b| b.resident_models())
+            .collect()
+    }
+
+    /// Every attempt this worker holds, oldest first: the result being sent, the
+    /// results waiting behind it, the running job, the staged ones.
+    fn outstanding(&self) -> Vec<JobRef> {
+        self.unacked
+            .iter()
+            .map(|d| d.r)
+            .chain(self.pending.iter().map(|d| d.r))
+            .chain(self.running.as_ref().map(|r| r.r))
+            .chain(self.staged.iter().map(assign_ref))
+            .collect()
+    }
+
+    /// A job task finished: the next staged job starts at once (the GPU is free),
+    /// and the result is kept until the broker acknowledges it.
     fn finish(&mut self, done: Done) {
         if self.running.as_ref().is_some_and(|r| r.r == done.r) {
             self.running = None;
         }
-        self.unacked = Some(done);
-        self.cursor = Some(Cursor { file: 0, offset: 0 });
+        if self.running.is_none() {
+            if let Some(next) = self.staged.pop_front() {
+                self.start(next);
+            }
+        }
+        if self.unacked.is_none() {
+            self.unacked = Some(done);
+            self.cursor = Some(Cursor { file: 0, offset: 0 });
+        } else {
+            self.pending.push_back(done);
+        }
+    }
+
+    /// The broker has the result being sent: the next waiting one goes.
+    fn acknowledged(&mut self) {
+        if let Some(done) = self.unacked.take() {
+            let _ = std::fs::remove_dir_all(&done.work_dir);
+        }
+        self.cursor = None;
+        if let Some(next) = self.pending.pop_front() {
+            self.unacked = Some(next);
+            self.cursor = Some(Cursor { file: 0, offset: 0 });
+        }
     }
 
     async fn serve(
@@ -406,13 +469,17 @@ impl Session {
                                 if let Some(run) = self.running.as_ref().filter(|run| run.r == r) {
                                     tracing::info!(job = %r.job_id, attempt = r.attempt, "cancelling at the broker's request");
                                     run.cancel.cancel();
+                                } else if self.staged.iter().any(|a| assign_ref(a) == r) {
+                                    tracing::info!(job = %r.job_id, attempt = r.attempt, "dropping a held job at the broker's request");
+                                    self.staged.retain(|a| assign_ref(a) != r);
                                 }
                             }
                             BrokerMessage::ResultAck(r) => {
                                 if self.unacked.as_ref().is_some_and(|d| d.r == r) {
-                                    let done = self.unacked.take().expect("checked");
-                                    self.cursor = None;
-                                    let _ = std::fs::remove_dir_all(&done.work_dir);
+                                    self.acknowledged();
+                                } else if self.pending.iter().any(|d| d.r == r) {
+                                    // A stale result the broker does not want.
+                                    self.pending.retain(|d| d.r != r);
                                 }
                             }
                             BrokerMessage::Reregister(_) => {
@@ -489,15 +556,20 @@ impl Session {
         } else {
             None
         };
+        let mut held = self.outstanding();
+        let current = (!held.is_empty()).then(|| held.remove(0));
+        let resident = self.resident();
+        let resident = (self.sent_resident.as_ref() != Some(&resident)).then(|| {
+            self.sent_resident = Some(resident.clone());
+            resident
+        });
         WorkerMessage::Heartbeat(Heartbeat {
             free_vram_mb: status.gpu.free_vram_mb,
             utilization_pct: status.gpu.utilization_pct,
             temperature_c: status.gpu.temperature_c,
-            current: self
-                .running
-                .as_ref()
-                .map(|r| r.r)
-                .or(self.unacked.as_ref().map(|d| d.r)),
+            current,
+            held,
+            resident,
             loaded_model: self.loaded_model(),
             healthy: status.healthy,
             backends,
@@ -505,13 +577,17 @@ impl Session {
     }
 
     async fn on_assign(&mut self, conn: &mut DealerConn, a: Assign) -> Result<(), String> {
-        let r = JobRef {
-            job_id: a.job_id,
-            attempt: a.attempt,
-        };
+        let r = assign_ref(&a);
+        if self.running.as_ref().is_some_and(|run| run.r == r)
+            || self.staged.iter().any(|s| assign_ref(s) == r)
+        {
+            return Ok(()); // a duplicate
+        }
         if let Some(busy) = &self.running {
-            if busy.r == r {
-                return Ok(()); // a duplicate
+            if a.hold && self.staged.len() < self.worker.settings.pipeline_depth as usize {
+                tracing::debug!(job = %a.job_id, attempt = a.attempt, "holding the next job");
+                self.staged.push_back(a);
+                return Ok(());
             }
             tracing::warn!(job = %a.job_id, busy_with = %busy.r.job_id, "assigned a job while busy; refusing it");
             let msg = WorkerMessage::Refused(Refused {
@@ -521,17 +597,18 @@ impl Session {
             });
             return self.send(conn, &msg).await;
         }
-        if self.unacked.take().is_some() {
-            // The broker moved on without wanting that result.
+        if !a.hold && self.unacked.take().is_some() {
+            // The broker counts this worker idle: it moved on without wanting
+            // the results still here.
+            self.pending.clear();
             self.cursor = None;
         }
-        let Some(backend) = self
+        if !self
             .worker
             .backends
             .iter()
-            .find(|b| b.kind() == a.job.backend)
-            .cloned()
-        else {
+            .any(|b| b.kind() == a.job.backend)
+        {
             let err = JobError::new(
                 FailureKind::InvalidInput,
                 format!("this worker has no {} backend", a.job.backend),
@@ -544,6 +621,36 @@ impl Session {
                 loaded_model: None,
             });
             return self.send(conn, &msg).await;
+        }
+        self.start(a);
+        Ok(())
+    }
+
+    /// Starts an attempt on its backend (the GPU is free).
+    fn start(&mut self, a: Assign) {
+        let r = assign_ref(&a);
+        let Some(backend) = self
+            .worker
+            .backends
+            .iter()
+            .find(|b| b.kind() == a.job.backend)
+            .cloned()
+        else {
+            // Staged for a backend this worker lacks: fail it in its turn.
+            let err = JobError::new(
+                FailureKind::InvalidInput,
+                format!("this worker has no {} backend", a.job.backend),
+                false,
+            );
+            let done = Done {
+                r,
+                outcome: Outcome::Failed { error: err },
+                files: Vec::new(),
+                loaded_model: None,
+                work_dir: self.worker.settings.work_dir.join(format!("{}-{}", r.job_id, r.attempt)),
+            };
+            self.finish(done);
+            return;
         };
         tracing::info!(job = %a.job_id, attempt = a.attempt, backend = %a.job.backend, "starting");
         let (sink, progress) = ProgressSink::new();
@@ -568,7 +675,6 @@ impl Session {
             cancel,
             self.done_tx.clone(),
         ));
-        Ok(())
     }
 
     /// Sends the next piece of the unacknowledged result, then `finished`.
@@ -647,6 +753,13 @@ fn read_piece(data: &OutputData, offset: u64, len: u64) -> std::io::Result<Vec<u
     }
 }
 
+fn assign_ref(a: &Assign) -> JobRef {
+    JobRef {
+        job_id: a.job_id,
+        attempt: a.attempt,
+    }
+}
+
 /// Runs one attempt on its backend and prepares the result (sizes, hashes).
 #[allow(clippy::too_many_arguments)]
 async fn run_job(
@@ -666,6 +779,9 @@ async fn run_job(
         degrade,
         work_dir: work_dir.clone(),
     };
+    // When the generator had the job, on the Unix clock: the gap between one
+    // job's end and the next one's start is what pipelined dispatch removes.
+    let started_unix_ms = kiln_protocol::unix_ms();
     // A panicking backend must fail the attempt, not the worker.
     let result = match AssertUnwindSafe(backend.run(run, sink, cancel))
         .catch_unwind()
@@ -678,6 +794,13 @@ async fn run_job(
             true,
         ))),
     };
+    let ended_unix_ms = kiln_protocol::unix_ms();
+    let result = result.map(|mut out| {
+        out.info
+            .insert("worker_started_ms".into(), started_unix_ms.into());
+        out.info.insert("worker_ended_ms".into(), ended_unix_ms.into());
+        out
+    });
     let (outcome, files) = match result {
         // Hashing files reads them: off the async threads. Bytes are hashed here.
         Ok(out)

@@ -269,6 +269,7 @@ impl Core {
             slot: None,
             class: 0,
             finalizing: false,
+            held: false,
             uploads: Vec::new(),
         };
         if self.cfg.persist {

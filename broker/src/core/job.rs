@@ -76,6 +76,11 @@ pub struct Job {
     /// The worker reported success and the outputs are being verified.
     #[serde(skip)]
     pub finalizing: bool,
+    /// Assigned to a busy worker that starts it when its current job ends
+    /// (pipelined dispatch); the job is still `queued` and `worker` names the
+    /// holder. Not stored: after a restart a held job is simply queued again.
+    #[serde(skip)]
+    pub held: bool,
     #[serde(skip)]
     pub uploads: Vec<Upload>,
 }

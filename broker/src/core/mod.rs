@@ -15,6 +15,8 @@
 mod clients;
 pub mod job;
 mod lifecycle;
+mod pipeline;
+mod placement;
 pub mod queue;
 mod recovery;
 pub mod registry;
@@ -60,6 +62,10 @@ pub struct CoreConfig {
     /// Oldest finished jobs are removed while artifacts exceed this (0 = no limit).
     pub retention_max_bytes: u64,
     pub retention_sweep_ms: u64,
+    /// Most attempts a worker may hold besides the one it runs (pipelined
+    /// dispatch); each worker advertises its own depth, capped by this. 0 turns
+    /// pipelining off.
+    pub max_held: u8,
 }
 
 impl Default for CoreConfig {
@@ -79,6 +85,7 @@ impl Default for CoreConfig {
             retention_max_age_ms: 0,
             retention_max_bytes: 0,
             retention_sweep_ms: 60_000,
+            max_held: 4,
         }
     }
 }
@@ -249,6 +256,9 @@ pub struct Core {
     stats: Stats,
     /// Scratch space of `dispatch`: which job classes the worker can run.
     runnable: Vec<bool>,
+    /// Held attempts (pipelined dispatch) by job priority, so a submit can tell
+    /// at once whether some held job is less urgent than it.
+    held_priorities: std::collections::BTreeMap<i8, u32>,
 }
 
 impl Core {
@@ -275,6 +285,7 @@ impl Core {
             next_session_sweep_ms: now_ms + 60_000,
             stats: Stats::default(),
             runnable: Vec::new(),
+            held_priorities: Default::default(),
         }
     }
 

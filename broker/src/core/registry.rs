@@ -42,6 +42,9 @@ pub struct Worker {
     models: HashSet<(Backend, String)>,
     pub labels: Vec<String>,
     pub loaded_model: Option<String>,
+    /// Models resident in GPU memory, most recently used first (from the worker's
+    /// reports; `loaded_model` alone for workers that do not report a set).
+    pub resident: Vec<String>,
     pub healthy: bool,
     pub online: bool,
     /// When an online worker is declared dead without a sign of life.
@@ -49,6 +52,13 @@ pub struct Worker {
     pub last_seen_ms: u64,
     /// The attempt assigned to this worker, until its result is stored.
     pub current: Option<JobRef>,
+    /// Attempts assigned after `current` (pipelined dispatch), oldest first, with
+    /// when each was sent. The first starts on the worker the moment `current`
+    /// ends there, without a round trip to the broker.
+    pub held: Vec<(JobRef, u64)>,
+    /// How many attempts the worker will hold besides `current`: what it
+    /// advertised, capped by the broker's setting.
+    pub max_held: u8,
     pub jobs_done: u64,
     /// Per class: 0 not yet computed, 1 can run, 2 cannot.
     compat: Vec<u8>,
@@ -71,11 +81,14 @@ impl Worker {
             models: HashSet::new(),
             labels: r.labels,
             loaded_model: None,
+            resident: Vec::new(),
             healthy: false,
             online: false,
             expires_ms: 0,
             last_seen_ms: r.last_seen_ms,
             current: None,
+            held: Vec::new(),
+            max_held: 0,
             jobs_done: 0,
             compat: Vec::new(),
             label: Arc::from(""),
@@ -155,6 +168,16 @@ impl Worker {
                 .any(|b| b.backend == backend && b.healthy)
     }
 
+    /// Whether `model` is resident in GPU memory (no load needed to run it).
+    pub fn has_resident(&self, model: &str) -> bool {
+        self.loaded_model.as_deref() == Some(model) || self.resident.iter().any(|m| m == model)
+    }
+
+    /// Whether the worker is busy yet may take another attempt to hold.
+    pub fn can_hold(&self) -> bool {
+        self.current.is_some() && self.held.len() < self.max_held as usize
+    }
+
     pub fn state(&self) -> WorkerState {
         if !self.online {
             WorkerState::Offline
@@ -201,6 +224,8 @@ pub struct Registry {
     by_id: HashMap<Arc<str>, WorkerIdx>,
     /// Online, healthy workers without a job: candidates for a new job.
     idle: BTreeSet<WorkerIdx>,
+    /// Online, healthy, busy workers with room to hold another attempt.
+    open: BTreeSet<WorkerIdx>,
 }
 
 impl Registry {
@@ -243,6 +268,7 @@ impl Registry {
             self.by_peer.remove(p);
         }
         self.idle.remove(&idx);
+        self.open.remove(&idx);
         self.free.push(idx);
         Some(w)
     }
@@ -263,19 +289,31 @@ impl Registry {
         }
     }
 
-    /// Re-derives whether the worker belongs in the idle set; call after changing
-    /// `online`, `healthy` or `current`.
+    /// Re-derives whether the worker belongs in the idle and open sets; call after
+    /// changing `online`, `healthy`, `current` or `held`.
     pub fn refresh_idle(&mut self, idx: WorkerIdx) {
         let w = self.get(idx);
-        if w.online && w.healthy && w.current.is_none() {
+        let ready = w.online && w.healthy && w.peer.is_some();
+        let (idle, open) = (ready && w.current.is_none(), ready && w.can_hold());
+        if idle {
             self.idle.insert(idx);
         } else {
             self.idle.remove(&idx);
+        }
+        if open {
+            self.open.insert(idx);
+        } else {
+            self.open.remove(&idx);
         }
     }
 
     pub fn idle(&self) -> impl Iterator<Item = WorkerIdx> + '_ {
         self.idle.iter().copied()
+    }
+
+    /// Busy workers that may hold another attempt.
+    pub fn open(&self) -> impl Iterator<Item = WorkerIdx> + '_ {
+        self.open.iter().copied()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (WorkerIdx, &Worker)> {

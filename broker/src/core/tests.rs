@@ -104,6 +104,9 @@ impl Sim {
             loaded_model: loaded.map(str::to_string),
             current: None,
             unacked: None,
+            held: Vec::new(),
+            max_held: 0,
+            resident: Vec::new(),
         };
         self.worker(w, WorkerMessage::Register(Box::new(reg)))
     }
@@ -129,6 +132,16 @@ impl Sim {
     }
 
     fn beat_holding(&mut self, w: &str, current: Option<JobRef>) -> Vec<Output> {
+        let held = self
+            .core
+            .workers()
+            .by_id(w)
+            .map(|i| self.core.workers().get(i).held.iter().map(|(r, _)| *r).collect())
+            .unwrap_or_default();
+        self.beat_full(w, current, held)
+    }
+
+    fn beat_full(&mut self, w: &str, current: Option<JobRef>, held: Vec<JobRef>) -> Vec<Output> {
         self.worker(
             w,
             WorkerMessage::Heartbeat(Heartbeat {
@@ -136,7 +149,9 @@ impl Sim {
                 utilization_pct: None,
                 temperature_c: None,
                 current,
+                held,
                 loaded_model: None,
+                resident: None,
                 healthy: true,
                 backends: None,
             }),
@@ -850,6 +865,9 @@ fn recovery_keeps_order_and_waits_for_running_workers() {
             attempt: 1,
         }),
         unacked: None,
+        held: Vec::new(),
+        max_held: 0,
+        resident: Vec::new(),
     };
     let out = sim2.worker("w1", WorkerMessage::Register(Box::new(reg)));
     assert!(assigns(&out).is_empty());
@@ -1081,3 +1099,5 @@ fn a_refused_assignment_costs_no_attempt_and_the_stale_work_is_stopped() {
         "max_attempts 1 was not used up by the refusal"
     );
 }
+
+mod pipeline;
