@@ -647,7 +647,11 @@ impl Session {
                 outcome: Outcome::Failed { error: err },
                 files: Vec::new(),
                 loaded_model: None,
-                work_dir: self.worker.settings.work_dir.join(format!("{}-{}", r.job_id, r.attempt)),
+                work_dir: self
+                    .worker
+                    .settings
+                    .work_dir
+                    .join(format!("{}-{}", r.job_id, r.attempt)),
             };
             self.finish(done);
             return;
@@ -798,7 +802,8 @@ async fn run_job(
     let result = result.map(|mut out| {
         out.info
             .insert("worker_started_ms".into(), started_unix_ms.into());
-        out.info.insert("worker_ended_ms".into(), ended_unix_ms.into());
+        out.info
+            .insert("worker_ended_ms".into(), ended_unix_ms.into());
         out
     });
     let (outcome, files) = match result {

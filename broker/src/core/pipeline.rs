@@ -61,7 +61,12 @@ impl Core {
     /// Takes a held job back from its worker (told to drop it when `tell` is set
     /// and it is connected). Returns the worker, or `None` if the job was not held.
     /// The job is left queued but out of line: the caller ends it or enqueues it.
-    pub(super) fn unhold(&mut self, id: JobId, tell: bool, out: &mut Vec<Output>) -> Option<WorkerIdx> {
+    pub(super) fn unhold(
+        &mut self,
+        id: JobId,
+        tell: bool,
+        out: &mut Vec<Output>,
+    ) -> Option<WorkerIdx> {
         let job = self.jobs.get_mut(&id)?;
         if !job.held {
             return None;
@@ -106,7 +111,13 @@ impl Core {
 
     /// Every job worker `idx` holds goes back in line (the worker was lost, or
     /// no longer names them).
-    pub(super) fn requeue_all_held(&mut self, now_ms: u64, idx: WorkerIdx, why: &str, out: &mut Vec<Output>) {
+    pub(super) fn requeue_all_held(
+        &mut self,
+        now_ms: u64,
+        idx: WorkerIdx,
+        why: &str,
+        out: &mut Vec<Output>,
+    ) {
         let held: Vec<JobRef> = self.workers.get(idx).held.iter().map(|(r, _)| *r).collect();
         for r in held {
             self.requeue_held(now_ms, r.job_id, false, format!("back in line: {why}"), out);
@@ -116,7 +127,13 @@ impl Core {
     /// A job found no free worker: if some capable worker holds a less urgent job
     /// that has not started, that job goes back in line and this one takes its
     /// place. Returns whether it did.
-    pub(super) fn preempt_held(&mut self, now_ms: u64, id: JobId, class: ClassId, out: &mut Vec<Output>) -> bool {
+    pub(super) fn preempt_held(
+        &mut self,
+        now_ms: u64,
+        id: JobId,
+        class: ClassId,
+        out: &mut Vec<Output>,
+    ) -> bool {
         let priority = self.jobs[&id].spec.priority;
         if !self
             .held_priorities
@@ -130,7 +147,10 @@ impl Core {
         for idx in self.workers.indices() {
             let req = self.queue.requirements(class);
             let w = self.workers.get_mut(idx);
-            if !(w.online && w.peer.is_some()) || !w.can_run_class(class, req) || !w.backend_healthy(backend) {
+            if !(w.online && w.peer.is_some())
+                || !w.can_run_class(class, req)
+                || !w.backend_healthy(backend)
+            {
                 continue;
             }
             for (r, _) in &self.workers.get(idx).held {
@@ -149,7 +169,9 @@ impl Core {
         self.publish_job(
             now_ms,
             held_id,
-            Cow::Owned(format!("back in line: a more urgent job took its place on {holder}")),
+            Cow::Owned(format!(
+                "back in line: a more urgent job took its place on {holder}"
+            )),
             out,
         );
         self.enqueue(now_ms, held_id, out);
@@ -196,7 +218,9 @@ impl Core {
             return;
         };
         let holder = self.unhold(id, true, out);
-        let from = holder.map(|h| self.workers.get(h).id.to_string()).unwrap_or_default();
+        let from = holder
+            .map(|h| self.workers.get(h).id.to_string())
+            .unwrap_or_default();
         tracing::debug!(job = %id, from = %from, to = %self.workers.get(idx).id, "an idle worker takes over a held job");
         self.assign(now_ms, id, idx, out);
     }

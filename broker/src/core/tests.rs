@@ -136,7 +136,15 @@ impl Sim {
             .core
             .workers()
             .by_id(w)
-            .map(|i| self.core.workers().get(i).held.iter().map(|(r, _)| *r).collect())
+            .map(|i| {
+                self.core
+                    .workers()
+                    .get(i)
+                    .held
+                    .iter()
+                    .map(|(r, _)| *r)
+                    .collect()
+            })
             .unwrap_or_default();
         self.beat_full(w, current, held)
     }

@@ -196,9 +196,8 @@ impl Core {
             Some(idx) => {
                 let w = self.workers.get(idx);
                 if let Some(cur) = w.current {
-                    let keeps_it = r.current == Some(cur)
-                        || r.unacked == Some(cur)
-                        || r.held.contains(&cur);
+                    let keeps_it =
+                        r.current == Some(cur) || r.unacked == Some(cur) || r.held.contains(&cur);
                     if !keeps_it {
                         let why = if w.instance == r.instance {
                             "re-registered without its job"
@@ -379,7 +378,13 @@ impl Core {
             attempt: r.attempt,
         };
         let wid = self.workers.get(idx).id.clone();
-        if self.workers.get(idx).held.iter().any(|(h, _)| *h == refused) {
+        if self
+            .workers
+            .get(idx)
+            .held
+            .iter()
+            .any(|(h, _)| *h == refused)
+        {
             // It cannot hold as many as it said: hold no more on it until it
             // registers again.
             tracing::warn!(worker = %wid, job = %r.job_id, "worker refused to hold an assignment");

@@ -183,7 +183,10 @@ fn an_idle_worker_takes_over_a_held_job() {
     let (j2, _) = sim.submit(spec());
     let out = sim.register_holding("w2", 1);
     assert_eq!(assigns(&out), [("w2".to_string(), j2, 2)]);
-    assert!(holds(&out).is_empty(), "it starts at once on the idle worker");
+    assert!(
+        holds(&out).is_empty(),
+        "it starts at once on the idle worker"
+    );
     assert_eq!(
         cancels(&out),
         [JobRef {
