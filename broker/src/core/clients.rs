@@ -565,7 +565,7 @@ impl Core {
             workers_idle: 0,
             workers_busy: 0,
             workers_unhealthy: 0,
-            queued: self.queue.len() as u64,
+            queued: self.queued() as u64,
             running: self.running as u64,
             finished: self.stats.succeeded + self.stats.failed + self.stats.cancelled,
             protocol_errors: self.stats.protocol_errors,

@@ -181,7 +181,7 @@ impl Core {
         }
     }
 
-    fn decrement_queued(&mut self, client: &std::sync::Arc<str>) {
+    pub(super) fn decrement_queued(&mut self, client: &std::sync::Arc<str>) {
         if let Some(n) = self.queued_per_client.get_mut(client) {
             *n -= 1;
             if *n == 0 {
@@ -274,7 +274,7 @@ impl Core {
                 let w = self.workers.get_mut(idx);
                 runnable.push(w.can_run_class(class, req) && w.backend_healthy(backend));
             }
-            let next = self.pop_for_worker(idx, &runnable);
+            let next = self.pop_for_worker(now_ms, idx, &runnable);
             self.runnable = runnable;
             let Some(id) = next else {
                 if idle {

@@ -16,7 +16,7 @@ mod clients;
 pub mod job;
 mod lifecycle;
 mod pipeline;
-mod placement;
+pub mod placement;
 pub mod queue;
 mod recovery;
 pub mod registry;
@@ -66,6 +66,12 @@ pub struct CoreConfig {
     /// dispatch); each worker advertises its own depth, capped by this. 0 turns
     /// pipelining off.
     pub max_held: u8,
+    /// Placement counts model loads (see [`placement`]); off = the queue's order
+    /// alone, as before pipelining (a baseline for the fleet benchmark).
+    pub load_aware: bool,
+    /// The fairness bound of load-aware placement: a job at the head of its
+    /// client's line that has waited this long is taken before any warm work.
+    pub affinity_max_wait_ms: u64,
 }
 
 impl Default for CoreConfig {
@@ -86,6 +92,8 @@ impl Default for CoreConfig {
             retention_max_bytes: 0,
             retention_sweep_ms: 60_000,
             max_held: 4,
+            load_aware: true,
+            affinity_max_wait_ms: 120_000,
         }
     }
 }
@@ -259,6 +267,8 @@ pub struct Core {
     /// Held attempts (pipelined dispatch) by job priority, so a submit can tell
     /// at once whether some held job is less urgent than it.
     held_priorities: std::collections::BTreeMap<i8, u32>,
+    /// Scratch space of `pop_for_worker`.
+    candidates: Vec<queue::Candidate>,
 }
 
 impl Core {
@@ -286,6 +296,7 @@ impl Core {
             stats: Stats::default(),
             runnable: Vec::new(),
             held_priorities: Default::default(),
+            candidates: Vec::new(),
         }
     }
 
@@ -305,8 +316,9 @@ impl Core {
         self.jobs.len()
     }
 
+    /// Jobs waiting: in line, or held by a busy worker (pipelined dispatch).
     pub fn queued(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.held_priorities.values().sum::<u32>() as usize
     }
 
     pub fn running(&self) -> usize {

@@ -29,8 +29,11 @@ impl Core {
         self.workers.refresh_idle(idx);
         let job = self.jobs.get_mut(&r.job_id).expect("held job exists");
         job.held = true;
+        // A held job still counts as queued for its client's limit.
+        let client = job.client.clone();
         *self.held_priorities.entry(job.spec.priority).or_insert(0) += 1;
-        self.publish_job(now_ms, r.job_id, Cow::Owned(note), out);
+        *self.queued_per_client.entry(client).or_insert(0) += 1;
+        self.note(now_ms, r.job_id, note, out);
     }
 
     /// The worker's current attempt ended: the attempt it held first has started
@@ -44,9 +47,21 @@ impl Core {
         w.current = Some(r);
         let job = self.jobs.get_mut(&r.job_id).expect("held job exists");
         debug_assert!(job.held && job.attempt == r.attempt && job.state == JobState::Queued);
-        let priority = job.spec.priority;
+        let (priority, client) = (job.spec.priority, job.client.clone());
         self.forget_held_priority(priority);
+        self.decrement_queued(&client);
         self.begin_attempt(now_ms, r.job_id, out);
+    }
+
+    /// Records a step of a held job in its history and publishes it (its state
+    /// stays `queued`).
+    fn note(&mut self, now_ms: u64, id: JobId, note: String, out: &mut Vec<Output>) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let note: Cow<'static, str> = Cow::Owned(note);
+        job.record(now_ms, note.clone());
+        self.publish_job(now_ms, id, note, out);
     }
 
     fn forget_held_priority(&mut self, priority: i8) {
@@ -78,8 +93,9 @@ impl Core {
         };
         let holder = job.worker.take();
         job.gpu = None;
-        let priority = job.spec.priority;
+        let (priority, client) = (job.spec.priority, job.client.clone());
         self.forget_held_priority(priority);
+        self.decrement_queued(&client);
         let idx = holder.as_deref().and_then(|w| self.workers.by_id(w))?;
         let w = self.workers.get_mut(idx);
         w.held.retain(|(h, _)| *h != r);
@@ -102,10 +118,16 @@ impl Core {
         why: String,
         out: &mut Vec<Output>,
     ) {
+        let attempt = self.jobs.get(&id).map_or(0, |j| j.attempt);
         if self.unhold(id, tell, out).is_none() {
             return;
         }
-        self.publish_job(now_ms, id, Cow::Owned(why), out);
+        self.note(
+            now_ms,
+            id,
+            format!("held attempt {attempt} requeued: {why}"),
+            out,
+        );
         self.enqueue(now_ms, id, out);
     }
 
@@ -120,7 +142,7 @@ impl Core {
     ) {
         let held: Vec<JobRef> = self.workers.get(idx).held.iter().map(|(r, _)| *r).collect();
         for r in held {
-            self.requeue_held(now_ms, r.job_id, false, format!("back in line: {why}"), out);
+            self.requeue_held(now_ms, r.job_id, false, why.to_string(), out);
         }
     }
 
@@ -164,16 +186,13 @@ impl Core {
             return false;
         };
         let holder = self.workers.get(idx).id.clone();
+        let attempt = self.jobs[&held_id].attempt;
         self.unhold(held_id, true, out);
         self.assign(now_ms, id, idx, out);
-        self.publish_job(
-            now_ms,
-            held_id,
-            Cow::Owned(format!(
-                "back in line: a more urgent job took its place on {holder}"
-            )),
-            out,
+        let why = format!(
+            "held attempt {attempt} requeued: a more urgent job took its place on {holder}"
         );
+        self.note(now_ms, held_id, why, out);
         self.enqueue(now_ms, held_id, out);
         true
     }
@@ -217,11 +236,15 @@ impl Core {
         let Some((_, _, id)) = best else {
             return;
         };
+        let attempt = self.jobs[&id].attempt;
         let holder = self.unhold(id, true, out);
         let from = holder
             .map(|h| self.workers.get(h).id.to_string())
             .unwrap_or_default();
-        tracing::debug!(job = %id, from = %from, to = %self.workers.get(idx).id, "an idle worker takes over a held job");
+        let to = self.workers.get(idx).id.clone();
+        let why =
+            format!("held attempt {attempt} requeued: {to} was idle and took it over from {from}");
+        self.note(now_ms, id, why, out);
         self.assign(now_ms, id, idx, out);
     }
 }

@@ -59,6 +59,8 @@ pub struct Worker {
     /// How many attempts the worker will hold besides `current`: what it
     /// advertised, capped by the broker's setting.
     pub max_held: u8,
+    /// The models this worker adds to the registry's warm counts.
+    counted: Vec<String>,
     pub jobs_done: u64,
     /// Per class: 0 not yet computed, 1 can run, 2 cannot.
     compat: Vec<u8>,
@@ -89,6 +91,7 @@ impl Worker {
             current: None,
             held: Vec::new(),
             max_held: 0,
+            counted: Vec::new(),
             jobs_done: 0,
             compat: Vec::new(),
             label: Arc::from(""),
@@ -226,6 +229,8 @@ pub struct Registry {
     idle: BTreeSet<WorkerIdx>,
     /// Online, healthy, busy workers with room to hold another attempt.
     open: BTreeSet<WorkerIdx>,
+    /// Per model: online workers that have it resident.
+    warm: HashMap<String, u32>,
 }
 
 impl Registry {
@@ -262,6 +267,9 @@ impl Registry {
     }
 
     pub fn remove(&mut self, idx: WorkerIdx) -> Option<Worker> {
+        self.slab.get(idx)?.as_ref()?;
+        let gone = std::mem::take(&mut self.get_mut(idx).counted);
+        self.uncount(&gone);
         let w = self.slab.get_mut(idx)?.take()?;
         self.by_id.remove(&w.id);
         if let Some(p) = &w.peer {
@@ -292,6 +300,7 @@ impl Registry {
     /// Re-derives whether the worker belongs in the idle and open sets; call after
     /// changing `online`, `healthy`, `current` or `held`.
     pub fn refresh_idle(&mut self, idx: WorkerIdx) {
+        self.refresh_warm(idx);
         let w = self.get(idx);
         let ready = w.online && w.healthy && w.peer.is_some();
         let (idle, open) = (ready && w.current.is_none(), ready && w.can_hold());
@@ -305,6 +314,45 @@ impl Registry {
         } else {
             self.open.remove(&idx);
         }
+    }
+
+    /// Re-derives what the worker adds to the warm counts; call after changing
+    /// `online`, `loaded_model` or `resident`.
+    pub fn refresh_warm(&mut self, idx: WorkerIdx) {
+        let w = self.get_mut(idx);
+        let mut now: Vec<String> = Vec::new();
+        if w.online {
+            now.extend(w.loaded_model.iter().cloned());
+            for m in &w.resident {
+                if !now.contains(m) {
+                    now.push(m.clone());
+                }
+            }
+        }
+        if now == w.counted {
+            return;
+        }
+        let old = std::mem::replace(&mut w.counted, now.clone());
+        self.uncount(&old);
+        for m in now {
+            *self.warm.entry(m).or_insert(0) += 1;
+        }
+    }
+
+    fn uncount(&mut self, models: &[String]) {
+        for m in models {
+            if let Some(n) = self.warm.get_mut(m) {
+                *n -= 1;
+                if *n == 0 {
+                    self.warm.remove(m);
+                }
+            }
+        }
+    }
+
+    /// Online workers that have `model` resident.
+    pub fn warm_count(&self, model: &str) -> u32 {
+        self.warm.get(model).copied().unwrap_or(0)
     }
 
     pub fn idle(&self) -> impl Iterator<Item = WorkerIdx> + '_ {

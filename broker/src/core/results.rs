@@ -128,6 +128,7 @@ impl Core {
         let peer = self.workers.get(idx).peer.clone();
         if f.loaded_model.is_some() {
             self.workers.get_mut(idx).loaded_model = f.loaded_model.clone();
+            self.workers.refresh_warm(idx);
         }
         if !self.is_current(idx, r) {
             self.stats.stale_results += 1;

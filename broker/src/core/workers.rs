@@ -64,6 +64,8 @@ impl Core {
                     resident.truncate(MAX_RESIDENT);
                     w.resident = resident;
                 }
+                self.workers.refresh_warm(idx);
+                let w = self.workers.get_mut(idx);
                 let was_healthy = w.healthy;
                 w.healthy = h.healthy;
                 let inventory_changed = h.backends.is_some();
@@ -89,7 +91,7 @@ impl Core {
                 }
                 for id in lost_holds {
                     tracing::warn!(job = %id, worker = %self.workers.get(idx).id, "the worker does not hold the job it was given to hold; requeueing");
-                    let why = "back in line: the assignment never reached its worker".to_string();
+                    let why = "the assignment never reached its worker".to_string();
                     self.requeue_held(now_ms, id, false, why, out);
                 }
                 if was_healthy != h.healthy || inventory_changed {
@@ -265,7 +267,7 @@ impl Core {
             }),
         );
         for id in dropped {
-            let why = "back in line: its worker re-registered without it".to_string();
+            let why = "its worker re-registered without it".to_string();
             self.requeue_held(now_ms, id, false, why, out);
         }
         // What the worker holds that the broker no longer wants: stop it, forget it.
@@ -389,7 +391,7 @@ impl Core {
             // registers again.
             tracing::warn!(worker = %wid, job = %r.job_id, "worker refused to hold an assignment");
             self.workers.get_mut(idx).max_held = 0;
-            let why = format!("back in line: {wid} could not hold it");
+            let why = format!("{wid} could not hold it");
             self.requeue_held(now_ms, r.job_id, false, why, out);
             return;
         }
