@@ -493,6 +493,33 @@ pub struct Transition {
     pub note: Cow<'static, str>,
 }
 
+/// Why a queued job has not started, for people watching it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    pub reason: WaitReason,
+    /// The same in words, with the figures: "needs 40960 MiB; the largest GPU
+    /// that could run it has 24576 MiB".
+    pub detail: String,
+}
+
+/// The kinds of [`Waiting`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitReason {
+    /// No registered worker has the backend, model and labels it needs.
+    NoCapableWorker,
+    /// Workers that could run it are offline or their backend is down.
+    BackendDown,
+    /// Every worker that could run it is busy.
+    AllBusy,
+    /// Only a GPU with more memory can run it (it needs more than the GPUs that
+    /// are free, or than any GPU online).
+    BiggerGpu,
+    /// A busy worker holds it and starts it when its current job ends
+    /// (pipelined dispatch).
+    Held,
+}
+
 /// The whole observable state of a job at sequence number `seq`: what `get` returns,
 /// and what a follower starts from after missing events (the Clone pattern).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -536,6 +563,9 @@ pub struct JobSnapshot {
     /// Jobs ahead of this one that the same workers could take, when queued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<u64>,
+    /// Why a queued job is waiting (in `get` replies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
     pub created_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_ms: Option<u64>,

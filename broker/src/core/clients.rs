@@ -141,6 +141,7 @@ impl Core {
                     Some(job) => {
                         let mut snap = job.snapshot(true);
                         snap.queue_position = self.queue_position(job);
+                        snap.waiting = self.waiting(job);
                         Reply::Job(Box::new(JobReply { req_id, job: snap }))
                     }
                     None => not_found(req_id, g.job_id),
@@ -515,7 +516,7 @@ impl Core {
     /// Queued jobs that the same workers would take first (higher priority, or
     /// the same priority and older). Exact, but O(queue), so only computed for
     /// queues up to 50,000 jobs.
-    fn queue_position(&self, job: &Job) -> Option<u64> {
+    pub(super) fn queue_position(&self, job: &Job) -> Option<u64> {
         let slot = job.slot?;
         if self.queue.len() > 50_000 {
             return None;

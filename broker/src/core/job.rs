@@ -165,6 +165,7 @@ impl Job {
             cancel_requested: self.cancel_requested,
             degrade: self.degrade,
             queue_position: None,
+            waiting: None,
             created_ms: self.created_ms,
             started_ms: self.started_ms,
             finished_ms: self.finished_ms,

@@ -25,6 +25,7 @@ mod retention;
 #[cfg(test)]
 mod tests;
 mod timers;
+mod waiting;
 pub(crate) mod workers;
 
 use std::cmp::Reverse;

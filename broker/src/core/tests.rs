@@ -1109,3 +1109,4 @@ fn a_refused_assignment_costs_no_attempt_and_the_stale_work_is_stopped() {
 }
 
 mod pipeline;
+mod waiting;

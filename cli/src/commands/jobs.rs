@@ -246,6 +246,9 @@ pub async fn status(client: &Client, job: &str, json: bool) -> anyhow::Result<Ex
     if let Some(q) = snap.queue_position {
         println!("ahead      {q} job(s)");
     }
+    if let Some(w) = &snap.waiting {
+        println!("waiting    {}", w.detail);
+    }
     if let Some(e) = &snap.error {
         println!("error      {:?}: {}", e.kind, e.message);
     }
