@@ -249,6 +249,37 @@ pub struct SimConfig {
     pub allow_faults: bool,
     /// Largest image side the simulator will render.
     pub max_side: u32,
+    /// GPU memory the simulator models: models stay resident up to it and the
+    /// least recently used is evicted to load another (0 = no limit).
+    pub vram_mb: u64,
+    /// Generation speed of the simulated GPU relative to the reference (an RTX
+    /// 4090 = 1.0): a step takes `step_ms / speed`. Loads do not scale with it.
+    pub speed: f64,
+    /// Memory and load time per model; a model without a profile takes no
+    /// memory and loads in `load_ms`.
+    pub profiles: Vec<SimModelProfile>,
+}
+
+/// What one model costs on the simulated GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimModelProfile {
+    pub name: String,
+    /// GPU memory its weights take.
+    pub vram_mb: u64,
+    /// Load time from disk into the GPU; unset = the simulator's `load_ms`.
+    #[serde(default)]
+    pub load_ms: Option<u64>,
+}
+
+impl SimModelProfile {
+    fn new(name: &str, vram_mb: u64, load_ms: Option<u64>) -> SimModelProfile {
+        SimModelProfile {
+            name: name.into(),
+            vram_mb,
+            load_ms,
+        }
+    }
 }
 
 impl Default for SimConfig {
@@ -260,6 +291,20 @@ impl Default for SimConfig {
             models: vec!["sim-sd15".into(), "sim-sdxl".into(), "sim-wan".into()],
             allow_faults: false,
             max_side: 2048,
+            vram_mb: 24_576,
+            speed: 1.0,
+            // Sizes of the weights of real models (docs/performance.md says where
+            // they come from). The `sim-*` models load in `load_ms` (0 by
+            // default, for tests and demos); the real names load in the time a
+            // local NVMe takes.
+            profiles: vec![
+                SimModelProfile::new("sim-sd15", 2_150, None),
+                SimModelProfile::new("sim-sdxl", 7_066, None),
+                SimModelProfile::new("sim-wan", 15_360, None),
+                SimModelProfile::new("sdxl-base-1.0", 7_066, Some(9_000)),
+                SimModelProfile::new("flux1-dev-fp8", 12_186, Some(25_000)),
+                SimModelProfile::new("wan2.1-t2v-14b-fp8", 15_360, Some(60_000)),
+            ],
         }
     }
 }
@@ -386,6 +431,9 @@ impl KilnConfig {
         }
         if self.worker.sim.max_side < 8 {
             return invalid("worker.sim.max_side", "must be at least 8");
+        }
+        if !(self.worker.sim.speed.is_finite() && self.worker.sim.speed > 0.0) {
+            return invalid("worker.sim.speed", "must be a number above 0");
         }
         self.worker.comfyui.validate()?;
         self.worker.wan2gp.validate()?;
