@@ -327,8 +327,9 @@ impl Record {
         }
     }
 
-    /// Runs job `j` on GPU `g` from `now`; returns when it ends.
-    fn run(&mut self, s: &Scenario, vram: &mut Vram, g: usize, j: usize, now: u64) -> u64 {
+    /// Runs job `j` on GPU `g` from `now`; returns when it ends and how long it
+    /// generates (counted when it completes: a cancelled run is waste).
+    fn run(&mut self, s: &Scenario, vram: &mut Vram, g: usize, j: usize, now: u64) -> (u64, u64) {
         let m = s.jobs[j].model;
         let model = &s.models[m];
         let gpu = s.gpus[g];
@@ -339,10 +340,9 @@ impl Record {
             t += model.load_ms;
         }
         let run = (model.run_ms as f64 / gpu.speed) as u64;
-        self.generating_ms += run;
         self.start[j] = now;
         self.end[j] = t + run;
-        t + run
+        (t + run, run)
     }
 }
 
@@ -401,7 +401,8 @@ fn push_dispatch(s: &Scenario, how: Push) -> Record {
         if !busy[g] {
             if let Some(next) = queues[g].pop_front() {
                 busy[g] = true;
-                let end = rec.run(s, &mut vram[g], g, next, now);
+                let (end, run) = rec.run(s, &mut vram[g], g, next, now);
+                rec.generating_ms += run;
                 done.push(Reverse((end, g)));
             }
         }
@@ -412,8 +413,9 @@ fn push_dispatch(s: &Scenario, how: Push) -> Record {
 /// Something that happens at a time in the Kiln simulation.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
-    /// A GPU finished its job.
-    GpuDone(usize),
+    /// A GPU finished its job (of this run number: a cancelled run's end is
+    /// stale).
+    GpuDone(usize, u64),
     /// A message from a worker reaches the broker.
     ToBroker(usize, u64),
     /// A message from the broker reaches a worker.
@@ -423,7 +425,9 @@ enum Event {
 
 /// A simulated Kiln worker: what its GPU runs and what it holds.
 struct SimWorker {
-    running: Option<(JobRef, usize)>,
+    /// The attempt, its job, how long it generates.
+    running: Option<(JobRef, usize, u64)>,
+    runs: u64,
     staged: VecDeque<(JobRef, usize)>,
     vram: Vram,
     sent_resident: Vec<usize>,
@@ -464,6 +468,7 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
     let mut workers: Vec<SimWorker> = (0..s.gpus.len())
         .map(|_| SimWorker {
             running: None,
+            runs: 0,
             staged: VecDeque::new(),
             vram: Vram::default(),
             sent_resident: Vec::new(),
@@ -533,10 +538,11 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                      j: usize,
                      events: &mut BinaryHeap<Reverse<(u64, u64, Event)>>,
                      seq: &mut u64| {
-            let end = rec.run(s, &mut w.vram, g, j, now);
-            w.running = Some((r, j));
+            let (end, run) = rec.run(s, &mut w.vram, g, j, now);
+            w.running = Some((r, j, run));
+            w.runs += 1;
             *seq += 1;
-            events.push(Reverse((end, *seq, Event::GpuDone(g))));
+            events.push(Reverse((end, *seq, Event::GpuDone(g, w.runs))));
         };
         let mut to_broker: Vec<(usize, WorkerMessage)> = Vec::new();
         match ev {
@@ -567,9 +573,13 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                     }
                 }
             }
-            Event::GpuDone(g) => {
+            Event::GpuDone(g, run) => {
                 let w = &mut workers[g];
-                let (r, _) = w.running.take().expect("a GPU was running");
+                if w.runs != run || w.running.is_none() {
+                    continue; // that run was cancelled
+                }
+                let (r, _, generated) = w.running.take().expect("a GPU was running");
+                rec.generating_ms += generated;
                 let loaded = w.vram.resident.first().map(|&m| s.models[m].name.clone());
                 to_broker.push((
                     g,
@@ -598,13 +608,41 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                     let w = &mut workers[g];
                     if w.running.is_none() {
                         start(w, &mut rec, g, r, j, &mut events, &mut seq);
-                    } else {
-                        assert!(a.hold, "assigned while busy without hold");
+                    } else if a.hold && w.staged.is_empty() {
                         w.staged.push_back((r, j));
+                    } else {
+                        // As the real worker: busy, and no room to hold it.
+                        let busy = w.running.expect("running").0;
+                        to_broker.push((
+                            g,
+                            WorkerMessage::Refused(Refused {
+                                job_id: r.job_id,
+                                attempt: r.attempt,
+                                busy_with: busy,
+                            }),
+                        ));
                     }
                 }
                 Some(BrokerMessage::Cancel(r)) => {
-                    workers[g].staged.retain(|(s, _)| *s != r);
+                    let w = &mut workers[g];
+                    w.staged.retain(|(s, _)| *s != r);
+                    if w.running.is_some_and(|(x, _, _)| x == r) {
+                        // A held job the broker took back had already started:
+                        // stop it and report, as the real worker does.
+                        w.running = None;
+                        to_broker.push((
+                            g,
+                            WorkerMessage::Finished(Finished {
+                                job_id: r.job_id,
+                                attempt: r.attempt,
+                                outcome: Outcome::Cancelled,
+                                loaded_model: None,
+                            }),
+                        ));
+                        if let Some((r, j)) = w.staged.pop_front() {
+                            start(w, &mut rec, g, r, j, &mut events, &mut seq);
+                        }
+                    }
                 }
                 _ => {}
             },
@@ -633,7 +671,7 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                         free_vram_mb: 0,
                         utilization_pct: None,
                         temperature_c: None,
-                        current: w.running.map(|(r, _)| r),
+                        current: w.running.map(|(r, _, _)| r),
                         held: w.staged.iter().map(|(r, _)| *r).collect(),
                         loaded_model: w.vram.resident.first().map(|&m| s.models[m].name.clone()),
                         resident: Some(
