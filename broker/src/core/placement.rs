@@ -7,7 +7,8 @@
 //!   worker with the most free memory (an idle GPU never waits behind a warm
 //!   one's queue), else it is held by a busy worker (warm first).
 //! - A worker that is free takes, among the jobs it could run next (the oldest of
-//!   each class of each client at the top priority), one whose model it has
+//!   each class of the next 8 clients in rotation, at the top priority), one
+//!   whose model it has
 //!   resident, clients in their round-robin order. With none warm, it loads the
 //!   model whose waiting jobs have the fewest warm GPUs per job (a burst of one
 //!   model spreads over more GPUs when its queue is worth another load).
@@ -26,6 +27,10 @@ use super::Core;
 
 /// How well a worker suits a job; higher is better.
 pub(super) type Key = (bool, u64, Reverse<WorkerIdx>);
+
+/// Clients whose next jobs a free worker considers, in rotation order: bounds
+/// the cost of a decision with thousands of clients waiting.
+const CANDIDATE_CLIENTS: usize = 8;
 
 /// A waiting model deserves another GPU when it has more waiting jobs than this
 /// per GPU that has it resident.
@@ -55,8 +60,11 @@ impl Core {
             return self.queue.pop_for(|class| runnable[class as usize]);
         }
         let mut cands = std::mem::take(&mut self.candidates);
-        self.queue
-            .candidates(|class| runnable[class as usize], &mut cands);
+        self.queue.candidates(
+            |class| runnable[class as usize],
+            CANDIDATE_CLIENTS,
+            &mut cands,
+        );
         let chosen = self.choose(now_ms, idx, &cands);
         let job = chosen.map(|i| self.queue.take(&cands[i]));
         self.candidates = cands;

@@ -209,14 +209,24 @@ impl Queue {
     }
 
     /// The jobs a worker could take next: the oldest job of each runnable class
-    /// of each client, at the highest priority level that has one, clients in
-    /// their rotation order starting with the one whose turn it is. Pass the one
-    /// chosen to [`Queue::take`].
-    pub fn candidates(&self, mut can_run: impl FnMut(ClassId) -> bool, into: &mut Vec<Candidate>) {
+    /// of the next `max_clients` clients that have one, at the highest priority
+    /// level that has one, clients in their rotation order starting with the one
+    /// whose turn it is. Pass the one chosen to [`Queue::take`].
+    pub fn candidates(
+        &self,
+        mut can_run: impl FnMut(ClassId) -> bool,
+        max_clients: usize,
+        into: &mut Vec<Candidate>,
+    ) {
         into.clear();
         for (key, level) in self.levels.iter() {
             let n = level.ring.len();
+            let mut clients = 0;
             for step in 0..n {
+                if clients >= max_clients {
+                    break;
+                }
+                let before = into.len();
                 let at = (level.cursor + step) % n;
                 let lanes = &level.lanes[&level.ring[at]];
                 for (class, q) in &lanes.by_class {
@@ -233,6 +243,7 @@ impl Queue {
                         });
                     }
                 }
+                clients += (into.len() > before) as usize;
             }
             if !into.is_empty() {
                 return;
