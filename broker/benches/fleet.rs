@@ -606,13 +606,12 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                         attempt: a.attempt,
                     };
                     let w = &mut workers[g];
-                    if w.running.is_none() {
-                        start(w, &mut rec, g, r, j, &mut events, &mut seq);
-                    } else if a.hold && w.staged.is_empty() {
-                        w.staged.push_back((r, j));
-                    } else {
+                    if let Some((busy, _, _)) = w.running {
+                        if a.hold && w.staged.is_empty() {
+                            w.staged.push_back((r, j));
+                            continue;
+                        }
                         // As the real worker: busy, and no room to hold it.
-                        let busy = w.running.expect("running").0;
                         to_broker.push((
                             g,
                             WorkerMessage::Refused(Refused {
@@ -621,6 +620,8 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                                 busy_with: busy,
                             }),
                         ));
+                    } else {
+                        start(w, &mut rec, g, r, j, &mut events, &mut seq);
                     }
                 }
                 Some(BrokerMessage::Cancel(r)) => {
@@ -866,8 +867,8 @@ fn run(s: &Scenario) {
 
 fn main() {
     let only = std::env::var("KILN_FLEET").ok();
-    let scenarios: [(&str, fn() -> Scenario); 3] =
-        [("studio", studio), ("farm", farm), ("hot", hot_model)];
+    type Make = fn() -> Scenario;
+    let scenarios: [(&str, Make); 3] = [("studio", studio), ("farm", farm), ("hot", hot_model)];
     println!(
         "fleet simulator: result delay {RESULT_DELAY_MS} ms, assignment delay {ASSIGN_DELAY_MS} ms (Kiln only; the push baselines get none)"
     );

@@ -157,11 +157,11 @@ impl Core {
         out: &mut Vec<Output>,
     ) -> bool {
         let priority = self.jobs[&id].spec.priority;
-        if !self
+        let less_urgent_held = self
             .held_priorities
             .first_key_value()
-            .is_some_and(|(p, _)| *p < priority)
-        {
+            .is_some_and(|(p, _)| *p < priority);
+        if !less_urgent_held {
             return false;
         }
         let backend = self.queue.requirements(class).backend;
@@ -169,10 +169,11 @@ impl Core {
         for idx in self.workers.indices() {
             let req = self.queue.requirements(class);
             let w = self.workers.get_mut(idx);
-            if !(w.online && w.peer.is_some())
-                || !w.can_run_class(class, req)
-                || !w.backend_healthy(backend)
-            {
+            let capable = w.online
+                && w.peer.is_some()
+                && w.can_run_class(class, req)
+                && w.backend_healthy(backend);
+            if !capable {
                 continue;
             }
             for (r, _) in &self.workers.get(idx).held {
