@@ -26,18 +26,48 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 
 class Broker:
     """A DEALER to the broker's frontend. Every request carries a req_id that the
-    reply echoes; this simple client has one request in flight at a time."""
+    reply echoes; this simple client has one request in flight at a time.
+
+    A login belongs to one connection. When the broker answers `unauthenticated` to
+    a request after a successful `hello` (it restarted, and the DEALER reconnected
+    underneath), the client opens a fresh connection, says `hello` again and resends
+    the request, as docs/protocol.md says a client must."""
 
     def __init__(self, ctx, endpoint, timeout_s=15.0):
-        self.sock = ctx.socket(zmq.DEALER)
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.timeout_ms = int(timeout_s * 1000)
+        self.next_id = 1
+        self.hello = None
+        self.sock = None
+        self._connect()
+
+    def _connect(self):
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.sock = self.ctx.socket(zmq.DEALER)
         # Never set ZMQ_HEARTBEAT_* options: the broker's zeromq stack treats ZMTP
         # PINGs as errors. Liveness is handled by the protocol itself.
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-        self.timeout_ms = int(timeout_s * 1000)
-        self.next_id = 1
+        self.sock.connect(self.endpoint)
+
+    def login(self, **hello):
+        """Says `hello` (with the token, if any) and remembers it for re-logins."""
+        self.hello = hello
+        return self._call("hello", hello)
 
     def request(self, kind, **fields):
+        try:
+            return self._call(kind, fields)
+        except BrokerError as e:
+            if e.code != "unauthenticated" or self.hello is None:
+                raise
+        # The broker forgot this connection's login: log in again and resend once.
+        self._connect()
+        self._call("hello", self.hello)
+        return self._call(kind, fields)
+
+    def _call(self, kind, fields):
         req_id = self.next_id
         self.next_id += 1
         body = dict(fields, type=kind, req_id=req_id)
@@ -52,9 +82,17 @@ class Broker:
             if reply.get("req_id") != req_id:
                 continue  # a late reply to an earlier request
             if reply["type"] == "error":
-                err = reply["error"]
-                raise RuntimeError(f"{err['code']}: {err['message']} (field {err.get('field')})")
+                raise BrokerError(reply["error"])
             return reply
+
+
+class BrokerError(RuntimeError):
+    """A typed error reply: `code`, `message` and the offending `field`, if any."""
+
+    def __init__(self, err):
+        self.code = err["code"]
+        self.field = err.get("field")
+        super().__init__(f"{err['code']}: {err['message']} (field {self.field})")
 
 
 def follow(broker, sub, job_id, resync_s=1.0):
@@ -117,7 +155,7 @@ def main():
     hello = {"client": "submit-py"}
     if args.token:
         hello["token"] = args.token
-    welcome = broker.request("hello", **hello)
+    welcome = broker.login(**hello)
     print(f"connected to kiln {welcome['version']} as {welcome['client']}", file=sys.stderr)
 
     job = {

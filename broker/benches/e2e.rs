@@ -221,7 +221,10 @@ async fn in_process(durable: bool, workers: usize) -> Cluster {
         tokio::spawn(worker.run(status, stop.clone()));
     }
     let ep = broker.endpoints();
-    let client = Client::connect(ClientOptions::new(ep.frontend.clone(), ep.events.clone()));
+    let client = Client::connect(ClientOptions::new(
+        ep.frontend.clone(),
+        ep.events.clone().unwrap_or_default(),
+    ));
     kiln_testkit::eventually("the workers to register", Duration::from_secs(30), || {
         let client = client.clone();
         async move { (client.workers().await.ok()?.len() >= workers).then_some(()) }

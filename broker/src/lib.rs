@@ -4,10 +4,12 @@
 //!   state machine without I/O.
 //! - [`store`]: the durable job store (redb) with group commit.
 //! - [`wal`]: the store's write-ahead log, one fsync per group.
+//! - [`committer`]: group commit, and riding out a store that cannot write.
 //! - [`artifacts`]: output files on disk, with their size and sha256.
 //! - [`net`]: the thin async shell: frontend ROUTER, backend ROUTER, events PUB.
 
 pub mod artifacts;
+pub mod committer;
 pub mod core;
 pub mod net;
 pub mod store;

@@ -35,7 +35,7 @@ use kiln_protocol::request::{Chunk, Reply};
 use kiln_protocol::worker::BrokerMessage;
 use kiln_protocol::{ErrorBody, ErrorCode, Request, WorkerMessage};
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use zeromq::{
     PubSocket, RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend,
@@ -43,6 +43,7 @@ use zeromq::{
 };
 
 use crate::artifacts::ArtifactStore;
+use crate::committer::{self, Batch, Durable};
 use crate::core::{ArtifactOp, Core, CoreConfig, Input, Output, PeerId, Record};
 use crate::store::{Store, StoreError};
 
@@ -53,6 +54,10 @@ pub struct BrokerSettings {
     pub frontend: String,
     pub backend: String,
     pub events: String,
+    /// Whether the events port is opened. A PUB socket cannot tell who subscribes,
+    /// so with client tokens configured it stays closed unless the transport itself
+    /// authenticates every connection; clients then follow jobs with `get`.
+    pub events_open: bool,
     pub state_dir: PathBuf,
     pub durable: bool,
     pub peer_queue: usize,
@@ -78,8 +83,10 @@ impl BrokerSettings {
             retention_sweep_ms: b.retention.sweep_interval_s.max(1) * 1000,
             ..CoreConfig::default()
         };
+        let events_open = core.client_token.is_none();
         Ok(BrokerSettings {
             core,
+            events_open,
             frontend: b.frontend.clone(),
             backend: b.backend.clone(),
             events: b.events.clone(),
@@ -111,7 +118,8 @@ pub enum BrokerError {
 pub struct Endpoints {
     pub frontend: String,
     pub backend: String,
-    pub events: String,
+    /// `None` when the events port is closed (see [`BrokerSettings::events_open`]).
+    pub events: Option<String>,
 }
 
 /// A running broker. Dropping it does not stop it; call [`Broker::shutdown`].
@@ -195,14 +203,22 @@ impl Broker {
         let frontend_ep = bind(&mut frontend, &settings.frontend).await?;
         let mut backend = RouterSocket::new();
         let backend_ep = bind(&mut backend, &settings.backend).await?;
-        let mut events = PubSocket::new();
-        let events_ep = bind(&mut events, &settings.events).await?;
+        let mut events = None;
+        if settings.events_open {
+            let mut socket = PubSocket::new();
+            events = Some((bind(&mut socket, &settings.events).await?, socket));
+        } else {
+            tracing::warn!(
+                events = %settings.events,
+                "the events port stays closed: client tokens are configured and a PUB socket cannot authenticate its subscribers; clients follow jobs with `get`"
+            );
+        }
         let endpoints = Endpoints {
             frontend: frontend_ep,
             backend: backend_ep,
-            events: events_ep,
+            events: events.as_ref().map(|(ep, _)| ep.clone()),
         };
-        tracing::info!(frontend = %endpoints.frontend, backend = %endpoints.backend, events = %endpoints.events, durable = settings.durable, "broker listening");
+        tracing::info!(frontend = %endpoints.frontend, backend = %endpoints.backend, events = endpoints.events.as_deref().unwrap_or("closed"), durable = settings.durable, "broker listening");
 
         let (inputs_tx, inputs_rx) = mpsc::channel::<Input>(65_536);
         let (front_tx, front_rx) = frontend.split();
@@ -227,12 +243,16 @@ impl Broker {
             inputs_tx.clone(),
         ));
         let (pub_tx, pub_rx) = mpsc::channel::<ZmqMessage>(65_536);
-        tokio::spawn(publish_loop(events, pub_rx));
+        if let Some((_, socket)) = events {
+            tokio::spawn(publish_loop(socket, pub_rx));
+        }
 
         let (art_tx, art_rx) = mpsc::channel::<ArtifactOp>(256);
         // Verifications come back on their own unbounded channel: the router may be
         // waiting for room in `art_tx`, so the artifact thread must never wait on it.
         let (stored_tx, stored_rx) = mpsc::unbounded_channel::<Input>();
+        // The committer reports a store that cannot write (and its recovery) there too.
+        let stored_tx_faults = stored_tx.clone();
         {
             let clients = clients.clone();
             std::thread::Builder::new()
@@ -240,7 +260,6 @@ impl Broker {
                 .spawn(move || artifact_loop(artifacts, art_rx, clients, stored_tx))
                 .expect("spawn artifact thread");
         }
-        let (fatal_tx, fatal_rx) = oneshot::channel::<String>();
         let ctx = Dispatch {
             clients,
             workers,
@@ -251,9 +270,14 @@ impl Broker {
         // router's thread), with or without a store.
         let (commit_tx, commit_rx) = mpsc::channel::<Batch>(1024);
         let workers = ctx.workers.clone();
+        let durable = store.map(|store| Durable {
+            store,
+            state_dir: settings.state_dir.clone(),
+        });
+        let faults = stored_tx_faults;
         std::thread::Builder::new()
             .name("kiln-commit".into())
-            .spawn(move || commit_loop(store, commit_rx, ctx, fatal_tx))
+            .spawn(move || committer::run(durable, commit_rx, |o| dispatch(&ctx, o), faults, rt))
             .expect("spawn committer thread");
         let downstream = Downstream {
             commits: commit_tx,
@@ -270,7 +294,6 @@ impl Broker {
             downstream,
             art_tx,
             shutdown_rx,
-            fatal_rx,
             alive.clone(),
         ));
         drop(inputs_tx);
@@ -411,13 +434,6 @@ async fn recv_loop(
     }
 }
 
-/// Outputs of one router pass: records to commit, then what may follow the commit.
-#[derive(Default)]
-struct Batch {
-    records: Vec<Record>,
-    after: Vec<Output>,
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn route_loop(
     mut core: Core,
@@ -427,7 +443,6 @@ async fn route_loop(
     downstream: Downstream,
     artifacts: mpsc::Sender<ArtifactOp>,
     mut shutdown: watch::Receiver<bool>,
-    mut fatal: oneshot::Receiver<String>,
     alive: Arc<AtomicU64>,
 ) -> Result<(), BrokerError> {
     let mut out = Vec::with_capacity(1024);
@@ -440,9 +455,6 @@ async fn route_loop(
         let first = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
-            reason = &mut fatal => {
-                return Err(BrokerError::CommitFailed(reason.unwrap_or_else(|_| "committer stopped".into())))
-            }
             input = stored.recv() => match input {
                 Some(i) => i,
                 None => break,
@@ -514,34 +526,6 @@ struct Dispatch {
     artifacts: mpsc::Sender<ArtifactOp>,
 }
 
-fn commit_loop(
-    mut store: Option<Store>,
-    mut batches: mpsc::Receiver<Batch>,
-    ctx: Dispatch,
-    fatal: oneshot::Sender<String>,
-) {
-    let mut group: Vec<Batch> = Vec::new();
-    while let Some(first) = batches.blocking_recv() {
-        group.push(first);
-        while let Ok(b) = batches.try_recv() {
-            group.push(b);
-        }
-        if let Some(store) = store.as_mut() {
-            let records = group.iter().flat_map(|b| b.records.iter());
-            if let Err(e) = store.commit(records) {
-                tracing::error!(error = %e, "job store commit failed");
-                let _ = fatal.send(e.to_string());
-                return;
-            }
-        }
-        for batch in group.drain(..) {
-            for o in batch.after {
-                dispatch(&ctx, o);
-            }
-        }
-    }
-}
-
 fn dispatch(ctx: &Dispatch, o: Output) {
     match o {
         Output::Reply { peer, reply } => ctx.clients.send(peer, frame::encode_body(&reply)),
@@ -589,6 +573,11 @@ fn artifact_loop(
                 offset,
                 data,
             } => {
+                // After the first failure (a full disk, say) the rest of the upload
+                // is skipped, and that first cause is the one reported.
+                if broken.contains_key(&(job_id, attempt)) {
+                    continue;
+                }
                 if let Err(e) = store.write(job_id, attempt, index, offset, &data) {
                     tracing::warn!(job = %job_id, attempt, "{e}");
                     broken.insert((job_id, attempt), e);

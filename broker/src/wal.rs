@@ -24,6 +24,8 @@ pub struct Wal {
     len: u64,
     /// One buffer for header and payload, so a frame is one `write`.
     frame: Vec<u8>,
+    /// A failed append may have left part of a frame after `len`.
+    dirty: bool,
 }
 
 /// What `open` found in the log.
@@ -63,6 +65,7 @@ impl Wal {
             path: path.to_path_buf(),
             len: bytes.len() as u64,
             frame: Vec::new(),
+            dirty: false,
         };
         let replay = Replay {
             frames,
@@ -85,17 +88,42 @@ impl Wal {
     }
 
     /// Appends one frame and waits until it is on disk.
+    ///
+    /// # Errors
+    /// The I/O error of the write or the sync (`ENOSPC` on a full disk). The log is
+    /// then cut back to its last whole frame, so a later append never lands behind
+    /// a partial one (which replay would stop at, losing the later frame). If even
+    /// the cut fails, every later append first retries it and fails until it works.
     pub fn append(&mut self, payload: &[u8]) -> io::Result<()> {
         let len = u32::try_from(payload.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "log frame over 4 GiB"))?;
+        if self.dirty {
+            self.cut_back()?;
+        }
         self.frame.clear();
         self.frame.extend_from_slice(&len.to_le_bytes());
         self.frame
             .extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
         self.frame.extend_from_slice(payload);
-        self.file.write_all(&self.frame)?;
-        self.file.sync_data()?;
+        let written = self
+            .file
+            .write_all(&self.frame)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            self.dirty = true;
+            // Best effort now; retried before the next append if it fails.
+            let _ = self.cut_back();
+            return Err(e);
+        }
         self.len += self.frame.len() as u64;
+        Ok(())
+    }
+
+    /// Truncates the file to the frames counted in `len` and syncs that length.
+    fn cut_back(&mut self) -> io::Result<()> {
+        self.file.set_len(self.len)?;
+        self.file.sync_all()?;
+        self.dirty = false;
         Ok(())
     }
 
@@ -106,6 +134,7 @@ impl Wal {
         self.file.set_len(0)?;
         self.file.sync_all()?;
         self.len = 0;
+        self.dirty = false;
         Ok(())
     }
 }

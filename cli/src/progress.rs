@@ -69,10 +69,16 @@ impl Board {
                 .clone()
                 .map(|w| format!(" on {w}"))
                 .unwrap_or_default();
-            bar.set_message(format!("{} {stage}{place} {label}", snap.state));
+            // Progress stages belong to a running attempt only.
+            let stage = if snap.state == JobState::Running {
+                stage
+            } else {
+                String::new()
+            };
+            bar.set_message(tidy(&format!("{} {stage}{place} {label}", snap.state)));
             if last_state != Some(snap.state) {
                 if !self.fancy {
-                    eprintln!("{job} {}{place} {label}", snap.state);
+                    eprintln!("{}", tidy(&format!("{job} {}{place} {label}", snap.state)));
                 }
                 last_state = Some(snap.state);
             }
@@ -87,10 +93,19 @@ impl Board {
             ),
             other => other.to_string(),
         };
+        let verdict = tidy(&format!("{verdict} {label}"));
         if snap.state == JobState::Succeeded {
             bar.set_position(1000);
+            bar.finish_with_message(verdict);
+        } else {
+            // `finish` would fill the bar: a cancelled or failed job stays where it got.
+            bar.abandon_with_message(verdict);
         }
-        bar.finish_with_message(format!("{verdict} {label}"));
         Ok(snap)
     }
+}
+
+/// One space between words, none at the ends (an empty label or stage leaves none).
+fn tidy(line: &str) -> String {
+    line.split_whitespace().collect::<Vec<_>>().join(" ")
 }

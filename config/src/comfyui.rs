@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::ConfigError;
 
 /// Whether the worker drives a ComfyUI someone else runs, or runs its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ComfyUiMode {
     /// A ComfyUI already running at `url` (started by the operator or systemd).
@@ -23,19 +25,24 @@ pub enum ComfyUiMode {
 ///
 /// Defaults: attach to `http://127.0.0.1:8188`, no templates folder beyond the
 /// built-in ones, 30 s HTTP timeout, prompts may run for up to 6 hours.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ComfyUiConfig {
+    /// `attach`: drive the server at `url`. `managed`: start `python main_py`,
+    /// pinned to this worker's GPU, restart it when it exits, stop it with the worker.
     pub mode: ComfyUiMode,
     /// The server in attach mode (`http://host:port`, plain HTTP: ComfyUI has no
     /// authentication, keep it on loopback or a private network).
     pub url: String,
     /// Managed mode: the Python interpreter of ComfyUI's environment.
+    #[schemars(example = &"/opt/ComfyUI/venv/bin/python")]
     pub python: PathBuf,
     /// Managed mode: ComfyUI's `main.py`.
+    #[schemars(example = &"/opt/ComfyUI/main.py")]
     pub main_py: Option<PathBuf>,
     /// Managed mode: extra arguments after Kiln's own (`--listen`, `--port`,
     /// `--cuda-device`, `--disable-auto-launch`, `--database-url`).
+    #[schemars(example = ["--disable-api-nodes", "--preview-method", "none"])]
     pub args: Vec<String>,
     /// Managed mode: the port; 0 means `8188 + worker.gpu.index`.
     pub port: u16,
@@ -46,13 +53,18 @@ pub struct ComfyUiConfig {
     /// install do not fight over one database. Empty: not passed.
     pub database_url: String,
     /// Managed mode: working directory of the process (default: the folder of `main_py`).
+    #[schemars(example = &"/opt/ComfyUI")]
     pub work_dir: Option<PathBuf>,
     /// Managed mode: how long a start may take until `/system_stats` answers.
     pub start_timeout_s: u64,
     /// Managed mode: first delay before a restart; doubles up to `restart_max_s`.
     pub restart_min_s: u64,
+    /// Managed mode: longest delay between restarts.
     pub restart_max_s: u64,
-    /// The operator's workflow templates: `<name>.json` files (see the README).
+    /// The operator's workflow templates: `<name>.json` files, each an API-format
+    /// graph with named parameter bindings (see the README). A file named like a
+    /// built-in (`text_to_image`, ...) replaces it.
+    #[schemars(example = &"/etc/kiln/comfyui-templates")]
     pub templates_dir: Option<PathBuf>,
     /// Timeout of one HTTP request (uploads and downloads included).
     pub http_timeout_s: u64,
@@ -68,6 +80,14 @@ pub struct ComfyUiConfig {
     pub cancel_timeout_s: u64,
     /// Model folders reported as the worker's inventory.
     pub model_folders: Vec<String>,
+    /// ComfyUI's input folder as this host sees it. ComfyUI has no call that
+    /// deletes an upload, so the worker removes each attempt's uploads
+    /// (`input/kiln/<job>-<attempt>/`) itself once the prompt is over. Managed
+    /// mode knows the folder (`--input-directory`, `--base-directory`, or next to
+    /// `main_py`); attach mode only when it is set here. Unset in attach mode:
+    /// uploads stay on the server.
+    #[schemars(example = &"/opt/ComfyUI/input")]
+    pub input_dir: Option<PathBuf>,
 }
 
 impl Default for ComfyUiConfig {
@@ -91,6 +111,7 @@ impl Default for ComfyUiConfig {
             poll_ms: 2000,
             unreachable_timeout_s: 300,
             cancel_timeout_s: 15,
+            input_dir: None,
             model_folders: [
                 "checkpoints",
                 "diffusion_models",
@@ -189,25 +210,20 @@ mod tests {
     }
 
     fn check_example() {
+        // The example file shows the defaults; the ComfyUI examples are comments.
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kiln.example.toml");
-        let cfg = crate::KilnConfig::load(&[path]).unwrap();
+        let cfg = crate::KilnConfig::load(std::slice::from_ref(&path)).unwrap();
         let c = &cfg.worker.comfyui;
-        assert!(cfg
-            .worker
-            .backends
-            .contains(&kiln_protocol::Backend::Comfyui));
+        assert_eq!(*c, ComfyUiConfig::default());
         assert_eq!(
             (c.mode, c.url.as_str()),
             (ComfyUiMode::Attach, "http://127.0.0.1:8188")
         );
-        assert_eq!(
-            c.main_py.as_deref(),
-            Some(std::path::Path::new("/opt/ComfyUI/main.py"))
-        );
-        assert_eq!(
-            c.templates_dir.as_deref(),
-            Some(std::path::Path::new("/etc/kiln/comfyui-templates"))
-        );
         assert!(c.model_folders.iter().any(|f| f == "loras"));
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(
+            text.contains("# main_py = \"/opt/ComfyUI/main.py\""),
+            "{text}"
+        );
     }
 }

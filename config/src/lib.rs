@@ -13,18 +13,20 @@
 mod comfyui;
 pub mod logging;
 mod mcp;
+mod reference;
 mod secret;
 mod wan2gp;
 
 use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Serialized, Toml};
-use figment::Figment;
+use figment::{Figment, Provider, Source};
 use kiln_protocol::Limits;
 use serde::{Deserialize, Serialize};
 
 pub use comfyui::{ComfyUiConfig, ComfyUiMode};
 pub use mcp::McpConfig;
+pub use reference::{defaults_toml, entries as reference_entries, Entry as ReferenceEntry};
 pub use secret::{resolve as resolve_secret, Secret};
 pub use wan2gp::{
     parse_resolution, DefaultModels, VramRow, VramTable, Wan2gpConfig, WAN2GP_PROFILES,
@@ -43,7 +45,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration of one box.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct KilnConfig {
     pub broker: BrokerConfig,
@@ -53,7 +55,7 @@ pub struct KilnConfig {
 }
 
 /// The broker daemon.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
     /// ROUTER for clients. Loopback by default: the zeromq crate has no
@@ -64,13 +66,16 @@ pub struct BrokerConfig {
     pub backend: String,
     /// PUB for events.
     pub events: String,
-    /// Where the job store and artifacts live.
+    /// Where the job store (jobs.redb and its log jobs.wal) and artifacts live.
+    /// The systemd unit sets it to /var/lib/kiln.
+    #[schemars(example = &"/var/lib/kiln")]
     pub state_dir: PathBuf,
     /// Keep jobs in a redb store and reply `accepted` only after commit. `false` keeps
     /// everything in memory (benchmarks, throwaway demos).
     pub durable: bool,
+    /// Interval of the broker's heartbeats to workers, in milliseconds.
     pub heartbeat_ms: u64,
-    /// Missed heartbeats after which a worker is declared dead.
+    /// Missed heartbeats after which a worker is declared dead and its job requeued.
     pub liveness: u32,
     /// Attempts a job gets when it does not say.
     pub default_max_attempts: u8,
@@ -87,16 +92,27 @@ pub struct BrokerConfig {
     /// Messages queued for one peer before further ones are dropped (clients) or the
     /// peer is declared stalled (workers).
     pub peer_queue: usize,
-    /// Required from clients in `hello` when set.
+    /// Required from clients in `hello` when set (unset: no authentication, for
+    /// loopback-only setups). Also read from `client_token_file` or the systemd
+    /// credential `kiln-client-token`.
     pub client_token: Option<Secret>,
+    /// A file holding `client_token` (surrounding whitespace is trimmed).
+    #[schemars(example = &"/etc/kiln/credentials/client.token")]
     pub client_token_file: Option<PathBuf>,
-    /// Required from workers in `register` when set.
+    /// Required from workers in `register` when set. Also read from
+    /// `worker_token_file` or the systemd credential `kiln-worker-token`.
     pub worker_token: Option<Secret>,
+    /// A file holding `worker_token`.
+    #[schemars(example = &"/etc/kiln/credentials/worker.token")]
     pub worker_token_file: Option<PathBuf>,
+    /// Size limits of every variable-size field (see docs/protocol.md); the
+    /// `welcome` reply tells clients the values in force.
     pub limits: Limits,
+    /// How long finished jobs and their artifacts are kept.
     pub retention: RetentionConfig,
     /// Networks (CIDR) besides loopback allowed to reach the broker's ports; the
     /// systemd unit is fenced to them (`kiln config fence` prints the drop-in).
+    #[schemars(example = ["10.20.0.0/16"])]
     pub allowed_networks: Vec<String>,
 }
 
@@ -128,7 +144,7 @@ impl Default for BrokerConfig {
 }
 
 /// How long finished jobs and their artifacts are kept.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetentionConfig {
     /// Finished jobs older than this are deleted with their artifacts (0 = forever).
@@ -151,29 +167,44 @@ impl Default for RetentionConfig {
 }
 
 /// One worker daemon (one GPU).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
     /// Stable name, unique in the fleet; `<hostname>-gpu<index>` when unset.
+    #[schemars(example = &"box1-gpu0")]
     pub id: Option<String>,
     /// The broker's backend ROUTER.
     pub broker: String,
+    /// The broker's `worker_token`. Also read from `token_file` or the systemd
+    /// credential `kiln-worker-token`.
     pub token: Option<Secret>,
+    /// A file holding `token`.
+    #[schemars(example = &"/etc/kiln/credentials/worker.token")]
     pub token_file: Option<PathBuf>,
+    /// Which GPU this worker drives.
     pub gpu: GpuConfig,
-    /// Labels jobs can require (`labels = ["fast", "nvlink"]`).
+    /// Labels jobs can require (`labels` in the job spec).
+    #[schemars(example = ["rtx4090", "fast"])]
     pub labels: Vec<String>,
-    /// Backends this worker offers, in order of preference.
+    /// Backends this worker offers, in order of preference: `sim`, `comfyui`,
+    /// `wan2gp`.
+    #[schemars(example = ["comfyui", "wan2gp", "sim"])]
     pub backends: Vec<kiln_protocol::Backend>,
+    /// Interval of the worker's heartbeats to the broker, in milliseconds.
     pub heartbeat_ms: u64,
+    /// Missed broker heartbeats after which the worker reconnects.
     pub liveness: u32,
     /// Assignments the worker holds while it runs one, so its GPU starts the next
     /// job the moment the current one ends instead of waiting for a round trip to
     /// the broker (pipelined dispatch; 0 = one job at a time).
     pub pipeline_depth: u8,
-    /// Scratch space for outputs before upload.
+    /// Scratch space for outputs before upload (default: a folder under the
+    /// system's temporary directory).
+    #[schemars(example = &"/var/lib/kiln/gpu0")]
     pub work_dir: Option<PathBuf>,
+    /// The built-in sim backend.
     pub sim: SimConfig,
+    /// The ComfyUI backend.
     pub comfyui: ComfyUiConfig,
     /// The Wan2GP backend (`[worker.wan2gp]`).
     pub wan2gp: Wan2gpConfig,
@@ -201,7 +232,7 @@ impl Default for WorkerConfig {
 }
 
 /// Which GPU a worker drives, and what to report when NVML cannot say.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct GpuConfig {
     /// NVML index (PCI bus order) of the GPU this worker drives.
@@ -209,13 +240,19 @@ pub struct GpuConfig {
     /// Ask NVML. `false` uses only the values below.
     pub nvml: bool,
     /// Path of `libnvidia-ml.so.1` when it is not on the loader path.
+    #[schemars(example = &"/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1")]
     pub nvml_library: Option<PathBuf>,
     /// Declared GPU name, used when NVML is absent or disabled.
+    #[schemars(example = &"NVIDIA GeForce RTX 4090")]
     pub name: Option<String>,
     /// Declared memory in MiB, used when NVML is absent or disabled, or to cap it.
+    #[schemars(example = 24564)]
     pub total_vram_mb: Option<u64>,
+    /// Declared GPU UUID, used when NVML is absent or disabled.
+    #[schemars(example = &"GPU-5f2a8c1e-0000-0000-0000-000000000000")]
     pub uuid: Option<String>,
-    /// Declare unified memory (GB10, Jetson) when NVML is absent.
+    /// Declare unified memory (DGX Spark GB10, Jetson) when NVML is absent.
+    #[schemars(example = true)]
     pub unified_memory: Option<bool>,
 }
 
@@ -234,7 +271,7 @@ impl Default for GpuConfig {
 }
 
 /// The built-in `sim` backend: real PNGs, simulated time, no GPU.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimConfig {
     /// Time per reported step.
@@ -261,19 +298,18 @@ pub struct SimConfig {
 }
 
 /// What one model costs on the simulated GPU.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SimModelProfile {
     pub name: String,
     /// GPU memory its weights take.
     pub vram_mb: u64,
-    /// Load time from disk into the GPU; unset = the simulator's `load_ms`.
-    #[serde(default)]
-    pub load_ms: Option<u64>,
+    /// Load time from disk into the GPU.
+    pub load_ms: u64,
 }
 
 impl SimModelProfile {
-    fn new(name: &str, vram_mb: u64, load_ms: Option<u64>) -> SimModelProfile {
+    fn new(name: &str, vram_mb: u64, load_ms: u64) -> SimModelProfile {
         SimModelProfile {
             name: name.into(),
             vram_mb,
@@ -293,32 +329,38 @@ impl Default for SimConfig {
             max_side: 2048,
             vram_mb: 24_576,
             speed: 1.0,
-            // Sizes of the weights of real models (docs/performance.md says where
-            // they come from). The `sim-*` models load in `load_ms` (0 by
-            // default, for tests and demos); the real names load in the time a
-            // local NVMe takes.
+            // Sizes of the weights of real models and the time a local NVMe
+            // takes to load them (docs/performance.md says where they come
+            // from). The `sim-*` models have no profile: no memory, `load_ms`.
             profiles: vec![
-                SimModelProfile::new("sim-sd15", 2_150, None),
-                SimModelProfile::new("sim-sdxl", 7_066, None),
-                SimModelProfile::new("sim-wan", 15_360, None),
-                SimModelProfile::new("sdxl-base-1.0", 7_066, Some(9_000)),
-                SimModelProfile::new("flux1-dev-fp8", 12_186, Some(25_000)),
-                SimModelProfile::new("wan2.1-t2v-14b-fp8", 15_360, Some(60_000)),
+                SimModelProfile::new("sdxl-base-1.0", 7_066, 9_000),
+                SimModelProfile::new("flux1-dev-fp8", 12_186, 25_000),
+                SimModelProfile::new("wan2.1-t2v-14b-fp8", 15_360, 60_000),
             ],
         }
     }
 }
 
 /// The CLI, the MCP gateway and other clients of the broker.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
+    /// The broker's client ROUTER (`broker.frontend`).
     pub broker: String,
+    /// The broker's event PUB socket (`broker.events`).
     pub events: String,
+    /// The broker's `client_token`. Also read from `token_file` or the systemd
+    /// credential `kiln-client-token`.
     pub token: Option<Secret>,
+    /// A file holding `token`.
+    #[schemars(example = &"/etc/kiln/credentials/client.token")]
     pub token_file: Option<PathBuf>,
-    /// Name for fairness and `list` filters (the connection id when unset).
+    /// Name the broker files this client's jobs under (fairness, `kiln jobs`).
+    /// Unset: the CLI uses `<user>.<host>`, kiln-mcp `kiln-mcp`.
+    #[schemars(example = &"studio-pipeline")]
     pub name: Option<String>,
+    /// How long one request may wait for its reply, in seconds. A broker that is
+    /// not running is reported at once, not after this.
     pub request_timeout_s: u64,
 }
 
@@ -350,12 +392,45 @@ pub fn default_state_dir() -> PathBuf {
 const TABLES: [&str; 4] = ["broker", "worker", "client", "mcp"];
 
 impl KilnConfig {
-    /// Loads defaults, then `files` in order (each must exist), then the environment.
+    /// Loads defaults, then `files` in order (each must exist), then the environment,
+    /// and validates every table.
     pub fn load(files: &[PathBuf]) -> Result<KilnConfig, ConfigError> {
-        Self::figment(files)?
-            .extract::<KilnConfig>()
-            .map_err(describe)
-            .and_then(|c| c.validated())
+        Self::load_tables(files, &Table::ALL)
+    }
+
+    /// Like [`KilnConfig::load`], but only `tables` are parsed and validated; the
+    /// others keep their defaults, so a key only the broker reads never stops a
+    /// client command. Unknown top-level tables are always reported.
+    pub fn load_tables(files: &[PathBuf], tables: &[Table]) -> Result<KilnConfig, ConfigError> {
+        let figment = Self::figment(files)?;
+        check_top_level(&figment)?;
+        let mut cfg = KilnConfig::default();
+        let mut errors = Vec::new();
+        fn take<T: serde::de::DeserializeOwned>(
+            figment: &Figment,
+            table: &str,
+            slot: &mut T,
+            errors: &mut Vec<String>,
+        ) {
+            match figment.extract_inner::<T>(table) {
+                Ok(v) => *slot = v,
+                Err(e) => errors.extend(describe_lines(e, table)),
+            }
+        }
+        for table in tables {
+            match table {
+                Table::Broker => take(&figment, "broker", &mut cfg.broker, &mut errors),
+                Table::Worker => take(&figment, "worker", &mut cfg.worker, &mut errors),
+                Table::Client => take(&figment, "client", &mut cfg.client, &mut errors),
+                Table::Mcp => take(&figment, "mcp", &mut cfg.mcp, &mut errors),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigError::Parse(errors));
+        }
+        cfg.validate_tables(tables)
+            .map_err(|e| with_origin(e, &figment))?;
+        Ok(cfg)
     }
 
     /// The layered figment, for callers that want to inspect where values came from.
@@ -380,23 +455,41 @@ impl KilnConfig {
         Ok(figment.merge(env))
     }
 
-    /// Checks what serde cannot: endpoints, ranges, names.
+    /// Checks what serde cannot (endpoints, ranges, names) in every table.
     pub fn validated(self) -> Result<KilnConfig, ConfigError> {
+        self.validate_tables(&Table::ALL)?;
+        Ok(self)
+    }
+
+    /// Checks what serde cannot in `tables` only.
+    pub fn validate_tables(&self, tables: &[Table]) -> Result<(), ConfigError> {
+        for table in tables {
+            match table {
+                Table::Broker => self.validate_broker()?,
+                Table::Worker => self.validate_worker()?,
+                Table::Client => {
+                    check_endpoint("client.broker", &self.client.broker)?;
+                    check_endpoint("client.events", &self.client.events)?;
+                }
+                Table::Mcp => self.mcp.validate()?,
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_broker(&self) -> Result<(), ConfigError> {
         let b = &self.broker;
         for (key, ep) in [
             ("broker.frontend", &b.frontend),
             ("broker.backend", &b.backend),
             ("broker.events", &b.events),
-            ("worker.broker", &self.worker.broker),
-            ("client.broker", &self.client.broker),
-            ("client.events", &self.client.events),
         ] {
             check_endpoint(key, ep)?;
         }
         if b.heartbeat_ms < 10 {
             return invalid("broker.heartbeat_ms", "must be at least 10");
         }
-        if b.liveness == 0 || self.worker.liveness == 0 {
+        if b.liveness == 0 {
             return invalid("broker.liveness", "must be at least 1");
         }
         if b.default_max_attempts == 0 {
@@ -412,6 +505,14 @@ impl KilnConfig {
         }
         if b.peer_queue < 16 {
             return invalid("broker.peer_queue", "must be at least 16");
+        }
+        Ok(())
+    }
+
+    fn validate_worker(&self) -> Result<(), ConfigError> {
+        check_endpoint("worker.broker", &self.worker.broker)?;
+        if self.worker.liveness == 0 {
+            return invalid("worker.liveness", "must be at least 1");
         }
         if let Some(id) = &self.worker.id {
             if !kiln_protocol::ids::is_simple_name(id, 64) {
@@ -436,9 +537,7 @@ impl KilnConfig {
             return invalid("worker.sim.speed", "must be a number above 0");
         }
         self.worker.comfyui.validate()?;
-        self.worker.wan2gp.validate()?;
-        self.mcp.validate()?;
-        Ok(self)
+        self.worker.wan2gp.validate()
     }
 
     /// The broker's client token, resolved from inline, file or credential.
@@ -480,46 +579,150 @@ fn invalid<T>(key: &str, message: &str) -> Result<T, ConfigError> {
     })
 }
 
-/// Accepts `tcp://host:port` and `ipc://path`, the transports Kiln's sockets use.
-fn check_endpoint(key: &str, ep: &str) -> Result<(), ConfigError> {
-    let ok = if let Some(rest) = ep.strip_prefix("tcp://") {
-        rest.rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
-    } else {
-        ep.strip_prefix("ipc://").is_some_and(|p| !p.is_empty())
-    };
-    if ok {
-        Ok(())
-    } else {
-        invalid(
-            key,
-            &format!("{ep:?} is not an endpoint like tcp://127.0.0.1:5555"),
-        )
+/// Accepts `tcp://host:port` and `ipc://path`, the transports Kiln's sockets use
+/// (the same parser the client's pre-flight probe uses).
+pub fn check_endpoint(key: &str, ep: &str) -> Result<(), ConfigError> {
+    match kiln_protocol::probe::Endpoint::parse(ep) {
+        Ok(_) => Ok(()),
+        Err(e) => invalid(key, &e.to_string()),
     }
 }
 
-/// Turns figment's errors into one line per key, each naming the value's source.
-fn describe(err: figment::Error) -> ConfigError {
-    ConfigError::Parse(
-        err.into_iter()
-            .map(|e| {
-                let key = e.path.join(".");
-                let source = e
-                    .metadata
-                    .as_ref()
-                    .map(|m| match &m.source {
-                        Some(src) => format!("{} ({src})", m.name),
-                        None => m.name.to_string(),
-                    })
-                    .unwrap_or_else(|| "defaults".into());
-                if key.is_empty() {
-                    format!("  {} [from {source}]", e.kind)
-                } else {
-                    format!("  `{key}`: {} [from {source}]", e.kind)
+/// The programs' tables; a program loads only those it uses
+/// ([`KilnConfig::load_tables`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Broker,
+    Worker,
+    Client,
+    Mcp,
+}
+
+impl Table {
+    pub const ALL: [Table; 4] = [Table::Broker, Table::Worker, Table::Client, Table::Mcp];
+}
+
+/// Where the value of `key` (dotted) came from, for messages: `file kiln.toml`,
+/// `environment variable KILN_CLIENT__BROKER` or `the built-in default`.
+pub fn origin(figment: &Figment, key: &str) -> String {
+    match figment.find_metadata(key) {
+        Some(m) => describe_source(m, key),
+        None => "the built-in default".into(),
+    }
+}
+
+/// [`origin`] for the files a command line names (or the default files).
+pub fn origin_for_command_line(files: &[PathBuf], key: &str) -> String {
+    let files = if files.is_empty() {
+        default_files()
+    } else {
+        files.to_vec()
+    };
+    KilnConfig::figment(&files)
+        .map(|f| origin(&f, key))
+        .unwrap_or_else(|_| "the configuration".into())
+}
+
+fn describe_source(m: &figment::Metadata, key: &str) -> String {
+    if m.name.contains("environment") {
+        return format!(
+            "environment variable KILN_{}",
+            key.replace('.', "__").to_ascii_uppercase()
+        );
+    }
+    match &m.source {
+        Some(Source::File(path)) => format!("file {}", path.display()),
+        _ => "the built-in default".into(),
+    }
+}
+
+/// Adds where the offending value came from to a validation error.
+fn with_origin(err: ConfigError, figment: &Figment) -> ConfigError {
+    match err {
+        ConfigError::Invalid { key, message } => {
+            // `worker.comfyui.args[2]`-style keys: look up the key itself.
+            let base = key.split(['[', ' ']).next().unwrap_or(&key);
+            let message = format!("{message} [from {}]", origin(figment, base));
+            ConfigError::Invalid { key, message }
+        }
+        other => other,
+    }
+}
+
+/// Reports top-level keys that are not a table of the schema, with a suggestion.
+fn check_top_level(figment: &Figment) -> Result<(), ConfigError> {
+    let data = figment
+        .data()
+        .map_err(|e| ConfigError::Parse(describe_lines(e, "")))?;
+    let mut errors = Vec::new();
+    for dict in data.values() {
+        for key in dict.keys().filter(|k| !TABLES.contains(&k.as_str())) {
+            let from = origin(figment, key);
+            errors.push(format!(
+                "  unknown table `{key}`{} [from {from}]",
+                did_you_mean(key, &TABLES)
+            ));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError::Parse(errors))
+    }
+}
+
+/// `; did you mean `heartbeat_ms`?` when one of `known` is close to `found`.
+fn did_you_mean(found: &str, known: &[&str]) -> String {
+    known
+        .iter()
+        .map(|k| (strsim::jaro_winkler(found, k), k))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| format!("; did you mean `{k}`?"))
+        .unwrap_or_default()
+}
+
+/// Turns figment's errors into one line per key, each naming the value's source
+/// (the file, or the exact environment variable). `table` is the table that was
+/// extracted, prefixed to the error's path.
+fn describe_lines(err: figment::Error, table: &str) -> Vec<String> {
+    err.into_iter()
+        .map(|e| {
+            // figment's `extract_inner` appends the table to the end of the path.
+            let mut rest = e.path.clone();
+            if !table.is_empty() && rest.last().map(String::as_str) == Some(table) {
+                rest.pop();
+            }
+            let mut path: Vec<String> = Vec::new();
+            if !table.is_empty() && rest.first().map(String::as_str) != Some(table) {
+                path.push(table.to_string());
+            }
+            path.extend(rest);
+            let (kind, key) = match &e.kind {
+                figment::error::Kind::UnknownField(found, expected) => {
+                    let mut key = path.clone();
+                    if key.last() != Some(found) {
+                        key.push(found.clone());
+                    }
+                    (
+                        format!("unknown key{}", did_you_mean(found, expected)),
+                        key.join("."),
+                    )
                 }
-            })
-            .collect(),
-    )
+                kind => (kind.to_string(), path.join(".")),
+            };
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| describe_source(m, &key))
+                .unwrap_or_else(|| "the built-in default".into());
+            if key.is_empty() {
+                format!("  {kind} [from {source}]")
+            } else {
+                format!("  `{key}`: {kind} [from {source}]")
+            }
+        })
+        .collect()
 }
 
 /// `10.0.0.0/24`, `192.168.1.7`, `fd00::/64`: an address with an optional prefix
@@ -554,12 +757,20 @@ pub fn is_loopback_endpoint(ep: &str) -> bool {
 /// Loads the files named on a command line (`--config`), or the default files
 /// when none was; returns the configuration and the files actually read.
 pub fn load_for_command_line(files: &[PathBuf]) -> Result<(KilnConfig, Vec<PathBuf>), ConfigError> {
+    load_tables_for_command_line(files, &Table::ALL)
+}
+
+/// [`load_for_command_line`] reading only `tables` ([`KilnConfig::load_tables`]).
+pub fn load_tables_for_command_line(
+    files: &[PathBuf],
+    tables: &[Table],
+) -> Result<(KilnConfig, Vec<PathBuf>), ConfigError> {
     let files = if files.is_empty() {
         default_files()
     } else {
         files.to_vec()
     };
-    Ok((KilnConfig::load(&files)?, files))
+    Ok((KilnConfig::load_tables(&files, tables)?, files))
 }
 
 impl KilnConfig {
@@ -666,7 +877,7 @@ mod tests {
             assert_eq!(cfg.broker.retention, defaults.broker.retention);
             assert_eq!(cfg.client, defaults.client);
             assert_eq!(cfg.worker.sim, defaults.worker.sim);
-            assert_eq!(cfg.worker.backends.len(), 3);
+            assert_eq!(cfg.worker.backends, defaults.worker.backends);
 
             let broker = KilnConfig::load(&[dir.join("multi-host/broker.toml")])
                 .expect("multi-host/broker.toml");

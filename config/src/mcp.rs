@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::{invalid, resolve_secret, ConfigError, Secret};
 
 /// Settings of the MCP gateway.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct McpConfig {
     /// Address of the streamable HTTP transport (`kiln-mcp --http` without an
@@ -23,29 +23,38 @@ pub struct McpConfig {
     /// Bearer token HTTP clients must present (`Authorization: Bearer …`). Also read
     /// from `token_file` or the systemd credential `kiln-mcp-token`.
     pub token: Option<Secret>,
+    /// A file holding `token`.
+    #[schemars(example = &"/etc/kiln/mcp-token")]
     pub token_file: Option<PathBuf>,
     /// `Host` header values accepted over HTTP (a guard against DNS rebinding). Empty
     /// means the loopback names `localhost`, `127.0.0.1` and `::1`.
+    #[schemars(example = ["gpu-box.lan:8765"])]
     pub allowed_hosts: Vec<String>,
     /// Browser origins accepted over HTTP, e.g. `https://app.example.com:443`. Empty
-    /// means requests that carry an `Origin` header are refused.
+    /// means pages served from the machine itself (`localhost`, `127.0.0.1`,
+    /// `[::1]`, any port); requests with any other `Origin` are refused.
     pub allowed_origins: Vec<String>,
     /// Where the gateway keeps a copy of every output it returns, so a desktop
     /// assistant can name a file on disk. No copies when unset.
+    #[schemars(example = &"/var/lib/kiln/mcp-outputs")]
     pub output_dir: Option<PathBuf>,
     /// Directories `save_output` may write into and input images may be read from.
     /// Nothing outside them is ever touched; empty means no file access at all.
+    #[schemars(example = ["/srv/games/my-game/assets"])]
     pub allowed_roots: Vec<PathBuf>,
     /// Largest inline image content of one tool result, in bytes of base64. Bigger
     /// images are scaled down and re-encoded to fit; the full file stays available
     /// as a resource.
     pub inline_image_max_bytes: u64,
     /// How long the generate tools wait for their result before returning the job
-    /// ids and states instead (the jobs keep running).
+    /// ids, states and progress instead (the jobs keep running). The default stays
+    /// under the 60 s request timeout of the TypeScript SDK (MCP Inspector, Claude
+    /// Desktop), so the assistant gets the handle rather than a timeout.
     pub wait_timeout_s: u64,
     /// The longest `timeout_s` a caller may ask for.
     pub max_wait_timeout_s: u64,
-    /// Backend of image tools when the call names none.
+    /// Backend of image tools when the call names none (if the fleet has it;
+    /// otherwise the gateway picks one the fleet offers).
     pub image_backend: Backend,
     /// Backend of `generate_video` when the call names none.
     pub video_backend: Backend,
@@ -65,7 +74,7 @@ impl Default for McpConfig {
             output_dir: None,
             allowed_roots: Vec::new(),
             inline_image_max_bytes: 1024 * 1024,
-            wait_timeout_s: 600,
+            wait_timeout_s: 45,
             max_wait_timeout_s: 3600,
             image_backend: Backend::Comfyui,
             video_backend: Backend::Wan2gp,

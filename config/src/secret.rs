@@ -29,6 +29,16 @@ impl fmt::Debug for Secret {
     }
 }
 
+impl schemars::JsonSchema for Secret {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Secret".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "writeOnly": true })
+    }
+}
+
 impl Serialize for Secret {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.0)
@@ -65,12 +75,13 @@ pub fn resolve(
         return non_empty(key, s.clone()).map(Some);
     }
     if let Some(path) = file {
-        return read(key, path).map(Some);
+        // Errors name the key the operator wrote: `broker.client_token_file`.
+        return read(&format!("{key}_file"), path).map(Some);
     }
     if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
         let path = Path::new(&dir).join(credential);
         if path.exists() {
-            return read(key, &path).map(Some);
+            return read(&format!("{key} (systemd credential {credential})"), &path).map(Some);
         }
     }
     Ok(None)

@@ -17,25 +17,33 @@ use crate::ConfigError;
 /// The worker runs a small Python bridge (embedded in the worker binary) with
 /// Wan2GP's own Python; the bridge keeps Wan2GP's in-process session (and so the
 /// loaded model) alive between jobs. Times are in seconds (fractions allowed).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Kiln uses WanGP (Wan2GP) by DeepBeepMeep under the WanGP Community License:
+/// paid, hosted or third-party access needs a separate licence from its author
+/// (see the README).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Wan2gpConfig {
     /// The Wan2GP checkout: the folder holding `wgp.py` and `shared/api.py`.
     /// Required when `worker.backends` lists `wan2gp`.
+    #[schemars(example = &"/opt/Wan2GP")]
     pub root: Option<PathBuf>,
-    /// The Python of Wan2GP's own environment (e.g. `/opt/Wan2GP/venv/bin/python`).
+    /// The Python of Wan2GP's own environment.
+    #[schemars(example = &"/opt/Wan2GP/venv/bin/python")]
     pub python: PathBuf,
-    /// Extra Wan2GP command-line flags, e.g. `["--attention", "sage2"]`. A
-    /// `--profile` here wins over the VRAM table.
+    /// Extra Wan2GP command-line flags. A `--profile` here wins over the VRAM table.
+    #[schemars(example = ["--attention", "sdpa", "--perc-reserved-mem-max", "0.4"])]
     pub args: Vec<String>,
     /// This worker's Wan2GP config folder (holds its own `wgp_config.json`).
     /// Default: `<worker.work_dir>/wan2gp/config`.
+    #[schemars(example = &"/var/lib/kiln/gpu0/wan2gp-config")]
     pub config_dir: Option<PathBuf>,
     /// Where Wan2GP writes this worker's outputs before they are uploaded.
     /// Default: `<worker.work_dir>/wan2gp/outputs`.
+    #[schemars(example = &"/var/lib/kiln/gpu0/wan2gp-outputs")]
     pub output_dir: Option<PathBuf>,
     /// Extra environment for the bridge, e.g. `HF_HUB_OFFLINE = "1"` once the
-    /// weights are downloaded.
+    /// weights are downloaded, so nothing reaches out to Hugging Face.
+    #[schemars(example = serde_json::json!({ "HF_HUB_OFFLINE": "1" }))]
     pub env: BTreeMap<String, String>,
     /// Pin the bridge to this worker's GPU with `CUDA_VISIBLE_DEVICES` (the GPU's
     /// UUID when NVML knows it, else its index) and `CUDA_DEVICE_ORDER=PCI_BUS_ID`.
@@ -44,6 +52,7 @@ pub struct Wan2gpConfig {
     pub default_models: DefaultModels,
     /// A model type to load with a one-step generation as soon as the bridge is
     /// up, so the first real job finds it warm.
+    #[schemars(example = &"t2v_2_2")]
     pub warmup_model: Option<String>,
     /// Offer (and accept jobs for) model types whose weights are not downloaded
     /// yet. Off by default: Wan2GP has no lock between processes for downloads,
@@ -104,11 +113,14 @@ impl Default for Wan2gpConfig {
 }
 
 /// The Wan2GP model type used for each task when a job does not name one.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DefaultModels {
+    /// Model type of `text_to_video` jobs.
     pub text_to_video: String,
+    /// Model type of `image_to_video` jobs.
     pub image_to_video: String,
+    /// Model type of `text_to_image` jobs.
     pub text_to_image: String,
 }
 
@@ -126,7 +138,7 @@ impl Default for DefaultModels {
 pub const WAN2GP_PROFILES: [f64; 7] = [1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 5.0];
 
 /// One row of the VRAM table: what a GPU with at least `min_vram_mb` runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VramRow {
     /// The smallest GPU (MiB, nominal: a "24 GB" card that reports 6% less still
@@ -167,7 +179,7 @@ pub fn parse_resolution(text: &str) -> Option<(u32, u32)> {
 }
 
 /// The VRAM table, largest GPUs first.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct VramTable(pub Vec<VramRow>);
 
@@ -367,17 +379,19 @@ mod example {
     }
 
     fn check_example() {
+        // The example file shows the defaults; the Wan2GP examples are comments.
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kiln.example.toml");
-        let cfg = KilnConfig::load(&[path]).unwrap();
+        let cfg = KilnConfig::load(std::slice::from_ref(&path)).unwrap();
         let w = &cfg.worker.wan2gp;
-        assert_eq!(w.root.as_deref(), Some(std::path::Path::new("/opt/Wan2GP")));
+        assert_eq!(*w, crate::Wan2gpConfig::default());
         assert_eq!(
             w.vram_table,
             super::VramTable::default(),
             "the example shows the default table"
         );
         assert_eq!(w.ready_timeout_s, 600.0);
-        assert_eq!(w.env.get("HF_HUB_OFFLINE").map(String::as_str), Some("1"));
-        assert_eq!(w.warmup_model.as_deref(), Some("t2v_2_2"));
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(text.contains("# root = \"/opt/Wan2GP\""), "{text}");
+        assert!(text.contains("HF_HUB_OFFLINE"), "{text}");
     }
 }

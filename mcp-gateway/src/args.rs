@@ -167,6 +167,7 @@ pub struct WaitArgs {
 /// Where an input image comes from: exactly one of `path`, `base64` or `artifact`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("oneOf" = [{ "required": ["path"] }, { "required": ["base64"] }, { "required": ["artifact"] }]))]
 pub struct InputImage {
     /// A file the gateway may read (inside its allowed roots).
     #[schemars(length(min = 1, max = 4096))]
@@ -325,8 +326,9 @@ pub struct GenerateVideoArgs {
     pub wait: WaitArgs,
 }
 
-/// Arguments of `run_workflow`.
+/// Arguments of `run_workflow`: exactly one of `workflow` or `template`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[schemars(extend("oneOf" = [{ "required": ["workflow"] }, { "required": ["template"] }]))]
 pub struct RunWorkflowArgs {
     /// A ComfyUI API-format workflow: a map of node id to `{class_type, inputs}`.
     pub workflow: Option<Map<String, Value>>,
@@ -425,9 +427,10 @@ pub struct ListModelsArgs {
 #[serde(deny_unknown_fields)]
 pub struct NoArgs {}
 
-/// Arguments of `save_output`.
+/// Arguments of `save_output`: exactly one of `job_id` or `artifact`.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("oneOf" = [{ "required": ["job_id"] }, { "required": ["artifact"] }]))]
 pub struct SaveOutputArgs {
     /// The job whose outputs to save (all of them), e.g. `j42`; or give `artifact`.
     #[schemars(length(min = 2, max = 24))]

@@ -56,13 +56,19 @@ impl ToolError {
         }
     }
 
-    /// The argument or wire field at fault, when there is one.
+    /// The argument at fault, when there is one.
     pub fn field(&self) -> Option<&str> {
         match self {
             ToolError::InvalidArgument { field, .. } | ToolError::AccessDenied { field, .. } => {
                 Some(field)
             }
-            ToolError::Broker(ClientError::Broker(body)) => body.field.as_deref(),
+            // The broker names spec fields (`job.model`, `job.params.width`); the
+            // tools' arguments carry the same names without the prefix.
+            ToolError::Broker(ClientError::Broker(body)) => body.field.as_deref().map(|f| {
+                f.strip_prefix("job.params.")
+                    .or_else(|| f.strip_prefix("job."))
+                    .unwrap_or(f)
+            }),
             _ => None,
         }
     }
@@ -70,9 +76,12 @@ impl ToolError {
     /// The in-band error result the assistant sees.
     pub fn into_result(self) -> CallToolResult {
         let mut result = CallToolResult::error(vec![ContentBlock::text(self.to_string())]);
-        result.structured_content = Some(json!({
-            "error": { "kind": self.kind(), "field": self.field(), "message": self.to_string() }
-        }));
+        let mut error = json!({ "kind": self.kind(), "message": self.to_string() });
+        if let Some(field) = self.field() {
+            error["field"] = field.into();
+        }
+        // The error form every output schema admits (crate::schema::error_schema).
+        result.structured_content = Some(json!({ "error": error }));
         result
     }
 }

@@ -63,6 +63,15 @@ impl AllowedRoots {
     /// Resolves a directory to write into, creating it, and returns it with the
     /// root it lies in.
     pub fn writable_dir(&self, field: &str, dir: &str) -> Result<(PathBuf, PathBuf), ToolError> {
+        let target = self.target_dir(field, dir)?;
+        self.create_dir(field, &target.0)
+    }
+
+    /// Checks a directory to write into without creating anything: returns the
+    /// path it will have and the root it lies in. [`Self::create_dir`] makes it
+    /// once the rest of the call has been checked, so a refused call leaves no
+    /// empty directories behind.
+    pub fn target_dir(&self, field: &str, dir: &str) -> Result<(PathBuf, PathBuf), ToolError> {
         let first = self
             .roots
             .first()
@@ -74,27 +83,42 @@ impl AllowedRoots {
         } else {
             first.join(given)
         };
-        // Check before creating anything, then again on the real path (symlinks).
-        let outside = || {
-            ToolError::denied(
-                field,
-                format!(
-                    "{} is outside the allowed roots ({})",
-                    candidate.display(),
-                    self.describe()
-                ),
-            )
-        };
-        let existing = nearest_existing(&candidate).ok_or_else(outside)?;
-        if self.root_of(&existing).is_none() {
-            return Err(outside());
-        }
-        std::fs::create_dir_all(&candidate).map_err(|e| io_error("creating the directory", e))?;
+        let existing =
+            nearest_existing(&candidate).ok_or_else(|| self.outside(field, &candidate))?;
+        let root = self
+            .root_of(&existing)
+            .ok_or_else(|| self.outside(field, &candidate))?
+            .to_path_buf();
+        Ok((candidate, root))
+    }
+
+    /// Creates a directory checked by [`Self::target_dir`] and checks its real
+    /// path again (a symlink may lead out of the roots).
+    pub fn create_dir(
+        &self,
+        field: &str,
+        candidate: &Path,
+    ) -> Result<(PathBuf, PathBuf), ToolError> {
+        std::fs::create_dir_all(candidate).map_err(|e| io_error("creating the directory", e))?;
         let real = candidate
             .canonicalize()
             .map_err(|e| io_error("resolving the directory", e))?;
-        let root = self.root_of(&real).ok_or_else(outside)?.to_path_buf();
+        let root = self
+            .root_of(&real)
+            .ok_or_else(|| self.outside(field, candidate))?
+            .to_path_buf();
         Ok((real, root))
+    }
+
+    fn outside(&self, field: &str, candidate: &Path) -> ToolError {
+        ToolError::denied(
+            field,
+            format!(
+                "{} is outside the allowed roots ({})",
+                candidate.display(),
+                self.describe()
+            ),
+        )
     }
 
     /// Resolves an existing file to read.

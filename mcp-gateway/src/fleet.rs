@@ -1,7 +1,8 @@
 //! Read-only views of the fleet, shared by the list tools and the `kiln://`
 //! resources so both always say the same thing.
 
-use kiln_protocol::worker::{ModelInfo, WorkerInfo};
+use kiln_config::McpConfig;
+use kiln_protocol::worker::{ModelInfo, WorkerInfo, WorkerState};
 use kiln_protocol::{Backend, JobState, ListFilter};
 use schemars::JsonSchema;
 use serde::Serialize;
@@ -118,4 +119,37 @@ pub async fn queue(gw: &Gateway) -> Result<Value, ToolError> {
         },
     )
     .await
+}
+
+/// The gateway's settings with the default backends made what the fleet offers:
+/// a call that names no backend runs on `mcp.image_backend`/`mcp.video_backend`
+/// when an online worker has that backend healthy, and otherwise on the first one
+/// the fleet has (images: ComfyUI, then sim; videos: Wan2GP, ComfyUI, then sim).
+/// A sim-only fleet (`kiln up --sim 2`) thus works without `backend: "sim"`.
+/// With no worker online, or the broker unreachable, the configured defaults stand
+/// (the job waits in the queue for a worker).
+pub async fn defaults_for_fleet(gw: &Gateway) -> McpConfig {
+    let mut cfg = gw.cfg.clone();
+    let Ok(workers) = gw.client.workers().await else {
+        return cfg;
+    };
+    let offered: Vec<Backend> = workers
+        .iter()
+        .filter(|w| w.state != WorkerState::Offline)
+        .flat_map(|w| w.backends.iter())
+        .filter(|b| b.healthy)
+        .map(|b| b.backend)
+        .collect();
+    let pick = |configured: Backend, order: &[Backend]| {
+        std::iter::once(configured)
+            .chain(order.iter().copied())
+            .find(|b| offered.contains(b))
+            .unwrap_or(configured)
+    };
+    cfg.image_backend = pick(cfg.image_backend, &[Backend::Comfyui, Backend::Sim]);
+    cfg.video_backend = pick(
+        cfg.video_backend,
+        &[Backend::Wan2gp, Backend::Comfyui, Backend::Sim],
+    );
+    cfg
 }

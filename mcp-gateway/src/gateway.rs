@@ -2,12 +2,11 @@
 //! any number of concurrent calls over one connection), the configuration, the
 //! allowed roots, and what the gateway remembers about the jobs it submitted.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use kiln_config::{KilnConfig, McpConfig};
-use kiln_protocol::{Client, ClientOptions, JobId};
+use kiln_protocol::{Client, ClientOptions, JobId, JobSnapshot};
 use rmcp::task_manager::TaskManager;
 
 use crate::files::AllowedRoots;
@@ -48,24 +47,6 @@ pub struct Gateway {
     /// shared so any session (or stateless HTTP request) can poll any task.
     pub tasks: TaskManager,
     post: Mutex<(HashMap<JobId, PostProcess>, VecDeque<JobId>)>,
-    /// Jobs that calls in progress are waiting for: their results have nowhere to
-    /// go once the client is gone, so they are cancelled when the gateway stops.
-    waited: Mutex<HashSet<JobId>>,
-}
-
-/// Marks jobs as waited for by a call until it is dropped.
-pub struct Waiting<'a> {
-    gw: &'a Gateway,
-    jobs: Vec<JobId>,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        let mut waited = self.gw.waited.lock().expect("not poisoned");
-        for job in &self.jobs {
-            waited.remove(job);
-        }
-    }
 }
 
 impl Gateway {
@@ -77,7 +58,6 @@ impl Gateway {
             roots,
             tasks: TaskManager::new(),
             post: Mutex::default(),
-            waited: Mutex::default(),
         }
     }
 
@@ -98,44 +78,23 @@ impl Gateway {
         }
     }
 
-    /// Records that a call waits for `jobs` (see [`Gateway::cancel_waited`]).
-    pub fn waiting(&self, jobs: Vec<JobId>) -> Waiting<'_> {
-        self.waited
-            .lock()
-            .expect("not poisoned")
-            .extend(jobs.iter().copied());
-        Waiting { gw: self, jobs }
-    }
-
-    /// Cancels every job a call is still waiting for: the gateway is stopping or
-    /// its client went away, so nobody will receive their results. Bounded by
-    /// `limit` so a dead broker cannot hold up the exit.
-    pub async fn cancel_waited(&self, limit: Duration) {
-        let jobs: Vec<JobId> = self
-            .waited
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .copied()
-            .collect();
-        if jobs.is_empty() {
-            return;
+    /// What to do to `job`'s images: what this process remembers from the call
+    /// that made it, else what the job's own parameters say (a sprite asked for
+    /// with `background: "transparent"` is keyed out by any gateway process).
+    pub fn post_process(&self, job: &JobSnapshot) -> PostProcess {
+        if let Some(post) = self.post.lock().expect("not poisoned").0.get(&job.job_id) {
+            return *post;
         }
-        tracing::info!(jobs = jobs.len(), "cancelling the jobs of unfinished calls");
-        let cancels = futures::future::join_all(jobs.iter().map(|id| self.client.cancel(*id)));
-        if tokio::time::timeout(limit, cancels).await.is_err() {
-            tracing::warn!("the broker did not confirm every cancel in time");
+        let transparent = job
+            .params
+            .as_ref()
+            .and_then(|p| p.get("background"))
+            .and_then(|b| b.as_str())
+            == Some("transparent");
+        PostProcess {
+            remove_background: transparent,
+            pixel_cell: None,
         }
-    }
-
-    pub fn post_process(&self, job: JobId) -> PostProcess {
-        self.post
-            .lock()
-            .expect("not poisoned")
-            .0
-            .get(&job)
-            .copied()
-            .unwrap_or_default()
     }
 }
 

@@ -1,6 +1,13 @@
 //! The streamable HTTP transport: rmcp's service mounted in axum behind a bearer
 //! token check, with rmcp's own Host (DNS rebinding) and Origin guards.
 //!
+//! Around rmcp, [`http_conventions`] makes the transport answer as clients expect:
+//! a body that is not JSON gets a JSON-RPC parse error (not 415), and closing a
+//! session with `DELETE` answers 200 (the Python SDK warns on anything but 200/204).
+//! With no `mcp.allowed_origins`, pages served from the machine itself (`localhost`,
+//! `127.0.0.1`, `[::1]`, any port: the MCP Inspector's own page) may connect, and
+//! every other Origin is refused.
+//!
 //! Every session gets its own [`KilnMcp`] over the one shared [`Gateway`], so any
 //! number of remote assistants share one broker connection.
 
@@ -8,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use kiln_protocol::auth::token_matches;
@@ -18,6 +25,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::gateway::Gateway;
 use crate::server::KilnMcp;
+
+/// Origins accepted when `mcp.allowed_origins` is empty: the loopback names.
+const LOOPBACK_ORIGINS: [&str; 6] = [
+    "http://localhost:*",
+    "https://localhost:*",
+    "http://127.0.0.1:*",
+    "https://127.0.0.1:*",
+    "http://[::1]:*",
+    "https://[::1]:*",
+];
 
 /// Largest request body: a base64 input image at the broker's 16 MiB input limit
 /// is about 21.4 MiB of JSON, and rmcp's own default (4 MiB) would refuse it.
@@ -32,7 +49,7 @@ pub struct HttpSettings {
     pub token: Option<String>,
     /// Accepted `Host` values; empty means the loopback names.
     pub allowed_hosts: Vec<String>,
-    /// Accepted `Origin` values; empty means any request with an Origin is refused.
+    /// Accepted `Origin` values; empty means the loopback origins (any port).
     pub allowed_origins: Vec<String>,
 }
 
@@ -60,7 +77,7 @@ async fn require_token(
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(bearer_token);
         if !token_matches(given, expected) {
             return (
                 StatusCode::UNAUTHORIZED,
@@ -71,6 +88,67 @@ async fn require_token(
         }
     }
     next.run(request).await
+}
+
+/// The credentials of an `Authorization: Bearer <token>` header; the scheme name
+/// is case-insensitive (RFC 9110 §11.1).
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_matches(' '))
+}
+
+/// JSON-RPC's "Parse error" code.
+const PARSE_ERROR: i64 = -32700;
+
+/// Answers a JSON body that does not parse with a JSON-RPC parse error, and a
+/// session `DELETE` with 200 instead of rmcp's 202.
+async fn http_conventions(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let json_body = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    let request = if method == Method::POST && json_body {
+        let (parts, body) = request.into_parts();
+        let bytes = match axum::body::to_bytes(body, MAX_REQUEST_BODY_BYTES).await {
+            Ok(b) => b,
+            Err(_) => {
+                return (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the request body is over {MAX_REQUEST_BODY_BYTES} bytes\n"),
+                )
+                    .into_response()
+            }
+        };
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+            let error = serde_json::json!({
+                "jsonrpc": "2.0",
+                "id": null,
+                "error": { "code": PARSE_ERROR, "message": format!("Parse error: {e}") }
+            });
+            return (
+                StatusCode::BAD_REQUEST,
+                [(header::CONTENT_TYPE, "application/json")],
+                error.to_string(),
+            )
+                .into_response();
+        }
+        Request::from_parts(parts, axum::body::Body::from(bytes))
+    } else {
+        request
+    };
+    let mut response = next.run(request).await;
+    if method == Method::DELETE && response.status() == StatusCode::ACCEPTED {
+        *response.status_mut() = StatusCode::OK;
+    }
+    response
 }
 
 /// Binds the listener (so the caller knows the port is taken before anything else
@@ -90,7 +168,7 @@ pub async fn serve(
         config = config.with_allowed_hosts(settings.allowed_hosts.clone());
     }
     config = if settings.allowed_origins.is_empty() {
-        config.enforce_origin_validation()
+        config.with_allowed_origins(LOOPBACK_ORIGINS)
     } else {
         config.with_allowed_origins(settings.allowed_origins.clone())
     };
@@ -102,6 +180,7 @@ pub async fn serve(
     let token = Arc::new(settings.token.clone());
     let app = axum::Router::new()
         .nest_service(&settings.path, service)
+        .layer(axum::middleware::from_fn(http_conventions))
         .layer(axum::middleware::from_fn_with_state(token, require_token));
     let listener = tokio::net::TcpListener::bind(settings.bind)
         .await
@@ -115,4 +194,18 @@ pub async fn serve(
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .map_err(HttpError::Serve)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for h in ["Bearer t0k", "bearer t0k", "BEARER t0k", "BeArEr  t0k"] {
+            assert_eq!(bearer_token(h), Some("t0k"), "{h}");
+        }
+        assert_eq!(bearer_token("Basic t0k"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+    }
 }

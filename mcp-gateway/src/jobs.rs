@@ -1,20 +1,33 @@
 //! Runs the jobs of one tool call: submits them, follows them with progress
-//! notifications, cancels them at the broker when the client cancels the call, and
+//! notifications, cancels them at the broker when the user cancels the call, and
 //! stops waiting at the call's timeout (the jobs keep running; the caller gets
 //! their ids).
+//!
+//! **Who may cancel a job.** A job the user asked for runs to its end unless the
+//! user cancels it: `cancel_job`, `tasks/cancel`, or a `notifications/cancelled`
+//! for the call that is not a timeout. A client that gives up waiting (its
+//! `notifications/cancelled` gives a reason that says it timed out, as the
+//! TypeScript SDK's "Request timed out" and the Python SDK's "timed out after …"
+//! do), a client that goes away, or a gateway that stops, leaves the jobs running:
+//! their results stay at the broker for `get_job`/`wait_for_job`. One exception is
+//! the protocol's own: over streamable HTTP at 2026-07-28, closing a request's
+//! response stream is its cancel signal (that protocol has no other), so it
+//! cancels the jobs.
 //!
 //! A batch's jobs are submitted at once so the broker spreads them over every
 //! capable GPU; each is followed by its own task, and their snapshots are folded
 //! into one progress value by [`Aggregate`].
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
 use kiln_protocol::{JobId, JobSnapshot, JobSpec};
-use rmcp::model::{ProgressNotificationParam, ProgressToken};
+use rmcp::model::{ProgressNotificationParam, ProgressToken, RequestId};
 use rmcp::task_manager::TaskContext;
 use rmcp::{Peer, RoleServer};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -22,17 +35,95 @@ use crate::error::ToolError;
 use crate::gateway::Gateway;
 use crate::progress::Aggregate;
 
+/// How long to wait, once a call's token fires, for the client's
+/// `notifications/cancelled` that says why (rmcp fires the token as it reads it).
+const CANCEL_REASON_WAIT: Duration = Duration::from_secs(2);
+
+/// Most cancel reasons remembered per session before the oldest are dropped
+/// (reasons for calls that were not waiting are never taken).
+const MAX_CANCEL_REASONS: usize = 1024;
+
+/// The reasons a session's client gave for cancelling its requests.
+#[derive(Default)]
+pub struct CancelReasons {
+    reasons: Mutex<HashMap<RequestId, Option<String>>>,
+    told: Notify,
+}
+
+impl CancelReasons {
+    /// Records a `notifications/cancelled`.
+    pub fn record(&self, id: RequestId, reason: Option<String>) {
+        let mut reasons = self.reasons.lock().expect("not poisoned");
+        if reasons.len() >= MAX_CANCEL_REASONS {
+            reasons.clear();
+        }
+        reasons.insert(id, reason);
+        drop(reasons);
+        self.told.notify_waiters();
+    }
+
+    /// The reason given for cancelling `id`, waiting up to `limit` for it; `None`
+    /// when no notification came (the session ended).
+    async fn take(&self, id: &RequestId, limit: Duration) -> Option<Option<String>> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let told = self.told.notified();
+            if let Some(reason) = self.reasons.lock().expect("not poisoned").remove(id) {
+                return Some(reason);
+            }
+            if tokio::time::timeout_at(deadline, told).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+/// Whether a `notifications/cancelled` reason says the client only stopped
+/// waiting (its request timed out) rather than that the user cancelled.
+pub fn is_timeout(reason: &str) -> bool {
+    let r = reason.to_ascii_lowercase();
+    r.contains("timed out") || r.contains("timeout")
+}
+
+/// What a fired cancel token of a call means.
+#[derive(Clone)]
+pub enum CancelSource {
+    /// The token is the request's: the client cancelled the call, timed out, or
+    /// went away; `reasons` tells which.
+    Request {
+        id: RequestId,
+        reasons: Arc<CancelReasons>,
+    },
+    /// The token fires only on an explicit cancel: an MCP task's `tasks/cancel`,
+    /// or a 2026-07-28 HTTP request's closed response stream.
+    Explicit,
+}
+
 /// Where a call's progress goes and what cancels it.
 #[derive(Clone)]
 pub struct CallContext {
     pub peer: Option<Peer<RoleServer>>,
     pub progress_token: Option<ProgressToken>,
     pub cancel: CancellationToken,
+    pub cancel_source: CancelSource,
     /// Set when the call runs as an MCP task: progress becomes its status message.
     pub task: Option<TaskContext>,
 }
 
 impl CallContext {
+    /// After the cancel token fired: did the user cancel (so the jobs go too)?
+    async fn user_cancelled(&self) -> bool {
+        match &self.cancel_source {
+            CancelSource::Explicit => true,
+            CancelSource::Request { id, reasons } => {
+                match reasons.take(id, CANCEL_REASON_WAIT).await {
+                    Some(reason) => !reason.as_deref().is_some_and(is_timeout),
+                    None => false,
+                }
+            }
+        }
+    }
+
     async fn notify(&self, value: f64, total: f64, message: String) {
         if let Some(task) = &self.task {
             task.set_status_message(format!("{value:.0}% {message}"));
@@ -59,6 +150,8 @@ pub enum Ended {
     NotWaited,
     /// Nobody waited: a look at the jobs as they are (`get_job`).
     Looked,
+    /// A wait for a job made earlier (`wait_for_job`) saw it end.
+    Followed,
 }
 
 /// One item of a call: the job's latest snapshot, or why it was never accepted.
@@ -66,8 +159,14 @@ pub type Item = Result<JobSnapshot, ToolError>;
 
 /// Why the wait stopped early.
 #[derive(Debug, thiserror::Error)]
-#[error("the call was cancelled; jobs {} were cancelled at the broker", .0.iter().map(|j| j.to_string()).collect::<Vec<_>>().join(", "))]
-pub struct Cancelled(pub Vec<JobId>);
+pub enum Cancelled {
+    /// The user cancelled: these jobs were cancelled at the broker.
+    #[error("the call was cancelled; jobs {} were cancelled at the broker", .0.iter().map(|j| j.to_string()).collect::<Vec<_>>().join(", "))]
+    Jobs(Vec<JobId>),
+    /// The client stopped waiting or went away: the jobs keep running.
+    #[error("the client stopped waiting; the jobs keep running")]
+    Abandoned,
+}
 
 /// How long a call waits: the caller's `timeout_s`, bounded by the configuration.
 pub fn wait_timeout(gw: &Gateway, timeout_s: Option<u64>) -> Result<Duration, ToolError> {
@@ -141,6 +240,10 @@ pub async fn follow_all(
         tokio::select! {
             biased;
             _ = call.cancel.cancelled() => {
+                if !call.user_cancelled().await {
+                    tracing::info!("the client stopped waiting; its jobs keep running");
+                    return Err(Cancelled::Abandoned);
+                }
                 let unfinished: Vec<JobId> = ids
                     .iter()
                     .enumerate()
@@ -148,7 +251,7 @@ pub async fn follow_all(
                     .filter_map(|(_, id)| id.as_ref().ok().copied())
                     .collect();
                 cancel_all(gw, &unfinished).await;
-                return Err(Cancelled(unfinished));
+                return Err(Cancelled::Jobs(unfinished));
             }
             _ = tokio::time::sleep_until(deadline) => return Ok((latest, Ended::TimedOut)),
             next = rx.recv() => {
@@ -206,11 +309,6 @@ pub async fn run(
         .await;
         return Ok((items, Ended::NotWaited));
     }
-    let _waiting = gw.waiting(
-        ids.iter()
-            .filter_map(|id| id.as_ref().ok().copied())
-            .collect(),
-    );
     let (latest, ended) = follow_all(gw, &ids, timeout, call).await?;
     let mut items = Vec::with_capacity(ids.len());
     for (id, snap) in ids.into_iter().zip(latest) {

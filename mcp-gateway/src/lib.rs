@@ -27,6 +27,7 @@ pub mod prompts;
 pub mod render;
 pub mod resources;
 pub mod save;
+pub mod schema;
 pub mod server;
 pub mod spec;
 pub mod validate;

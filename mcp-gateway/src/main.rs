@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -49,7 +48,11 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let (cfg, _) = kiln_config::load_for_command_line(&args.config)?;
+    // Only the tables kiln-mcp reads: a broker-only key never stops the gateway.
+    let (cfg, _) = kiln_config::load_tables_for_command_line(
+        &args.config,
+        &[kiln_config::Table::Client, kiln_config::Table::Mcp],
+    )?;
     let roots = AllowedRoots::new(&cfg.mcp.allowed_roots).context("preparing mcp.allowed_roots")?;
     let client = Client::connect(client_options(&cfg)?);
     let gw = Arc::new(Gateway::new(client, cfg.mcp.clone(), roots));
@@ -72,24 +75,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 allowed_hosts: cfg.mcp.allowed_hosts.clone(),
                 allowed_origins: cfg.mcp.allowed_origins.clone(),
             };
-            let served = http::serve(gw.clone(), settings, shutdown).await;
-            gw.cancel_waited(Duration::from_secs(5)).await;
-            served?;
+            // Jobs of calls still waiting keep running (see kiln_mcp::jobs).
+            http::serve(gw.clone(), settings, shutdown).await?;
         }
         None => {
             tracing::info!(broker = %cfg.client.broker, "serving MCP over stdio");
-            let service = KilnMcp::new(gw.clone())
+            let service = match KilnMcp::new(gw.clone())
                 .serve(rmcp::transport::stdio_pipes())
                 .await
-                .context("starting the stdio MCP session")?;
-            // The client closing stdin or a signal ends the session; calls still
-            // waiting then have nobody to answer, so their jobs are cancelled.
-            let ended = tokio::select! {
-                r = service.waiting() => r.map(|_| ()).context("the stdio MCP session failed"),
-                _ = shutdown.cancelled() => Ok(()),
+            {
+                Ok(service) => service,
+                // The client went away before `initialize` (a launcher probing the
+                // command, an editor closing): nothing failed.
+                Err(rmcp::service::ServerInitializeError::ConnectionClosed(why)) => {
+                    tracing::info!(%why, "stdin closed before the session started");
+                    return Ok(());
+                }
+                Err(e) => return Err(e).context("starting the stdio MCP session"),
             };
-            gw.cancel_waited(Duration::from_secs(5)).await;
-            ended?;
+            // The client closing stdin or a signal ends the session; the jobs of
+            // calls still waiting keep running (see kiln_mcp::jobs).
+            tokio::select! {
+                r = service.waiting() => { r.context("the stdio MCP session failed")?; }
+                _ = shutdown.cancelled() => {}
+            }
         }
     }
     Ok(())

@@ -191,6 +191,7 @@ mod tests {
             started_ms: None,
             finished_ms: None,
             history: vec![],
+            params: None,
         }
     }
 

@@ -49,6 +49,38 @@ fn required<'a>(args: &'a Map<String, Value>, key: &str) -> Result<&'a str, McpE
         .ok_or_else(|| McpError::invalid_params(format!("argument `{key}` is required"), None))
 }
 
+/// A numeric prompt argument (prompt arguments are strings): `default` when
+/// absent, else a number within `min..=max` (and a multiple of `step` when given),
+/// or an invalid-params error naming the argument.
+fn number(
+    args: &Map<String, Value>,
+    key: &str,
+    default: f64,
+    (min, max): (f64, f64),
+    step: Option<u32>,
+) -> Result<f64, McpError> {
+    let Some(text) = get(args, key) else {
+        return Ok(default);
+    };
+    let bad = |why: String| {
+        McpError::invalid_params(format!("argument `{key}` {why}, got {text:?}"), None)
+    };
+    let n: f64 = text
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite())
+        .ok_or_else(|| bad("must be a number".into()))?;
+    if n < min || n > max {
+        return Err(bad(format!("must be between {min} and {max}")));
+    }
+    if let Some(step) = step {
+        if n.fract() != 0.0 || !(n as u64).is_multiple_of(u64::from(step)) {
+            return Err(bad(format!("must be a whole multiple of {step}")));
+        }
+    }
+    Ok(n)
+}
+
 pub fn get_prompt(name: &str, args: &Map<String, Value>) -> Result<GetPromptResult, McpError> {
     let text = match name {
         "sprite_sheet" => {
@@ -59,7 +91,7 @@ pub fn get_prompt(name: &str, args: &Map<String, Value>) -> Result<GetPromptResu
                 .filter(|p| !p.is_empty())
                 .collect();
             let style = get(args, "style").unwrap_or("pixel_art");
-            let size = get(args, "size").unwrap_or("512");
+            let size = number(args, "size", 512.0, (64.0, 4096.0), Some(8))?;
             let dir = get(args, "directory").unwrap_or("sprites");
             let list = poses
                 .iter()
@@ -77,7 +109,7 @@ pub fn get_prompt(name: &str, args: &Map<String, Value>) -> Result<GetPromptResu
         }
         "storyboard_to_video" => {
             let story = required(args, "story")?;
-            let seconds = get(args, "seconds_per_shot").unwrap_or("3");
+            let seconds = number(args, "seconds_per_shot", 3.0, (0.1, 120.0), None)?;
             let style = get(args, "style")
                 .map(|s| format!(", {s}"))
                 .unwrap_or_default();
@@ -110,4 +142,41 @@ pub fn get_prompt(name: &str, args: &Map<String, Value>) -> Result<GetPromptResu
         .find(|p| p.name == name)
         .and_then(|p| p.description);
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn args(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn numeric_arguments_are_checked() {
+        let story = |s: Value| {
+            get_prompt(
+                "storyboard_to_video",
+                &args(json!({"story": "a\nb", "seconds_per_shot": s})),
+            )
+        };
+        let e = story(json!("abc")).unwrap_err();
+        assert!(
+            e.message.contains("seconds_per_shot") && e.message.contains("number"),
+            "{}",
+            e.message
+        );
+        assert!(story(json!("500")).unwrap_err().message.contains("between"));
+        let ok = story(json!("2.5")).unwrap();
+        assert!(format!("{:?}", ok.messages).contains("seconds: 2.5"));
+        let sheet = |s: &str| {
+            get_prompt(
+                "sprite_sheet",
+                &args(json!({"subject": "a cat", "poses": "idle", "size": s})),
+            )
+        };
+        assert!(sheet("500").unwrap_err().message.contains("multiple of 8"));
+        assert!(format!("{:?}", sheet("256").unwrap().messages).contains("256"));
+    }
 }

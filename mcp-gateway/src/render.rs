@@ -4,11 +4,13 @@
 //! ids, seeds, timings and the worker/GPU that ran each job.
 
 use base64::Engine;
+use kiln_protocol::client::hex;
 use kiln_protocol::{ArtifactMeta, JobSnapshot, JobState};
 use rmcp::model::{CallToolResult, ContentBlock, Resource};
 use schemars::JsonSchema;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use crate::error::ToolError;
 use crate::files::write_atomic;
@@ -94,7 +96,10 @@ pub struct ErrorReport {
     pub retryable: bool,
 }
 
-/// One output file of a job.
+/// One output file of a job. When the gateway post-processes it (a sprite keyed
+/// out to transparency, a pixel-art grid), `media_type`, `size` and `sha256` are
+/// those of the processed file (the saved copy at `path` and the inline image);
+/// the resource at `uri` is the generator's original.
 #[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct OutputReport {
     /// The artifact id, e.g. `j42.0`.
@@ -124,6 +129,11 @@ fn seed_of(s: &JobSnapshot) -> Option<u64> {
     s.info.get("seed").and_then(Value::as_u64)
 }
 
+/// A percentage to one decimal (a worker's 3.8000000000000003 is 3.8).
+pub fn round_percent(pct: f64) -> f64 {
+    (pct.clamp(0.0, 100.0) * 10.0).round() / 10.0
+}
+
 /// The report of one snapshot, without outputs.
 pub fn job_report(s: &JobSnapshot, prompt: Option<String>) -> JobReport {
     let run_ms = match (s.started_ms, s.finished_ms) {
@@ -147,7 +157,7 @@ pub fn job_report(s: &JobSnapshot, prompt: Option<String>) -> JobReport {
         gpu: s.gpu.clone(),
         attempt: (s.attempt > 0).then_some(s.attempt),
         progress: (s.state == JobState::Running)
-            .then(|| s.progress.as_ref().map_or(0.0, |p| p.pct)),
+            .then(|| round_percent(s.progress.as_ref().map_or(0.0, |p| p.pct))),
         stage: s
             .progress
             .as_ref()
@@ -271,12 +281,24 @@ pub fn post_process(
 /// Renders a call's items. Succeeded jobs' outputs are fetched: images go inline
 /// within the budget, every output gets a link, and a copy is saved when the gateway
 /// has an output folder.
+///
+/// The result is an error (`isError`) only for a generate call whose every job
+/// failed; looking at or waiting for a job that failed or was cancelled worked,
+/// so `get_job` and `wait_for_job` report it as a success.
 pub async fn render(
     gw: &Gateway,
-    items: Vec<Item>,
+    mut items: Vec<Item>,
     prompts: Option<Vec<String>>,
     ended: Ended,
 ) -> CallToolResult {
+    // Follow events carry no queue position; the broker's `get` does.
+    for s in items.iter_mut().flatten() {
+        if s.state == JobState::Queued && s.queue_position.is_none() {
+            if let Ok(fresh) = gw.client.get(s.job_id).await {
+                *s = fresh;
+            }
+        }
+    }
     let n_images: usize = items
         .iter()
         .flatten()
@@ -313,7 +335,7 @@ pub async fn render(
     let pending = reports.len() - succeeded - failed;
     let note = match ended {
         Ended::TimedOut if pending > 0 => Some(format!(
-            "Stopped waiting; {pending} job(s) still running. Use wait_for_job or get_job with their ids, or cancel_job."
+            "Stopped waiting; {pending} job(s) still queued or running and they keep going. Call wait_for_job with each job_id to continue waiting (get_job to look, cancel_job to stop)."
         )),
         Ended::NotWaited => Some("Submitted without waiting. Use wait_for_job or get_job with the job ids.".into()),
         _ if inlined == MAX_INLINE_IMAGES && images.len() < reports.iter().map(|r| r.outputs.len()).sum::<usize>() => {
@@ -335,7 +357,10 @@ pub async fn render(
     }
     content.push(ContentBlock::text(text.join("\n")));
     content.extend(images);
-    let all_failed = report.succeeded == 0 && report.pending == 0 && report.failed > 0;
+    let all_failed = report.succeeded == 0
+        && report.pending == 0
+        && report.failed > 0
+        && matches!(ended, Ended::Finished | Ended::NotWaited);
     let mut result = if all_failed {
         CallToolResult::error(content)
     } else {
@@ -375,9 +400,16 @@ async fn render_output(
                 let (w, h) = imaging::dimensions(&artifact.data, &meta.media_type).unzip();
                 report.width = w;
                 report.height = h;
-                let post = gw.post_process(s.job_id);
+                let post = gw.post_process(s);
                 match post_process(artifact.data, &meta.media_type, post) {
                     Ok((data, media_type)) => {
+                        if !post.is_none() {
+                            // The copy and the inline image are the processed file:
+                            // report its own size, digest and type.
+                            report.size = data.len() as u64;
+                            report.sha256 = hex(&Sha256::digest(&data));
+                            report.media_type = media_type.clone();
+                        }
                         if let Some(dir) = &gw.cfg.output_dir {
                             report.path = save_copy(dir, meta, &data, &media_type);
                         }

@@ -87,6 +87,12 @@ fn target_name(
         })
 }
 
+/// The seed of output `index` of a job whose first image used `seed`: the
+/// images of a `count` job take one seed after another.
+fn output_seed(seed: Option<u64>, index: impl Into<u64>) -> Option<u64> {
+    seed.map(|s| s.wrapping_add(index.into()))
+}
+
 pub async fn save_output(gw: &Gateway, args: &SaveOutputArgs) -> Result<SaveReport, ToolError> {
     let (job_id, only) = match (&args.job_id, &args.artifact) {
         (Some(_), Some(_)) => {
@@ -105,7 +111,7 @@ pub async fn save_output(gw: &Gateway, args: &SaveOutputArgs) -> Result<SaveRepo
         }
     };
     // Resolve the target first: a path outside the roots is refused before any fetch.
-    let (dir, root) = gw.roots.writable_dir("directory", &args.directory)?;
+    let (target, root) = gw.roots.target_dir("directory", &args.directory)?;
     let manifest_path = args
         .manifest
         .as_deref()
@@ -133,7 +139,7 @@ pub async fn save_output(gw: &Gateway, args: &SaveOutputArgs) -> Result<SaveRepo
             format!("job {job_id} has no such output"),
         ));
     }
-    let mut post = gw.post_process(job_id);
+    let mut post = gw.post_process(&job);
     if let Some(remove) = args.remove_background {
         post = PostProcess {
             remove_background: remove,
@@ -142,6 +148,8 @@ pub async fn save_output(gw: &Gateway, args: &SaveOutputArgs) -> Result<SaveRepo
     }
     let seed = job.info.get("seed").and_then(serde_json::Value::as_u64);
 
+    // Everything is checked: now the directory may be made.
+    let (dir, _) = gw.roots.create_dir("directory", &target)?;
     let mut saved = Vec::new();
     let mut manifest = manifest_path.as_deref().map(Manifest::load).transpose()?;
     for (i, meta) in metas.iter().enumerate() {
@@ -182,7 +190,7 @@ pub async fn save_output(gw: &Gateway, args: &SaveOutputArgs) -> Result<SaveRepo
                     job: job_id.to_string(),
                     artifact: meta.id.to_string(),
                     sha256: hex(&Sha256::digest(&data)),
-                    seed,
+                    seed: output_seed(seed, meta.id.index),
                 },
             );
         }

@@ -9,7 +9,7 @@ use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::tool::{schema_for_output, ToolCallContext};
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::*;
-use rmcp::service::RequestContext;
+use rmcp::service::{NotificationContext, RequestContext};
 use rmcp::task_manager::{TaskContext, TaskExit, TaskOptions};
 use rmcp::{tool, tool_router, ErrorData as McpError, RoleServer, ServerHandler};
 use serde_json::Value;
@@ -18,14 +18,15 @@ use tokio_util::sync::CancellationToken;
 use crate::args::*;
 use crate::error::ToolError;
 use crate::gateway::{Gateway, PostProcess};
-use crate::jobs::{self, CallContext, Ended};
+use crate::jobs::{self, CallContext, CancelReasons, CancelSource, Cancelled, Ended};
 use crate::render::{self, JobsReport};
 use crate::save::{self, SaveReport};
-use crate::{fleet, inputs, prompts, resources, spec, validate};
+use crate::{fleet, inputs, prompts, resources, schema, spec, validate};
 
 const INSTRUCTIONS: &str = "Kiln runs image and video generation on a fleet of GPUs. \
 Generate tools wait for their result (sending progress when asked) and return images inline with links to the full files; \
-with `wait: false` or after `timeout_s` they return job ids to follow with wait_for_job. Cancelling a call cancels its jobs. \
+with `wait: false` or after `timeout_s` (by default well under a minute) they return job ids and progress: continue with wait_for_job. \
+Jobs keep running when a call times out or the client goes away; cancelling a call, or cancel_job, cancels them. \
 Use list_models/list_loras for names, list_workers for GPUs, save_output to copy results into a game's assets.";
 
 /// One MCP session's handler.
@@ -33,6 +34,8 @@ Use list_models/list_loras for names, list_workers for GPUs, save_output to copy
 pub struct KilnMcp {
     gw: Arc<Gateway>,
     tool_router: ToolRouter<KilnMcp>,
+    /// Why the client cancelled its calls (a timeout leaves the jobs running).
+    cancel_reasons: Arc<CancelReasons>,
 }
 
 fn report_schema() -> Arc<JsonObject> {
@@ -43,13 +46,50 @@ fn save_schema() -> Arc<JsonObject> {
     schema_for_output::<SaveReport>()
 }
 
-fn call_context(ctx: &RequestContext<RoleServer>) -> CallContext {
-    CallContext {
-        peer: Some(ctx.peer.clone()),
-        progress_token: ctx.meta.get_progress_token(),
-        cancel: ctx.ct.clone(),
-        task: ctx.extensions.get::<TaskContext>().cloned(),
+impl KilnMcp {
+    fn call_context(&self, ctx: &RequestContext<RoleServer>) -> CallContext {
+        let task = ctx.extensions.get::<TaskContext>().cloned();
+        // Over streamable HTTP at 2026-07-28 a request has no session: closing its
+        // response stream is the protocol's one cancel signal (there are no
+        // client notifications to say why), so the token firing is the cancel.
+        let stateless_http = at_least(ctx, &ProtocolVersion::V_2026_07_28)
+            && ctx.extensions.get::<axum::http::request::Parts>().is_some();
+        CallContext {
+            peer: Some(ctx.peer.clone()),
+            progress_token: ctx.meta.get_progress_token(),
+            cancel: ctx.ct.clone(),
+            // A task's token fires only on `tasks/cancel`.
+            cancel_source: if task.is_some() || stateless_http {
+                CancelSource::Explicit
+            } else {
+                CancelSource::Request {
+                    id: ctx.id.clone(),
+                    reasons: self.cancel_reasons.clone(),
+                }
+            },
+            task,
+        }
     }
+}
+
+/// The first protocol version with the MCP Tasks extension (SEP-2663): task
+/// handles (`resultType: "task"`) go only to sessions at least this new whose
+/// client declares the extension. Older sessions (the TypeScript SDK and the
+/// Inspector negotiate 2025-11-25) always get the plain result.
+const TASKS_SINCE: ProtocolVersion = ProtocolVersion::V_2026_07_28;
+
+/// Whether the request's protocol version is `version` or newer (versions are
+/// dates, so they order as strings).
+fn at_least(ctx: &RequestContext<RoleServer>, version: &ProtocolVersion) -> bool {
+    ctx.protocol_version()
+        .is_some_and(|v| v.as_str() >= version.as_str())
+}
+
+fn takes_tasks(ctx: &RequestContext<RoleServer>) -> bool {
+    at_least(ctx, &TASKS_SINCE)
+        && ctx
+            .client_capabilities()
+            .is_some_and(|c| c.supports_tasks())
 }
 
 /// The tools a client may run as MCP tasks: the ones that wait for generations.
@@ -65,6 +105,16 @@ const TASK_TOOLS: [&str; 6] = [
 fn parse_job(s: &str) -> Result<JobId, ToolError> {
     s.parse()
         .map_err(|e: kiln_protocol::IdError| ToolError::invalid("job_id", e.to_string()))
+}
+
+/// The result of a call that stopped early (nobody may read it: the client
+/// cancelled), in the error form every output schema admits.
+fn cancelled_result(stopped: &Cancelled) -> CallToolResult {
+    let mut r = CallToolResult::error(vec![ContentBlock::text(stopped.to_string())]);
+    r.structured_content = Some(
+        serde_json::json!({ "error": { "kind": "cancelled", "message": stopped.to_string() } }),
+    );
+    r
 }
 
 /// A JSON value as a tool result: pretty text plus structured content.
@@ -84,9 +134,17 @@ fn json_result(value: Result<Value, ToolError>) -> CallToolResult {
 #[tool_router]
 impl KilnMcp {
     pub fn new(gw: Arc<Gateway>) -> KilnMcp {
+        let mut tool_router = Self::tool_router();
+        for route in tool_router.map.values_mut() {
+            route.attr.input_schema = schema::portable_input(&route.attr.input_schema);
+            if let Some(output) = &route.attr.output_schema {
+                route.attr.output_schema = Some(schema::portable_output(output));
+            }
+        }
         KilnMcp {
             gw,
-            tool_router: Self::tool_router(),
+            tool_router,
+            cancel_reasons: Arc::default(),
         }
     }
 
@@ -98,8 +156,14 @@ impl KilnMcp {
         post: PostProcess,
         ctx: &RequestContext<RoleServer>,
     ) -> CallToolResult {
-        self.generate(spec.map(|s| vec![s]), None, wait, post, call_context(ctx))
-            .await
+        self.generate(
+            spec.map(|s| vec![s]),
+            None,
+            wait,
+            post,
+            self.call_context(ctx),
+        )
+        .await
     }
 
     /// Submits, waits, and renders: the shared body of every generate tool.
@@ -115,16 +179,19 @@ impl KilnMcp {
             Ok(s) => s,
             Err(e) => return e.into_result(),
         };
-        let timeout = match jobs::wait_timeout(&self.gw, wait.timeout_s) {
+        // A task is polled, so it waits as long as the gateway allows.
+        let timeout_s = match (&call.task, wait.timeout_s) {
+            (Some(_), None) => Some(self.gw.cfg.max_wait_timeout_s),
+            (_, t) => t,
+        };
+        let timeout = match jobs::wait_timeout(&self.gw, timeout_s) {
             Ok(t) => t,
             Err(e) => return e.into_result(),
         };
         let single = prompts.is_none();
         let (mut items, ended) = match jobs::run(&self.gw, specs, wait.wait, timeout, &call).await {
             Ok(r) => r,
-            Err(cancelled) => {
-                return CallToolResult::error(vec![ContentBlock::text(cancelled.to_string())])
-            }
+            Err(stopped) => return cancelled_result(&stopped),
         };
         if single && items.len() == 1 && items[0].is_err() {
             if let Some(Err(e)) = items.pop() {
@@ -148,7 +215,7 @@ impl KilnMcp {
     ) -> CallToolResult {
         let post = PostProcess::for_style(a.options.style);
         self.generate_one(
-            spec::generate_image(&a, &self.gw.cfg),
+            spec::generate_image(&a, &fleet::defaults_for_fleet(&self.gw).await),
             &a.options.wait,
             post,
             &ctx,
@@ -171,7 +238,7 @@ impl KilnMcp {
         };
         let post = PostProcess::for_style(a.options.style);
         self.generate_one(
-            spec::edit_image(&a, &self.gw.cfg, input),
+            spec::edit_image(&a, &fleet::defaults_for_fleet(&self.gw).await, input),
             &a.options.wait,
             post,
             &ctx,
@@ -196,7 +263,7 @@ impl KilnMcp {
             None => None,
         };
         self.generate_one(
-            spec::generate_video(&a, &self.gw.cfg, input),
+            spec::generate_video(&a, &fleet::defaults_for_fleet(&self.gw).await, input),
             &a.wait,
             PostProcess::default(),
             &ctx,
@@ -216,11 +283,11 @@ impl KilnMcp {
         let prompts: Vec<String> = a.prompts.iter().map(|p| p.prompt().to_string()).collect();
         let post = PostProcess::for_style(a.options.style);
         self.generate(
-            spec::generate_batch(&a, &self.gw.cfg),
+            spec::generate_batch(&a, &fleet::defaults_for_fleet(&self.gw).await),
             Some(prompts),
             &a.options.wait,
             post,
-            call_context(&ctx),
+            self.call_context(&ctx),
         )
         .await
     }
@@ -240,7 +307,7 @@ impl KilnMcp {
             pixel_cell: spec::style_words(style).2,
         };
         self.generate_one(
-            spec::generate_sprite(&a, &self.gw.cfg),
+            spec::generate_sprite(&a, &fleet::defaults_for_fleet(&self.gw).await),
             &a.options.wait,
             post,
             &ctx,
@@ -299,13 +366,17 @@ impl KilnMcp {
         // Leaving the wait does not cancel the job: only cancel_job does.
         let call = CallContext {
             cancel: tokio_util::sync::CancellationToken::new(),
-            ..call_context(&ctx)
+            ..self.call_context(&ctx)
         };
         let ids = [Ok(id)];
         let wait = jobs::follow_all(&self.gw, &ids, timeout, &call);
         let (latest, ended) = tokio::select! {
-            r = wait => r.unwrap_or((vec![None], Ended::TimedOut)),
-            _ = ctx.ct.cancelled() => return CallToolResult::error(vec![ContentBlock::text("wait cancelled; the job keeps running")]),
+            r = wait => match r {
+                Ok((latest, Ended::Finished)) => (latest, Ended::Followed),
+                Ok(r) => r,
+                Err(_) => (vec![None], Ended::TimedOut),
+            },
+            _ = ctx.ct.cancelled() => return cancelled_result(&Cancelled::Abandoned),
         };
         let item = match latest.into_iter().next().flatten() {
             Some(s) => Ok(s),
@@ -486,21 +557,31 @@ impl ServerHandler for KilnMcp {
     ) -> Result<CallToolResponse, McpError> {
         // Check the arguments against the tool's published schema first, so the
         // assistant learns which field is wrong and what range it allows.
+        let mut request = request;
         if let Some(tool) = self.tool_router.get(&request.name) {
-            let args = request.arguments.clone().unwrap_or_default();
+            let mut args = request.arguments.take().unwrap_or_default();
+            validate::coerce_arguments(&tool.input_schema, &mut args);
             if let Err(e) = validate::check_arguments(&tool.input_schema, &args) {
                 return Ok(e.into_result().into());
             }
+            request.arguments = Some(args);
         }
-        let wants_task = context
-            .client_capabilities()
-            .is_some_and(|c| c.supports_tasks());
-        if wants_task && TASK_TOOLS.contains(&request.name.as_ref()) {
+        if takes_tasks(&context) && TASK_TOOLS.contains(&request.name.as_ref()) {
             return Ok(self.spawn_task(request, context));
         }
         self.tool_router
             .call(ToolCallContext::new(self, request, context))
             .await
+    }
+
+    async fn on_cancelled(
+        &self,
+        notification: CancelledNotificationParam,
+        _context: NotificationContext<RoleServer>,
+    ) {
+        if let Some(id) = notification.request_id {
+            self.cancel_reasons.record(id, notification.reason);
+        }
     }
 
     async fn list_tools(

@@ -10,58 +10,11 @@ use std::time::Duration;
 
 use kiln_config::KilnConfig;
 use kiln_protocol::{JobId, JobState};
-use kiln_testkit::{bin, eventually, free_port, Broker, BrokerOpts, Proc, Scratch, WorkerOpts};
+use kiln_testkit::{bin, eventually, free_port, Proc, Scratch};
 use serde_json::Value;
 
-const CLIENT_TOKEN: &str = "broker-client-token";
-const MCP_TOKEN: &str = "mcp-http-token";
-/// A small inline budget so a 512x512 render has to be shrunk.
-const INLINE_BUDGET: u64 = 65_536;
-
-struct Fleet {
-    scratch: Scratch,
-    broker: Broker,
-    _workers: Vec<Proc>,
-    config: PathBuf,
-    assets: PathBuf,
-    outputs: PathBuf,
-}
-
-async fn fleet() -> Fleet {
-    let scratch = Scratch::new();
-    let broker = scratch
-        .broker(BrokerOpts {
-            durable: false,
-            client_token: Some(CLIENT_TOKEN.into()),
-            ..BrokerOpts::default()
-        })
-        .await;
-    let mut workers = Vec::new();
-    for id in ["w1", "w2"] {
-        workers.push(scratch.worker(&broker, WorkerOpts::sim(id)).await);
-    }
-    let assets = scratch.path().join("game/assets");
-    let outputs = scratch.path().join("mcp-outputs");
-    let config = scratch.path().join("kiln-mcp.toml");
-    let toml = format!(
-        "[client]\nbroker = \"{}\"\nevents = \"{}\"\ntoken = \"{CLIENT_TOKEN}\"\n\n\
-         [mcp]\nimage_backend = \"sim\"\nvideo_backend = \"sim\"\ntoken = \"{MCP_TOKEN}\"\n\
-         allowed_roots = [\"{}\"]\noutput_dir = \"{}\"\ninline_image_max_bytes = {INLINE_BUDGET}\nwait_timeout_s = 120\n",
-        broker.frontend,
-        broker.events,
-        assets.display(),
-        outputs.display()
-    );
-    std::fs::write(&config, toml).expect("gateway config");
-    Fleet {
-        scratch,
-        broker,
-        _workers: workers,
-        config,
-        assets,
-        outputs,
-    }
-}
+mod common;
+use common::{fleet, Fleet, INLINE_BUDGET, MCP_TOKEN};
 
 fn python() -> String {
     std::env::var("KILN_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
@@ -278,12 +231,22 @@ fn http_on_a_network_address_needs_a_token() {
 fn the_example_config_parses_with_its_mcp_block() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/kiln.example.toml");
     let cfg = KilnConfig::load(&[example]).expect("config/kiln.example.toml loads");
+    // The example is the generated reference: defaults, with examples as comments.
     let mcp = &cfg.mcp;
+    assert_eq!(*mcp, kiln_config::McpConfig::default());
     assert_eq!(mcp.http_bind, "127.0.0.1:8765");
     assert_eq!(mcp.inline_image_max_bytes, 1024 * 1024);
-    assert!(mcp.token_file.is_some());
-    assert!(!mcp.allowed_roots.is_empty());
-    assert!(mcp.output_dir.is_some());
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/kiln.example.toml"),
+    )
+    .unwrap();
+    for key in [
+        "# token_file = \"/etc/kiln/mcp-token\"",
+        "# Example: allowed_roots = [\"/srv/games/my-game/assets\"]",
+        "# output_dir = \"/var/lib/kiln/mcp-outputs\"",
+    ] {
+        assert!(text.contains(key), "{key} missing from the example");
+    }
 }
 
 #[test]

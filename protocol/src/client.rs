@@ -36,7 +36,9 @@ use crate::worker::{HealthReport, ModelInfo, WorkerInfo};
 pub struct ClientOptions {
     /// The broker's frontend, e.g. `tcp://127.0.0.1:5555`.
     pub endpoint: String,
-    /// The broker's event PUB socket, e.g. `tcp://127.0.0.1:5557`.
+    /// The broker's event PUB socket, e.g. `tcp://127.0.0.1:5557`; empty when the
+    /// broker keeps its events port closed (client tokens without an authenticating
+    /// transport): [`Client::follow`] then keeps a job current from `get` alone.
     pub events_endpoint: String,
     pub token: Option<String>,
     /// The name the broker files this client's jobs under (fairness, `list`).
@@ -75,6 +77,12 @@ pub enum ClientError {
         timeout: Duration,
         detail: String,
     },
+    /// Nothing answers at the endpoint (refused, unresolvable, unroutable, or not
+    /// an endpoint at all), and this client has never reached the broker: calls
+    /// fail at once instead of waiting out their timeout. A client that was
+    /// connected before keeps retrying instead, as the broker may be restarting.
+    #[error(transparent)]
+    Unreachable(#[from] crate::probe::Unreachable),
     #[error("the broker sent an unexpected reply: {0}")]
     Unexpected(String),
     #[error("artifact {id} failed its integrity check: expected sha256 {expected}, got {actual}")]
@@ -371,6 +379,10 @@ pub fn hex(bytes: &[u8]) -> String {
     })
 }
 
+/// How many times in a row a call may be resent after a fresh `hello` before the
+/// broker's `unauthenticated` is passed to the caller.
+const MAX_REAUTHS: u32 = 3;
+
 /// The DEALER's owner: sends calls, matches replies, reconnects, resends.
 async fn drive(
     opts: ClientOptions,
@@ -383,6 +395,9 @@ async fn drive(
     let mut retry_at = Instant::now();
     let mut last_error = String::from("not connected yet");
     let mut calls_open = true;
+    // Logins repeated because the broker answered `unauthenticated` since the
+    // last answered call; bounded so a broker that keeps forgetting cannot spin us.
+    let mut reauths = 0u32;
 
     loop {
         let now = Instant::now();
@@ -412,10 +427,16 @@ async fn drive(
                 }
                 Err(e) => {
                     last_error = e.to_string();
-                    if let ClientError::Broker(body) = &e {
+                    let never_connected = welcome.lock().map_or(true, |w| w.is_none());
+                    let definitive = match &e {
                         // Refused (bad token): every waiting call gets the refusal.
+                        ClientError::Broker(_) => true,
+                        ClientError::Unreachable(_) => never_connected,
+                        _ => false,
+                    };
+                    if definitive {
                         for (_, call) in pending.drain() {
-                            let _ = call.reply.send(Err(ClientError::Broker(body.clone())));
+                            let _ = call.reply.send(Err(e.clone()));
                         }
                     }
                     retry_at = Instant::now() + backoff.next_delay();
@@ -438,6 +459,11 @@ async fn drive(
                 None => calls_open = false,
                 Some(call) => {
                     let req_id = call.request.req_id();
+                    if conn.is_none() && welcome.lock().map_or(true, |w| w.is_none()) {
+                        // Never connected: try now, so a broker that is down is
+                        // reported at once and one that just came up is used.
+                        retry_at = Instant::now();
+                    }
                     if let Some(c) = conn.as_mut() {
                         if let Err(e) = c.send(frame::encode(&call.request)).await {
                             last_error = format!("send failed: {e}");
@@ -450,8 +476,24 @@ async fn drive(
             },
             incoming = next_incoming(&mut conn) => match incoming {
                 Incoming::Frames(frames) => match frame::decode::<Reply>(&frames, usize::MAX) {
+                    Ok(Reply::Error(e))
+                        if e.error.code == ErrorCode::Unauthenticated
+                            && reauths < MAX_REAUTHS
+                            && e.req_id.is_some_and(|id| pending.contains_key(&id)) =>
+                    {
+                        // The broker no longer knows this connection's session (it
+                        // restarted, or the transport reconnected underneath): log in
+                        // again on a fresh connection and resend what is waiting. A
+                        // wrong token ends there, refused by `hello` itself.
+                        reauths += 1;
+                        tracing::info!("the broker forgot this client's session; saying hello again");
+                        last_error = "the broker asked for hello again".into();
+                        conn = None;
+                        retry_at = Instant::now();
+                    }
                     Ok(reply) => {
                         if let Some(call) = reply.req_id().and_then(|id| pending.remove(&id)) {
+                            reauths = 0;
                             let _ = call.reply.send(Ok(reply));
                         }
                     }
@@ -500,6 +542,7 @@ async fn connect_and_hello(opts: &ClientOptions) -> Result<(DealerConn, Welcome)
         timeout: opts.connect_timeout,
         detail,
     };
+    crate::probe::probe(&opts.endpoint, opts.connect_timeout).await?;
     let mut conn = DealerConn::connect(&opts.endpoint, None, opts.connect_timeout)
         .await
         .map_err(|e| timeout(format!("connect failed: {e}")))?;
@@ -571,6 +614,23 @@ fn start_hub(endpoint: String) -> mpsc::UnboundedSender<HubCommand> {
 /// Owns the SUB socket (which, unlike DEALER, reconnects by itself) and fans events
 /// out to subscribers by topic prefix.
 async fn run_hub(endpoint: String, mut commands: mpsc::UnboundedReceiver<HubCommand>) {
+    if endpoint.is_empty() {
+        // No events port: subscriptions are accepted and stay silent, so `follow`
+        // keeps the job current from `get` snapshots alone.
+        let mut open = Vec::new();
+        while let Some(cmd) = commands.recv().await {
+            match cmd {
+                HubCommand::Subscribe {
+                    id, events, done, ..
+                } => {
+                    open.push((id, events));
+                    let _ = done.send(());
+                }
+                HubCommand::Unsubscribe { id } => open.retain(|(i, _)| *i != id),
+            }
+        }
+        return;
+    }
     struct Subscriber {
         id: u64,
         prefix: String,

@@ -15,7 +15,19 @@ use crate::limits::{check, check_len, Limits};
 pub type Params = Map<String, Value>;
 
 /// The generator a job runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
     Comfyui,
@@ -574,6 +586,11 @@ pub struct JobSnapshot {
     /// Every state change, oldest first (omitted in `list` replies).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<Transition>,
+    /// The spec's parameters, in `get` replies only (not in events or `list`):
+    /// lets a client that did not submit the job see how it was asked for (the
+    /// MCP gateway reads a sprite's `background` from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<Params>,
 }
 
 fn is_zero(n: &u8) -> bool {

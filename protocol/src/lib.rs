@@ -17,6 +17,7 @@ pub mod frame;
 pub mod ids;
 pub mod job;
 pub mod limits;
+pub mod probe;
 pub mod request;
 pub mod socket;
 pub mod worker;
@@ -28,6 +29,7 @@ pub use frame::{WireMessage, PROTOCOL_TAG};
 pub use ids::{ArtifactId, IdError, JobId};
 pub use job::*;
 pub use limits::Limits;
+pub use probe::Unreachable;
 pub use request::{Reply, Request};
 pub use worker::{BrokerMessage, WorkerMessage};
 

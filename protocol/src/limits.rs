@@ -10,7 +10,7 @@ use crate::error::ProtocolError;
 
 /// Every limit in one place; the broker's config can tighten or loosen them and the
 /// `welcome` reply tells clients the values in force.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest body of any message, in bytes (input images travel inside `submit`).

@@ -92,7 +92,6 @@ impl GpuSource for NvmlSource {
 
     fn read(&self, index: u32) -> Result<DeviceReading, GpuError> {
         use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
-        use nvml_wrapper::error::NvmlError;
         let count = self.device_count()?;
         if index >= count {
             return Err(GpuError::NoSuchDevice { index, count });
@@ -101,14 +100,10 @@ impl GpuSource for NvmlSource {
             .nvml
             .device_by_index(index)
             .map_err(|e| GpuError::Nvml(e.to_string()))?;
-        let memory = match d.memory_info() {
-            Ok(m) => MemoryReading::Known {
-                total_bytes: m.total,
-                free_bytes: m.free,
-            },
-            Err(NvmlError::NotSupported) => MemoryReading::NotSupported,
-            Err(e) => MemoryReading::Failed(e.to_string()),
-        };
+        let memory = read_memory(&NvmlMemory {
+            nvml: &self.nvml,
+            device: &d,
+        });
         Ok(DeviceReading {
             name: d.name().unwrap_or_else(|_| format!("GPU {index}")),
             uuid: d.uuid().unwrap_or_default(),
@@ -120,6 +115,96 @@ impl GpuSource for NvmlSource {
 
     fn driver_version(&self) -> Option<String> {
         self.nvml.sys_driver_version().ok()
+    }
+}
+
+/// Why a memory call gave no figures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryCallError {
+    /// The driver's library lacks the function (older drivers have no
+    /// `nvmlDeviceGetMemoryInfo_v2`).
+    Missing(String),
+    /// NVML_ERROR_NOT_SUPPORTED.
+    NotSupported,
+    Other(String),
+}
+
+/// NVML's two memory calls, `(total, free)` in bytes: the seam that lets the
+/// fallback from v2 to v1 be tested without a driver.
+pub trait MemoryCalls {
+    fn v2(&self) -> Result<(u64, u64), MemoryCallError>;
+    fn v1(&self) -> Result<(u64, u64), MemoryCallError>;
+}
+
+/// Reads memory through `nvmlDeviceGetMemoryInfo_v2` (which leaves out memory
+/// the driver reserves), falling back to the v1 call when the driver's library
+/// does not have v2.
+pub fn read_memory(calls: &dyn MemoryCalls) -> MemoryReading {
+    let result = match calls.v2() {
+        Err(MemoryCallError::Missing(why)) => {
+            tracing::debug!("nvmlDeviceGetMemoryInfo_v2 is missing ({why}); using v1");
+            calls.v1()
+        }
+        other => other,
+    };
+    match result {
+        Ok((total_bytes, free_bytes)) => MemoryReading::Known {
+            total_bytes,
+            free_bytes,
+        },
+        Err(MemoryCallError::NotSupported) => MemoryReading::NotSupported,
+        Err(MemoryCallError::Missing(e) | MemoryCallError::Other(e)) => MemoryReading::Failed(e),
+    }
+}
+
+struct NvmlMemory<'a> {
+    nvml: &'a nvml_wrapper::Nvml,
+    device: &'a nvml_wrapper::Device<'a>,
+}
+
+fn call_error(e: nvml_wrapper::error::NvmlError) -> MemoryCallError {
+    use nvml_wrapper::error::NvmlError;
+    match e {
+        NvmlError::FailedToLoadSymbol(why) => MemoryCallError::Missing(why),
+        NvmlError::NotSupported => MemoryCallError::NotSupported,
+        e => MemoryCallError::Other(e.to_string()),
+    }
+}
+
+impl MemoryCalls for NvmlMemory<'_> {
+    fn v2(&self) -> Result<(u64, u64), MemoryCallError> {
+        self.device
+            .memory_info()
+            .map(|m| (m.total, m.free))
+            .map_err(call_error)
+    }
+
+    fn v1(&self) -> Result<(u64, u64), MemoryCallError> {
+        /// `nvmlMemory_t`: three `unsigned long long`, in bytes.
+        #[repr(C)]
+        struct Memory {
+            total: u64,
+            free: u64,
+            used: u64,
+        }
+        let lib = self.nvml.lib();
+        if let Err(e) = &lib.nvmlDeviceGetMemoryInfo {
+            return Err(MemoryCallError::Missing(e.to_string()));
+        }
+        let mut m = Memory {
+            total: 0,
+            free: 0,
+            used: 0,
+        };
+        // SAFETY: the symbol is present (checked above), the handle comes from
+        // this NVML instance, and `Memory` has nvmlMemory_t's layout.
+        let code = unsafe {
+            lib.nvmlDeviceGetMemoryInfo(self.device.handle(), (&mut m as *mut Memory).cast())
+        };
+        let _ = m.used;
+        nvml_wrapper::error::nvml_try(code)
+            .map(|()| (m.total, m.free))
+            .map_err(call_error)
     }
 }
 
@@ -217,7 +302,12 @@ impl GpuProbe {
     pub fn probe_index(&self, index: u32) -> Result<GpuInfo, GpuError> {
         let cfg = &self.cfg;
         let reading = match &self.source {
-            Some(s) => Some(s.read(index)?),
+            Some(s) => match s.read(index) {
+                Ok(r) => Some(r),
+                // A sim-only worker needs no GPU figures to run.
+                Err(e) if self.sim_only => return Ok(self.simulated(index, e.to_string())),
+                Err(e) => return Err(e),
+            },
             None => None,
         };
         if let Some(r) = reading {
@@ -241,6 +331,9 @@ impl GpuProbe {
                 },
                 MemoryReading::Failed(e) => match cfg.total_vram_mb {
                     Some(t) => (t, t, false),
+                    None if self.sim_only => {
+                        return Ok(self.simulated(index, format!("memory info: {e}")))
+                    }
                     None => return Err(GpuError::Nvml(format!("memory info: {e}"))),
                 },
             };
@@ -279,20 +372,30 @@ impl GpuProbe {
             });
         }
         if self.sim_only {
-            let total = cfg.total_vram_mb.unwrap_or(24_576);
-            return Ok(GpuInfo {
-                index,
-                name: cfg.name.clone().unwrap_or_else(|| "simulated GPU".into()),
-                uuid: String::new(),
-                total_vram_mb: total,
-                free_vram_mb: total,
-                utilization_pct: None,
-                temperature_c: None,
-                unified_memory: false,
-                source: Source::None,
-            });
+            return Ok(self.simulated(index, reason));
         }
         Err(GpuError::Undeclared { reason })
+    }
+
+    /// The GPU a sim-only worker reports when NVML gives no usable figures.
+    fn simulated(&self, index: u32, why: String) -> GpuInfo {
+        tracing::debug!("reporting a simulated GPU: {why}");
+        let total = self.cfg.total_vram_mb.unwrap_or(24_576);
+        GpuInfo {
+            index,
+            name: self
+                .cfg
+                .name
+                .clone()
+                .unwrap_or_else(|| "simulated GPU".into()),
+            uuid: String::new(),
+            total_vram_mb: total,
+            free_vram_mb: total,
+            utilization_pct: None,
+            temperature_c: None,
+            unified_memory: false,
+            source: Source::None,
+        }
     }
 }
 
@@ -403,6 +506,97 @@ mod tests {
             .unwrap();
         assert_eq!(g.source, Source::None);
         assert!(g.total_vram_mb > 0);
+    }
+
+    /// Memory calls as an older or a current driver answers them.
+    struct Calls {
+        v2: Result<(u64, u64), MemoryCallError>,
+        v1: Result<(u64, u64), MemoryCallError>,
+    }
+    impl MemoryCalls for Calls {
+        fn v2(&self) -> Result<(u64, u64), MemoryCallError> {
+            self.v2.clone()
+        }
+        fn v1(&self) -> Result<(u64, u64), MemoryCallError> {
+            self.v1.clone()
+        }
+    }
+
+    #[test]
+    fn without_the_v2_memory_call_the_v1_call_is_used() {
+        let old_driver = Calls {
+            v2: Err(MemoryCallError::Missing(
+                "undefined symbol: nvmlDeviceGetMemoryInfo_v2".into(),
+            )),
+            v1: Ok((8 * 1024 * MIB, 6 * 1024 * MIB)),
+        };
+        assert_eq!(
+            read_memory(&old_driver),
+            MemoryReading::Known {
+                total_bytes: 8 * 1024 * MIB,
+                free_bytes: 6 * 1024 * MIB
+            }
+        );
+        // v2 is preferred when present; v1 is not consulted.
+        let current = Calls {
+            v2: Ok((24 * 1024 * MIB, 20 * 1024 * MIB)),
+            v1: Err(MemoryCallError::Other("must not be called".into())),
+        };
+        assert!(
+            matches!(read_memory(&current), MemoryReading::Known { total_bytes, .. } if total_bytes == 24 * 1024 * MIB)
+        );
+        // A GB10 answers Not Supported to either; a real failure stays one.
+        let unified = Calls {
+            v2: Err(MemoryCallError::Missing("v2".into())),
+            v1: Err(MemoryCallError::NotSupported),
+        };
+        assert_eq!(read_memory(&unified), MemoryReading::NotSupported);
+        let broken = Calls {
+            v2: Err(MemoryCallError::Other("GPU is lost".into())),
+            v1: Ok((1, 1)),
+        };
+        assert_eq!(
+            read_memory(&broken),
+            MemoryReading::Failed("GPU is lost".into())
+        );
+    }
+
+    #[test]
+    fn a_sim_only_worker_starts_when_nvml_loads_but_cannot_read_memory() {
+        let failing = || Fake(Ok(reading(MemoryReading::Failed("Unknown Error".into()))));
+        let g = GpuProbe::new(
+            Some(Box::new(failing())),
+            None,
+            GpuConfig::default(),
+            true,
+            meminfo,
+        )
+        .probe()
+        .unwrap();
+        assert_eq!(g.source, Source::None);
+        assert!(g.total_vram_mb > 0);
+        let lost = Fake(Err(GpuError::Nvml("GPU is lost".into())));
+        let g = GpuProbe::new(
+            Some(Box::new(lost)),
+            None,
+            GpuConfig::default(),
+            true,
+            meminfo,
+        )
+        .probe()
+        .unwrap();
+        assert_eq!(g.source, Source::None);
+        // A worker with real backends still refuses: it would schedule blind.
+        let err = GpuProbe::new(
+            Some(Box::new(failing())),
+            None,
+            GpuConfig::default(),
+            false,
+            meminfo,
+        )
+        .probe()
+        .unwrap_err();
+        assert!(err.to_string().contains("Unknown Error"), "{err}");
     }
 
     #[test]

@@ -30,6 +30,17 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{Backend, JobRun, OutputData, ProgressSink, RunError};
 use crate::gpu::{GpuError, GpuProbe};
 
+/// How long a stopping worker waits for its running job to stop on the
+/// generator (a ComfyUI prompt interrupted, a Wan2GP job cancelled) before it
+/// says goodbye anyway. Well inside the unit's `TimeoutStopSec=60s`, which also
+/// has to cover a managed ComfyUI's own ten-second stop.
+pub const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// How long the connection stays open after `goodbye`, reading whatever the
+/// broker still sends, so the message leaves the send queue and the socket is not
+/// reset with unread data in it (ZeroMQ's `ZMQ_LINGER`, which this crate lacks).
+const GOODBYE_LINGER: Duration = Duration::from_millis(300);
+
 /// Resolved settings of one worker.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -79,6 +90,8 @@ struct Done {
     files: Vec<(OutputMeta, OutputData)>,
     loaded_model: Option<String>,
     work_dir: PathBuf,
+    /// Sent before the first upload: see [`closing_progress`].
+    closing: Option<Progress>,
 }
 
 struct Running {
@@ -143,8 +156,11 @@ impl Worker {
         let probed = tokio::task::spawn_blocking(move || probe.probe())
             .await
             .unwrap_or_else(|e| Err(GpuError::Nvml(format!("probe task failed: {e}"))));
+        // NVML first, then the GPU the operator declared in [worker.gpu]; only
+        // without either does a backend's own report (ComfyUI's /system_stats)
+        // stand in, and a simulated GPU after that.
         let gpu = match (probed, hint) {
-            (Ok(g), _) if g.source == GpuSource::Nvml => g,
+            (Ok(g), _) if matches!(g.source, GpuSource::Nvml | GpuSource::Config) => g,
             (_, Some(mut h)) => {
                 h.source = GpuSource::Backend;
                 h
@@ -169,6 +185,7 @@ impl Worker {
                 source,
             }
         })?;
+        remove_stale_attempts(&self.settings.work_dir);
         let this = Arc::new(self);
         let (status_tx, status_rx) = watch::channel(first);
         tokio::spawn(sample_status(this.clone(), status_tx, shutdown.clone()));
@@ -223,9 +240,8 @@ impl Worker {
                 }
             }
         }
-        if let Some(r) = &session.running {
-            r.cancel.cancel();
-        }
+        // Shut down between sessions: the job still stops on its generator.
+        session.stop_job().await;
         for b in &this.backends {
             b.shutdown().await;
         }
@@ -369,14 +385,20 @@ impl Session {
 
     /// A job task finished: the next staged job starts at once (the GPU is free),
     /// and the result is kept until the broker acknowledges it.
-    fn finish(&mut self, done: Done) {
-        if self.running.as_ref().is_some_and(|r| r.r == done.r) {
-            self.running = None;
+    fn finish(&mut self, mut done: Done) {
+        if let Some(run) = self.running.take_if(|r| r.r == done.r) {
+            let last = run.progress.borrow().clone();
+            done.closing = closing_progress(&done.outcome, last.as_ref());
         }
         if self.running.is_none() {
             if let Some(next) = self.staged.pop_front() {
                 self.start(next);
             }
+        }
+        if !matches!(done.outcome, Outcome::Succeeded { .. }) {
+            // Nothing of a failed or cancelled attempt is uploaded: its scratch
+            // (partial downloads, a whole batch before a hashing error) goes now.
+            remove_scratch(&done.work_dir);
         }
         if self.unacked.is_none() {
             self.unacked = Some(done);
@@ -389,13 +411,36 @@ impl Session {
     /// The broker has the result being sent: the next waiting one goes.
     fn acknowledged(&mut self) {
         if let Some(done) = self.unacked.take() {
-            let _ = std::fs::remove_dir_all(&done.work_dir);
+            remove_scratch(&done.work_dir);
         }
         self.cursor = None;
         if let Some(next) = self.pending.pop_front() {
             self.unacked = Some(next);
             self.cursor = Some(Cursor { file: 0, offset: 0 });
         }
+    }
+
+    /// Cancels the running job, if any, and waits (up to [`STOP_GRACE`]) for its
+    /// backend to stop it on the generator. Returns the attempt that was stopped.
+    /// Its result is dropped: the broker requeues the attempt on `goodbye`.
+    async fn stop_job(&mut self) -> Option<JobRef> {
+        let r = self.running.as_ref()?.r;
+        tracing::info!(job = %r.job_id, attempt = r.attempt, "stopping the running job before exiting");
+        self.running.as_ref().expect("checked").cancel.cancel();
+        let waited = tokio::time::timeout(STOP_GRACE, async {
+            while let Some(done) = self.done_rx.recv().await {
+                remove_scratch(&done.work_dir);
+                if done.r == r {
+                    return;
+                }
+            }
+        })
+        .await;
+        if waited.is_err() {
+            tracing::warn!(job = %r.job_id, attempt = r.attempt, "the job did not stop within {STOP_GRACE:?}; leaving anyway");
+        }
+        self.running = None;
+        Some(r)
     }
 
     async fn serve(
@@ -424,10 +469,15 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    if let Some(r) = &self.running {
-                        r.cancel.cancel();
-                    }
-                    let _ = self.send(&mut conn, &WorkerMessage::Goodbye(Goodbye { reason: "worker shutting down".into() })).await;
+                    // Stop the job on the generator first, so the broker's retry
+                    // does not queue behind an abandoned prompt; then goodbye, so
+                    // it requeues at once instead of after three heartbeats.
+                    let reason = match self.stop_job().await {
+                        Some(r) => format!("worker shutting down; attempt {} of job {} was stopped", r.attempt, r.job_id),
+                        None => "worker shutting down".to_string(),
+                    };
+                    let _ = self.send(&mut conn, &WorkerMessage::Goodbye(Goodbye { reason })).await;
+                    linger(&mut conn).await;
                     return SessionEnd::Shutdown;
                 }
                 incoming = conn.next() => match incoming {
@@ -477,9 +527,11 @@ impl Session {
                             BrokerMessage::ResultAck(r) => {
                                 if self.unacked.as_ref().is_some_and(|d| d.r == r) {
                                     self.acknowledged();
-                                } else if self.pending.iter().any(|d| d.r == r) {
+                                } else if let Some(i) = self.pending.iter().position(|d| d.r == r) {
                                     // A stale result the broker does not want.
-                                    self.pending.retain(|d| d.r != r);
+                                    if let Some(old) = self.pending.remove(i) {
+                                        remove_scratch(&old.work_dir);
+                                    }
                                 }
                             }
                             BrokerMessage::Reregister(_) => {
@@ -597,11 +649,14 @@ impl Session {
             });
             return self.send(conn, &msg).await;
         }
-        if !a.hold && self.unacked.take().is_some() {
+        if let Some(old) = self.unacked.take_if(|_| !a.hold) {
             // The broker counts this worker idle: it moved on without wanting
             // the results still here.
-            self.pending.clear();
             self.cursor = None;
+            remove_scratch(&old.work_dir);
+            for old in self.pending.drain(..) {
+                remove_scratch(&old.work_dir);
+            }
         }
         if !self
             .worker
@@ -652,6 +707,7 @@ impl Session {
                     .settings
                     .work_dir
                     .join(format!("{}-{}", r.job_id, r.attempt)),
+                closing: None,
             };
             self.finish(done);
             return;
@@ -683,9 +739,17 @@ impl Session {
 
     /// Sends the next piece of the unacknowledged result, then `finished`.
     async fn upload_next(&mut self, conn: &mut DealerConn) -> Result<(), String> {
-        let (Some(done), Some(cursor)) = (&self.unacked, &mut self.cursor) else {
+        let (Some(done), Some(cursor)) = (&mut self.unacked, &mut self.cursor) else {
             return Ok(());
         };
+        if let Some(progress) = done.closing.take() {
+            let msg = WorkerMessage::Progress(ProgressReport {
+                job_id: done.r.job_id,
+                attempt: done.r.attempt,
+                progress,
+            });
+            return self.send(conn, &msg).await;
+        }
         if cursor.file >= done.files.len() {
             let msg = WorkerMessage::Finished(Finished {
                 job_id: done.r.job_id,
@@ -733,6 +797,52 @@ impl Session {
             cursor.offset = 0;
         }
         self.send(conn, &msg).await
+    }
+}
+
+/// Keeps reading the connection for [`GOODBYE_LINGER`] after `goodbye`.
+async fn linger(conn: &mut DealerConn) {
+    let _ = tokio::time::timeout(GOODBYE_LINGER, async {
+        loop {
+            if let Incoming::Lost = conn.next().await {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+/// Removes one attempt's scratch folder (it may not exist).
+fn remove_scratch(dir: &std::path::Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove an attempt's scratch")
+        }
+    }
+}
+
+/// Attempt folders (`<job>-<attempt>`) left by an earlier process of this worker
+/// (killed before the broker acknowledged): nothing will upload them now.
+fn remove_stale_attempts(work_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(work_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let is_attempt = name.to_str().is_some_and(|n| {
+            n.split_once('-').is_some_and(|(job, attempt)| {
+                !job.is_empty()
+                    && !attempt.is_empty()
+                    && attempt.bytes().all(|b| b.is_ascii_digit())
+                    && job.bytes().all(|b| b.is_ascii_alphanumeric())
+            })
+        });
+        if is_attempt && entry.path().is_dir() {
+            tracing::info!(dir = %entry.path().display(), "removing the scratch of an attempt from an earlier run");
+            remove_scratch(&entry.path());
+        }
     }
 }
 
@@ -844,8 +954,26 @@ async fn run_job(
             files,
             loaded_model: backend.loaded_model(),
             work_dir,
+            closing: None,
         })
         .await;
+}
+
+/// The progress a finished attempt leaves behind. Progress goes out at most ten
+/// times a second, so the last stage a backend reported ("downloading
+/// x_00001_.png", "encoding") may never have been sent, and the broker would keep
+/// an earlier one on the finished job. A success closes at 100 % "done", keeping
+/// the step count; a failure leaves the progress to the broker, which clears it.
+fn closing_progress(outcome: &Outcome, last: Option<&Progress>) -> Option<Progress> {
+    match outcome {
+        Outcome::Succeeded { .. } => Some(Progress {
+            pct: 100.0,
+            step: last.and_then(|p| p.steps.or(p.step)),
+            steps: last.and_then(|p| p.steps),
+            stage: "done".into(),
+        }),
+        Outcome::Failed { .. } | Outcome::Cancelled => None,
+    }
 }
 
 type Prepared = (Outcome, Vec<(OutputMeta, OutputData)>);
@@ -929,4 +1057,58 @@ pub fn hostname() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_finished_job_closes_at_done_not_at_its_last_stage() {
+        let last = Progress {
+            pct: 97.5,
+            step: Some(1),
+            steps: Some(2),
+            stage: "downloading upscaled_00001_.png".into(),
+        };
+        let ok = Outcome::Succeeded {
+            outputs: vec![],
+            info: Default::default(),
+        };
+        let closing = closing_progress(&ok, Some(&last)).unwrap();
+        assert_eq!(
+            (
+                closing.pct,
+                closing.stage.as_str(),
+                closing.step,
+                closing.steps
+            ),
+            (100.0, "done", Some(2), Some(2))
+        );
+        // A job too short to have reported anything still closes at done.
+        assert_eq!(closing_progress(&ok, None).unwrap().stage, "done");
+        let failed = Outcome::Failed {
+            error: JobError::new(FailureKind::Backend, "boom", false),
+        };
+        assert_eq!(closing_progress(&failed, Some(&last)), None);
+        assert_eq!(closing_progress(&Outcome::Cancelled, Some(&last)), None);
+    }
+
+    #[test]
+    fn attempt_folders_of_an_earlier_run_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["j12-1", "j7-3/sub", "wan2gp", "notes-x", "j5-"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        std::fs::write(dir.path().join("j12-1/0_out.png"), b"png").unwrap();
+        std::fs::write(dir.path().join("j9-2"), b"a file, not an attempt").unwrap();
+        remove_stale_attempts(dir.path());
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["j5-", "j9-2", "notes-x", "wan2gp"]);
+        remove_scratch(&dir.path().join("never-existed"));
+    }
 }

@@ -3,139 +3,18 @@
 //! recorded from a real v0.27.0 / v0.3.64 server), and against a real ComfyUI
 //! when `KILN_TEST_COMFYUI_URL` is set.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use kiln_protocol::client::hex;
-use kiln_protocol::job::InputFile;
 use kiln_protocol::worker::WorkerState;
 use kiln_protocol::{Backend, Client, FailureKind, JobId, JobSnapshot, JobSpec, JobState, Task};
-use kiln_testkit::{
-    eventually, fixture, free_port, python, Broker, BrokerOpts, Proc, Scratch, WorkerOpts,
-};
+mod common;
+
+use common::comfy::*;
+use kiln_testkit::{eventually, free_port, python, Broker, BrokerOpts, Proc, Scratch};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-
-fn fixtures() -> PathBuf {
-    fixture("comfyui")
-}
-
-fn workflow(name: &str) -> Value {
-    let text =
-        std::fs::read_to_string(fixtures().join("workflows").join(format!("{name}.json"))).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn input(name: &str, media_type: &str) -> InputFile {
-    InputFile {
-        name: name.into(),
-        media_type: media_type.into(),
-        data: std::fs::read(fixtures().join("workflows/inputs").join(name)).unwrap(),
-    }
-}
-
-const MODELS: [&str; 4] = [
-    "checkpoints/sd15.safetensors",
-    "loras/detail.safetensors",
-    "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",
-    "upscale_models/tiny_compact_x2.safetensors",
-];
-
-/// The fake's own arguments (without the port).
-fn fake_args(dir: &Path, version: &str) -> Vec<String> {
-    let mut args = vec![
-        fixtures().join("fake_comfyui.py").display().to_string(),
-        "--version".into(),
-        version.into(),
-        "--step-ms".into(),
-        "10".into(),
-        "--base-directory".into(),
-        dir.display().to_string(),
-    ];
-    for m in MODELS {
-        args.extend(["--model".into(), m.into()]);
-    }
-    // The Wan templates load these by default.
-    for m in [
-        "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors",
-        "vae/wan_2.1_vae.safetensors",
-        "clip_vision/clip_vision_h.safetensors",
-    ] {
-        args.extend(["--model".into(), m.into()]);
-    }
-    args
-}
-
-/// A fake ComfyUI process in attach mode.
-struct Fake {
-    _proc: Proc,
-    url: String,
-    http: reqwest::Client,
-}
-
-impl Fake {
-    async fn start(s: &Scratch, version: &str) -> Fake {
-        let port = free_port();
-        let dir = s.path().join(format!("comfyui-{port}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut args = fake_args(&dir, version);
-        args.extend(["--port".into(), port.to_string()]);
-        let proc = Proc::spawn("fake ComfyUI", &python(), &args, &[], dir.join("fake.log"));
-        let fake = Fake {
-            _proc: proc,
-            url: format!("http://127.0.0.1:{port}"),
-            http: reqwest::Client::new(),
-        };
-        eventually(
-            "the fake ComfyUI to answer",
-            Duration::from_secs(20),
-            || async { fake.get("/system_stats").await },
-        )
-        .await;
-        fake
-    }
-
-    async fn get(&self, path: &str) -> Option<Value> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .ok()?;
-        if !resp.status().is_success() {
-            return None;
-        }
-        serde_json::from_slice(&resp.bytes().await.ok()?).ok()
-    }
-
-    async fn post(&self, path: &str, body: Value) -> reqwest::Response {
-        self.http
-            .post(format!("{}{path}", self.url))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// The requests the fake has seen, oldest first.
-    async fn log(&self) -> Vec<String> {
-        let v = self.get("/fake/log").await.unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s.as_str().unwrap().to_string())
-            .collect()
-    }
-}
-
-fn comfy_opts(id: &str, comfyui_toml: &str) -> WorkerOpts {
-    WorkerOpts {
-        backends: vec!["comfyui".into()],
-        extra: format!("[worker.comfyui]\npoll_ms = 300\ncancel_timeout_s = 5\n{comfyui_toml}\n"),
-        ..WorkerOpts::sim(id)
-    }
-}
 
 /// A broker and a worker attached to `fake`; waits until the worker is healthy.
 async fn attached(s: &Scratch, fake: &Fake, id: &str) -> (Broker, Proc) {
@@ -150,23 +29,6 @@ async fn attached(s: &Scratch, fake: &Fake, id: &str) -> (Broker, Proc) {
         .await;
     wait_healthy(&broker.client(), id).await;
     (broker, worker)
-}
-
-async fn wait_healthy(client: &Client, id: &str) {
-    eventually(
-        &format!("worker {id} to be healthy"),
-        Duration::from_secs(30),
-        || async {
-            let workers = client.workers().await.ok()?;
-            workers
-                .iter()
-                .any(|w| {
-                    w.worker_id == id && matches!(w.state, WorkerState::Idle | WorkerState::Busy)
-                })
-                .then_some(())
-        },
-    )
-    .await;
 }
 
 fn raw(name: &str) -> JobSpec {
@@ -331,8 +193,9 @@ async fn comfyui_brings_home_every_output_kind_with_monotone_progress() {
     assert!(files[0].0.starts_with("from_upload_"), "{}", files[0].0);
     let log = fake.log().await;
     assert!(
-        log.iter()
-            .any(|l| l == "POST /upload/image kiln/upload_test.png"),
+        log.iter().any(
+            |l| l.starts_with("POST /upload/image kiln/j") && l.ends_with("-1/upload_test.png")
+        ),
         "{log:?}"
     );
 
@@ -425,29 +288,6 @@ async fn comfyui_validation_and_runtime_errors_name_the_node() {
         err.message
     );
     assert_eq!(done.attempt, 1);
-}
-
-async fn wait_progress(client: &Client, id: JobId) {
-    eventually(
-        "the job to report step progress",
-        Duration::from_secs(30),
-        || async {
-            let j = client.get(id).await.ok()?;
-            (j.state == JobState::Running && j.progress.as_ref().is_some_and(|p| p.step.is_some()))
-                .then_some(())
-        },
-    )
-    .await;
-}
-
-fn slow_job(steps: u32) -> JobSpec {
-    let mut spec = JobSpec::new(Backend::Comfyui, Task::TextToImage)
-        .param("prompt", "slow")
-        .param("steps", steps)
-        .param("width", 512)
-        .param("height", 512);
-    spec.model = Some("sd15.safetensors".into());
-    spec
 }
 
 async fn cancel_and_confirm(client: &Client, id: JobId) -> JobSnapshot {
@@ -570,9 +410,9 @@ async fn comfyui_v0_3_64_is_cancelled_by_interrupt_and_health_follows_the_server
 
     // A ComfyUI that goes away takes the worker out of scheduling until it is
     // back; the restarted server has forgotten every prompt.
-    fake._proc.kill9();
+    fake.proc.kill9();
     wait_state(&client, "c4", WorkerState::Unhealthy).await;
-    fake._proc.restart();
+    fake.proc.restart();
     wait_healthy(&client, "c4").await;
     assert_eq!(
         fake.get(&format!("/history/{prompt}")).await.unwrap(),

@@ -4,111 +4,12 @@
 //!
 //! Python comes from `KILN_TEST_PYTHON` (set by `scripts/test`), else `python3`.
 
-use std::time::Duration;
+mod common;
 
-use kiln_protocol::{
-    Backend, Client, FailureKind, JobId, JobSnapshot, JobSpec, JobState, LoraRef, Task,
-};
-use kiln_testkit::{eventually, fixture, python, Broker, BrokerOpts, Proc, Scratch, WorkerOpts};
+use common::wan2gp::*;
+use kiln_protocol::{FailureKind, JobState, LoraRef};
+use kiln_testkit::{eventually, BrokerOpts, Scratch};
 use serde_json::{json, Value};
-
-const WAIT: Duration = Duration::from_secs(60);
-
-/// A worker whose `[worker.wan2gp]` points at the fake WanGP, with fast timers.
-fn wan2gp_worker(id: &str, vram_mb: u64, env: &[(&str, &str)]) -> WorkerOpts {
-    let extra = format!(
-        "[worker.wan2gp]\nroot = \"{}\"\npython = \"{}\"\nheartbeat_s = 0.2\nheartbeat_timeout_s = 5\n\
-         cancel_grace_s = 1\nkill_grace_s = 1\nprogress_interval_s = 0\n\
-         [worker.wan2gp.env]\nPYTHONDONTWRITEBYTECODE = \"1\"\n",
-        fixture("wan2gp").display(),
-        python().display()
-    );
-    WorkerOpts {
-        vram_mb,
-        backends: vec!["wan2gp".into()],
-        extra,
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..WorkerOpts::sim(id)
-    }
-}
-
-fn t2v(prompt: &str, fake: Value) -> JobSpec {
-    let mut spec = JobSpec::new(Backend::Wan2gp, Task::TextToVideo)
-        .param("prompt", prompt)
-        .param("resolution", "832x480")
-        .param("frames", 33)
-        .param("wan2gp", json!({ "_fake": fake }));
-    spec.model = Some("t2v_2_2".into());
-    spec
-}
-
-/// A broker and one 24 GB Wan2GP worker, `w1`, whose models the broker lists.
-struct OneWorker {
-    worker: Proc,
-    client: Client,
-    _broker: Broker,
-    _scratch: Scratch,
-}
-
-async fn one_worker(env: &[(&str, &str)]) -> OneWorker {
-    let scratch = Scratch::new();
-    let broker = scratch.broker(BrokerOpts::default()).await;
-    let worker = scratch
-        .worker(&broker, wan2gp_worker("w1", 24_576, env))
-        .await;
-    let client = broker.client();
-    wait_for_models(&client).await;
-    OneWorker {
-        worker,
-        client,
-        _broker: broker,
-        _scratch: scratch,
-    }
-}
-
-/// Waits until the broker lists the worker's Wan2GP models (the bridge is up).
-async fn wait_for_models(client: &Client) {
-    eventually("the Wan2GP models to be listed", WAIT, || async {
-        let models = client.models().await.ok()?;
-        models
-            .iter()
-            .any(|m| m.name == "t2v_2_2" && m.backend == Backend::Wan2gp)
-            .then_some(())
-    })
-    .await;
-}
-
-async fn finish(client: &Client, id: JobId) -> JobSnapshot {
-    tokio::time::timeout(WAIT, client.wait(id))
-        .await
-        .expect("the job ends in time")
-        .unwrap();
-    client.get(id).await.unwrap()
-}
-
-async fn wait_state(
-    client: &Client,
-    id: JobId,
-    what: &str,
-    pred: impl Fn(&JobSnapshot) -> bool,
-) -> JobSnapshot {
-    eventually(what, WAIT, || async {
-        let snap = client.get(id).await.ok()?;
-        pred(&snap).then_some(snap)
-    })
-    .await
-}
-
-/// The settings the fake WanGP recorded in an output.
-async fn recorded(client: &Client, snap: &JobSnapshot) -> Value {
-    let art = client.fetch_artifact(snap.artifacts[0].id).await.unwrap();
-    let text = String::from_utf8_lossy(&art.data).into_owned();
-    assert!(text.starts_with("KILN-FAKE-MP4"), "{text}");
-    serde_json::from_str(text.lines().nth(1).unwrap()).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_stream_progress_the_model_stays_loaded_and_models_are_listed() {
@@ -124,7 +25,7 @@ async fn jobs_stream_progress_the_model_stays_loaded_and_models_are_listed() {
         "{models:?}"
     );
     assert!(
-        has("kiln_style.safetensors", "lora") && has("kiln_ink.safetensors", "lora"),
+        has("kiln_style.safetensors", "lora:wan") && has("kiln_ink.safetensors", "lora:flux"),
         "{models:?}"
     );
     assert!(

@@ -112,6 +112,19 @@ impl Core {
         session.last_seen_ms = now_ms;
         let client = session.name.clone();
 
+        if let Some(cause) = &self.store_fault {
+            if matches!(request, Request::Submit(_) | Request::Cancel(_)) {
+                let message = format!(
+                    "the broker cannot write its job store ({cause}); jobs already accepted are kept, and writes resume by themselves once the store can write again"
+                );
+                reply(
+                    out,
+                    peer,
+                    Reply::error(Some(req_id), error(ErrorCode::Unavailable, message)),
+                );
+                return;
+            }
+        }
         match request {
             Request::Hello(h) => {
                 if let Some(name) = &h.client {
@@ -206,12 +219,10 @@ impl Core {
             min_vram_mb: spec.min_vram_mb.unwrap_or(0),
             labels: spec.labels.clone(),
         };
-        if let Err(why) = self.fleet_can_run(now_ms, &req) {
-            reply(
-                out,
-                peer,
-                Reply::error(Some(req_id), error(ErrorCode::Unschedulable, why)),
-            );
+        if let Err((field, why)) = self.fleet_can_run(now_ms, &req) {
+            let mut body = error(ErrorCode::Unschedulable, why);
+            body.field = field.map(str::to_string);
+            reply(out, peer, Reply::error(Some(req_id), body));
             return;
         }
         let queued = self.queued_per_client.get(&client).copied().unwrap_or(0);
@@ -302,7 +313,14 @@ impl Core {
     /// Whether any worker the broker knows (online, or offline for less than the
     /// fleet memory) could run jobs with these requirements; if not, why not, in
     /// terms an operator can act on.
-    pub(super) fn fleet_can_run(&self, now_ms: u64, req: &Requirements) -> Result<(), String> {
+    /// Whether some worker of the fleet could run a job with `req`; if none, the
+    /// spec field at fault (`job.backend`, `job.model`, `job.min_vram_mb`,
+    /// `job.labels`; none when no worker has registered) and why.
+    pub(super) fn fleet_can_run(
+        &self,
+        now_ms: u64,
+        req: &Requirements,
+    ) -> Result<(), (Option<&'static str>, String)> {
         let in_fleet = |w: &&super::Worker| {
             w.online || now_ms.saturating_sub(w.last_seen_ms) < self.cfg.fleet_memory_ms
         };
@@ -319,7 +337,7 @@ impl Core {
             .filter(in_fleet)
             .collect();
         if fleet.is_empty() {
-            return Err("no workers have registered with this broker".into());
+            return Err((None, "no workers have registered with this broker".into()));
         }
         let with_backend: Vec<_> = fleet
             .iter()
@@ -333,10 +351,13 @@ impl Core {
             offered.sort();
             offered.dedup();
             let offered: Vec<&str> = offered.iter().map(|b| b.as_str()).collect();
-            return Err(format!(
-                "no worker offers backend {}; the fleet offers {}",
-                req.backend,
-                offered.join(", ")
+            return Err((
+                Some("job.backend"),
+                format!(
+                    "no worker offers backend {}; the fleet offers {}",
+                    req.backend,
+                    offered.join(", ")
+                ),
             ));
         }
         let mut why = String::new();
@@ -358,7 +379,7 @@ impl Core {
                     "model {model:?} is not installed on any {} worker",
                     req.backend
                 );
-                return Err(why);
+                return Err((Some("job.model"), why));
             }
         }
         let largest = with_backend
@@ -366,13 +387,16 @@ impl Core {
             .max_by_key(|w| w.gpu.total_vram_mb)
             .expect("non-empty");
         if largest.gpu.total_vram_mb < req.min_vram_mb {
-            return Err(format!(
-                "needs {} MiB of GPU memory; the largest {} GPU has {} MiB ({} on {})",
-                req.min_vram_mb,
-                req.backend,
-                largest.gpu.total_vram_mb,
-                largest.gpu.name,
-                largest.id
+            return Err((
+                Some("job.min_vram_mb"),
+                format!(
+                    "needs {} MiB of GPU memory; the largest {} GPU has {} MiB ({} on {})",
+                    req.min_vram_mb,
+                    req.backend,
+                    largest.gpu.total_vram_mb,
+                    largest.gpu.name,
+                    largest.id
+                ),
             ));
         }
         if !req.labels.is_empty()
@@ -380,15 +404,21 @@ impl Core {
                 .iter()
                 .any(|w| req.labels.iter().all(|l| w.labels.contains(l)))
         {
-            return Err(format!(
-                "no {} worker carries all of the labels [{}]",
-                req.backend,
-                req.labels.join(", ")
+            return Err((
+                Some("job.labels"),
+                format!(
+                    "no {} worker carries all of the labels [{}]",
+                    req.backend,
+                    req.labels.join(", ")
+                ),
             ));
         }
-        Err(format!(
-            "no single {} worker has the model, memory and labels together",
-            req.backend
+        Err((
+            None,
+            format!(
+                "no single {} worker has the model, memory and labels together",
+                req.backend
+            ),
         ))
     }
 
@@ -534,12 +564,14 @@ impl Core {
     }
 
     fn models(&self) -> Vec<ModelInfo> {
-        let mut models: BTreeMap<(Backend, String), ModelInfo> = BTreeMap::new();
+        // Keyed by kind too: a Wan2GP LoRA id is relative to its family's
+        // folder, so one name can be two LoRAs (`lora:wan`, `lora:flux`).
+        let mut models: BTreeMap<(Backend, String, String), ModelInfo> = BTreeMap::new();
         for (_, w) in self.workers.iter().filter(|(_, w)| w.online) {
             for inv in &w.backends {
                 for m in &inv.models {
                     let entry = models
-                        .entry((inv.backend, m.name.clone()))
+                        .entry((inv.backend, m.name.clone(), m.kind.clone()))
                         .or_insert_with(|| ModelInfo {
                             name: m.name.clone(),
                             kind: m.kind.clone(),

@@ -174,6 +174,7 @@ impl Job {
             } else {
                 Vec::new()
             },
+            params: with_history.then(|| self.spec.params.clone()),
         }
     }
 }

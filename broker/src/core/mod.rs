@@ -130,6 +130,10 @@ pub enum Input {
     /// Messages to this peer could not be delivered (its queue is full or it is
     /// gone).
     PeerUnreachable { peer: PeerId, worker: bool },
+    /// The store stopped writing (`Some(cause)`, e.g. a full disk) or writes again
+    /// (`None`). While it cannot write, requests that change state are refused with
+    /// `unavailable` naming the cause; reads are answered.
+    StoreFault { cause: Option<String> },
     /// Time passed; run whatever is due.
     Tick,
 }
@@ -270,6 +274,8 @@ pub struct Core {
     held_priorities: std::collections::BTreeMap<i8, u32>,
     /// Scratch space of `pop_for_worker`.
     candidates: Vec<queue::Candidate>,
+    /// Why the store cannot write right now, if it cannot.
+    store_fault: Option<String>,
 }
 
 impl Core {
@@ -298,6 +304,7 @@ impl Core {
             runnable: Vec::new(),
             held_priorities: Default::default(),
             candidates: Vec::new(),
+            store_fault: None,
         }
     }
 
@@ -365,6 +372,7 @@ impl Core {
                     self.sessions.remove(&peer);
                 }
             }
+            Input::StoreFault { cause } => self.store_fault = cause,
             Input::Tick => self.on_tick(now_ms, out),
         }
     }

@@ -236,7 +236,11 @@ impl Core {
             Err(_) => {
                 let job = self.jobs.get_mut(&id).expect("exists");
                 job.min_vram_mb = before;
-                if job.spec.allow_degrade && job.degrade < MAX_DEGRADE {
+                // Only when another attempt will run: otherwise the error would
+                // promise a retry that never comes and the snapshot would show a
+                // level no attempt ran at.
+                let retries = job.attempts_used() < job.max_attempts;
+                if job.spec.allow_degrade && job.degrade < MAX_DEGRADE && retries {
                     job.degrade += 1;
                     return JobError::new(
                         FailureKind::OutOfMemory,

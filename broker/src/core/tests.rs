@@ -300,6 +300,7 @@ fn impossible_jobs_are_refused_with_the_reason() {
         "{}",
         err.message
     );
+    assert_eq!(err.field.as_deref(), Some("job.min_vram_mb"));
 
     let err = sim
         .submit_as("c", JobSpec::new(Backend::Wan2gp, Task::TextToVideo))
@@ -1055,6 +1056,36 @@ fn out_of_memory_on_the_largest_gpu_degrades_when_allowed() {
     }
     sim.finish("only", job, 4, Outcome::Failed { error: oom });
     assert_eq!(sim.state(job), JobState::Failed, "no lower setting left");
+}
+
+#[test]
+fn out_of_memory_on_the_last_attempt_promises_no_lower_setting() {
+    let mut sim = Sim::new();
+    sim.register("only", 8_000);
+    let mut s = spec();
+    s.allow_degrade = true;
+    s.max_attempts = Some(3);
+    let (job, _) = sim.submit(s);
+    let oom = JobError::new(FailureKind::OutOfMemory, "CUDA out of memory", true);
+    for attempt in 1..=3u32 {
+        let out = sim.finish("only", job, attempt, Outcome::Failed { error: oom.clone() });
+        let assigned = out.iter().any(|o| {
+            matches!(
+                o,
+                Output::ToWorker {
+                    msg: BrokerMessage::Assign(_),
+                    ..
+                }
+            )
+        });
+        assert_eq!(assigned, attempt < 3, "attempt {attempt}");
+    }
+    assert_eq!(sim.state(job), JobState::Failed);
+    let snap = sim.core.job(job).unwrap().snapshot(true);
+    assert_eq!(snap.degrade, 2, "the last attempt ran at level 2");
+    let err = snap.error.unwrap();
+    assert!(!err.message.contains("level 3"), "{}", err.message);
+    assert!(!err.message.contains("retrying"), "{}", err.message);
 }
 
 #[test]

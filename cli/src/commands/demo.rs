@@ -79,13 +79,14 @@ pub async fn run(base: KilnConfig, args: DemoArgs) -> anyhow::Result<()> {
 
 async fn drive(local: &Local, args: &DemoArgs) -> anyhow::Result<()> {
     let ep = local.broker.endpoints();
-    let mut opts = ClientOptions::new(ep.frontend.clone(), ep.events.clone());
+    let mut opts = ClientOptions::new(ep.frontend.clone(), ep.events.clone().unwrap_or_default());
     opts.name = Some("demo".into());
     let client = Client::connect(opts);
     let board = Board::new();
     board.println(format!(
         "kiln demo: broker on {}, events on {}",
-        ep.frontend, ep.events
+        ep.frontend,
+        ep.events.as_deref().unwrap_or("(closed)")
     ));
 
     // Wait until both workers have registered.

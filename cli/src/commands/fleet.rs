@@ -104,7 +104,7 @@ pub async fn health(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 /// Prints every GPU NVML sees with the Wan2GP settings the VRAM table gives it,
-/// and the table itself. Exit code 3 when no GPU could be read at all.
+/// and the table itself. Exit code 7 when no GPU could be read at all.
 pub fn gpu_info(cfg: &KilnConfig, json: bool) -> anyhow::Result<ExitCode> {
     let table = &cfg.worker.wan2gp.vram_table;
     let probe = GpuProbe::from_config(&cfg.worker.gpu, false);
@@ -141,7 +141,11 @@ pub fn gpu_info(cfg: &KilnConfig, json: bool) -> anyhow::Result<ExitCode> {
                 "NVML: available, driver {}",
                 probe.driver_version().unwrap_or_else(|| "?".into())
             ),
-            Some(why) => println!("NVML: not available ({why})"),
+            Some(why) => {
+                // The probe's reason may already say "NVML is not available".
+                let why = why.strip_prefix("NVML is not available: ").unwrap_or(why);
+                println!("NVML: not available: {why}")
+            }
         }
         for g in &read {
             println!();
@@ -190,7 +194,7 @@ pub fn gpu_info(cfg: &KilnConfig, json: bool) -> anyhow::Result<ExitCode> {
         if !json {
             println!("\nNo GPU could be read. Declare one in [worker.gpu] (name, total_vram_mb) or run the sim backend.");
         }
-        return Ok(ExitCode::from(3));
+        return Ok(crate::exit::Outcome::NoGpu.into());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,11 +11,14 @@ use kiln_protocol::{
 };
 use serde_json::Value;
 
+use crate::exit::Outcome;
+use crate::format;
 use crate::print_json;
 use crate::progress::Board;
-use crate::table::Table;
 
 #[derive(Args)]
+// `--steps -5` is a bad number of steps, not an unknown flag `-5`.
+#[command(allow_negative_numbers = true)]
 pub struct SubmitArgs {
     /// comfyui, wan2gp or sim.
     #[arg(long, default_value = "sim")]
@@ -23,18 +26,25 @@ pub struct SubmitArgs {
     /// text_to_image, image_to_image, text_to_video, image_to_video or workflow.
     #[arg(long, default_value = "text_to_image")]
     task: String,
+    /// What to generate (`params.prompt`).
     #[arg(long, short = 'p')]
     prompt: Option<String>,
+    /// What to avoid (`params.negative_prompt`).
     #[arg(long)]
     negative: Option<String>,
+    /// Random seed, for a reproducible result (`params.seed`).
     #[arg(long)]
     seed: Option<i64>,
+    /// Width in pixels (`params.width`).
     #[arg(long)]
     width: Option<u32>,
+    /// Height in pixels (`params.height`).
     #[arg(long)]
     height: Option<u32>,
+    /// Sampling steps (`params.steps`).
     #[arg(long)]
     steps: Option<u32>,
+    /// The model (checkpoint or Wan2GP model type); the backend's default when unset.
     #[arg(long)]
     model: Option<String>,
     /// A LoRA as name or name:strength (repeatable).
@@ -43,18 +53,24 @@ pub struct SubmitArgs {
     /// Any other parameter as key=value; the value is read as JSON when it parses.
     #[arg(long = "param", short = 'P')]
     params: Vec<String>,
-    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    /// Scheduling priority, -10 (last) to 10 (first).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i8).range(-10..=10))]
     priority: i8,
-    #[arg(long)]
+    /// Only workers whose GPU has at least this much memory, in MiB.
+    #[arg(long, value_name = "MIB")]
     min_vram_mb: Option<u64>,
     /// A label the worker must carry (repeatable).
     #[arg(long = "label")]
     labels: Vec<String>,
+    /// Attempts before the job fails (default: `broker.default_max_attempts`).
     #[arg(long)]
     max_attempts: Option<u8>,
-    #[arg(long)]
+    /// Fail the job if no worker starts it within this many seconds.
+    #[arg(long, value_name = "SECONDS")]
     queue_timeout: Option<u32>,
-    #[arg(long)]
+    /// Fail an attempt that runs longer than this many seconds.
+    #[arg(long, value_name = "SECONDS")]
     run_timeout: Option<u32>,
     /// An input image (img2img, image-to-video); repeatable.
     #[arg(long = "input")]
@@ -65,6 +81,8 @@ pub struct SubmitArgs {
     /// A workflow template installed on the workers.
     #[arg(long)]
     template: Option<String>,
+    /// A key that makes resubmitting safe: a second submit with the same key
+    /// returns the first job instead of making another.
     #[arg(long)]
     idempotency_key: Option<String>,
     /// Wait for the job with a progress bar, then download its outputs.
@@ -158,10 +176,28 @@ fn parse_job(s: &str) -> anyhow::Result<JobId> {
 }
 
 fn exit_for(state: JobState) -> ExitCode {
-    if state == JobState::Succeeded {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(2)
+    match state {
+        JobState::Succeeded => Outcome::Ok,
+        JobState::Failed => Outcome::JobFailed,
+        JobState::Cancelled => Outcome::JobCancelled,
+        JobState::Queued | JobState::Running => Outcome::Error,
+    }
+    .into()
+}
+
+/// Follows a job until it ends, or until Ctrl-C, which leaves the job running
+/// and says how to find it again.
+async fn follow_or_interrupt(client: &Client, job: JobId) -> anyhow::Result<Option<JobSnapshot>> {
+    let board = Board::new();
+    tokio::select! {
+        snap = board.follow(client, job, "") => Ok(Some(snap?)),
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!(
+                "\ninterrupted: {job} keeps running. Follow it with `kiln watch {job}`, \
+                 cancel it with `kiln cancel {job}`."
+            );
+            Ok(None)
+        }
     }
 }
 
@@ -170,14 +206,20 @@ pub async fn submit(client: &Client, args: SubmitArgs, json: bool) -> anyhow::Re
     let accepted = client.submit(spec).await?;
     if !args.wait {
         if json {
-            print_json(&accepted);
+            // The request id is the connection's business, not the caller's.
+            print_json(&serde_json::json!({
+                "job_id": accepted.job_id,
+                "state": accepted.state,
+                "duplicate": accepted.duplicate,
+            }));
         } else {
             println!("{}", accepted.job_id);
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let board = Board::new();
-    let snap = board.follow(client, accepted.job_id, "").await?;
+    let Some(snap) = follow_or_interrupt(client, accepted.job_id).await? else {
+        return Ok(Outcome::Interrupted.into());
+    };
     let files = if snap.state == JobState::Succeeded {
         download(client, &snap, &args.out).await?
     } else {
@@ -201,14 +243,20 @@ fn report(snap: &JobSnapshot, files: &[PathBuf], json: bool) {
         JobState::Failed => eprintln!(
             "{} failed: {}",
             snap.job_id,
-            snap.error.as_ref().map_or("", |e| e.message.as_str())
+            snap.error.as_ref().map_or(String::new(), |e| format!(
+                "{}: {}",
+                format::failure_kind(e.kind),
+                e.message
+            ))
         ),
         other => eprintln!("{} {other}", snap.job_id),
     }
 }
 
 pub async fn watch(client: &Client, job: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let snap = Board::new().follow(client, parse_job(job)?, "").await?;
+    let Some(snap) = follow_or_interrupt(client, parse_job(job)?).await? else {
+        return Ok(Outcome::Interrupted.into());
+    };
     report(&snap, &[], json);
     Ok(exit_for(snap.state))
 }
@@ -219,49 +267,7 @@ pub async fn status(client: &Client, job: &str, json: bool) -> anyhow::Result<Ex
         print_json(&snap);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("job        {}", snap.job_id);
-    println!(
-        "state      {}{}",
-        snap.state,
-        if snap.cancel_requested {
-            " (cancel requested)"
-        } else {
-            ""
-        }
-    );
-    println!("backend    {} / {}", snap.backend, snap.task.as_str());
-    if let Some(m) = &snap.model {
-        println!("model      {m}");
-    }
-    println!(
-        "tries      {} of {} (attempt #{})",
-        snap.tries, snap.max_attempts, snap.attempt
-    );
-    if let Some(w) = &snap.gpu {
-        println!("worker     {w}");
-    }
-    if let Some(p) = &snap.progress {
-        println!("progress   {:.0}% {}", p.pct, p.stage);
-    }
-    if let Some(q) = snap.queue_position {
-        println!("ahead      {q} job(s)");
-    }
-    if let Some(w) = &snap.waiting {
-        println!("waiting    {}", w.detail);
-    }
-    if let Some(e) = &snap.error {
-        println!("error      {:?}: {}", e.kind, e.message);
-    }
-    for a in &snap.artifacts {
-        println!(
-            "artifact   {} {} ({}, {} bytes)",
-            a.id, a.name, a.media_type, a.size
-        );
-    }
-    println!("history");
-    for t in &snap.history {
-        println!("  {:>13} {:<9} {}", t.at_ms, t.state.as_str(), t.note);
-    }
+    print!("{}", format::status(&snap));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -279,13 +285,21 @@ pub async fn cancel(client: &Client, job: &str, json: bool) -> anyhow::Result<Ex
 
 #[derive(Args)]
 pub struct JobsArgs {
-    /// Only jobs in these states (comma-separated).
+    /// Only jobs in these states (comma-separated): queued, running, succeeded,
+    /// failed, cancelled.
     #[arg(long, value_delimiter = ',')]
     state: Vec<String>,
+    /// Only jobs for this backend (comfyui, wan2gp, sim).
     #[arg(long)]
     backend: Option<String>,
+    /// Only jobs that ran (or run) on this worker.
     #[arg(long)]
     worker: Option<String>,
+    /// Only jobs of this client name.
+    #[arg(long)]
+    client: Option<String>,
+    /// Most jobs to show; 0 shows as many as the broker returns in one reply
+    /// (`broker.limits.max_list`).
     #[arg(long, default_value_t = 50)]
     limit: u64,
 }
@@ -303,33 +317,16 @@ pub async fn list(client: &Client, args: JobsArgs, json: bool) -> anyhow::Result
             .map(str::parse)
             .transpose()
             .map_err(anyhow::Error::msg)?,
-        client: None,
+        client: args.client,
         worker: args.worker,
-        limit: Some(args.limit),
+        limit: (args.limit > 0).then_some(args.limit),
     };
     let jobs = client.list(filter).await?;
     if json {
         print_json(&jobs);
         return Ok(ExitCode::SUCCESS);
     }
-    let mut t = Table::new([
-        "JOB", "STATE", "BACKEND", "TASK", "PROGRESS", "WORKER", "CLIENT", "ATTEMPT",
-    ]);
-    for j in jobs {
-        t.row([
-            j.job_id.to_string(),
-            j.state.to_string(),
-            j.backend.to_string(),
-            j.task.as_str().to_string(),
-            j.progress
-                .map(|p| format!("{:.0}%", p.pct))
-                .unwrap_or_default(),
-            j.worker.unwrap_or_default(),
-            j.client,
-            format!("{}/{}", j.attempt, j.max_attempts),
-        ]);
-    }
-    t.print();
+    print!("{}", format::jobs_table(&jobs));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -337,6 +334,7 @@ pub async fn list(client: &Client, args: JobsArgs, json: bool) -> anyhow::Result
 pub struct FetchArgs {
     /// A job (`j42`, all its outputs) or one artifact (`j42.0`).
     id: String,
+    /// The folder to write into (made if missing).
     #[arg(long, default_value = ".")]
     out: PathBuf,
 }

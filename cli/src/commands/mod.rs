@@ -1,4 +1,5 @@
 pub mod demo;
 pub mod fleet;
 pub mod jobs;
+pub mod man;
 pub mod up;

@@ -92,8 +92,18 @@ fn plan(cfg: &KilnConfig, args: &UpArgs) -> anyhow::Result<Vec<KilnConfig>> {
     }
     let sim_only = cfg.worker.backends.iter().all(|b| *b == Backend::Sim);
     let probe = GpuProbe::from_config(&cfg.worker.gpu, sim_only);
+    let declared = cfg.worker.gpu.name.is_some() || cfg.worker.gpu.total_vram_mb.is_some();
     match probe.device_count() {
         Ok(n) if n > 0 => Ok((0..n).map(|i| with(i, false)).collect()),
+        _ if sim_only && !declared => {
+            // Say so rather than pass a simulator off as this box's GPU.
+            eprintln!(
+                "kiln up: no GPU found ({}); running 1 sim worker, the built-in simulator. \
+                 Use `kiln up --sim N` to choose how many, or declare the GPU in [worker.gpu].",
+                probe.nvml_unavailable().unwrap_or("NVML sees no devices")
+            );
+            Ok(vec![with(0, true)])
+        }
         _ => {
             if probe.probe().is_ok() {
                 Ok(vec![with(cfg.worker.gpu.index, false)])
@@ -110,11 +120,27 @@ fn plan(cfg: &KilnConfig, args: &UpArgs) -> anyhow::Result<Vec<KilnConfig>> {
 pub async fn run(cfg: KilnConfig, args: UpArgs) -> anyhow::Result<()> {
     let workers = plan(&cfg, &args)?;
     let n = workers.len();
-    let local = Local::start(&cfg, workers).await?;
+    let local = match Local::start(&cfg, workers).await {
+        Ok(local) => local,
+        Err(e) if format!("{e:#}").contains("already open") => {
+            let store = cfg.broker.state_dir.join("jobs.redb");
+            let who = holder_of(&store)
+                .map(|pid| format!("another broker (pid {pid})"))
+                .unwrap_or_else(|| "another broker".into());
+            bail!(
+                "{who} holds the job store {}: stop it, or give this one its own \
+                 `broker.state_dir`",
+                store.display()
+            );
+        }
+        Err(e) => return Err(e),
+    };
     let ep = local.broker.endpoints().clone();
     println!(
         "kiln up: broker on {} (clients), {} (workers), {} (events); {n} worker(s)",
-        ep.frontend, ep.backend, ep.events
+        ep.frontend,
+        ep.backend,
+        ep.events.as_deref().unwrap_or("closed")
     );
     println!("press Ctrl-C to stop");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -123,4 +149,33 @@ pub async fn run(cfg: KilnConfig, args: UpArgs) -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     local.shutdown().await
+}
+
+/// The process that has `file` open, found through /proc (Linux); `None` when it
+/// cannot be told (another user's process, no /proc).
+fn holder_of(file: &std::path::Path) -> Option<u32> {
+    let file = file.canonicalize().ok()?;
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == file))
+        {
+            return Some(pid);
+        }
+    }
+    None
 }

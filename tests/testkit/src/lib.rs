@@ -225,6 +225,8 @@ pub struct BrokerOpts {
     /// Extra lines appended to the `[broker]` table.
     pub extra: String,
     pub env: Vec<(String, String)>,
+    /// The job store's directory; a fresh one in the scratch space by default.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for BrokerOpts {
@@ -236,6 +238,7 @@ impl Default for BrokerOpts {
             heartbeat_ms: 1000,
             extra: String::new(),
             env: Vec::new(),
+            state_dir: None,
         }
     }
 }
@@ -279,7 +282,8 @@ impl Scratch {
         let _ = writeln!(toml, "frontend = \"tcp://127.0.0.1:{f}\"");
         let _ = writeln!(toml, "backend = \"tcp://127.0.0.1:{b}\"");
         let _ = writeln!(toml, "events = \"tcp://127.0.0.1:{e}\"");
-        let _ = writeln!(toml, "state_dir = \"{}\"", dir.join("state").display());
+        let state_dir = opts.state_dir.clone().unwrap_or_else(|| dir.join("state"));
+        let _ = writeln!(toml, "state_dir = \"{}\"", state_dir.display());
         let _ = writeln!(toml, "durable = {}", opts.durable);
         let _ = writeln!(toml, "heartbeat_ms = {}", opts.heartbeat_ms);
         if let Some(t) = &opts.client_token {

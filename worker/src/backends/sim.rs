@@ -52,9 +52,7 @@ impl SimBackend {
             .profiles
             .iter()
             .find(|p| p.name == model)
-            .map_or((0, self.cfg.load_ms), |p| {
-                (p.vram_mb, p.load_ms.unwrap_or(self.cfg.load_ms))
-            })
+            .map_or((0, self.cfg.load_ms), |p| (p.vram_mb, p.load_ms))
     }
 
     /// Makes `model` resident: returns the load time it needs (0 when it is
@@ -154,6 +152,19 @@ impl Backend for SimBackend {
         }
 
         let mut loaded_ms = 0;
+        // Like a real generator, the simulator refuses what it does not have: it
+        // has models (sim.models) but no LoRAs and no workflow templates.
+        if let Some(lora) = spec.loras.first() {
+            return Err(invalid(format!(
+                "LoRA {:?} (loras[0]) is not installed on this sim worker (it has no LoRAs)",
+                lora.name
+            )));
+        }
+        if let Some(template) = &spec.template {
+            return Err(invalid(format!(
+                "template {template:?} is not installed on this sim worker (it has no templates)"
+            )));
+        }
         if let Some(model) = &spec.model {
             if !self.cfg.models.contains(model) {
                 return Err(invalid(format!(
@@ -548,22 +559,22 @@ mod tests {
                 kiln_config::SimModelProfile {
                     name: "a".into(),
                     vram_mb: 4_000,
-                    load_ms: None,
+                    load_ms: 40,
                 },
                 kiln_config::SimModelProfile {
                     name: "b".into(),
                     vram_mb: 4_000,
-                    load_ms: Some(0),
+                    load_ms: 0,
                 },
                 kiln_config::SimModelProfile {
                     name: "c".into(),
                     vram_mb: 5_000,
-                    load_ms: Some(0),
+                    load_ms: 0,
                 },
                 kiln_config::SimModelProfile {
                     name: "huge".into(),
                     vram_mb: 20_000,
-                    load_ms: Some(0),
+                    load_ms: 0,
                 },
             ],
             ..fast()

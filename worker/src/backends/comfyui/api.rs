@@ -275,6 +275,29 @@ impl Api {
         })
     }
 
+    /// Prompts queued or running for the clients `wanted` picks
+    /// (`extra_data.client_id` of each `GET /queue` item), running ones first.
+    pub async fn queued_for_clients(
+        &self,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>, ApiError> {
+        let v = self.get_json("/queue").await?;
+        let mut ids = Vec::new();
+        for key in ["queue_running", "queue_pending"] {
+            for item in v.get(key).and_then(Value::as_array).into_iter().flatten() {
+                let client = item
+                    .get(3)
+                    .and_then(|extra| extra.get("client_id"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                if let (true, Some(id)) = (wanted(client), item.get(1).and_then(Value::as_str)) {
+                    ids.push(id.to_string());
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     /// `POST /api/jobs/{id}/cancel` (v0.27): dequeues a pending prompt or interrupts
     /// it atomically if it runs. `None` when the server has no jobs API.
     pub async fn cancel_job(&self, prompt_id: &str) -> Result<Option<bool>, ApiError> {

@@ -66,6 +66,11 @@ pub struct ComfyUiBackend {
     shutdown: CancellationToken,
     object_info: tokio::sync::Mutex<Option<Arc<Map<String, Value>>>>,
     loaded: Mutex<Option<String>>,
+    /// `kiln-<worker id>-`: the client ids of every process of this worker.
+    client_prefix: String,
+    /// Set once the prompts left behind by an earlier process of this worker
+    /// have been cancelled (see [`ComfyUiBackend::reap_predecessors`]).
+    reaped: tokio::sync::OnceCell<()>,
 }
 
 fn failed(kind: FailureKind, message: impl Into<String>, retryable: bool) -> RunError {
@@ -91,7 +96,8 @@ impl ComfyUiBackend {
         let api = Api::new(&base, Duration::from_secs(cfg.http_timeout_s));
         // One client id per worker process, so events of an earlier process's
         // prompts never reach this one.
-        let client_id = format!("kiln-{worker_id}-{}", uuid::Uuid::new_v4().simple());
+        let client_prefix = format!("kiln-{worker_id}-");
+        let client_id = format!("{client_prefix}{}", uuid::Uuid::new_v4().simple());
         Ok(ComfyUiBackend {
             cfg,
             api,
@@ -102,6 +108,8 @@ impl ComfyUiBackend {
             shutdown: CancellationToken::new(),
             object_info: tokio::sync::Mutex::new(None),
             loaded: Mutex::new(None),
+            client_prefix,
+            reaped: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -163,6 +171,7 @@ impl ComfyUiBackend {
                     .wait_connected(Duration::from_millis(500))
                     .await
             {
+                self.reaped.get_or_init(|| self.reap_predecessors()).await;
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -187,12 +196,57 @@ impl ComfyUiBackend {
         }
     }
 
+    /// Where an attempt's uploads go, under ComfyUI's `input/`.
+    fn upload_folder(job: &JobRun) -> String {
+        format!("kiln/{}-{}", job.job_id, job.attempt)
+    }
+
+    /// ComfyUI's input folder on this host, when known (see `input_dir`).
+    fn input_dir(&self) -> Option<std::path::PathBuf> {
+        if let Some(dir) = &self.cfg.input_dir {
+            return Some(dir.clone());
+        }
+        if self.cfg.mode != ComfyUiMode::Managed {
+            return None;
+        }
+        let args = &self.cfg.args;
+        let flag = |name: &str| {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1))
+                .map(std::path::PathBuf::from)
+        };
+        flag("--input-directory")
+            .or_else(|| flag("--base-directory").map(|b| b.join("input")))
+            .or_else(|| {
+                let main = self.cfg.main_py.as_ref()?;
+                Some(main.parent()?.join("input"))
+            })
+    }
+
+    /// Removes the attempt's uploads from ComfyUI's input folder, when this host
+    /// can see it: ComfyUI itself never deletes them.
+    async fn remove_uploads(&self, job: &JobRun) {
+        let Some(input) = self.input_dir() else {
+            return;
+        };
+        let folder = input.join(Self::upload_folder(job));
+        match tokio::fs::remove_dir_all(&folder).await {
+            Ok(()) => tracing::debug!(folder = %folder.display(), "removed the attempt's uploads"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(folder = %folder.display(), error = %e, "cannot remove the attempt's uploads")
+            }
+        }
+    }
+
     async fn upload_inputs(&self, job: &JobRun) -> Result<Vec<Uploaded>, RunError> {
         let mut uploaded = Vec::with_capacity(job.spec.inputs.len());
+        let folder = Self::upload_folder(job);
         for input in &job.spec.inputs {
             let stored = self
                 .api
-                .upload(&input.name, &input.media_type, input.data.clone(), "kiln")
+                .upload(&input.name, &input.media_type, input.data.clone(), &folder)
                 .await
                 .map_err(|e| unreachable_failure(&e))?;
             tracing::debug!(job = %job.job_id, name = %input.name, stored = %stored.input_path(), "uploaded an input");
@@ -362,13 +416,48 @@ impl ComfyUiBackend {
         })
     }
 
-    /// API.md §11: the jobs API cancel when the server has it, else delete from
-    /// the queue and interrupt by prompt id; then wait for ComfyUI to confirm.
-    async fn cancel_prompt(
-        &self,
-        prompt_id: &str,
-        rx: &mut broadcast::Receiver<WsEvent>,
-    ) -> RunError {
+    /// Cancels the prompts an earlier process of this worker left queued or
+    /// running (it was killed before it could cancel them), so this process's
+    /// first job does not wait behind work nobody will collect. Prompts of other
+    /// workers on the same server are left alone.
+    async fn reap_predecessors(&self) {
+        // Client ids are `kiln-<worker id>-<32 hex digits>`; the exact shape
+        // keeps worker `w1` off the prompts of worker `w1-b`.
+        let earlier = |client: &str| {
+            client != self.client_id
+                && client
+                    .strip_prefix(&self.client_prefix)
+                    .is_some_and(|rest| {
+                        rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit())
+                    })
+        };
+        let ids = match self.api.queued_for_clients(earlier).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read ComfyUI's queue for abandoned prompts");
+                return;
+            }
+        };
+        if ids.is_empty() {
+            return;
+        }
+        for id in &ids {
+            tracing::warn!(prompt_id = %id, "cancelling a prompt left behind by an earlier process of this worker");
+            self.request_cancel(id).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(self.cfg.cancel_timeout_s);
+        while Instant::now() < deadline {
+            match self.api.queued_for_clients(earlier).await {
+                Ok(left) if !left.iter().any(|id| ids.contains(id)) => return,
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        tracing::warn!("ComfyUI did not confirm the cancel of the abandoned prompts in time");
+    }
+
+    /// Asks ComfyUI to drop `prompt_id`, queued or running: the jobs API when the
+    /// server has it, else `/queue` delete and `/interrupt` by prompt id.
+    async fn request_cancel(&self, prompt_id: &str) {
         match self.api.cancel_job(prompt_id).await {
             Ok(Some(cancelled)) => {
                 tracing::info!(prompt_id, cancelled, "cancelled through the jobs API")
@@ -387,6 +476,16 @@ impl ComfyUiBackend {
                 );
             }
         }
+    }
+
+    /// API.md §11: the jobs API cancel when the server has it, else delete from
+    /// the queue and interrupt by prompt id; then wait for ComfyUI to confirm.
+    async fn cancel_prompt(
+        &self,
+        prompt_id: &str,
+        rx: &mut broadcast::Receiver<WsEvent>,
+    ) -> RunError {
+        self.request_cancel(prompt_id).await;
         let confirm = async {
             let mut events_open = true;
             let mut poll = tokio::time::interval(Duration::from_millis(200));
@@ -587,6 +686,7 @@ impl Backend for ComfyUiBackend {
                 self.api.base()
             ));
         }
+        self.reaped.get_or_init(|| self.reap_predecessors()).await;
         Health::ok()
     }
 
@@ -622,6 +722,30 @@ impl Backend for ComfyUiBackend {
         progress: ProgressSink,
         cancel: CancellationToken,
     ) -> Result<RunOutput, RunError> {
+        let result = self.attempt(&job, &progress, &cancel).await;
+        if !job.spec.inputs.is_empty() {
+            self.remove_uploads(&job).await;
+        }
+        result
+    }
+
+    async fn shutdown(&self) {
+        self.shutdown.cancel();
+        if let Some(sup) = self.running.get().and_then(|r| r.supervisor.as_ref()) {
+            sup.stop().await;
+        }
+    }
+}
+
+impl ComfyUiBackend {
+    /// One attempt: [`Backend::run`] without the clean-up of its uploads.
+    async fn attempt(
+        &self,
+        job: &JobRun,
+        progress: &ProgressSink,
+        cancel: &CancellationToken,
+    ) -> Result<RunOutput, RunError> {
+        let (job, progress, cancel) = (job.clone(), progress.clone(), cancel.clone());
         let started = Instant::now();
         self.wait_ready(&cancel, &progress).await?;
         progress.stage(0.0, "preparing the workflow");
@@ -717,13 +841,6 @@ impl Backend for ComfyUiBackend {
             (started.elapsed().as_millis() as u64).into(),
         );
         Ok(RunOutput { outputs, info })
-    }
-
-    async fn shutdown(&self) {
-        self.shutdown.cancel();
-        if let Some(sup) = self.running.get().and_then(|r| r.supervisor.as_ref()) {
-            sup.stop().await;
-        }
     }
 }
 

@@ -47,6 +47,7 @@ PROTOCOL = 1
 OOM_TEXTS = ("unsufficient VRAM", "unsufficient RAM", "out of memory")
 FATAL_TEXTS = ("illegal memory access", "device-side assert", "CUDA error")
 CANCELLED_TEXT = "Generation was cancelled"
+BUSY_TEXT = "already has a generation in progress"
 LOG_LINES_PER_S = 20
 TAIL_LINES = 40
 
@@ -134,10 +135,15 @@ class Bridge:
     # ----- facts -------------------------------------------------------------
 
     def loaded_model(self):
+        # `transformer_type` alone is not the truth: WanGP sets it at import
+        # (the last model of its config, or "t2v") and release_model() leaves it.
+        # Weights are on the GPU only while `wan_model` is set.
         if self.unloaded:
             return None
         wgp = sys.modules.get("wgp")
-        value = getattr(wgp, "transformer_type", None) if wgp else None
+        if wgp is None or getattr(wgp, "wan_model", None) is None:
+            return None
+        value = getattr(wgp, "transformer_type", None)
         return str(value) if value else None
 
     def ready_info(self):
@@ -224,11 +230,16 @@ class Bridge:
             settings = self.prepare(job_id, settings)
             try:
                 job = self.session.submit_task(settings)
-            except RuntimeError as e:
-                self.chan.send("rejected", job_id=job_id, reason="busy", message=str(e))
-                return
             except (TypeError, ValueError) as e:
                 self.chan.send("rejected", job_id=job_id, reason="bad_request", message=str(e))
+                return
+            except Exception as e:
+                # Every submit gets an answer: anything else would leave the
+                # worker waiting out its stall watchdog. Only WanGP's own
+                # one-job-at-a-time RuntimeError means busy.
+                busy = isinstance(e, RuntimeError) and BUSY_TEXT in str(e)
+                self.chan.send("rejected", job_id=job_id, reason="busy" if busy else "error",
+                               message="%s: %s" % (type(e).__name__, e) if not busy else str(e))
                 return
             active = Active(job_id, job, settings)
             self.active = active
@@ -398,7 +409,10 @@ class Bridge:
         else:
             message, stage = "WanGP ended the job without a result", "runtime"
         oom = any(t in message for t in OOM_TEXTS)
-        fatal = stage == "runtime" or (not oom and any(t in message for t in FATAL_TEXTS))
+        # WanGP reports every exception that escapes a task as stage "runtime",
+        # a bad setting's TypeError as much as a broken CUDA context; only a CUDA
+        # fault poisons the process.
+        fatal = not oom and any(t in message for t in FATAL_TEXTS)
         self.end(active, "error", stage=stage, message=message, oom=oom, fatal=fatal, log_tail=list(active.tail)[-10:])
         if fatal:
             # The CUDA context is poisoned: every later job would fail. Let the
@@ -482,7 +496,9 @@ def q_inventory(bridge, args):
     except Exception:
         avail = {t: bridge.session.get_model_availability(t) for t in types}
     models = []
-    loras = set()
+    # LoRA ids are paths relative to each family's LoRA folder, subfolders
+    # included: the same id in two families is two LoRAs, so each keeps its family.
+    loras = {}
     for d in defs:
         t = str(d.get("model_type") or "")
         if not t:
@@ -498,8 +514,9 @@ def q_inventory(bridge, args):
             except Exception:
                 continue
             if listed.get("supported", True):
-                loras.update(str(x) for x in listed.get("loras", []))
-    return {"models": models, "loras": sorted(loras)}
+                family = str(metadata.get("family") or t)
+                loras.setdefault(family, set()).update(str(x) for x in listed.get("loras", []))
+    return {"models": models, "loras": [{"family": f, "name": n} for f in sorted(loras) for n in sorted(loras[f])]}
 
 
 QUERIES = {

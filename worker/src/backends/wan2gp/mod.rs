@@ -359,16 +359,20 @@ pub fn inventory_entries(inventory: &Value, download_missing: bool) -> Vec<Model
             });
         }
     }
+    // A LoRA's id is relative to its family's folder, so the family is part of
+    // what it is: kind `lora:<family>`.
     for l in inventory
         .get("loras")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
     {
-        if let Some(name) = l.as_str() {
+        let name = l.get("name").and_then(Value::as_str);
+        let family = l.get("family").and_then(Value::as_str);
+        if let (Some(name), Some(family)) = (name, family) {
             out.push(ModelEntry {
                 name: name.into(),
-                kind: "lora".into(),
+                kind: format!("lora:{family}"),
             });
         }
     }
@@ -511,7 +515,10 @@ mod tests {
                 {"model_type": "t2v_2_2", "available": true},
                 {"model_type": "ltx2_22B", "available": false},
             ],
-            "loras": ["wan/kiln_style.safetensors"],
+            "loras": [
+                {"family": "flux", "name": "anime/kiln_ink.safetensors"},
+                {"family": "wan", "name": "anime/kiln_ink.safetensors"},
+            ],
         });
         let names = |entries: Vec<ModelEntry>| {
             entries
@@ -521,7 +528,11 @@ mod tests {
         };
         assert_eq!(
             names(inventory_entries(&inv, false)),
-            ["t2v_2_2=model_type", "wan/kiln_style.safetensors=lora"]
+            [
+                "anime/kiln_ink.safetensors=lora:flux",
+                "anime/kiln_ink.safetensors=lora:wan",
+                "t2v_2_2=model_type"
+            ]
         );
         assert!(names(inventory_entries(&inv, true))
             .contains(&"ltx2_22B=model_type:not_downloaded".to_string()));

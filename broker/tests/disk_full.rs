@@ -1,0 +1,205 @@
+//! A broker whose disk fills up: writes are refused with `unavailable` naming the
+//! cause, reads keep working, the process stays up, and once space returns every
+//! accepted job completes. Real processes on a small tmpfs (needs root to mount it,
+//! as CI and the development machines have).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use kiln_protocol::{Backend, Client, ClientError, ErrorCode, JobId, JobSpec, JobState, Task};
+use kiln_testkit::{eventually, BrokerOpts, Scratch, WorkerOpts};
+
+/// A tmpfs mounted for the test's lifetime.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("running mount");
+        assert!(
+            status.success(),
+            "mounting a {size} tmpfs at {} failed: this test needs root (CI runs as root)",
+            at.display()
+        );
+        Tmpfs(at.to_path_buf())
+    }
+
+    /// Writes a file that takes every free byte; returns its path.
+    fn fill(&self) -> PathBuf {
+        let path = self.0.join("filler");
+        let status = Command::new("dd")
+            .args(["if=/dev/zero", "bs=64k"])
+            .arg(format!("of={}", path.display()))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("running dd");
+        // dd stops with an error when the disk is full: that is the point.
+        assert!(!status.success(), "the filler should have hit a full disk");
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn job(key: &str, steps: u32) -> JobSpec {
+    let mut spec = JobSpec::new(Backend::Sim, Task::TextToImage)
+        .param("prompt", "disk full")
+        .param("steps", steps)
+        .param("width", 64)
+        .param("height", 64);
+    spec.idempotency_key = Some(key.to_string());
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_keeps_reads_and_loses_no_accepted_job() {
+    let s = Scratch::new();
+    let disk = Tmpfs::mount(&s.path().join("disk"), "16m");
+    let state = disk.0.join("state");
+    let mut broker = s
+        .broker(BrokerOpts {
+            heartbeat_ms: 250,
+            state_dir: Some(state.clone()),
+            ..BrokerOpts::default()
+        })
+        .await;
+    let _worker = s
+        .worker(
+            &broker,
+            WorkerOpts {
+                step_ms: 20,
+                ..WorkerOpts::sim("w1")
+            },
+        )
+        .await;
+    let client = broker.client();
+    // A short timeout: a submit whose reply is held by the outage times out here and
+    // is retried later with its idempotency key.
+    let mut quick = broker.client_options();
+    quick.request_timeout = Duration::from_secs(2);
+    let quick = Client::connect(quick);
+
+    let mut keys: Vec<String> = Vec::new();
+    for n in 0..3 {
+        let key = format!("before-{n}");
+        client.submit(job(&key, 2)).await.unwrap();
+        keys.push(key);
+    }
+    // One long job runs while the disk fills, so its upload meets the full disk.
+    let long = client.submit(job("long", 100)).await.unwrap().job_id;
+    keys.push("long".into());
+    eventually("the long job to run", Duration::from_secs(20), || {
+        let client = client.clone();
+        async move { (client.get(long).await.ok()?.state == JobState::Running).then_some(()) }
+    })
+    .await;
+
+    let filler = disk.fill();
+
+    // Submits are refused with `unavailable`, naming the cause. The first ones may
+    // be taken before the broker has noticed: those are held, not lost.
+    let refusal = eventually(
+        "a submit refused as unavailable",
+        Duration::from_secs(60),
+        || {
+            let quick = quick.clone();
+            let key = format!("during-{}", keys.len());
+            keys.push(key.clone());
+            async move {
+                match quick.submit(job(&key, 2)).await {
+                    Err(ClientError::Broker(e)) if e.code == ErrorCode::Unavailable => Some(e),
+                    Err(ClientError::Broker(e)) => panic!("unexpected refusal: {e:?}"),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        refusal.message.contains("No space left on device"),
+        "the refusal names the cause: {}",
+        refusal.message
+    );
+    // Reads keep working, and so does the process.
+    client.ping().await.expect("ping during the outage");
+    let listed = client
+        .list(Default::default())
+        .await
+        .expect("list during the outage");
+    assert!(listed.len() >= 4, "{listed:?}");
+    assert!(broker.proc.is_running(), "the broker stays up");
+    // The long job's upload hit the full disk: its attempt failed with that cause.
+    let snap = eventually(
+        "the long job's upload to fail",
+        Duration::from_secs(30),
+        || {
+            let client = client.clone();
+            async move {
+                let snap = client.get(long).await.ok()?;
+                snap.history
+                    .iter()
+                    .any(|t| t.note.contains("No space left on device"))
+                    .then_some(snap)
+            }
+        },
+    )
+    .await;
+    assert!(
+        !snap
+            .history
+            .iter()
+            .any(|t| t.note.contains("expected offset")),
+        "the first cause is reported, not a follow-on: {:?}",
+        snap.history
+    );
+
+    // Space returns: commits resume by themselves.
+    std::fs::remove_file(&filler).unwrap();
+    let ids: Vec<JobId> = {
+        let mut ids = Vec::new();
+        for key in &keys {
+            let id = eventually("the submit to be taken", Duration::from_secs(30), || {
+                let client = client.clone();
+                let key = key.clone();
+                async move { client.submit(job(&key, 2)).await.ok().map(|a| a.job_id) }
+            })
+            .await;
+            ids.push(id);
+        }
+        ids
+    };
+    for id in &ids {
+        let snap = eventually("every job to finish", Duration::from_secs(60), || {
+            let client = client.clone();
+            let id = *id;
+            async move {
+                let snap = client.get(id).await.ok()?;
+                snap.state.is_terminal().then_some(snap)
+            }
+        })
+        .await;
+        assert_eq!(snap.state, JobState::Succeeded, "{snap:?}");
+    }
+    assert!(
+        broker.log().contains("job store commit failed"),
+        "the outage is logged"
+    );
+
+    // What was committed around the outage survives a crash: the log was cut back
+    // to whole frames, so nothing after the failed append is lost on replay.
+    broker.crash_and_restart().await;
+    let client = broker.client();
+    for id in &ids {
+        let snap = client.get(*id).await.unwrap();
+        assert_eq!(snap.state, JobState::Succeeded, "{snap:?}");
+    }
+}
