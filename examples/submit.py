@@ -8,6 +8,9 @@ Plain pyzmq + msgpack, no Kiln code: everything here follows docs/protocol.md.
 
 Environment: KILN_BROKER (default tcp://127.0.0.1:5555), KILN_EVENTS
 (default tcp://127.0.0.1:5557), KILN_TOKEN (when the broker requires one).
+With CURVE (docs/security.md): KILN_BROKER_KEY (the broker's public key, Z85 or
+its `.key` file) and KILN_CURVE_KEY (this client's `.key_secret` file from
+`kiln keys generate`, its public key listed in broker.curve_client_keys).
 """
 
 import argparse
@@ -33,8 +36,9 @@ class Broker:
     underneath), the client opens a fresh connection, says `hello` again and resends
     the request, as docs/protocol.md says a client must."""
 
-    def __init__(self, ctx, endpoint, timeout_s=15.0):
+    def __init__(self, ctx, endpoint, timeout_s=15.0, curve=None):
         self.ctx = ctx
+        self.curve = curve
         self.endpoint = endpoint
         self.timeout_ms = int(timeout_s * 1000)
         self.next_id = 1
@@ -46,6 +50,8 @@ class Broker:
         if self.sock is not None:
             self.sock.close(linger=0)
         self.sock = self.ctx.socket(zmq.DEALER)
+        if self.curve:
+            self.curve(self.sock)
         # Never set ZMQ_HEARTBEAT_* options: the broker's zeromq stack treats ZMTP
         # PINGs as errors. Liveness is handled by the protocol itself.
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -137,11 +143,31 @@ def download(broker, artifact, out_dir):
     return path
 
 
+def curve_setup(broker_key, secret_file):
+    """Returns a function that makes a socket a CURVE client, or None."""
+    if not broker_key:
+        return None
+    import zmq.auth
+
+    if os.path.exists(broker_key):
+        broker_key = zmq.auth.load_certificate(broker_key)[0]
+    public, secret = zmq.auth.load_certificate(secret_file)
+
+    def apply(sock):
+        sock.curve_serverkey = broker_key.encode() if isinstance(broker_key, str) else broker_key
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+
+    return apply
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--broker", default=os.environ.get("KILN_BROKER", "tcp://127.0.0.1:5555"))
     p.add_argument("--events", default=os.environ.get("KILN_EVENTS", "tcp://127.0.0.1:5557"))
     p.add_argument("--token", default=os.environ.get("KILN_TOKEN"))
+    p.add_argument("--broker-key", default=os.environ.get("KILN_BROKER_KEY"))
+    p.add_argument("--key", default=os.environ.get("KILN_CURVE_KEY"))
     p.add_argument("--backend", default="sim")
     p.add_argument("--task", default="text_to_image")
     p.add_argument("--prompt", default="a kiln glowing at dusk")
@@ -151,7 +177,8 @@ def main():
     args = p.parse_args()
 
     ctx = zmq.Context()
-    broker = Broker(ctx, args.broker)
+    curve = curve_setup(args.broker_key, args.key)
+    broker = Broker(ctx, args.broker, curve=curve)
     hello = {"client": "submit-py"}
     if args.token:
         hello["token"] = args.token
@@ -162,7 +189,9 @@ def main():
         "backend": args.backend,
         "task": args.task,
         "params": {"prompt": args.prompt, "steps": args.steps, "seed": args.seed},
-        # A retry of this submit with the same key returns the same job.
+        # A retry of this submit with the same key (from the same client name, see
+        # hello) returns the same job; the same key with another job is an
+        # `idempotency_conflict` error.
         "idempotency_key": str(uuid.uuid4()),
     }
     accepted = broker.request("submit", job=job)
@@ -170,6 +199,8 @@ def main():
     print(f"submitted {job_id}", file=sys.stderr)
 
     sub = ctx.socket(zmq.SUB)
+    if curve:
+        curve(sub)
     sub.setsockopt(zmq.LINGER, 0)
     sub.connect(args.events)
     sub.setsockopt_string(zmq.SUBSCRIBE, f"job/{job_id}/")

@@ -90,6 +90,7 @@ fn register(core: &mut Core, i: usize, out: &mut Vec<Output>) {
             healthy: true,
             models,
             detail: None,
+            params: None,
         }],
         labels: vec![],
         loaded_model: Some(MODELS[i % 4].to_string()),

@@ -1,5 +1,5 @@
-//! End to end over loopback TCP, beside a raw zeromq DEALER/ROUTER echo and a
-//! bare fsync.
+//! End to end over loopback TCP on both transports (`libzmq`, `zeromq`), each
+//! beside a bare DEALER/ROUTER echo over the same transport, and a bare fsync.
 //!
 //! Starts the real `kiln-broker` (in memory, then durable) and four `kiln-worker`
 //! processes with the sim backend, and a client in this process on one thread,
@@ -28,10 +28,12 @@ use bytes::Bytes;
 use common::percentile;
 use kiln_broker::{Broker, BrokerSettings};
 use kiln_config::KilnConfig;
+use kiln_protocol::transport::{
+    BindOptions, ConnectOptions, Dealer, Incoming, Routed, Router, TransportKind,
+};
 use kiln_protocol::{Backend, Client, ClientOptions, Event, JobSpec, JobState, Task};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use zeromq::{DealerSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 fn noop() -> JobSpec {
     JobSpec::new(Backend::Sim, Task::TextToImage)
@@ -58,7 +60,7 @@ fn print(name: &str, f: &Figures) {
     );
 }
 
-async fn echo_baseline(rounds: usize) -> Figures {
+async fn echo_baseline(kind: TransportKind, rounds: usize) -> Figures {
     // The echo server gets its own thread and runtime, as the broker has its own process.
     let (ep_tx, ep_rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
@@ -67,57 +69,59 @@ async fn echo_baseline(rounds: usize) -> Figures {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let mut router = RouterSocket::new();
-            let ep = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+            let (mut rx, tx, ep) = Router::bind(kind, "tcp://127.0.0.1:0", BindOptions::default())
+                .await
+                .unwrap();
             ep_tx.send(ep).unwrap();
-            while let Ok(msg) = router.recv().await {
-                if router.send(msg).await.is_err() {
-                    return;
+            while let Some(r) = rx.recv().await {
+                if let Routed::Message { peer, frames } = r {
+                    tx.send(peer, frames);
                 }
             }
         });
     });
     let ep = ep_rx.await.unwrap();
-    let mut dealer = DealerSocket::new();
-    dealer.connect(&ep).await.unwrap();
+    let mut dealer = Dealer::connect(kind, &ep, ConnectOptions::default())
+        .await
+        .unwrap();
     let body = Bytes::from(vec![7u8; 68]);
-    let frames =
-        move || ZmqMessage::try_from(vec![Bytes::from_static(b"KILN1"), body.clone()]).unwrap();
+    let frames = move || vec![Bytes::from_static(b"KILN1"), body.clone()];
+    async fn reply(d: &mut Dealer) {
+        loop {
+            match d.next().await {
+                Incoming::Frames(_) => return,
+                Incoming::Error(_) => continue,
+                Incoming::Lost => panic!("echo connection lost"),
+            }
+        }
+    }
     let mut lat = Vec::with_capacity(rounds);
     for i in 0..rounds + rounds / 10 {
         let t = Instant::now();
         dealer.send(frames()).await.unwrap();
-        dealer.recv().await.unwrap();
+        reply(&mut dealer).await;
         if i >= rounds / 10 {
             lat.push(t.elapsed());
         }
     }
     lat.sort();
-    // Throughput with up to 1,000 in flight: the receiver returns a slot per reply.
+    // Throughput with 1,000 in flight: each reply lets the next request go.
     let total = rounds * 10;
-    let (mut tx, mut rx) = dealer.split();
-    let slots = Arc::new(Semaphore::new(1000));
+    let window = 1000.min(total);
     let t = Instant::now();
-    let sender = {
-        let slots = slots.clone();
-        let frames = frames.clone();
-        tokio::spawn(async move {
-            for _ in 0..total {
-                slots.acquire().await.unwrap().forget();
-                tx.send(frames()).await.unwrap();
-            }
-        })
-    };
-    for _ in 0..total {
-        rx.recv().await.unwrap();
-        slots.add_permits(1);
+    for _ in 0..window {
+        dealer.send(frames()).await.unwrap();
     }
-    sender.await.unwrap();
-    let got = total;
+    for sent in window..total + window {
+        reply(&mut dealer).await;
+        if sent < total {
+            dealer.send(frames()).await.unwrap();
+        }
+    }
     Figures {
         p50: percentile(&lat, 0.5),
         p99: percentile(&lat, 0.99),
-        per_sec: got as f64 / t.elapsed().as_secs_f64(),
+        per_sec: total as f64 / t.elapsed().as_secs_f64(),
     }
 }
 
@@ -167,13 +171,14 @@ impl Cluster {
 
 /// Starts the release binaries: `kiln-broker` and `workers` × `kiln-worker`,
 /// logging only warnings.
-async fn processes(durable: bool, workers: usize) -> Cluster {
+async fn processes(kind: TransportKind, durable: bool, workers: usize) -> Cluster {
     use kiln_testkit::{BrokerOpts, Scratch, WorkerOpts};
     let scratch = Scratch::new();
     let quiet = vec![("KILN_LOG".to_string(), "warn".to_string())];
     let broker = scratch
         .broker(BrokerOpts {
             durable,
+            transport: kind,
             env: quiet.clone(),
             ..BrokerOpts::default()
         })
@@ -196,7 +201,7 @@ async fn processes(durable: bool, workers: usize) -> Cluster {
     }
 }
 
-async fn in_process(durable: bool, workers: usize) -> Cluster {
+async fn in_process(kind: TransportKind, durable: bool, workers: usize) -> Cluster {
     let state = tempfile::tempdir().unwrap();
     let mut cfg = KilnConfig::default();
     cfg.broker.frontend = "tcp://127.0.0.1:0".into();
@@ -204,6 +209,8 @@ async fn in_process(durable: bool, workers: usize) -> Cluster {
     cfg.broker.events = "tcp://127.0.0.1:0".into();
     cfg.broker.state_dir = state.path().to_path_buf();
     cfg.broker.durable = durable;
+    cfg.broker.transport = kind;
+    cfg.worker.transport = kind;
     let broker = Broker::start(BrokerSettings::from_config(&cfg).unwrap())
         .await
         .unwrap();
@@ -221,10 +228,9 @@ async fn in_process(durable: bool, workers: usize) -> Cluster {
         tokio::spawn(worker.run(status, stop.clone()));
     }
     let ep = broker.endpoints();
-    let client = Client::connect(ClientOptions::new(
-        ep.frontend.clone(),
-        ep.events.clone().unwrap_or_default(),
-    ));
+    let mut opts = ClientOptions::new(ep.frontend.clone(), ep.events.clone().unwrap_or_default());
+    opts.transport = kind;
+    let client = Client::connect(opts);
     kiln_testkit::eventually("the workers to register", Duration::from_secs(30), || {
         let client = client.clone();
         async move { (client.workers().await.ok()?.len() >= workers).then_some(()) }
@@ -373,26 +379,31 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         println!("loopback TCP, {} cores; latency over {} sequential round trips/jobs, throughput over {jobs}", std::thread::available_parallelism().map_or(0, |n| n.get()), jobs / 10);
-        let echo = echo_baseline(jobs / 10).await;
-        print("raw zeromq DEALER/ROUTER echo (baseline)", &echo);
         print("append + fdatasync (baseline)", &fsync_baseline(jobs / 10));
-        for durable in [false, true] {
-            let c = if std::env::var_os("KILN_BENCH_IN_PROCESS").is_some() {
-                in_process(durable, 4).await
-            } else {
-                processes(durable, 4).await
-            };
-            let (f, fallbacks) = kiln_figures(&c, jobs / 10, jobs).await;
-            let name = if durable { "kiln no-op job, 4 workers, durable" } else { "kiln no-op job, 4 workers, in memory" };
-            print(name, &f);
-            println!(
-                "{:<44} latency {:.1}x the echo, throughput {:.2}x{}",
-                "",
-                micros(f.p50) / micros(echo.p50),
-                f.per_sec / echo.per_sec,
-                if fallbacks > 0 { format!(" ({fallbacks} events missed, recovered by get)") } else { String::new() }
-            );
-            c.stop().await;
+        for kind in [TransportKind::Libzmq, TransportKind::Zeromq] {
+            let echo = echo_baseline(kind, jobs / 10).await;
+            print(&format!("{kind}: bare DEALER/ROUTER echo (baseline)"), &echo);
+            for durable in [false, true] {
+                let c = if std::env::var_os("KILN_BENCH_IN_PROCESS").is_some() {
+                    in_process(kind, durable, 4).await
+                } else {
+                    processes(kind, durable, 4).await
+                };
+                let (f, fallbacks) = kiln_figures(&c, jobs / 10, jobs).await;
+                let name = format!(
+                    "{kind}: kiln no-op job, 4 workers, {}",
+                    if durable { "durable" } else { "in memory" }
+                );
+                print(&name, &f);
+                println!(
+                    "{:<44} latency {:.1}x the echo, throughput {:.2}x{}",
+                    "",
+                    micros(f.p50) / micros(echo.p50),
+                    f.per_sec / echo.per_sec,
+                    if fallbacks > 0 { format!(" ({fallbacks} events missed, recovered by get)") } else { String::new() }
+                );
+                c.stop().await;
+            }
         }
     });
 }

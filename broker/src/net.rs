@@ -21,26 +21,23 @@
 //!   worker, the worker is declared unreachable.
 
 use std::collections::HashMap;
-use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::FutureExt;
-use kiln_config::{ConfigError, KilnConfig};
+use kiln_config::{BrokerCurve, ConfigError, KilnConfig};
 use kiln_protocol::frame::{self, peek_envelope, PROTOCOL_TAG};
 use kiln_protocol::request::{Chunk, Reply};
+use kiln_protocol::transport::{
+    BindOptions, CurveServer, Publisher, Routed, Router, RouterRx, RouterTx, TransportError,
+    TransportKind,
+};
 use kiln_protocol::worker::BrokerMessage;
 use kiln_protocol::{ErrorBody, ErrorCode, Request, WorkerMessage};
-use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use zeromq::{
-    PubSocket, RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend,
-    ZmqMessage,
-};
 
 use crate::artifacts::ArtifactStore;
 use crate::committer::{self, Batch, Durable};
@@ -61,6 +58,9 @@ pub struct BrokerSettings {
     pub state_dir: PathBuf,
     pub durable: bool,
     pub peer_queue: usize,
+    pub transport: TransportKind,
+    /// CURVE for the three ports; `None` for plain ZMTP.
+    pub curve: Option<BrokerCurve>,
 }
 
 impl BrokerSettings {
@@ -83,7 +83,10 @@ impl BrokerSettings {
             retention_sweep_ms: b.retention.sweep_interval_s.max(1) * 1000,
             ..CoreConfig::default()
         };
-        let events_open = core.client_token.is_none();
+        // With CURVE every subscriber is a known key, so the port can open even
+        // with tokens; a plain PUB cannot tell who subscribes.
+        let curve = cfg.broker_curve()?;
+        let events_open = core.client_token.is_none() || curve.is_some();
         Ok(BrokerSettings {
             core,
             events_open,
@@ -93,6 +96,8 @@ impl BrokerSettings {
             state_dir: b.state_dir.clone(),
             durable: b.durable,
             peer_queue: b.peer_queue,
+            transport: b.transport,
+            curve,
         })
     }
 }
@@ -100,8 +105,8 @@ impl BrokerSettings {
 /// Why the broker could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("cannot bind {endpoint}: {reason}")]
-    Bind { endpoint: String, reason: String },
+    #[error(transparent)]
+    Bind(#[from] TransportError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("artifact directory {path}: {source}")]
@@ -199,18 +204,46 @@ impl Broker {
                 source,
             })?;
 
-        let mut frontend = RouterSocket::new();
-        let frontend_ep = bind(&mut frontend, &settings.frontend).await?;
-        let mut backend = RouterSocket::new();
-        let backend_ep = bind(&mut backend, &settings.backend).await?;
+        let kind = settings.transport;
+        let max = settings.core.limits.max_message_bytes;
+        let opts = |curve: Option<&CurveServer>, peer_queue: usize| BindOptions {
+            // The transport's hard cap (libzmq drops a peer announcing more before
+            // reading it) sits above the protocol limit, so a message a little
+            // over the limit still gets its typed `message_too_large` error.
+            max_message_bytes: max.saturating_mul(2).saturating_add(64 * 1024),
+            peer_queue,
+            curve: curve.cloned(),
+            ..BindOptions::default()
+        };
+        let curve = settings.curve.as_ref();
+        // A client's queue holds at most this many replies: with chunks of up to
+        // `max_chunk_bytes`, that bounds the bytes a client that stops reading holds.
+        let client_queue = client_queue(&settings);
+        let (front_rx, front_tx, frontend_ep) = Router::bind(
+            kind,
+            &settings.frontend,
+            opts(curve.map(|c| &c.clients), client_queue),
+        )
+        .await?;
+        let (back_rx, back_tx, backend_ep) = Router::bind(
+            kind,
+            &settings.backend,
+            opts(curve.map(|c| &c.workers), settings.peer_queue),
+        )
+        .await?;
         let mut events = None;
         if settings.events_open {
-            let mut socket = PubSocket::new();
-            events = Some((bind(&mut socket, &settings.events).await?, socket));
+            let (publisher, ep) = Publisher::bind(
+                kind,
+                &settings.events,
+                opts(curve.map(|c| &c.events), settings.peer_queue),
+            )
+            .await?;
+            events = Some((ep, publisher));
         } else {
             tracing::warn!(
                 events = %settings.events,
-                "the events port stays closed: client tokens are configured and a PUB socket cannot authenticate its subscribers; clients follow jobs with `get`"
+                "the events port stays closed: client tokens are configured without CURVE and a plain PUB socket cannot authenticate its subscribers; clients follow jobs with `get`"
             );
         }
         let endpoints = Endpoints {
@@ -218,34 +251,16 @@ impl Broker {
             backend: backend_ep,
             events: events.as_ref().map(|(ep, _)| ep.clone()),
         };
-        tracing::info!(frontend = %endpoints.frontend, backend = %endpoints.backend, events = endpoints.events.as_deref().unwrap_or("closed"), durable = settings.durable, "broker listening");
+        tracing::info!(frontend = %endpoints.frontend, backend = %endpoints.backend, events = endpoints.events.as_deref().unwrap_or("closed"), durable = settings.durable, transport = %kind, curve = settings.curve.is_some(), "broker listening");
 
         let (inputs_tx, inputs_rx) = mpsc::channel::<Input>(65_536);
-        let (front_tx, front_rx) = frontend.split();
-        let (back_tx, back_rx) = backend.split();
-        let max = settings.core.limits.max_message_bytes as usize;
+        let max = max as usize;
         tokio::spawn(recv_loop(front_rx, inputs_tx.clone(), max, Side::Clients));
         tokio::spawn(recv_loop(back_rx, inputs_tx.clone(), max, Side::Workers));
 
-        let rt = Handle::current();
-        let clients = Arc::new(Outbox::new(
-            front_tx,
-            settings.peer_queue,
-            rt.clone(),
-            Side::Clients,
-            inputs_tx.clone(),
-        ));
-        let workers = Arc::new(Outbox::new(
-            back_tx,
-            settings.peer_queue,
-            rt.clone(),
-            Side::Workers,
-            inputs_tx.clone(),
-        ));
-        let (pub_tx, pub_rx) = mpsc::channel::<ZmqMessage>(65_536);
-        if let Some((_, socket)) = events {
-            tokio::spawn(publish_loop(socket, pub_rx));
-        }
+        let clients = Arc::new(Outbox(front_tx));
+        let workers = Arc::new(Outbox(back_tx));
+        let events = events.map(|(_, publisher)| publisher);
 
         let (art_tx, art_rx) = mpsc::channel::<ArtifactOp>(256);
         // Verifications come back on their own unbounded channel: the router may be
@@ -263,7 +278,7 @@ impl Broker {
         let ctx = Dispatch {
             clients,
             workers,
-            events: pub_tx,
+            events,
             artifacts: art_tx.clone(),
         };
         // The committer thread also sends (encoding and socket work off the
@@ -275,6 +290,7 @@ impl Broker {
             state_dir: settings.state_dir.clone(),
         });
         let faults = stored_tx_faults;
+        let rt = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("kiln-commit".into())
             .spawn(move || committer::run(durable, commit_rx, |o| dispatch(&ctx, o), faults, rt))
@@ -336,47 +352,12 @@ impl Broker {
     }
 }
 
-/// Binds a socket. TCP listeners get keepalive (idle 5 s, 2 s × 3 probes) so dead
-/// peers are noticed, and address reuse so a restarted broker rebinds at once.
-async fn bind<S: Socket>(socket: &mut S, endpoint: &str) -> Result<String, BrokerError> {
-    let fail = |reason: String| BrokerError::Bind {
-        endpoint: endpoint.to_string(),
-        reason,
-    };
-    let Some(hostport) = endpoint.strip_prefix("tcp://") else {
-        return socket
-            .bind(endpoint)
-            .await
-            .map(|e| e.to_string())
-            .map_err(|e| fail(e.to_string()));
-    };
-    let addr = hostport
-        .to_socket_addrs()
-        .map_err(|e| fail(e.to_string()))?
-        .next()
-        .ok_or_else(|| fail("address resolves to nothing".into()))?;
-    let sock = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )
-    .map_err(|e| fail(e.to_string()))?;
-    sock.set_reuse_address(true)
-        .map_err(|e| fail(e.to_string()))?;
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(5))
-        .with_interval(Duration::from_secs(2))
-        .with_retries(3);
-    sock.set_tcp_keepalive(&keepalive)
-        .map_err(|e| fail(e.to_string()))?;
-    sock.bind(&addr.into()).map_err(|e| fail(e.to_string()))?;
-    sock.listen(1024).map_err(|e| fail(e.to_string()))?;
-    let listener: std::net::TcpListener = sock.into();
-    socket
-        .bind_listener(listener)
-        .await
-        .map(|e| e.to_string())
-        .map_err(|e| fail(e.to_string()))
+/// Replies queued for one client: enough for a window of artifact chunks, and at
+/// most about 64 MiB of them, so a client that stops reading holds a bounded
+/// amount of memory (`broker.peer_queue` caps it further).
+fn client_queue(settings: &BrokerSettings) -> usize {
+    let chunk = settings.core.limits.max_chunk_bytes.max(1);
+    ((64 * 1024 * 1024 / chunk) as usize).clamp(16, settings.peer_queue.max(16))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -387,26 +368,28 @@ enum Side {
 
 /// Reads one ROUTER, decodes, and feeds the core. Decoding happens here, off the
 /// core's thread.
-async fn recv_loop(
-    mut rx: RouterRecvHalf,
-    inputs: mpsc::Sender<Input>,
-    max_bytes: usize,
-    side: Side,
-) {
-    loop {
-        let msg = match rx.recv().await {
-            Ok(m) => m,
-            Err(zeromq::ZmqError::NoMessage) => return,
-            Err(e) => {
-                tracing::debug!(error = %e, "receive error; continuing");
+async fn recv_loop(mut rx: RouterRx, inputs: mpsc::Sender<Input>, max_bytes: usize, side: Side) {
+    let worker = side == Side::Workers;
+    while let Some(routed) = rx.recv().await {
+        let (peer, frames): (PeerId, Vec<Bytes>) = match routed {
+            Routed::Message { peer, frames } => (peer, frames),
+            Routed::Gone { peer } => {
+                if inputs.send(Input::PeerGone { peer, worker }).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Routed::Stalled { peer } => {
+                if inputs
+                    .send(Input::PeerUnreachable { peer, worker })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
                 continue;
             }
         };
-        let mut frames = msg.into_vec();
-        if frames.is_empty() {
-            continue;
-        }
-        let peer: PeerId = frames.remove(0);
         let input = match side {
             Side::Clients => match frame::decode::<Request>(&frames, max_bytes) {
                 Ok(request) => Input::Request { peer, request },
@@ -522,7 +505,7 @@ struct Downstream {
 struct Dispatch {
     clients: Arc<Outbox>,
     workers: Arc<Outbox>,
-    events: mpsc::Sender<ZmqMessage>,
+    events: Option<Publisher>,
     artifacts: mpsc::Sender<ArtifactOp>,
 }
 
@@ -536,22 +519,15 @@ fn dispatch(ctx: &Dispatch, o: Output) {
                 Bytes::from_static(PROTOCOL_TAG),
                 frame::encode_body(&event),
             ];
-            let msg = ZmqMessage::try_from(frames).expect("three frames");
             // PUB is lossy by design; a follower that misses events resyncs.
-            let _ = ctx.events.try_send(msg);
+            if let Some(events) = &ctx.events {
+                let _ = events.send(frames);
+            }
         }
         Output::Artifact(op) => {
             let _ = ctx.artifacts.blocking_send(op);
         }
         Output::Persist(_) => unreachable!("records are committed, not dispatched"),
-    }
-}
-
-async fn publish_loop(mut socket: PubSocket, mut rx: mpsc::Receiver<ZmqMessage>) {
-    while let Some(msg) = rx.recv().await {
-        if let Err(e) = socket.send(msg).await {
-            tracing::debug!(error = %e, "publish failed");
-        }
     }
 }
 
@@ -647,133 +623,13 @@ fn artifact_loop(
     }
 }
 
-/// How long a peer task waits on one send before declaring the peer stalled.
-const SEND_TIMEOUT: Duration = Duration::from_secs(2);
-/// An idle peer task exits after this; the next message starts a new one.
-const PEER_IDLE: Duration = Duration::from_secs(300);
-
-/// Sends to the peers of one ROUTER, each through its own task and bounded queue.
-struct Outbox {
-    router: RouterSendHalf,
-    peers: Mutex<HashMap<PeerId, mpsc::Sender<ZmqMessage>>>,
-    capacity: usize,
-    rt: Handle,
-    side: Side,
-    inputs: mpsc::Sender<Input>,
-}
+/// Sends to the peers of one ROUTER. The transport bounds each peer's queue and
+/// reports a peer that stops reading ([`Routed::Stalled`]), so sending never waits.
+struct Outbox(RouterTx);
 
 impl Outbox {
-    fn new(
-        router: RouterSendHalf,
-        capacity: usize,
-        rt: Handle,
-        side: Side,
-        inputs: mpsc::Sender<Input>,
-    ) -> Outbox {
-        Outbox {
-            router,
-            peers: Mutex::new(HashMap::new()),
-            capacity,
-            rt,
-            side,
-            inputs,
-        }
-    }
-
     fn send(&self, peer: PeerId, body: Bytes) {
-        let frames = vec![peer.clone(), Bytes::from_static(PROTOCOL_TAG), body];
-        let mut msg = ZmqMessage::try_from(frames).expect("three frames");
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        // Fast path: with no backlog for this peer, hand the message to the socket
-        // now. Only a full socket queue (a stalled peer) needs the peer task; the
-        // future is dropped unsent then, so the copy goes that way instead.
-        if peers.get(&peer).is_none_or(|tx| tx.is_closed()) {
-            peers.remove(&peer);
-            let mut router = self.router.clone();
-            match router.send(msg.clone()).now_or_never() {
-                Some(Ok(())) => return,
-                Some(Err(e)) => {
-                    // Not connected: a worker may be reconnecting; its heartbeats decide.
-                    tracing::debug!(side = ?self.side, error = %e, "peer not reachable");
-                    return;
-                }
-                None => {}
-            }
-        }
-        for _ in 0..2 {
-            let tx = peers.entry(peer.clone()).or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(self.capacity);
-                self.rt.spawn(peer_task(
-                    self.router.clone(),
-                    rx,
-                    peer.clone(),
-                    self.side,
-                    self.inputs.clone(),
-                ));
-                tx
-            });
-            match tx.try_send(msg) {
-                Ok(()) => return,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    tracing::warn!(side = ?self.side, "a peer's send queue is full; dropping its messages");
-                    peers.remove(&peer);
-                    self.report_stalled(peer);
-                    return;
-                }
-                Err(mpsc::error::TrySendError::Closed(m)) => {
-                    peers.remove(&peer);
-                    msg = m;
-                }
-            }
-        }
-    }
-
-    fn report_stalled(&self, peer: PeerId) {
-        let worker = self.side == Side::Workers;
-        let _ = self
-            .inputs
-            .try_send(Input::PeerUnreachable { peer, worker });
-    }
-}
-
-async fn peer_task(
-    mut router: RouterSendHalf,
-    mut rx: mpsc::Receiver<ZmqMessage>,
-    peer: PeerId,
-    side: Side,
-    inputs: mpsc::Sender<Input>,
-) {
-    loop {
-        let msg = match tokio::time::timeout(PEER_IDLE, rx.recv()).await {
-            Ok(Some(m)) => m,
-            Ok(None) => return,
-            Err(_) => {
-                // Idle: close, but deliver anything that raced in.
-                rx.close();
-                while let Ok(m) = rx.try_recv() {
-                    let _ = tokio::time::timeout(SEND_TIMEOUT, router.send(m)).await;
-                }
-                return;
-            }
-        };
-        match tokio::time::timeout(SEND_TIMEOUT, router.send(msg)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                // Not connected (any more). A worker keeps its job until its
-                // heartbeats stop: it may be reconnecting.
-                tracing::debug!(side = ?side, error = %e, "peer not reachable");
-                rx.close();
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(side = ?side, "a peer stopped reading for {SEND_TIMEOUT:?}; treating it as unreachable");
-                let _ = inputs.try_send(Input::PeerUnreachable {
-                    peer,
-                    worker: side == Side::Workers,
-                });
-                rx.close();
-                return;
-            }
-        }
+        self.0
+            .send(peer, vec![Bytes::from_static(PROTOCOL_TAG), body]);
     }
 }

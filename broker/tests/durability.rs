@@ -376,7 +376,6 @@ fn raw_err(reply: kiln_protocol::Reply) -> kiln_protocol::ErrorBody {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_without_the_token_get_one_error_and_nothing_else() {
     use bytes::Bytes;
-    use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
     let s = Scratch::new();
     let opts = BrokerOpts {
         client_token: Some("client-secret".into()),
@@ -425,35 +424,43 @@ async fn strangers_without_the_token_get_one_error_and_nothing_else() {
     wrong.kill9();
 
     // A client without hello: one error, then silence.
-    let mut d = DealerSocket::new();
-    d.connect(&broker.frontend).await.unwrap();
+    let mut d = broker.raw_dealer().await;
     let submit = serde_json::json!({"type": "submit", "req_id": 1, "job": {"backend": "sim", "task": "text_to_image"}});
     let frames = |v: &serde_json::Value| {
-        ZmqMessage::try_from(vec![
+        vec![
             Bytes::from_static(b"KILN1"),
             Bytes::from(rmp_serde::to_vec_named(v).unwrap()),
-        ])
-        .unwrap()
+        ]
     };
     d.send(frames(&submit)).await.unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(5), d.recv())
+    let reply = kiln_testkit::recv_within(&mut d, Duration::from_secs(5))
         .await
-        .unwrap()
-        .unwrap();
-    let err = raw_err(kiln_protocol::frame::decode(&reply.into_vec(), usize::MAX).unwrap());
+        .expect("a reply");
+    let err = raw_err(kiln_protocol::frame::decode(&reply, usize::MAX).unwrap());
     assert_eq!(err.code, kiln_protocol::ErrorCode::Unauthenticated);
-    // Even a correct hello from that connection is now ignored.
+    d.send(frames(&submit)).await.unwrap();
+    assert!(
+        kiln_testkit::recv_within(&mut d, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "a refused connection gets nothing more until it says hello"
+    );
+    // A refused connection can still authenticate later: a correct hello is
+    // always judged (a broker restart refuses every old connection once).
     d.send(frames(
         &serde_json::json!({"type": "hello", "req_id": 2, "token": "client-secret"}),
     ))
     .await
     .unwrap();
-    d.send(frames(&submit)).await.unwrap();
+    let reply = kiln_testkit::recv_within(&mut d, Duration::from_secs(5))
+        .await
+        .expect("a welcome");
     assert!(
-        tokio::time::timeout(Duration::from_millis(500), d.recv())
-            .await
-            .is_err(),
-        "a refused connection gets nothing more"
+        matches!(
+            kiln_protocol::frame::decode::<kiln_protocol::Reply>(&reply, usize::MAX).unwrap(),
+            kiln_protocol::Reply::Welcome(_)
+        ),
+        "a correct hello after a refusal is welcomed"
     );
     // A Client with the wrong token is refused too.
     let mut o = broker.client_options();
@@ -471,25 +478,25 @@ async fn strangers_without_the_token_get_one_error_and_nothing_else() {
 }
 
 /// Sends one raw request and returns the broker's error for it.
-async fn refused(d: &mut zeromq::DealerSocket, body: Vec<u8>) -> kiln_protocol::ErrorBody {
-    use zeromq::{SocketRecv, SocketSend, ZmqMessage};
-    let msg = ZmqMessage::try_from(vec![
+async fn refused(
+    d: &mut kiln_protocol::transport::Dealer,
+    body: Vec<u8>,
+) -> kiln_protocol::ErrorBody {
+    d.send(vec![
         bytes::Bytes::from_static(b"KILN1"),
         bytes::Bytes::from(body),
     ])
+    .await
     .unwrap();
-    d.send(msg).await.unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(5), d.recv())
+    let reply = kiln_testkit::recv_within(d, Duration::from_secs(5))
         .await
-        .expect("a reply")
-        .unwrap();
-    raw_err(kiln_protocol::frame::decode(&reply.into_vec(), usize::MAX).unwrap())
+        .expect("a reply");
+    raw_err(kiln_protocol::frame::decode(&reply, usize::MAX).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_catalogue_of_bad_inputs_each_gets_its_typed_error_while_others_are_served() {
     use serde_json::json;
-    use zeromq::Socket;
     let s = Scratch::new();
     let opts = BrokerOpts {
         durable: false,
@@ -522,8 +529,7 @@ async fn a_catalogue_of_bad_inputs_each_gets_its_typed_error_while_others_are_se
         })
     };
 
-    let mut d = zeromq::DealerSocket::new();
-    d.connect(&broker.frontend).await.unwrap();
+    let mut d = broker.raw_dealer().await;
     let base = || json!({"backend": "sim", "task": "text_to_image", "params": {"prompt": "ok"}});
     let submit = |job: serde_json::Value| {
         rmp_serde::to_vec_named(&json!({"type": "submit", "req_id": 9, "job": job})).unwrap()
@@ -609,9 +615,11 @@ async fn a_catalogue_of_bad_inputs_each_gets_its_typed_error_while_others_are_se
                 Some("job.priority"),
             ),
             (
+                // A value out of its range is invalid_field (with the range);
+                // field_too_large is for sizes (docs/protocol.md, Errors).
                 "max_attempts over limit",
                 with("max_attempts", json!(50)),
-                FieldTooLarge,
+                InvalidField,
                 Some("job.max_attempts"),
             ),
             (
@@ -623,7 +631,7 @@ async fn a_catalogue_of_bad_inputs_each_gets_its_typed_error_while_others_are_se
             (
                 "queue timeout over limit",
                 with("queue_timeout_s", json!(999_999_999)),
-                FieldTooLarge,
+                InvalidField,
                 Some("job.queue_timeout_s"),
             ),
             (
@@ -678,7 +686,7 @@ async fn a_catalogue_of_bad_inputs_each_gets_its_typed_error_while_others_are_se
                 "unknown field",
                 with("priorty", json!(1)),
                 InvalidField,
-                None,
+                Some("job.priorty"),
             ),
             (
                 "missing job",

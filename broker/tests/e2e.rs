@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_protocol::client::hex;
+use kiln_protocol::transport::Dealer;
 use kiln_protocol::{Backend, ErrorCode, Event, JobSpec, JobState, Reply, Task};
 use kiln_testkit::{eventually, BrokerOpts, Scratch, WorkerOpts};
 use sha2::{Digest, Sha256};
-use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 fn job(prompt: &str, steps: u32) -> JobSpec {
     JobSpec::new(Backend::Sim, Task::TextToImage)
@@ -152,19 +152,12 @@ async fn a_worker_killed_mid_job_hands_it_to_another_with_exactly_one_result() {
     );
 }
 
-async fn raw_dealer(endpoint: &str) -> DealerSocket {
-    let mut d = DealerSocket::new();
-    d.connect(endpoint).await.unwrap();
-    d
-}
-
-async fn exchange(d: &mut DealerSocket, frames: Vec<Bytes>) -> Reply {
-    d.send(ZmqMessage::try_from(frames).unwrap()).await.unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(5), d.recv())
+async fn exchange(d: &mut Dealer, frames: Vec<Bytes>) -> Reply {
+    d.send(frames).await.unwrap();
+    let reply = kiln_testkit::recv_within(d, Duration::from_secs(5))
         .await
-        .expect("a reply")
-        .unwrap();
-    kiln_protocol::frame::decode(&reply.into_vec(), usize::MAX).expect("a Kiln reply")
+        .expect("a reply");
+    kiln_protocol::frame::decode(&reply, usize::MAX).expect("a Kiln reply")
 }
 
 fn error_of(r: Reply) -> (Option<u64>, ErrorCode, Option<String>) {
@@ -185,7 +178,7 @@ async fn malformed_messages_get_typed_errors_while_others_are_served() {
         .await;
     let _w = s.worker(&broker, WorkerOpts::sim("w1")).await;
     let good = broker.client();
-    let mut bad = raw_dealer(&broker.frontend).await;
+    let mut bad = broker.raw_dealer().await;
     let tag = Bytes::from_static(b"KILN1");
     let pack = |v: serde_json::Value| Bytes::from(rmp_serde::to_vec_named(&v).unwrap());
 

@@ -140,6 +140,19 @@ enum Command {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+    /// CURVE keys for the libzmq transport.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Write a new CURVE key pair: NAME.key (public, give it to the peers that
+    /// must accept this one) and NAME.key_secret (mode 0600), in the certificate
+    /// format pyzmq's zmq.auth.load_certificate reads.
+    Generate { name: std::path::PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -222,6 +235,9 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
                 .map(|_| Outcome::Ok.into())
         }
         Command::GpuInfo(o) => commands::fleet::gpu_info(&load(&[Table::Worker])?.0, o.json),
+        Command::Keys {
+            command: KeysCommand::Generate { name },
+        } => commands::keys::generate(&name, false),
         command => {
             let sub = matches.subcommand().map(|(_, m)| m);
             let (cfg, _) = load(&[Table::Client])?;

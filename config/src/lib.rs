@@ -11,6 +11,7 @@
 //! unknown-key check. Errors name the key and where its value came from.
 
 mod comfyui;
+mod curve;
 pub mod logging;
 mod mcp;
 mod reference;
@@ -25,6 +26,8 @@ use kiln_protocol::Limits;
 use serde::{Deserialize, Serialize};
 
 pub use comfyui::{ComfyUiConfig, ComfyUiMode};
+pub use curve::BrokerCurve;
+pub use kiln_protocol::transport::TransportKind;
 pub use mcp::McpConfig;
 pub use reference::{defaults_toml, entries as reference_entries, Entry as ReferenceEntry};
 pub use secret::{resolve as resolve_secret, Secret};
@@ -58,9 +61,10 @@ pub struct KilnConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// ROUTER for clients. Loopback by default: the zeromq crate has no
-    /// authentication at the transport level and a hostile peer can crash it, so
-    /// bind other addresses only on a private network (see the README).
+    /// `"zeromq"` (default) or `"libzmq"` (CURVE, bounded; the one to expose); see docs/security.md.
+    pub transport: TransportKind,
+    /// ROUTER for clients. Loopback by default; any other address needs CURVE
+    /// (`curve_secret_key`) or an explicit `allow_insecure_network = true`.
     pub frontend: String,
     /// ROUTER for workers.
     pub backend: String,
@@ -107,6 +111,7 @@ pub struct BrokerConfig {
     pub worker_token_file: Option<PathBuf>,
     /// Size limits of every variable-size field (see docs/protocol.md); the
     /// `welcome` reply tells clients the values in force.
+    #[serde(deserialize_with = "Limits::deserialize_strict")]
     pub limits: Limits,
     /// How long finished jobs and their artifacts are kept.
     pub retention: RetentionConfig,
@@ -114,11 +119,26 @@ pub struct BrokerConfig {
     /// systemd unit is fenced to them (`kiln config fence` prints the drop-in).
     #[schemars(example = ["10.20.0.0/16"])]
     pub allowed_networks: Vec<String>,
+    /// The broker's CURVE secret key (Z85 or a `kiln keys generate` certificate);
+    /// also `curve_secret_key_file` or the systemd credential `kiln-broker-curve`.
+    /// Setting it turns CURVE on for all three ports (libzmq only).
+    pub curve_secret_key: Option<Secret>,
+    /// A file holding `curve_secret_key` (a `kiln keys generate` `.key_secret`).
+    pub curve_secret_key_file: Option<PathBuf>,
+    /// Public keys (Z85, or paths of `.key` files) of clients allowed on the
+    /// frontend and the events port.
+    pub curve_client_keys: Vec<String>,
+    /// Public keys of workers allowed on the backend and the events port.
+    pub curve_worker_keys: Vec<String>,
+    /// Lets the broker bind a non-loopback address without CURVE: only for a
+    /// network fenced to trusted hosts (`allowed_networks`).
+    pub allow_insecure_network: bool,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
+            transport: TransportKind::default(),
             frontend: "tcp://127.0.0.1:5555".into(),
             backend: "tcp://127.0.0.1:5556".into(),
             events: "tcp://127.0.0.1:5557".into(),
@@ -139,6 +159,11 @@ impl Default for BrokerConfig {
             limits: Limits::default(),
             retention: RetentionConfig::default(),
             allowed_networks: Vec::new(),
+            curve_secret_key: None,
+            curve_secret_key_file: None,
+            curve_client_keys: Vec::new(),
+            curve_worker_keys: Vec::new(),
+            allow_insecure_network: false,
         }
     }
 }
@@ -173,6 +198,8 @@ pub struct WorkerConfig {
     /// Stable name, unique in the fleet; `<hostname>-gpu<index>` when unset.
     #[schemars(example = &"box1-gpu0")]
     pub id: Option<String>,
+    /// `"zeromq"` (default) or `"libzmq"`: the broker's.
+    pub transport: TransportKind,
     /// The broker's backend ROUTER.
     pub broker: String,
     /// The broker's `worker_token`. Also read from `token_file` or the systemd
@@ -181,6 +208,13 @@ pub struct WorkerConfig {
     /// A file holding `token`.
     #[schemars(example = &"/etc/kiln/credentials/worker.token")]
     pub token_file: Option<PathBuf>,
+    /// The broker's CURVE public key (Z85 or a `.key` path); turns CURVE on.
+    pub broker_public_key: Option<String>,
+    /// This worker's CURVE secret key; also `curve_secret_key_file` or the systemd
+    /// credential `kiln-worker-curve`.
+    pub curve_secret_key: Option<Secret>,
+    /// A file holding `curve_secret_key` (a `kiln keys generate` `.key_secret`).
+    pub curve_secret_key_file: Option<PathBuf>,
     /// Which GPU this worker drives.
     pub gpu: GpuConfig,
     /// Labels jobs can require (`labels` in the job spec).
@@ -214,9 +248,13 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             id: None,
+            transport: TransportKind::default(),
             broker: "tcp://127.0.0.1:5556".into(),
             token: None,
             token_file: None,
+            broker_public_key: None,
+            curve_secret_key: None,
+            curve_secret_key_file: None,
             gpu: GpuConfig::default(),
             labels: Vec::new(),
             backends: vec![kiln_protocol::Backend::Sim],
@@ -345,6 +383,8 @@ impl Default for SimConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
+    /// `"zeromq"` (default) or `"libzmq"`: the broker's.
+    pub transport: TransportKind,
     /// The broker's client ROUTER (`broker.frontend`).
     pub broker: String,
     /// The broker's event PUB socket (`broker.events`).
@@ -355,6 +395,14 @@ pub struct ClientConfig {
     /// A file holding `token`.
     #[schemars(example = &"/etc/kiln/credentials/client.token")]
     pub token_file: Option<PathBuf>,
+    /// The broker's CURVE public key (Z85 or a `.key` path); turns CURVE on.
+    pub broker_public_key: Option<String>,
+    /// This client's CURVE secret key; also `curve_secret_key_file` or the systemd
+    /// credential `kiln-client-curve`.
+    pub curve_secret_key: Option<Secret>,
+    /// A file holding `curve_secret_key` (a `kiln keys generate` `.key_secret`).
+    pub curve_secret_key_file: Option<PathBuf>,
+    /// Name for fairness and `list` filters (the connection id when unset).
     /// Name the broker files this client's jobs under (fairness, `kiln jobs`).
     /// Unset: the CLI uses `<user>.<host>`, kiln-mcp `kiln-mcp`.
     #[schemars(example = &"studio-pipeline")]
@@ -367,10 +415,14 @@ pub struct ClientConfig {
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
+            transport: TransportKind::default(),
             broker: "tcp://127.0.0.1:5555".into(),
             events: "tcp://127.0.0.1:5557".into(),
             token: None,
             token_file: None,
+            broker_public_key: None,
+            curve_secret_key: None,
+            curve_secret_key_file: None,
             name: None,
             request_timeout_s: 15,
         }
@@ -474,7 +526,7 @@ impl KilnConfig {
                 Table::Mcp => self.mcp.validate()?,
             }
         }
-        Ok(())
+        self.validate_transport(tables)
     }
 
     fn validate_broker(&self) -> Result<(), ConfigError> {
@@ -516,14 +568,17 @@ impl KilnConfig {
         }
         if let Some(id) = &self.worker.id {
             if !kiln_protocol::ids::is_simple_name(id, 64) {
-                return invalid("worker.id", "must be 1-64 characters of [A-Za-z0-9._-]");
+                return invalid("worker.id", &kiln_protocol::ids::simple_name_rule(64));
             }
         }
         for label in &self.worker.labels {
             if !kiln_protocol::ids::is_simple_name(label, 64) {
                 return invalid(
                     "worker.labels",
-                    &format!("label {label:?} must be 1-64 characters of [A-Za-z0-9._-]"),
+                    &format!(
+                        "label {label:?} {}",
+                        kiln_protocol::ids::simple_name_rule(64)
+                    ),
                 );
             }
         }
@@ -781,6 +836,8 @@ impl KilnConfig {
         opts.token = self.client_token()?.map(|s| s.expose().to_string());
         opts.name = c.name.clone();
         opts.request_timeout = std::time::Duration::from_secs(c.request_timeout_s.max(1));
+        opts.transport = c.transport;
+        opts.curve = self.client_curve()?;
         Ok(opts)
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use kiln_config::{KilnConfig, McpConfig};
 use kiln_protocol::{Client, ClientOptions, JobId, JobSnapshot};
@@ -98,10 +99,17 @@ impl Gateway {
     }
 }
 
+/// How often a followed job is asked for when no event arrives. A broker with
+/// client tokens and no CURVE keeps its events port closed, and jobs are then
+/// followed from `get` snapshots alone: at the client's default of 2 s an MCP
+/// client would see a progress notification every other second at best.
+const FOLLOW_RESYNC: Duration = Duration::from_millis(250);
+
 /// The broker connection described by the `[client]` table. The client name
 /// defaults to `kiln-mcp` so `list_jobs mine` can find the gateway's jobs.
 pub fn client_options(cfg: &KilnConfig) -> Result<ClientOptions, kiln_config::ConfigError> {
     let mut opts = cfg.client_options()?;
     opts.name.get_or_insert_with(|| "kiln-mcp".into());
+    opts.resync_interval = opts.resync_interval.min(FOLLOW_RESYNC);
     Ok(opts)
 }

@@ -20,7 +20,6 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, OnceCell};
 use tokio::time::Instant;
-use zeromq::{Socket, SocketRecv, SubSocket};
 
 use crate::error::{ErrorBody, ErrorCode};
 use crate::event::{Event, Topic};
@@ -28,7 +27,9 @@ use crate::frame::{self, check_header};
 use crate::ids::{ArtifactId, JobId};
 use crate::job::{JobSnapshot, JobSpec, JobState, ListFilter};
 use crate::request::*;
-use crate::socket::{Backoff, DealerConn, Incoming};
+use crate::transport::{
+    Backoff, ConnectOptions, CurveClient, Dealer, Incoming, Subscriber, TransportKind,
+};
 use crate::worker::{HealthReport, ModelInfo, WorkerInfo};
 
 /// Where the broker is and how to talk to it.
@@ -49,6 +50,10 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// How often [`Follow`] asks for a snapshot when no event arrives.
     pub resync_interval: Duration,
+    /// Which ZeroMQ implementation to use; it must match the broker's.
+    pub transport: TransportKind,
+    /// The broker's public key and ours, when the broker requires CURVE.
+    pub curve: Option<CurveClient>,
 }
 
 impl ClientOptions {
@@ -61,6 +66,8 @@ impl ClientOptions {
             request_timeout: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(3),
             resync_interval: Duration::from_secs(2),
+            transport: TransportKind::default(),
+            curve: None,
         }
     }
 }
@@ -140,7 +147,13 @@ pub struct Artifact {
 impl Client {
     /// Starts the client. It connects in the background; the first request waits
     /// for the connection (within its timeout).
-    pub fn connect(opts: ClientOptions) -> Client {
+    pub fn connect(mut opts: ClientOptions) -> Client {
+        // Idempotency keys belong to the client name: keep one name across
+        // reconnects, so a resent submit finds its first job.
+        if opts.name.is_none() {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            opts.name = Some(format!("client-{}", &id[..12]));
+        }
         let (calls, rx) = mpsc::channel(4096);
         let welcome = Arc::new(Mutex::new(None));
         tokio::spawn(drive(opts.clone(), rx, welcome.clone()));
@@ -211,12 +224,26 @@ impl Client {
         }
     }
 
+    /// The first page of matching jobs, newest first (see [`Client::list_page`]).
     pub async fn list(&self, filter: ListFilter) -> Result<Vec<JobSnapshot>, ClientError> {
+        Ok(self.list_page(filter, None).await?.jobs)
+    }
+
+    /// One page of matching jobs; pass the reply's `next_cursor` to get the next.
+    pub async fn list_page(
+        &self,
+        filter: ListFilter,
+        cursor: Option<String>,
+    ) -> Result<JobsReply, ClientError> {
         match self
-            .request(Request::List(List { req_id: 0, filter }))
+            .request(Request::List(List {
+                req_id: 0,
+                filter,
+                cursor,
+            }))
             .await?
         {
-            Reply::Jobs(j) => Ok(j.jobs),
+            Reply::Jobs(j) => Ok(j),
             other => Err(unexpected(other)),
         }
     }
@@ -322,7 +349,7 @@ impl Client {
         let hub = self
             .inner
             .hub
-            .get_or_init(|| async { start_hub(self.inner.opts.events_endpoint.clone()) })
+            .get_or_init(|| async { start_hub(&self.inner.opts) })
             .await
             .clone();
         let (tx, rx) = mpsc::channel(1024);
@@ -390,7 +417,7 @@ async fn drive(
     welcome: Arc<Mutex<Option<Welcome>>>,
 ) {
     let mut pending: HashMap<u64, Call> = HashMap::new();
-    let mut conn: Option<DealerConn> = None;
+    let mut conn: Option<Dealer> = None;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut retry_at = Instant::now();
     let mut last_error = String::from("not connected yet");
@@ -511,7 +538,7 @@ async fn drive(
     }
 }
 
-async fn next_incoming(conn: &mut Option<DealerConn>) -> Incoming {
+async fn next_incoming(conn: &mut Option<Dealer>) -> Incoming {
     match conn {
         Some(c) => c.next().await,
         None => std::future::pending().await,
@@ -536,14 +563,14 @@ fn expire(pending: &mut HashMap<u64, Call>, now: Instant, opts: &ClientOptions, 
 }
 
 /// Connects a fresh DEALER and introduces the client with `hello`.
-async fn connect_and_hello(opts: &ClientOptions) -> Result<(DealerConn, Welcome), ClientError> {
+async fn connect_and_hello(opts: &ClientOptions) -> Result<(Dealer, Welcome), ClientError> {
     let timeout = |detail: String| ClientError::Timeout {
         endpoint: opts.endpoint.clone(),
         timeout: opts.connect_timeout,
         detail,
     };
     crate::probe::probe(&opts.endpoint, opts.connect_timeout).await?;
-    let mut conn = DealerConn::connect(&opts.endpoint, None, opts.connect_timeout)
+    let mut conn = Dealer::connect(opts.transport, &opts.endpoint, connect_options(opts))
         .await
         .map_err(|e| timeout(format!("connect failed: {e}")))?;
     let hello = Request::Hello(Hello {
@@ -565,12 +592,35 @@ async fn connect_and_hello(opts: &ClientOptions) -> Result<(DealerConn, Welcome)
                 Ok(Reply::Error(e)) if e.req_id == Some(0) => {
                     return Err(ClientError::Broker(e.error))
                 }
+                // The answer to our hello that this client cannot read: say why
+                // rather than waiting for a welcome that has come.
+                Err(e)
+                    if frames
+                        .get(1)
+                        .and_then(|b| frame::peek_envelope(b))
+                        .is_some_and(|env| {
+                            env.req_id == Some(0) && env.kind.as_deref() == Some("welcome")
+                        }) =>
+                {
+                    return Err(timeout(format!(
+                        "the broker's welcome does not decode: {e}"
+                    )))
+                }
                 // A late reply to a request of an earlier connection: not ours now.
                 _ => continue,
             },
             Incoming::Error(_) => continue,
             Incoming::Lost => return Err(timeout("connection lost during hello".into())),
         }
+    }
+}
+
+fn connect_options(opts: &ClientOptions) -> ConnectOptions {
+    ConnectOptions {
+        identity: None,
+        connect_timeout: opts.connect_timeout,
+        curve: opts.curve.clone(),
+        ..ConnectOptions::default()
     }
 }
 
@@ -605,15 +655,25 @@ impl Drop for EventStream {
     }
 }
 
-fn start_hub(endpoint: String) -> mpsc::UnboundedSender<HubCommand> {
+fn start_hub(opts: &ClientOptions) -> mpsc::UnboundedSender<HubCommand> {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run_hub(endpoint, rx));
+    tokio::spawn(run_hub(
+        opts.transport,
+        opts.events_endpoint.clone(),
+        connect_options(opts),
+        rx,
+    ));
     tx
 }
 
 /// Owns the SUB socket (which, unlike DEALER, reconnects by itself) and fans events
 /// out to subscribers by topic prefix.
-async fn run_hub(endpoint: String, mut commands: mpsc::UnboundedReceiver<HubCommand>) {
+async fn run_hub(
+    kind: TransportKind,
+    endpoint: String,
+    copts: ConnectOptions,
+    mut commands: mpsc::UnboundedReceiver<HubCommand>,
+) {
     if endpoint.is_empty() {
         // No events port: subscriptions are accepted and stay silent, so `follow`
         // keeps the job current from `get` snapshots alone.
@@ -631,25 +691,23 @@ async fn run_hub(endpoint: String, mut commands: mpsc::UnboundedReceiver<HubComm
         }
         return;
     }
-    struct Subscriber {
+    struct Listener {
         id: u64,
         prefix: String,
         events: mpsc::Sender<Event>,
     }
-    let mut subscribers: Vec<Subscriber> = Vec::new();
+    let mut subscribers: Vec<Listener> = Vec::new();
     let mut early: Vec<HubCommand> = Vec::new();
-    let mut sub = SubSocket::new();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     // Subscriptions made while connecting are applied once connected; their callers
     // are released at once and rely on snapshots meanwhile.
-    loop {
+    let mut sub = loop {
         tokio::select! {
-            res = sub.connect(&endpoint) => match res {
-                Ok(()) => break,
+            res = Subscriber::connect(kind, &endpoint, copts.clone()) => match res {
+                Ok(sub) => break sub,
                 Err(e) => {
                     tracing::debug!(error = %e, %endpoint, "event socket connect failed; retrying");
                     tokio::time::sleep(backoff.next_delay()).await;
-                    sub = SubSocket::new();
                 }
             },
             cmd = commands.recv() => match cmd {
@@ -661,7 +719,7 @@ async fn run_hub(endpoint: String, mut commands: mpsc::UnboundedReceiver<HubComm
                 Some(other) => early.push(other),
             },
         }
-    }
+    };
 
     let mut counts: HashMap<String, usize> = HashMap::new();
     let mut pending_cmds: std::collections::VecDeque<HubCommand> = early.into();
@@ -675,8 +733,8 @@ async fn run_hub(endpoint: String, mut commands: mpsc::UnboundedReceiver<HubComm
                         Some(c) => Some(c),
                     },
                     msg = sub.recv() => {
-                        if let Ok(msg) = msg {
-                            dispatch(&msg.into_vec(), &subscribers);
+                        if let Ok(frames) = msg {
+                            dispatch(&frames, &subscribers);
                         }
                         None
                     }
@@ -697,7 +755,7 @@ async fn run_hub(endpoint: String, mut commands: mpsc::UnboundedReceiver<HubComm
                     }
                 }
                 *count += 1;
-                subscribers.push(Subscriber { id, prefix, events });
+                subscribers.push(Listener { id, prefix, events });
                 let _ = done.send(());
             }
             Some(HubCommand::Unsubscribe { id }) => {
@@ -716,7 +774,7 @@ async fn run_hub(endpoint: String, mut commands: mpsc::UnboundedReceiver<HubComm
         }
     }
 
-    fn dispatch(frames: &[Bytes], subscribers: &[Subscriber]) {
+    fn dispatch(frames: &[Bytes], subscribers: &[Listener]) {
         if frames.len() != 3 || check_header(&frames[1]).is_err() {
             return;
         }

@@ -35,6 +35,12 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug or an I/O failure inside the broker.
     Internal,
+    /// The idempotency key was used before by the same client for a different job.
+    IdempotencyConflict,
+    /// A code this peer does not know (sent by a newer peer): treat it as a failure
+    /// of the request and show the message.
+    #[serde(other)]
+    Unknown,
 }
 
 /// The payload of an `error` reply.
@@ -84,11 +90,18 @@ pub enum ProtocolError {
     UnknownType(String),
     #[error("field `{field}`: {reason}")]
     InvalidField { field: String, reason: String },
-    #[error("field `{field}` is {actual} long, over its limit of {limit}")]
+    #[error("field `{field}` has size {actual}, over its limit of {limit}")]
     FieldTooLarge {
         field: String,
         limit: u64,
         actual: u64,
+    },
+    #[error("field `{field}` must be from {min} to {max}, got {actual}")]
+    OutOfRange {
+        field: String,
+        min: i64,
+        max: i64,
+        actual: String,
     },
 }
 
@@ -100,7 +113,9 @@ impl ProtocolError {
             ProtocolError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
             ProtocolError::TooLarge { .. } => ErrorCode::MessageTooLarge,
             ProtocolError::UnknownType(_) => ErrorCode::UnknownType,
-            ProtocolError::InvalidField { .. } => ErrorCode::InvalidField,
+            ProtocolError::InvalidField { .. } | ProtocolError::OutOfRange { .. } => {
+                ErrorCode::InvalidField
+            }
             ProtocolError::FieldTooLarge { .. } => ErrorCode::FieldTooLarge,
         }
     }
@@ -112,9 +127,27 @@ impl ProtocolError {
         }
     }
 
+    /// A value outside `min..=max`: `invalid_field`, with `limit` set to `max`.
+    pub fn out_of_range(
+        field: impl Into<String>,
+        min: i64,
+        max: i64,
+        actual: impl ToString,
+    ) -> Self {
+        ProtocolError::OutOfRange {
+            field: field.into(),
+            min,
+            max,
+            actual: actual.to_string(),
+        }
+    }
+
     pub fn to_body(&self) -> ErrorBody {
         let (field, limit) = match self {
             ProtocolError::InvalidField { field, .. } => (Some(field.clone()), None),
+            ProtocolError::OutOfRange { field, max, .. } => {
+                (Some(field.clone()), u64::try_from(*max).ok())
+            }
             ProtocolError::FieldTooLarge { field, limit, .. } => {
                 (Some(field.clone()), Some(*limit))
             }

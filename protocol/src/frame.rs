@@ -53,6 +53,15 @@ pub fn check_header(header: &[u8]) -> Result<(), ProtocolError> {
 
 /// Decodes `[header, body]` after checking the frame count, header and size limit.
 pub fn decode<T: WireMessage>(frames: &[Bytes], max_bytes: usize) -> Result<T, ProtocolError> {
+    if frames.len() == 3 && frames[0].is_empty() && frames[1].as_ref() == PROTOCOL_TAG {
+        // A REQ socket puts an empty delimiter first. Kiln's replies are not framed
+        // for REQ (they would need the delimiter back), so say so plainly.
+        return Err(ProtocolError::Malformed(
+            "an empty delimiter frame came first: REQ sockets are not supported, use a DEALER \
+             (docs/protocol.md, \"Sockets\")"
+                .to_string(),
+        ));
+    }
     if frames.len() != 2 {
         return Err(ProtocolError::FrameCount {
             expected: 2,
@@ -72,10 +81,21 @@ pub fn decode_body<T: WireMessage>(body: &[u8], max_bytes: usize) -> Result<T, P
             limit: max_bytes,
         });
     }
+    if !is_map(body) {
+        return Err(ProtocolError::Malformed(NOT_A_MAP.to_string()));
+    }
     match rmp_serde::from_slice::<T>(body) {
         Ok(msg) => Ok(msg),
         Err(_) => Err(explain::<T>(body)),
     }
+}
+
+const NOT_A_MAP: &str = "expected a msgpack map with a string `type` field (a body is never a \
+     positional array)";
+
+/// Whether a msgpack value starts with a map marker (fixmap, map 16, map 32).
+fn is_map(body: &[u8]) -> bool {
+    matches!(body.first(), Some(0x80..=0x8f | 0xde | 0xdf))
 }
 
 /// The envelope fields every message may carry, read without decoding the rest.
@@ -89,6 +109,9 @@ pub struct Envelope {
 /// Reads `type` and `req_id` from a body, if it is a map at all. Used to echo the
 /// `req_id` of a request that failed to decode.
 pub fn peek_envelope(body: &[u8]) -> Option<Envelope> {
+    if !is_map(body) {
+        return None;
+    }
     // Non-map bodies and maps with a non-integer req_id yield None or a partial read.
     rmp_serde::from_slice::<Envelope>(body).ok().or_else(|| {
         #[derive(Deserialize)]
@@ -107,9 +130,7 @@ pub fn peek_envelope(body: &[u8]) -> Option<Envelope> {
 
 fn explain<T: WireMessage>(body: &[u8]) -> ProtocolError {
     let Some(envelope) = peek_envelope(body) else {
-        return ProtocolError::Malformed(
-            "expected a msgpack map with a string `type` field".to_string(),
-        );
+        return ProtocolError::Malformed(NOT_A_MAP.to_string());
     };
     match envelope.kind {
         None => ProtocolError::invalid("type", "missing: every message names its `type`"),
@@ -127,12 +148,22 @@ pub fn diagnose_as<V: DeserializeOwned>(body: &[u8]) -> ProtocolError {
         Err(e) => {
             let path = e.path().to_string();
             let reason = e.into_inner().to_string();
-            if path == "." || path.is_empty() {
-                // A problem at the root: a missing field or a truncated body.
-                match missing_field(&reason) {
-                    Some(field) => ProtocolError::invalid(field, "missing"),
-                    None => ProtocolError::Malformed(reason),
+            let root = path == "." || path.is_empty();
+            let join = |name: &str| {
+                if root {
+                    name.to_string()
+                } else {
+                    format!("{path}.{name}")
                 }
+            };
+            // A missing or unknown key is reported on the key itself
+            // (`job.backend`), not on the map that lacks or has it.
+            if let Some(name) = quoted_after(&reason, "missing field `") {
+                ProtocolError::invalid(join(&name), "missing")
+            } else if let Some(name) = quoted_after(&reason, "unknown field `") {
+                ProtocolError::invalid(join(&name), reason)
+            } else if root {
+                ProtocolError::Malformed(reason)
             } else {
                 ProtocolError::InvalidField {
                     field: path,
@@ -143,8 +174,8 @@ pub fn diagnose_as<V: DeserializeOwned>(body: &[u8]) -> ProtocolError {
     }
 }
 
-fn missing_field(reason: &str) -> Option<String> {
-    let rest = reason.strip_prefix("missing field `")?;
+fn quoted_after(reason: &str, prefix: &str) -> Option<String> {
+    let rest = reason.strip_prefix(prefix)?;
     Some(rest.split('`').next()?.to_string())
 }
 

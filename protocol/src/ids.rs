@@ -98,6 +98,38 @@ pub fn is_simple_name(s: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// The naming rule for worker ids, labels, client names and template names, as a
+/// checked error naming `field`; the message is built from `max`, the limit in
+/// force (`Limits::max_label_len` or `max_name_len`), so it stays true when an
+/// operator changes it.
+pub fn check_simple_name(field: &str, s: &str, max: u64) -> Result<(), crate::ProtocolError> {
+    if is_simple_name(s, max as usize) {
+        Ok(())
+    } else {
+        Err(crate::ProtocolError::invalid(field, simple_name_rule(max)))
+    }
+}
+
+/// The rule [`is_simple_name`] checks, in words.
+pub fn simple_name_rule(max: u64) -> String {
+    format!("must be 1 to {max} characters of [A-Za-z0-9._-]")
+}
+
+/// A list of simple names (labels): at most `max_count`, each within `max_len`.
+/// Errors name the list (`labels`) or the entry (`labels[2]`).
+pub fn check_labels(
+    field: &str,
+    labels: &[String],
+    max_count: u64,
+    max_len: u64,
+) -> Result<(), crate::ProtocolError> {
+    crate::limits::check(field, labels.len() as u64, max_count)?;
+    for (i, label) in labels.iter().enumerate() {
+        check_simple_name(&format!("{field}[{i}]"), label, max_len)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

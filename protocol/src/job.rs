@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::ProtocolError;
-use crate::ids::{is_simple_name, ArtifactId, JobId};
+use crate::ids::{check_labels, check_simple_name, ArtifactId, JobId};
 use crate::limits::{check, check_len, Limits};
 
 /// Free-form job parameters (`prompt`, `seed`, `width`, `steps`, …) passed through to
@@ -92,12 +92,14 @@ impl Task {
     }
 }
 
-/// A LoRA applied to the job's model.
+/// A LoRA applied to the job's model. Unknown keys are refused everywhere: adding
+/// one is a protocol change (docs/protocol.md, "Compatibility").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraRef {
     pub name: String,
-    #[serde(default = "one")]
+    /// -10 to 10; absent or `null` means 1.
+    #[serde(default = "one", deserialize_with = "null_one")]
     pub strength: f64,
 }
 
@@ -105,13 +107,19 @@ fn one() -> f64 {
     1.0
 }
 
+fn null_one<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(1.0))
+}
+
 /// A file the job consumes, such as the init image of image-to-image. It travels
 /// inside the submit message (msgpack bin), bounded by `Limits::max_input_bytes`.
+/// Unknown keys are refused everywhere, like [`LoraRef`]'s.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputFile {
     pub name: String,
-    #[serde(default = "octet_stream")]
+    /// Absent or `null` means `application/octet-stream`.
+    #[serde(default = "octet_stream", deserialize_with = "null_octet_stream")]
     pub media_type: String,
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
@@ -121,28 +129,44 @@ fn octet_stream() -> String {
     "application/octet-stream".to_string()
 }
 
-/// Everything a client says about a job. Unknown fields are refused so that a typo
-/// (`priorty`) is an error rather than silently ignored.
+fn null_octet_stream<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_else(octet_stream))
+}
+
+/// Everything a client says about a job.
+///
+/// In a `submit` request unknown keys are refused so that a typo (`priorty`) is an
+/// error rather than silently ignored (see [`JobSpec::deserialize_strict`]); the
+/// plain `Deserialize` used for stored records and `assign` ignores them, so a
+/// broker rolled back one version still reads jobs a newer one stored. `null` is the
+/// same as absent for every optional field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct JobSpec {
     pub backend: Backend,
     pub task: Task,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::strict::params")]
     pub params: Params,
     /// The model (checkpoint, Wan2GP model type) the job needs installed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::strict::null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub loras: Vec<LoraRef>,
     /// Smallest GPU memory, in MiB, the job can run in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_vram_mb: Option<u64>,
     /// Labels every eligible worker must carry.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::strict::null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub labels: Vec<String>,
     /// -10 (lowest) to 10 (highest); 0 by default.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::strict::null_default")]
     pub priority: i8,
     /// Fail the job if it waits longer than this in the queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,7 +177,11 @@ pub struct JobSpec {
     /// How many times the job may be started (worker loss, retryable failures).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u8>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::strict::null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub inputs: Vec<InputFile>,
     /// A raw ComfyUI API-format graph, for `task = workflow`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,8 +194,39 @@ pub struct JobSpec {
     pub idempotency_key: Option<String>,
     /// After running out of memory on the largest GPU, retry at a lower setting
     /// (smaller resolution or fewer frames) instead of failing.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        default,
+        deserialize_with = "crate::strict::null_default",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
     pub allow_degrade: bool,
+}
+
+/// Every key of a [`JobSpec`] map, for the strict decoding of `submit`.
+pub const JOB_SPEC_FIELDS: &[&str] = &[
+    "backend",
+    "task",
+    "params",
+    "model",
+    "loras",
+    "min_vram_mb",
+    "labels",
+    "priority",
+    "queue_timeout_s",
+    "run_timeout_s",
+    "max_attempts",
+    "inputs",
+    "workflow",
+    "template",
+    "idempotency_key",
+    "allow_degrade",
+];
+
+impl JobSpec {
+    /// Decodes a spec as a client sends it: a map (not an array) of known keys only.
+    pub fn deserialize_strict<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::strict::strict(d, JOB_SPEC_FIELDS)
+    }
 }
 
 impl JobSpec {
@@ -241,28 +300,26 @@ impl JobSpec {
                 limits.max_name_len,
             )?;
             if !(lora.strength.is_finite() && (-10.0..=10.0).contains(&lora.strength)) {
-                return Err(ProtocolError::invalid(
+                return Err(ProtocolError::out_of_range(
                     format!("job.loras[{i}].strength"),
-                    "must be between -10 and 10",
+                    -10,
+                    10,
+                    lora.strength,
                 ));
             }
         }
-        check("job.labels", self.labels.len() as u64, limits.max_labels)?;
-        for (i, label) in self.labels.iter().enumerate() {
-            if !is_simple_name(label, limits.max_label_len as usize) {
-                return Err(ProtocolError::invalid(
-                    format!("job.labels[{i}]"),
-                    format!(
-                        "must be 1-{} characters of [A-Za-z0-9._-]",
-                        limits.max_label_len
-                    ),
-                ));
-            }
-        }
+        check_labels(
+            "job.labels",
+            &self.labels,
+            limits.max_labels,
+            limits.max_label_len,
+        )?;
         if !(-10..=10).contains(&self.priority) {
-            return Err(ProtocolError::invalid(
+            return Err(ProtocolError::out_of_range(
                 "job.priority",
-                "must be between -10 and 10",
+                -10,
+                10,
+                self.priority,
             ));
         }
         for (field, value) in [
@@ -270,20 +327,25 @@ impl JobSpec {
             ("job.run_timeout_s", self.run_timeout_s),
         ] {
             if let Some(v) = value {
-                if v == 0 {
-                    return Err(ProtocolError::invalid(field, "must be at least 1 second"));
+                if v == 0 || v as u64 > limits.max_timeout_s {
+                    return Err(ProtocolError::out_of_range(
+                        field,
+                        1,
+                        limits.max_timeout_s as i64,
+                        v,
+                    ));
                 }
-                check(field, v as u64, limits.max_timeout_s)?;
             }
         }
         if let Some(attempts) = self.max_attempts {
-            if attempts == 0 {
-                return Err(ProtocolError::invalid(
+            if attempts == 0 || attempts as u64 > limits.max_attempts {
+                return Err(ProtocolError::out_of_range(
                     "job.max_attempts",
-                    "must be at least 1",
+                    1,
+                    limits.max_attempts as i64,
+                    attempts,
                 ));
             }
-            check("job.max_attempts", attempts as u64, limits.max_attempts)?;
         }
         check("job.inputs", self.inputs.len() as u64, limits.max_inputs)?;
         for (i, input) in self.inputs.iter().enumerate() {
@@ -315,12 +377,7 @@ impl JobSpec {
             check("job.workflow", size, limits.max_workflow_bytes)?;
         }
         if let Some(template) = &self.template {
-            if !is_simple_name(template, limits.max_name_len as usize) {
-                return Err(ProtocolError::invalid(
-                    "job.template",
-                    "must be a template name of [A-Za-z0-9._-]",
-                ));
-            }
+            check_simple_name("job.template", template, limits.max_name_len)?;
         }
         if self.task == Task::Workflow && self.workflow.is_none() && self.template.is_none() {
             return Err(ProtocolError::invalid(
@@ -597,17 +654,37 @@ fn is_zero(n: &u8) -> bool {
     *n == 0
 }
 
-/// Which jobs a `list` request wants.
+/// Which jobs a `list` request wants. Unknown keys are refused in a request (see
+/// [`ListFilter::deserialize_strict`]); `null` is the same as absent.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct ListFilter {
     /// Only jobs in these states (all when empty).
+    #[serde(deserialize_with = "crate::strict::null_default")]
     pub states: Vec<JobState>,
     pub backend: Option<Backend>,
     pub client: Option<String>,
     pub worker: Option<String>,
     /// At most this many, newest first (capped by `Limits::max_list`).
     pub limit: Option<u64>,
+}
+
+/// Every key of a [`ListFilter`] map.
+pub const LIST_FILTER_FIELDS: &[&str] = &["states", "backend", "client", "worker", "limit"];
+
+impl ListFilter {
+    /// Decodes a filter as a client sends it: `null` or a map of known keys only.
+    pub fn deserialize_strict<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Option::<StrictFilter>::deserialize(d)?.map_or_else(Default::default, |f| f.0))
+    }
+}
+
+struct StrictFilter(ListFilter);
+
+impl<'de> Deserialize<'de> for StrictFilter {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::strict::strict(d, LIST_FILTER_FIELDS).map(StrictFilter)
+    }
 }
 
 #[cfg(test)]
@@ -665,6 +742,55 @@ mod tests {
         let mut s = spec();
         s.labels.push("has space".into());
         assert!(s.validate(&Limits::default()).is_err());
+    }
+
+    #[test]
+    fn the_field_lists_name_every_key() {
+        let mut s = spec();
+        s.model = Some("m".into());
+        s.loras = vec![LoraRef {
+            name: "l".into(),
+            strength: 1.0,
+        }];
+        s.min_vram_mb = Some(1);
+        s.labels = vec!["a".into()];
+        s.queue_timeout_s = Some(1);
+        s.run_timeout_s = Some(1);
+        s.max_attempts = Some(1);
+        s.inputs = vec![InputFile {
+            name: "a.png".into(),
+            media_type: "image/png".into(),
+            data: vec![],
+        }];
+        s.workflow = Some(serde_json::json!({}));
+        s.template = Some("t".into());
+        s.idempotency_key = Some("k".into());
+        s.allow_degrade = true;
+        let keys = |v: Value| {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        let sorted = |f: &[&str]| {
+            let mut f: Vec<String> = f.iter().map(|s| s.to_string()).collect();
+            f.sort();
+            f
+        };
+        assert_eq!(
+            keys(serde_json::to_value(&s).unwrap()),
+            sorted(JOB_SPEC_FIELDS)
+        );
+        let filter = ListFilter {
+            states: vec![JobState::Queued],
+            backend: Some(Backend::Sim),
+            client: Some("c".into()),
+            worker: Some("w".into()),
+            limit: Some(1),
+        };
+        assert_eq!(
+            keys(serde_json::to_value(&filter).unwrap()),
+            sorted(LIST_FILTER_FIELDS)
+        );
     }
 
     #[test]

@@ -17,9 +17,11 @@ pub mod frame;
 pub mod ids;
 pub mod job;
 pub mod limits;
+pub mod params;
 pub mod probe;
 pub mod request;
-pub mod socket;
+pub mod strict;
+pub mod transport;
 pub mod worker;
 
 pub use client::{Client, ClientError, ClientOptions, Follow};

@@ -9,9 +9,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::ProtocolError;
 
 /// Every limit in one place; the broker's config can tighten or loosen them and the
-/// `welcome` reply tells clients the values in force.
+/// `welcome` reply tells clients the values in force. Unknown keys are ignored (a
+/// newer broker may announce a limit an older client does not know) and absent ones
+/// take their defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct Limits {
     /// Largest body of any message, in bytes (input images travel inside `submit`).
     pub max_message_bytes: u64,
@@ -86,6 +88,39 @@ impl Default for Limits {
     }
 }
 
+/// Every key of [`Limits`], for the strict decoding of configuration files.
+pub const LIMITS_FIELDS: &[&str] = &[
+    "max_message_bytes",
+    "max_prompt_chars",
+    "max_params",
+    "max_params_bytes",
+    "max_workflow_bytes",
+    "max_input_bytes",
+    "max_inputs",
+    "max_name_len",
+    "max_loras",
+    "max_labels",
+    "max_label_len",
+    "max_idempotency_key_len",
+    "max_queued_per_client",
+    "max_chunk_bytes",
+    "max_artifact_bytes",
+    "max_artifacts_per_job",
+    "max_list",
+    "max_attempts",
+    "max_timeout_s",
+    "max_stage_len",
+    "max_error_len",
+];
+
+impl Limits {
+    /// Decodes limits from an operator's configuration, where an unknown key is a
+    /// typo to report (on the wire, in `welcome`, unknown keys are ignored).
+    pub fn deserialize_strict<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::strict::strict(d, LIMITS_FIELDS)
+    }
+}
+
 /// Fails with a typed error naming `field` when `actual` exceeds `limit`.
 pub fn check(field: &str, actual: u64, limit: u64) -> Result<(), ProtocolError> {
     if actual > limit {
@@ -114,5 +149,20 @@ pub fn truncate(s: &mut String, max: u64) {
             cut -= 1;
         }
         s.truncate(cut);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_field_list_names_every_limit() {
+        let v = serde_json::to_value(Limits::default()).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want = LIMITS_FIELDS.to_vec();
+        keys.sort();
+        want.sort();
+        assert_eq!(keys, want);
     }
 }

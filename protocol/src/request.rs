@@ -87,6 +87,7 @@ pub struct Hello {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Submit {
     pub req_id: u64,
+    #[serde(deserialize_with = "JobSpec::deserialize_strict")]
     pub job: JobSpec,
 }
 
@@ -96,11 +97,16 @@ pub struct Get {
     pub job_id: JobId,
 }
 
+/// Lists jobs, newest first, a page at a time: a reply that stops short of the
+/// matching jobs carries `next_cursor`, which the next `list` passes as `cursor`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct List {
     pub req_id: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "ListFilter::deserialize_strict")]
     pub filter: ListFilter,
+    /// Where the previous page stopped (its `next_cursor`); absent for the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,8 +120,10 @@ pub struct Cancel {
 pub struct Fetch {
     pub req_id: u64,
     pub artifact_id: ArtifactId,
-    #[serde(default)]
+    /// Absent or `null` means 0.
+    #[serde(default, deserialize_with = "crate::strict::null_default")]
     pub offset: u64,
+    /// 1 to `Limits::max_chunk_bytes`; absent or `null` means `max_chunk_bytes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_len: Option<u64>,
 }
@@ -189,10 +197,19 @@ impl Reply {
 pub struct Welcome {
     pub req_id: u64,
     pub version: String,
-    /// The client name the broker will use for this connection.
+    /// The client name the broker will use for this connection. Idempotency keys
+    /// belong to this name.
     pub client: String,
     pub limits: Limits,
+    /// Optional protocol features this broker supports (docs/protocol.md,
+    /// "Compatibility"): a client sends a request field that is newer than the
+    /// protocol version only when the broker lists its feature here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
+
+/// The optional features this version of the broker announces in `welcome`.
+pub const FEATURES: &[&str] = &["idempotency_per_client", "list_cursor", "param_schemas"];
 
 /// The job is committed to the broker's store (when durable) and will run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -215,6 +232,10 @@ pub struct JobReply {
 pub struct JobsReply {
     pub req_id: u64,
     pub jobs: Vec<JobSnapshot>,
+    /// Set when more jobs match than this page holds: pass it as the next `list`'s
+    /// `cursor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 /// The answer to `cancel`: a queued job is cancelled at once (`state = cancelled`); a

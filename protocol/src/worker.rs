@@ -77,6 +77,11 @@ pub struct BackendInventory {
     pub models: Vec<ModelEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The parameters the backend accepts, which the broker checks jobs against at
+    /// submit. Absent from workers older than the contract (their jobs are checked
+    /// only when they run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<crate::params::ParamSchema>,
 }
 
 /// A message from a worker.

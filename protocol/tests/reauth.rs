@@ -34,6 +34,7 @@ async fn forgetful_broker(mut router: RouterSocket, forget_once: bool) -> (u32, 
                     version: kiln_protocol::VERSION.to_string(),
                     client: "test".into(),
                     limits: Limits::default(),
+                    features: Vec::new(),
                 })
             }
             Request::Ping(p) if !forgot => {
@@ -69,6 +70,8 @@ async fn a_forgotten_session_logs_in_again_and_the_call_succeeds() {
     let endpoint = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
     let broker = tokio::spawn(forgetful_broker(router, true));
     let mut opts = ClientOptions::new(endpoint, "tcp://127.0.0.1:1");
+    // The stand-in broker is a zeromq-crate ROUTER; the client uses the same.
+    opts.transport = kiln_protocol::transport::TransportKind::Zeromq;
     opts.token = Some("sesame".into());
     opts.request_timeout = Duration::from_secs(10);
     let client = Client::connect(opts);

@@ -108,6 +108,13 @@ pub trait Backend: Send + Sync {
         cancel: CancellationToken,
     ) -> Result<RunOutput, RunError>;
 
+    /// The parameters this backend accepts, sent to the broker in the inventory so
+    /// that it refuses a job no worker would accept at submit, naming the field.
+    /// `None` leaves all checking to [`Backend::run`].
+    fn params(&self) -> Option<kiln_protocol::params::ParamSchema> {
+        None
+    }
+
     /// The model currently loaded on the GPU, for the broker's affinity.
     fn loaded_model(&self) -> Option<String> {
         None

@@ -87,6 +87,8 @@ pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
         work_dir,
         reconnect_min: Duration::from_secs(1),
         reconnect_max: Duration::from_secs(32),
+        transport: w.transport,
+        curve: cfg.worker_curve()?,
     };
     Ok(Worker::new(settings, backends, probe))
 }

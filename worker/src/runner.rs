@@ -19,7 +19,9 @@ use futures::FutureExt;
 use kiln_protocol::client::hex;
 use kiln_protocol::frame;
 use kiln_protocol::job::safe_file_name;
-use kiln_protocol::socket::{Backoff, DealerConn, Incoming};
+use kiln_protocol::transport::{
+    Backoff, ConnectOptions, CurveClient, Dealer, Incoming, TransportKind,
+};
 use kiln_protocol::worker::*;
 use kiln_protocol::{ErrorCode, FailureKind, JobError, JobSpec, Progress};
 use sha2::{Digest, Sha256};
@@ -55,6 +57,9 @@ pub struct WorkerSettings {
     pub work_dir: PathBuf,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// The broker's transport, and CURVE keys when the broker requires them.
+    pub transport: TransportKind,
+    pub curve: Option<CurveClient>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +155,7 @@ impl Worker {
                 healthy: health.healthy,
                 models,
                 detail: health.detail,
+                params: b.params(),
             });
         }
         let probe = self.probe.clone();
@@ -209,7 +215,12 @@ impl Worker {
         loop {
             let conn = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                c = DealerConn::connect(&this.settings.broker, Some(identity.clone()), Duration::from_secs(5)) => c,
+                c = Dealer::connect(this.settings.transport, &this.settings.broker, ConnectOptions {
+                    identity: Some(identity.clone()),
+                    connect_timeout: Duration::from_secs(5),
+                    curve: this.settings.curve.clone(),
+                    ..ConnectOptions::default()
+                }) => c,
             };
             let end = match conn {
                 Ok(conn) => session.serve(conn, &shutdown, &mut backoff).await,
@@ -327,7 +338,7 @@ async fn progress_changed(running: &mut Option<Running>) {
 }
 
 impl Session {
-    async fn send(&self, conn: &mut DealerConn, msg: &WorkerMessage) -> Result<(), String> {
+    async fn send(&self, conn: &mut Dealer, msg: &WorkerMessage) -> Result<(), String> {
         conn.send(frame::encode(msg))
             .await
             .map_err(|e| format!("send failed: {e}"))
@@ -445,7 +456,7 @@ impl Session {
 
     async fn serve(
         &mut self,
-        mut conn: DealerConn,
+        mut conn: Dealer,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
     ) -> SessionEnd {
@@ -628,7 +639,7 @@ impl Session {
         })
     }
 
-    async fn on_assign(&mut self, conn: &mut DealerConn, a: Assign) -> Result<(), String> {
+    async fn on_assign(&mut self, conn: &mut Dealer, a: Assign) -> Result<(), String> {
         let r = assign_ref(&a);
         if self.running.as_ref().is_some_and(|run| run.r == r)
             || self.staged.iter().any(|s| assign_ref(s) == r)
@@ -738,7 +749,7 @@ impl Session {
     }
 
     /// Sends the next piece of the unacknowledged result, then `finished`.
-    async fn upload_next(&mut self, conn: &mut DealerConn) -> Result<(), String> {
+    async fn upload_next(&mut self, conn: &mut Dealer) -> Result<(), String> {
         let (Some(done), Some(cursor)) = (&mut self.unacked, &mut self.cursor) else {
             return Ok(());
         };
@@ -801,7 +812,7 @@ impl Session {
 }
 
 /// Keeps reading the connection for [`GOODBYE_LINGER`] after `goodbye`.
-async fn linger(conn: &mut DealerConn) {
+async fn linger(conn: &mut Dealer) {
     let _ = tokio::time::timeout(GOODBYE_LINGER, async {
         loop {
             if let Incoming::Lost = conn.next().await {

@@ -41,9 +41,12 @@ async fn main() -> anyhow::Result<()> {
         ("backend", &cfg.broker.backend),
         ("events", &cfg.broker.events),
     ] {
-        if !kiln_config::is_loopback_endpoint(ep) {
+        let curve =
+            cfg.broker.curve_secret_key.is_some() || cfg.broker.curve_secret_key_file.is_some();
+        if !kiln_config::is_loopback_endpoint(ep) && !curve {
+            // Config validation let this through only with allow_insecure_network.
             tracing::warn!(
-                "broker.{name} = {ep} is not loopback: the ZeroMQ transport has no authentication or encryption and a hostile peer can crash it; expose it only on a private network or VPN (see README, 'Several boxes')"
+                "broker.{name} = {ep} is not loopback and CURVE is off (allow_insecure_network = true): anyone on that network can read and send jobs; keep it fenced (docs/security.md)"
             );
         }
     }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use kiln_protocol::ids::is_simple_name;
+use kiln_protocol::ids::check_simple_name;
 use kiln_protocol::request::*;
 use kiln_protocol::worker::{BrokerMessage, HealthReport, JobRef, ModelInfo};
 use kiln_protocol::{
@@ -84,7 +84,11 @@ impl Core {
     ) {
         let req_id = request.req_id();
         if !self.sessions.contains_key(&peer) {
-            if self.refused.contains(&peer) {
+            // A refused connection stays quiet until it says `hello`; a `hello` is
+            // always judged, so a peer refused once (say, by a broker that had
+            // just restarted) can authenticate later.
+            let hello = matches!(request, Request::Hello(_));
+            if self.refused.contains(&peer) && !hello {
                 self.stats.protocol_errors += 1;
                 return;
             }
@@ -98,6 +102,7 @@ impl Core {
                 self.refuse(peer, Some(req_id), out);
                 return;
             }
+            self.refused.remove(&peer);
             let name = default_client_name(&peer);
             let name = self.client_name(&name);
             self.sessions.insert(
@@ -128,11 +133,9 @@ impl Core {
         match request {
             Request::Hello(h) => {
                 if let Some(name) = &h.client {
-                    if !is_simple_name(name, self.cfg.limits.max_label_len as usize) {
-                        let err = ProtocolError::invalid(
-                            "client",
-                            "must be 1-64 characters of [A-Za-z0-9._-]",
-                        );
+                    if let Err(err) =
+                        check_simple_name("client", name, self.cfg.limits.max_label_len)
+                    {
                         reply(out, peer, Reply::error(Some(req_id), err));
                         return;
                     }
@@ -145,6 +148,7 @@ impl Core {
                     version: kiln_protocol::VERSION.to_string(),
                     client,
                     limits: self.cfg.limits.clone(),
+                    features: FEATURES.iter().map(|f| f.to_string()).collect(),
                 };
                 reply(out, peer, Reply::Welcome(welcome));
             }
@@ -162,8 +166,15 @@ impl Core {
                 reply(out, peer, r);
             }
             Request::List(l) => {
-                let jobs = self.list(&l.filter);
-                reply(out, peer, Reply::Jobs(JobsReply { req_id, jobs }));
+                let r = match self.list(&l.filter, l.cursor.as_deref()) {
+                    Ok((jobs, next_cursor)) => Reply::Jobs(JobsReply {
+                        req_id,
+                        jobs,
+                        next_cursor,
+                    }),
+                    Err(e) => Reply::error(Some(req_id), e),
+                };
+                reply(out, peer, r);
             }
             Request::Cancel(c) => self.cancel(now_ms, peer, req_id, c.job_id, out),
             Request::Fetch(f) => self.fetch(peer, req_id, f, out),
@@ -198,31 +209,34 @@ impl Core {
             reply(out, peer, Reply::error(Some(req_id), e));
             return;
         }
-        if let Some(id) = spec
-            .idempotency_key
-            .as_ref()
-            .and_then(|k| self.idempotency.get(k))
-        {
-            let state = self.jobs.get(id).map_or(JobState::Queued, |j| j.state);
-            let accepted = Accepted {
-                req_id,
-                job_id: *id,
-                duplicate: true,
-                state,
-            };
-            reply(out, peer, Reply::Accepted(accepted));
-            return;
+        if let Some(key) = &spec.idempotency_key {
+            if let Some(&id) = self.idempotency.get(&(client.clone(), key.clone())) {
+                let r = match self.jobs.get(&id) {
+                    Some(job) if *job.spec != spec => Reply::error(
+                        Some(req_id),
+                        idempotency_conflict(key, id, &job.spec, &spec),
+                    ),
+                    job => Reply::Accepted(Accepted {
+                        req_id,
+                        job_id: id,
+                        duplicate: true,
+                        state: job.map_or(JobState::Queued, |j| j.state),
+                    }),
+                };
+                reply(out, peer, r);
+                return;
+            }
         }
-        let req = Requirements {
-            backend: spec.backend,
-            model: spec.model.clone(),
-            min_vram_mb: spec.min_vram_mb.unwrap_or(0),
-            labels: spec.labels.clone(),
-        };
+        let req = Requirements::of(&spec, spec.min_vram_mb.unwrap_or(0));
         if let Err((field, why)) = self.fleet_can_run(now_ms, &req) {
             let mut body = error(ErrorCode::Unschedulable, why);
             body.field = field.map(str::to_string);
             reply(out, peer, Reply::error(Some(req_id), body));
+            return;
+        }
+        if let Err(e) = self.check_params(now_ms, &req, &spec) {
+            self.stats.protocol_errors += 1;
+            reply(out, peer, Reply::error(Some(req_id), e));
             return;
         }
         let queued = self.queued_per_client.get(&client).copied().unwrap_or(0);
@@ -248,7 +262,7 @@ impl Core {
             .unwrap_or(self.cfg.default_queue_timeout_s);
         let queue_deadline_ms = (queue_timeout > 0).then(|| now_ms + queue_timeout as u64 * 1000);
         if let Some(key) = &spec.idempotency_key {
-            self.idempotency.insert(key.clone(), id);
+            self.idempotency.insert((client.clone(), key.clone()), id);
         }
         let job = Job {
             id,
@@ -321,9 +335,7 @@ impl Core {
         now_ms: u64,
         req: &Requirements,
     ) -> Result<(), (Option<&'static str>, String)> {
-        let in_fleet = |w: &&super::Worker| {
-            w.online || now_ms.saturating_sub(w.last_seen_ms) < self.cfg.fleet_memory_ms
-        };
+        let in_fleet = |w: &&super::Worker| self.in_fleet(now_ms, w);
         // The common case, without collecting anything: some worker fits.
         let mut fleet = self.workers.iter().map(|(_, w)| w).filter(in_fleet);
         if fleet.any(|w| w.can_run(req)) {
@@ -501,11 +513,13 @@ impl Core {
             return;
         }
         let max = self.cfg.limits.max_chunk_bytes;
-        let len = f
-            .max_len
-            .unwrap_or(max)
-            .clamp(1, max)
-            .min(meta.size - f.offset);
+        if f.max_len == Some(0) {
+            let err = ProtocolError::out_of_range("max_len", 1, max as i64, 0);
+            reply(out, peer, Reply::error(Some(req_id), err));
+            return;
+        }
+        // Larger requests get a chunk of the limit, as documented.
+        let len = f.max_len.unwrap_or(max).min(max).min(meta.size - f.offset);
         out.push(Output::Artifact(ArtifactOp::Read {
             peer,
             req_id,
@@ -515,7 +529,25 @@ impl Core {
         }));
     }
 
-    fn list(&self, filter: &ListFilter) -> Vec<JobSnapshot> {
+    /// One page of matching jobs, newest first, and the cursor of the next page
+    /// when there are more. The cursor is the id of the last job returned (opaque
+    /// to clients): the next page holds older jobs only, so jobs submitted while a
+    /// client pages never shift or repeat what it sees.
+    fn list(
+        &self,
+        filter: &ListFilter,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<JobSnapshot>, Option<String>), ProtocolError> {
+        let before = match cursor {
+            None => None,
+            Some(c) => Some(c.parse::<JobId>().map_err(|_| {
+                ProtocolError::invalid("cursor", "not a cursor from a `jobs` reply's next_cursor")
+            })?),
+        };
+        if filter.limit == Some(0) {
+            let max = self.cfg.limits.max_list as i64;
+            return Err(ProtocolError::out_of_range("filter.limit", 1, max, 0));
+        }
         let limit = filter
             .limit
             .unwrap_or(self.cfg.limits.max_list)
@@ -524,6 +556,7 @@ impl Core {
             .jobs
             .values()
             .map(|j| &**j)
+            .filter(|j| before.is_none_or(|b| j.id < b))
             .filter(|j| filter.states.is_empty() || filter.states.contains(&j.state))
             .filter(|j| filter.backend.is_none_or(|b| j.spec.backend == b))
             .filter(|j| filter.client.as_deref().is_none_or(|c| &*j.client == c))
@@ -535,12 +568,19 @@ impl Core {
             })
             .collect();
         // Newest first; select before sorting so a huge table costs O(n).
-        if matching.len() > limit {
+        let more = matching.len() > limit;
+        if more {
             matching.select_nth_unstable_by(limit, |a, b| b.id.cmp(&a.id));
             matching.truncate(limit);
         }
         matching.sort_unstable_by_key(|j| std::cmp::Reverse(j.id));
-        matching.into_iter().map(|j| j.snapshot(false)).collect()
+        let next = more
+            .then(|| matching.last().map(|j| j.id.to_string()))
+            .flatten();
+        Ok((
+            matching.into_iter().map(|j| j.snapshot(false)).collect(),
+            next,
+        ))
     }
 
     /// Queued jobs that the same workers would take first (higher priority, or
@@ -615,6 +655,34 @@ impl Core {
         }
         h
     }
+}
+
+/// The error for a key reused with a different job, naming the first field that
+/// differs (as payment APIs do with their idempotency keys).
+fn idempotency_conflict(key: &str, id: JobId, first: &JobSpec, now: &JobSpec) -> ErrorBody {
+    let a = serde_json::to_value(first).unwrap_or_default();
+    let b = serde_json::to_value(now).unwrap_or_default();
+    let differs = match (a.as_object(), b.as_object()) {
+        (Some(a), Some(b)) => a
+            .keys()
+            .chain(b.keys())
+            .find(|k| a.get(*k) != b.get(*k))
+            .cloned(),
+        _ => None,
+    };
+    let mut body = error(
+        ErrorCode::IdempotencyConflict,
+        format!(
+            "idempotency key {key:?} was used for job {id} with a different job{}; use a new key \
+             for a new job",
+            differs
+                .as_deref()
+                .map(|f| format!(" (job.{f} differs)"))
+                .unwrap_or_default()
+        ),
+    );
+    body.field = Some("job.idempotency_key".into());
+    body
 }
 
 fn not_found(req_id: u64, id: JobId) -> Reply {

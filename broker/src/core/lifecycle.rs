@@ -38,11 +38,7 @@ impl Core {
         }
         if state.is_terminal() && !old.is_terminal() {
             job.finished_ms = Some(now_ms);
-            match state {
-                JobState::Succeeded => self.stats.succeeded += 1,
-                JobState::Failed => self.stats.failed += 1,
-                _ => self.stats.cancelled += 1,
-            }
+            self.stats.count_finished(state);
         }
         job.state = state;
         let note = note.into();
@@ -104,12 +100,7 @@ impl Core {
 
     pub(super) fn requirements(&self, id: JobId) -> Requirements {
         let job = &self.jobs[&id];
-        Requirements {
-            backend: job.spec.backend,
-            model: job.spec.model.clone(),
-            min_vram_mb: job.min_vram_mb,
-            labels: job.spec.labels.clone(),
-        }
+        Requirements::of(&job.spec, job.min_vram_mb)
     }
 
     /// Puts a job (new, recovered or requeued) in line, or straight onto a
@@ -413,5 +404,17 @@ impl Core {
         };
         job.error = error;
         self.change(now_ms, id, state, note, out);
+    }
+}
+
+impl super::Stats {
+    /// Counts a job that reached (or, after a restart, was stored in) `state`.
+    pub(super) fn count_finished(&mut self, state: JobState) {
+        match state {
+            JobState::Succeeded => self.succeeded += 1,
+            JobState::Failed => self.failed += 1,
+            JobState::Cancelled => self.cancelled += 1,
+            JobState::Queued | JobState::Running => {}
+        }
     }
 }

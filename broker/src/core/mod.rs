@@ -15,6 +15,7 @@
 mod clients;
 pub mod job;
 mod lifecycle;
+mod params_check;
 mod pipeline;
 pub mod placement;
 pub mod queue;
@@ -24,6 +25,8 @@ pub(crate) mod results;
 mod retention;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_contract;
 mod timers;
 mod waiting;
 pub(crate) mod workers;
@@ -130,6 +133,9 @@ pub enum Input {
     /// Messages to this peer could not be delivered (its queue is full or it is
     /// gone).
     PeerUnreachable { peer: PeerId, worker: bool },
+    /// The connection behind this routing id ended or was replaced: whatever it
+    /// proved (`hello`, `register`) is void, so nobody inherits it by reusing the id.
+    PeerGone { peer: PeerId, worker: bool },
     /// The store stopped writing (`Some(cause)`, e.g. a full disk) or writes again
     /// (`None`). While it cannot write, requests that change state are refused with
     /// `unavailable` naming the cause; reads are answered.
@@ -250,7 +256,8 @@ pub struct Core {
     jobs: HashMap<JobId, Box<Job>, BuildHasherDefault<IdHasher>>,
     queue: Queue,
     workers: Registry,
-    idempotency: HashMap<String, JobId>,
+    /// Idempotency keys belong to a client: (client name, key) to the job.
+    idempotency: HashMap<(Arc<str>, String), JobId>,
     sessions: HashMap<PeerId, Session>,
     refused: HashSet<PeerId>,
     client_names: HashMap<String, Arc<str>>,
@@ -370,6 +377,18 @@ impl Core {
                     }
                 } else {
                     self.sessions.remove(&peer);
+                }
+            }
+            Input::PeerGone { peer, worker } => {
+                if worker {
+                    // Its job stays until it registers again or its heartbeats
+                    // lapse: a worker that reconnects keeps what it runs.
+                    if let Some(idx) = self.workers.by_peer(&peer) {
+                        self.workers.detach_peer(idx);
+                    }
+                } else {
+                    self.sessions.remove(&peer);
+                    self.refused.remove(&peer);
                 }
             }
             Input::StoreFault { cause } => self.store_fault = cause,

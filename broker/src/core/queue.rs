@@ -34,6 +34,22 @@ pub struct Candidate {
     pub turn: u32,
 }
 
+impl Requirements {
+    /// What a job asks of a worker: the one place a spec becomes requirements
+    /// (`min_vram_mb` is the job's current floor, raised after out-of-memory).
+    pub fn of(spec: &kiln_protocol::JobSpec, min_vram_mb: u64) -> Requirements {
+        let mut labels = spec.labels.clone();
+        labels.sort_unstable();
+        labels.dedup();
+        Requirements {
+            backend: spec.backend,
+            model: spec.model.clone(),
+            min_vram_mb,
+            labels,
+        }
+    }
+}
+
 /// Where a queued job sits, so it can be removed without a search.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot {

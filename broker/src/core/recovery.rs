@@ -40,14 +40,23 @@ impl Core {
         let grace = now_ms + 2 * self.cfg.liveness_ms();
         let scratch = out;
         for mut job in jobs {
-            job.seq = job.seq.max(self.seq_floor);
+            if job.state.is_terminal() {
+                // Nothing more is published for a finished job: its snapshot keeps
+                // the number its last event had.
+                self.stats.count_finished(job.state);
+            } else {
+                // Events after the last stored record may have been published;
+                // the job's next ones must be numbered above them.
+                job.seq = job.seq.max(self.seq_floor);
+            }
             // Assignments may have been sent without being recorded: number the
             // next ones above every number that could have been used.
             job.attempt_floor = job.attempt_reserve.max(job.attempt);
             self.next_job_id = self.next_job_id.max(job.id.0 + 1);
             self.next_enqueue_seq = self.next_enqueue_seq.max(job.enqueue_seq + 1);
             if let Some(key) = &job.spec.idempotency_key {
-                self.idempotency.insert(key.clone(), job.id);
+                self.idempotency
+                    .insert((job.client.clone(), key.clone()), job.id);
             }
             self.artifact_bytes += job.artifacts.iter().map(|a| a.size).sum::<u64>();
             let id = job.id;

@@ -38,7 +38,7 @@ impl Core {
         let bytes: u64 = job.artifacts.iter().map(|a| a.size).sum();
         self.artifact_bytes = self.artifact_bytes.saturating_sub(bytes);
         if let Some(key) = &job.spec.idempotency_key {
-            self.idempotency.remove(key);
+            self.idempotency.remove(&(job.client.clone(), key.clone()));
         }
         if self.cfg.persist {
             out.push(Output::Persist(Record::DeleteJob(id)));

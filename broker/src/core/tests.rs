@@ -9,16 +9,16 @@ use super::*;
 
 const HB: u64 = 1_000;
 
-struct Sim {
-    core: Core,
-    now: u64,
+pub(super) struct Sim {
+    pub(super) core: Core,
+    pub(super) now: u64,
 }
 
-fn peer(name: &str) -> PeerId {
+pub(super) fn peer(name: &str) -> PeerId {
     Bytes::copy_from_slice(name.as_bytes())
 }
 
-fn inventory(backend: Backend, models: &[&str]) -> BackendInventory {
+pub(super) fn inventory(backend: Backend, models: &[&str]) -> BackendInventory {
     BackendInventory {
         backend,
         healthy: true,
@@ -30,44 +30,45 @@ fn inventory(backend: Backend, models: &[&str]) -> BackendInventory {
             })
             .collect(),
         detail: None,
+        params: None,
     }
 }
 
-fn spec() -> JobSpec {
+pub(super) fn spec() -> JobSpec {
     JobSpec::new(Backend::Sim, Task::TextToImage).param("prompt", "a kiln")
 }
 
 impl Sim {
-    fn new() -> Sim {
+    pub(super) fn new() -> Sim {
         Self::with(CoreConfig::default())
     }
 
-    fn with(cfg: CoreConfig) -> Sim {
+    pub(super) fn with(cfg: CoreConfig) -> Sim {
         Sim {
             core: Core::new(cfg, 0),
             now: 0,
         }
     }
 
-    fn input(&mut self, input: Input) -> Vec<Output> {
+    pub(super) fn input(&mut self, input: Input) -> Vec<Output> {
         let mut out = Vec::new();
         self.core.handle(self.now, input, &mut out);
         out
     }
 
-    fn request(&mut self, client: &str, request: Request) -> Vec<Output> {
+    pub(super) fn request(&mut self, client: &str, request: Request) -> Vec<Output> {
         self.input(Input::Request {
             peer: peer(client),
             request,
         })
     }
 
-    fn worker(&mut self, w: &str, msg: WorkerMessage) -> Vec<Output> {
+    pub(super) fn worker(&mut self, w: &str, msg: WorkerMessage) -> Vec<Output> {
         self.input(Input::Worker { peer: peer(w), msg })
     }
 
     /// Moves the clock forward, ticking whenever the core asked to be woken.
-    fn advance(&mut self, ms: u64) -> Vec<Output> {
+    pub(super) fn advance(&mut self, ms: u64) -> Vec<Output> {
         let end = self.now + ms;
         let mut out = Vec::new();
         while let Some(at) = self.core.poll_timeout().filter(|at| *at <= end) {
@@ -79,7 +80,7 @@ impl Sim {
         out
     }
 
-    fn register_full(
+    pub(super) fn register_full(
         &mut self,
         w: &str,
         vram_mb: u64,
@@ -111,7 +112,7 @@ impl Sim {
         self.worker(w, WorkerMessage::Register(Box::new(reg)))
     }
 
-    fn register(&mut self, w: &str, vram_mb: u64) -> Vec<Output> {
+    pub(super) fn register(&mut self, w: &str, vram_mb: u64) -> Vec<Output> {
         self.register_full(
             w,
             vram_mb,
@@ -166,7 +167,7 @@ impl Sim {
         )
     }
 
-    fn submit_as(
+    pub(super) fn submit_as(
         &mut self,
         client: &str,
         spec: JobSpec,
@@ -190,11 +191,17 @@ impl Sim {
         panic!("no reply to submit: {out:?}")
     }
 
-    fn submit(&mut self, spec: JobSpec) -> (JobId, Vec<Output>) {
+    pub(super) fn submit(&mut self, spec: JobSpec) -> (JobId, Vec<Output>) {
         self.submit_as("client", spec).expect("accepted")
     }
 
-    fn finish(&mut self, w: &str, job: JobId, attempt: u32, outcome: Outcome) -> Vec<Output> {
+    pub(super) fn finish(
+        &mut self,
+        w: &str,
+        job: JobId,
+        attempt: u32,
+        outcome: Outcome,
+    ) -> Vec<Output> {
         self.worker(
             w,
             WorkerMessage::Finished(Finished {
@@ -206,7 +213,7 @@ impl Sim {
         )
     }
 
-    fn succeed(&mut self, w: &str, job: JobId, attempt: u32) -> Vec<Output> {
+    pub(super) fn succeed(&mut self, w: &str, job: JobId, attempt: u32) -> Vec<Output> {
         self.finish(
             w,
             job,
@@ -218,7 +225,7 @@ impl Sim {
         )
     }
 
-    fn state(&self, job: JobId) -> JobState {
+    pub(super) fn state(&self, job: JobId) -> JobState {
         self.core.job(job).unwrap().state
     }
 }
@@ -240,7 +247,7 @@ fn assigns(out: &[Output]) -> Vec<(String, JobId, u32)> {
         .collect()
 }
 
-fn error_code(out: &[Output]) -> Option<ErrorCode> {
+pub(super) fn error_code(out: &[Output]) -> Option<ErrorCode> {
     out.iter().find_map(|o| match o {
         Output::Reply {
             reply: Reply::Error(e),
@@ -646,29 +653,6 @@ fn out_of_memory_retries_on_a_bigger_gpu_or_fails_when_there_is_none() {
         .unwrap()
         .message
         .contains("no GPU in the fleet has more"));
-}
-
-#[test]
-fn idempotent_submits_return_the_same_job() {
-    let mut sim = Sim::new();
-    sim.register("w1", 8000);
-    let mut s = spec();
-    s.idempotency_key = Some("retry-me".into());
-    let (a, _) = sim.submit(s.clone());
-    let out = sim.request(
-        "other-connection",
-        Request::Submit(Submit { req_id: 9, job: s }),
-    );
-    let dup = out.iter().find_map(|o| match o {
-        Output::Reply {
-            reply: Reply::Accepted(acc),
-            ..
-        } => Some(acc.clone()),
-        _ => None,
-    });
-    let dup = dup.unwrap();
-    assert_eq!((dup.job_id, dup.duplicate), (a, true));
-    assert_eq!(sim.core.jobs_len(), 1);
 }
 
 #[test]

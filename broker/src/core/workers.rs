@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-use kiln_protocol::ids::is_simple_name;
+use kiln_protocol::ids::{check_labels, check_simple_name};
 use kiln_protocol::worker::{
     BrokerBeat, BrokerMessage, JobRef, Register, Registered, WorkerError, WorkerMessage,
 };
-use kiln_protocol::{ErrorBody, ErrorCode, FailureKind, JobError, JobId, JobState, ProtocolError};
+use kiln_protocol::{ErrorBody, ErrorCode, FailureKind, JobError, JobId, JobState};
 
 use super::registry::{FleetRecord, PeerId, Worker, WorkerIdx};
 use super::{Core, Output, Record};
@@ -176,19 +176,13 @@ impl Core {
                 return;
             }
         }
-        let max_label = self.cfg.limits.max_label_len as usize;
-        if !is_simple_name(&r.worker_id, max_label) {
+        let limits = &self.cfg.limits;
+        let named =
+            check_simple_name("worker_id", &r.worker_id, limits.max_label_len).and_then(|()| {
+                check_labels("labels", &r.labels, limits.max_labels, limits.max_label_len)
+            });
+        if let Err(err) = named {
             self.stats.protocol_errors += 1;
-            let err =
-                ProtocolError::invalid("worker_id", "must be 1-64 characters of [A-Za-z0-9._-]");
-            worker_error(out, peer, err.to_body());
-            return;
-        }
-        if r.labels.len() as u64 > self.cfg.limits.max_labels
-            || r.labels.iter().any(|l| !is_simple_name(l, max_label))
-        {
-            self.stats.protocol_errors += 1;
-            let err = ProtocolError::invalid("labels", "at most 16 labels of [A-Za-z0-9._-]");
             worker_error(out, peer, err.to_body());
             return;
         }

@@ -298,8 +298,8 @@ pub struct JobsArgs {
     /// Only jobs of this client name.
     #[arg(long)]
     client: Option<String>,
-    /// Most jobs to show; 0 shows as many as the broker returns in one reply
-    /// (`broker.limits.max_list`).
+    /// Most jobs to show, newest first, fetched a page at a time past the broker's
+    /// `max_list`; 0 shows one reply's worth (`broker.limits.max_list`).
     #[arg(long, default_value_t = 50)]
     limit: u64,
 }
@@ -321,7 +321,20 @@ pub async fn list(client: &Client, args: JobsArgs, json: bool) -> anyhow::Result
         worker: args.worker,
         limit: (args.limit > 0).then_some(args.limit),
     };
-    let jobs = client.list(filter).await?;
+    // Page past the broker's `max_list` with the reply's cursor until `--limit`.
+    let mut jobs = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = client.list_page(filter.clone(), cursor).await?;
+        jobs.extend(page.jobs);
+        cursor = page.next_cursor;
+        if cursor.is_none() || args.limit == 0 || jobs.len() as u64 >= args.limit {
+            break;
+        }
+    }
+    if args.limit > 0 {
+        jobs.truncate(args.limit as usize);
+    }
     if json {
         print_json(&jobs);
         return Ok(ExitCode::SUCCESS);

@@ -1,5 +1,6 @@
 pub mod demo;
 pub mod fleet;
 pub mod jobs;
+pub mod keys;
 pub mod man;
 pub mod up;

@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kiln_protocol::transport::{
+    ConnectOptions, CurveClient, CurveKeyPair, Dealer, Incoming, TransportKind,
+};
 use kiln_protocol::{Client, ClientOptions};
 
 /// The path of a workspace binary (`kiln-broker`, `kiln-worker`, `kiln`, `kiln-mcp`).
@@ -227,11 +230,55 @@ pub struct BrokerOpts {
     pub env: Vec<(String, String)>,
     /// The job store's directory; a fresh one in the scratch space by default.
     pub state_dir: Option<PathBuf>,
+    /// The broker's transport, which its workers and clients follow.
+    /// `KILN_TEST_TRANSPORT` (`zeromq`/`libzmq`) picks it when a test does not.
+    pub transport: TransportKind,
+    /// CURVE on every port, with these keys (libzmq only).
+    pub curve: Option<TestKeys>,
+}
+
+/// CURVE key pairs for a test fleet: the broker's, an allowed client's and an
+/// allowed worker's.
+#[derive(Debug, Clone)]
+pub struct TestKeys {
+    pub broker: CurveKeyPair,
+    pub client: CurveKeyPair,
+    pub worker: CurveKeyPair,
+}
+
+impl TestKeys {
+    pub fn generate() -> TestKeys {
+        let pair = || CurveKeyPair::generate().expect("this libzmq has CURVE");
+        TestKeys {
+            broker: pair(),
+            client: pair(),
+            worker: pair(),
+        }
+    }
+
+    /// Client-side CURVE settings with `keys` as the client's own pair.
+    pub fn client_side(&self, keys: &CurveKeyPair) -> CurveClient {
+        CurveClient {
+            server_public: self.broker.public.clone(),
+            keys: keys.clone(),
+        }
+    }
+}
+
+/// The transport tests use unless they say: `KILN_TEST_TRANSPORT`, else the default.
+pub fn test_transport() -> TransportKind {
+    match std::env::var("KILN_TEST_TRANSPORT").as_deref() {
+        Ok("zeromq") => TransportKind::Zeromq,
+        Ok("libzmq") => TransportKind::Libzmq,
+        _ => TransportKind::default(),
+    }
 }
 
 impl Default for BrokerOpts {
     fn default() -> Self {
         BrokerOpts {
+            transport: test_transport(),
+            curve: None,
             durable: true,
             client_token: None,
             worker_token: None,
@@ -291,6 +338,12 @@ impl Scratch {
         }
         if let Some(t) = &opts.worker_token {
             let _ = writeln!(toml, "worker_token = \"{t}\"");
+        }
+        let _ = writeln!(toml, "transport = \"{}\"", opts.transport);
+        if let Some(k) = &opts.curve {
+            let _ = writeln!(toml, "curve_secret_key = \"{}\"", k.broker.secret);
+            let _ = writeln!(toml, "curve_client_keys = [\"{}\"]", k.client.public);
+            let _ = writeln!(toml, "curve_worker_keys = [\"{}\"]", k.worker.public);
         }
         toml.push_str(&opts.extra);
         toml.push('\n');
@@ -357,6 +410,11 @@ impl Scratch {
         let _ = writeln!(toml, "labels = [{}]", labels.join(", "));
         if let Some(t) = &opts.token {
             let _ = writeln!(toml, "token = \"{t}\"");
+        }
+        let _ = writeln!(toml, "transport = \"{}\"", broker.opts.transport);
+        if let Some(k) = &broker.opts.curve {
+            let _ = writeln!(toml, "broker_public_key = \"{}\"", k.broker.public);
+            let _ = writeln!(toml, "curve_secret_key = \"{}\"", k.worker.secret);
         }
         let _ = writeln!(
             toml,
@@ -425,7 +483,25 @@ impl Broker {
         o.token = self.opts.client_token.clone();
         o.request_timeout = Duration::from_secs(20);
         o.resync_interval = Duration::from_millis(500);
+        o.transport = self.opts.transport;
+        o.curve = self.opts.curve.as_ref().map(|k| k.client_side(&k.client));
         o
+    }
+
+    /// A bare DEALER on the frontend, as a hand-written client would open, with
+    /// the allowed client key when CURVE is on.
+    pub async fn raw_dealer(&self) -> Dealer {
+        let o = self.client_options();
+        Dealer::connect(
+            o.transport,
+            &self.frontend,
+            ConnectOptions {
+                curve: o.curve,
+                ..ConnectOptions::default()
+            },
+        )
+        .await
+        .expect("connect a DEALER")
     }
 
     /// A client of this broker (with its token).
@@ -452,5 +528,18 @@ impl Broker {
 
     pub fn log(&self) -> String {
         self.proc.log()
+    }
+}
+
+/// The next message on a raw DEALER within `timeout`; `None` if nothing came.
+pub async fn recv_within(d: &mut Dealer, timeout: Duration) -> Option<Vec<bytes::Bytes>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, d.next()).await {
+            Err(_) => return None,
+            Ok(Incoming::Frames(f)) => return Some(f),
+            Ok(Incoming::Error(_)) => continue,
+            Ok(Incoming::Lost) => return None,
+        }
     }
 }

@@ -7,11 +7,16 @@
 //! default of `kiln demo` and the test double for the whole system; it is not a
 //! generator and never claims to be one (outputs are named `sim_*`).
 //!
-//! Parameters: `prompt`, `seed` (default: derived from the prompt), `width` and
-//! `height` (default 512, up to `max_side`), `steps` (default from config),
-//! `step_ms` (per-job pace override), `count` (images, 0-8), `frames` (video
-//! tasks, 2-48), `fps`, `fault` (`fail`, `fail_retryable`, `oom`, `hang`,
-//! `crash`). `steps = 0` with `count = 0` is a no-op job, for benchmarks.
+//! Parameters ([`SimBackend::schema`], which the broker checks at submit):
+//! `prompt`, `seed` (default: derived from the prompt), `width` and `height`
+//! (default 512, up to `max_side`), `steps` (default from config), `step_ms`
+//! (per-job pace override), `count` (images, 0-8), `frames` (video tasks, 2-48),
+//! `fps`, and, only when faults are allowed, `fault` (`fail`, `fail_retryable`,
+//! `oom`, `hang`, `crash`). Kiln's other common parameters
+//! (`kiln_protocol::params::COMMON_PARAMS`: `negative_prompt`, `cfg`, `sampler`, …)
+//! are type-checked and ignored, so a job written for ComfyUI runs on `sim`
+//! unchanged; any other key is refused. `steps = 0` with `count = 0` is a no-op job, for
+//! benchmarks.
 //!
 //! It behaves like a GPU where scheduling is concerned: each model takes the
 //! memory of its profile, models stay resident up to the GPU's `vram_mb` and the
@@ -26,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use kiln_config::SimConfig;
+use kiln_protocol::params::{ParamKind, ParamSchema, ParamSet, ParamSpec};
 use kiln_protocol::worker::ModelEntry;
 use kiln_protocol::{FailureKind, JobError, JobSpec};
 use serde_json::json;
@@ -81,7 +87,64 @@ impl SimBackend {
         resident.insert(0, model.to_string());
         Ok(load_ms)
     }
+
+    /// The parameters this worker's simulator accepts, with its configured limits.
+    pub fn schema(&self) -> ParamSchema {
+        use ParamKind::*;
+        let side = |name: &str| {
+            ParamSpec::new(name, Integer, "image side; halved per degrade level")
+                .range(8.0, self.cfg.max_side as f64)
+                .default(512)
+                .unit("px")
+        };
+        let mut params = vec![
+            ParamSpec::new("prompt", String, "drawn into the image's pixels"),
+            ParamSpec::new("seed", Integer, "default: derived from the prompt")
+                .range(0.0, MAX_SAFE_INTEGER),
+            side("width"),
+            side("height"),
+            ParamSpec::new("steps", Integer, "progress steps reported")
+                .range(0.0, 10_000.0)
+                .default(self.cfg.default_steps),
+            ParamSpec::new("step_ms", Integer, "time per step")
+                .range(0.0, 60_000.0)
+                .default(self.cfg.step_ms)
+                .unit("ms"),
+            ParamSpec::new("count", Integer, "images (0 makes none)")
+                .range(0.0, 8.0)
+                .default(1),
+            ParamSpec::new("frames", Integer, "frames of a video task's animated PNG")
+                .range(2.0, 48.0)
+                .default(8)
+                .unit("frames"),
+            ParamSpec::new("fps", Integer, "frame rate of a video task")
+                .range(1.0, 60.0)
+                .default(8)
+                .unit("fps"),
+        ];
+        if self.cfg.allow_faults {
+            params.push(
+                ParamSpec::new("fault", String, "simulate a failure (tests only)").choices(&[
+                    "fail",
+                    "fail_retryable",
+                    "oom",
+                    "hang",
+                    "crash",
+                ]),
+            );
+        }
+        ParamSchema {
+            sets: vec![ParamSet {
+                params,
+                ..ParamSet::default()
+            }
+            .with_common()],
+        }
+    }
 }
+
+/// The largest integer a JSON number (a JavaScript client) holds exactly.
+const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
 
 fn invalid(msg: impl Into<String>) -> RunError {
     RunError::Failed(JobError::new(FailureKind::InvalidInput, msg, false))
@@ -108,6 +171,10 @@ impl Backend for SimBackend {
         Health::ok()
     }
 
+    fn params(&self) -> Option<ParamSchema> {
+        Some(self.schema())
+    }
+
     fn loaded_model(&self) -> Option<String> {
         self.resident.lock().ok()?.first().cloned()
     }
@@ -124,6 +191,11 @@ impl Backend for SimBackend {
     ) -> Result<RunOutput, RunError> {
         let started = Instant::now();
         let spec = &job.spec;
+        // The broker checked this already against the same schema; a job from an
+        // older broker is checked here, with the same message.
+        if let Err(e) = self.schema().check(spec) {
+            return Err(invalid(e.to_string()));
+        }
         let prompt = str_param(spec, "prompt")?.unwrap_or("").to_string();
         let max_side = self.cfg.max_side as i64;
         // Each degrade level halves the sides, as a real backend would lower the
@@ -145,11 +217,6 @@ impl Backend for SimBackend {
                 .ok_or_else(|| invalid(format!("params.seed must be an integer, got {v}")))?,
         };
         let fault = str_param(spec, "fault")?.map(str::to_string);
-        if fault.is_some() && !self.cfg.allow_faults {
-            return Err(invalid(
-                "params.fault is only honoured when the worker's sim.allow_faults is set",
-            ));
-        }
 
         let mut loaded_ms = 0;
         // Like a real generator, the simulator refuses what it does not have: it

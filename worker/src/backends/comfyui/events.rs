@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
-use kiln_protocol::socket::Backoff;
+use kiln_protocol::transport::Backoff;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, watch};
 use tokio_tungstenite::tungstenite::Message;

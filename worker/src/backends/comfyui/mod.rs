@@ -25,6 +25,7 @@ pub mod events;
 pub mod graph;
 pub mod history;
 pub mod progress;
+pub mod schema;
 pub mod supervisor;
 pub mod validate;
 
@@ -663,6 +664,10 @@ impl Backend for ComfyUiBackend {
             kind: "workflow_template".into(),
         }));
         models
+    }
+
+    fn params(&self) -> Option<kiln_protocol::params::ParamSchema> {
+        Some(schema::schema(&self.templates))
     }
 
     async fn health(&self) -> Health {

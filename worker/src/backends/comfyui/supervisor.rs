@@ -22,7 +22,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use kiln_config::ComfyUiConfig;
-use kiln_protocol::socket::Backoff;
+use kiln_protocol::transport::Backoff;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;

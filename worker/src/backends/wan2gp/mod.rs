@@ -16,6 +16,7 @@ pub mod params;
 mod process;
 mod progress;
 pub mod protocol;
+pub mod schema;
 pub mod supervisor;
 
 #[cfg(test)]
@@ -393,6 +394,10 @@ impl Backend for Wan2gpBackend {
             .inventory
             .map(|inv| inventory_entries(&inv, self.cfg.download_missing))
             .unwrap_or_default()
+    }
+
+    fn params(&self) -> Option<kiln_protocol::params::ParamSchema> {
+        Some(schema::schema())
     }
 
     async fn health(&self) -> Health {

@@ -1,0 +1,294 @@
+//! The client contract of issue #12 on the core: idempotency keys scoped per client
+//! with conflict detection (also across a restart), stable sequence numbers of
+//! finished jobs, cursor pagination of `list`, counters that survive a restart.
+
+use kiln_protocol::request::*;
+use kiln_protocol::*;
+
+use super::tests::{error_code, peer, spec, Sim};
+use super::*;
+
+fn hello(sim: &mut Sim, conn: &str, name: &str) {
+    let out = sim.request(
+        conn,
+        Request::Hello(Hello {
+            req_id: 1,
+            token: None,
+            client: Some(name.into()),
+        }),
+    );
+    assert!(
+        matches!(&out[..], [Output::Reply { reply: Reply::Welcome(w), .. }] if w.client == name),
+        "{out:?}"
+    );
+}
+
+fn keyed(key: &str, prompt: &str) -> JobSpec {
+    let mut s = spec().param("prompt", prompt);
+    s.idempotency_key = Some(key.into());
+    s
+}
+
+fn accepted(out: &[Output]) -> Accepted {
+    out.iter()
+        .find_map(|o| match o {
+            Output::Reply {
+                reply: Reply::Accepted(a),
+                ..
+            } => Some(a.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("not accepted: {out:?}"))
+}
+
+fn submit_on(sim: &mut Sim, conn: &str, spec: JobSpec) -> Vec<Output> {
+    sim.request(
+        conn,
+        Request::Submit(Submit {
+            req_id: 5,
+            job: spec,
+        }),
+    )
+}
+
+/// A broker restarted from the records a store would hold now.
+fn restart(sim: &Sim, cfg: CoreConfig, boot: u64) -> Sim {
+    let mut store = Vec::new();
+    let mut id = 1;
+    while let Some(j) = sim.core.job(JobId(id)) {
+        store.push(Job::from_records(&j.state_record(), &j.spec_record()).unwrap());
+        id += 1;
+    }
+    let fleet = sim.core.workers().iter().map(|(_, w)| w.record()).collect();
+    let mut sim2 = Sim::with(cfg);
+    sim2.now = sim.now + 10_000;
+    let mut out = Vec::new();
+    let next = sim.core.next_job_id();
+    sim2.core
+        .recover(sim2.now, boot, store, fleet, next, &mut out);
+    sim2
+}
+
+fn durable() -> CoreConfig {
+    CoreConfig {
+        persist: true,
+        ..CoreConfig::default()
+    }
+}
+
+#[test]
+fn idempotency_keys_belong_to_a_client_and_compare_the_job() {
+    let mut sim = Sim::with(durable());
+    sim.register("w1", 8000);
+    hello(&mut sim, "conn-a", "alice");
+    hello(&mut sim, "conn-b", "bob");
+    let first = accepted(&submit_on(&mut sim, "conn-a", keyed("1", "a fox")));
+    assert!(!first.duplicate);
+
+    // Same client, same key, same job (a retry, here on a new connection): the
+    // first job.
+    hello(&mut sim, "conn-a2", "alice");
+    let again = accepted(&submit_on(&mut sim, "conn-a2", keyed("1", "a fox")));
+    assert_eq!((again.job_id, again.duplicate), (first.job_id, true));
+
+    // Another client with the same key: its own job.
+    let other = accepted(&submit_on(&mut sim, "conn-b", keyed("1", "a fox")));
+    assert_ne!(other.job_id, first.job_id);
+    assert!(!other.duplicate);
+
+    // Same client, same key, another job: a conflict naming the key and the field.
+    let out = submit_on(&mut sim, "conn-a", keyed("1", "a wolf"));
+    assert_eq!(error_code(&out), Some(ErrorCode::IdempotencyConflict));
+    let Output::Reply {
+        reply: Reply::Error(e),
+        ..
+    } = &out[0]
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(e.error.field.as_deref(), Some("job.idempotency_key"));
+    assert!(
+        e.error.message.contains("job.params differs"),
+        "{}",
+        e.error.message
+    );
+    assert_eq!(sim.core.jobs_len(), 2);
+
+    // After a restart the keys are still the clients'.
+    let mut sim2 = restart(&sim, durable(), 1);
+    hello(&mut sim2, "conn-a3", "alice");
+    hello(&mut sim2, "conn-b2", "bob");
+    let after = accepted(&submit_on(&mut sim2, "conn-a3", keyed("1", "a fox")));
+    assert_eq!((after.job_id, after.duplicate), (first.job_id, true));
+    let bob = accepted(&submit_on(&mut sim2, "conn-b2", keyed("1", "a fox")));
+    assert_eq!((bob.job_id, bob.duplicate), (other.job_id, true));
+    let out = submit_on(&mut sim2, "conn-a3", keyed("1", "a wolf"));
+    assert_eq!(error_code(&out), Some(ErrorCode::IdempotencyConflict));
+    assert_eq!(sim2.core.jobs_len(), 2);
+}
+
+#[test]
+fn a_finished_jobs_seq_survives_restarts_and_counters_too() {
+    let mut sim = Sim::with(durable());
+    sim.register("w1", 8000);
+    let (done, _) = sim.submit(spec());
+    sim.succeed("w1", done, 1);
+    sim.advance(10);
+    assert_eq!(sim.state(done), JobState::Succeeded);
+    let (waiting, _) = sim.submit(spec());
+    let done_seq = sim.core.job(done).unwrap().seq;
+    let waiting_seq = sim.core.job(waiting).unwrap().seq;
+    let finished = |sim: &mut Sim| {
+        let out = sim.request("c", Request::Health(Simple { req_id: 2 }));
+        match &out[..] {
+            [Output::Reply {
+                reply: Reply::Health(h),
+                ..
+            }] => h.health.finished,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(finished(&mut sim), 1);
+    for boot in 1..=3 {
+        sim = restart(&sim, durable(), boot);
+        assert_eq!(sim.core.job(done).unwrap().seq, done_seq, "boot {boot}");
+        // A job still in flight numbers its next events above anything an earlier
+        // boot may have published.
+        assert!(sim.core.job(waiting).unwrap().seq > waiting_seq);
+        assert_eq!(finished(&mut sim), 1, "boot {boot}");
+    }
+}
+
+#[test]
+fn list_pages_with_a_cursor_past_max_list() {
+    let cfg = CoreConfig {
+        limits: Limits {
+            max_list: 10,
+            ..Limits::default()
+        },
+        ..CoreConfig::default()
+    };
+    let mut sim = Sim::with(cfg);
+    sim.register("w1", 8000);
+    let ids: Vec<JobId> = (0..25).map(|_| sim.submit(spec()).0).collect();
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    let mut pages = 0;
+    loop {
+        let out = sim.request(
+            "c",
+            Request::List(List {
+                req_id: 3,
+                filter: ListFilter::default(),
+                cursor: cursor.clone(),
+            }),
+        );
+        let Output::Reply {
+            reply: Reply::Jobs(page),
+            ..
+        } = &out[0]
+        else {
+            panic!("{out:?}")
+        };
+        pages += 1;
+        assert!(page.jobs.len() <= 10);
+        // A job submitted while paging never shifts the pages.
+        sim.submit(spec());
+        seen.extend(page.jobs.iter().map(|j| j.job_id));
+        match &page.next_cursor {
+            Some(c) => cursor = Some(c.clone()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let mut want = ids;
+    want.reverse();
+    assert_eq!(seen, want, "newest first, each job once");
+
+    let out = sim.request(
+        "c",
+        Request::List(List {
+            req_id: 4,
+            filter: ListFilter::default(),
+            cursor: Some("page-2".into()),
+        }),
+    );
+    assert_eq!(error_code(&out), Some(ErrorCode::InvalidField));
+}
+
+#[test]
+fn name_errors_state_the_configured_limit() {
+    let cfg = CoreConfig {
+        limits: Limits {
+            max_label_len: 12,
+            ..Limits::default()
+        },
+        ..CoreConfig::default()
+    };
+    let mut sim = Sim::with(cfg);
+    let out = sim.request(
+        "c",
+        Request::Hello(Hello {
+            req_id: 1,
+            token: None,
+            client: Some("a-very-long-client-name".into()),
+        }),
+    );
+    let Output::Reply {
+        reply: Reply::Error(e),
+        ..
+    } = &out[0]
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(e.error.field.as_deref(), Some("client"));
+    assert!(
+        e.error.message.contains("1 to 12 characters"),
+        "{}",
+        e.error.message
+    );
+    let _ = peer("unused");
+}
+
+#[test]
+fn params_are_checked_at_submit_against_the_workers_descriptions() {
+    use kiln_protocol::params::*;
+    use kiln_protocol::worker::BackendInventory;
+    let described = |max_steps: f64| BackendInventory {
+        params: Some(ParamSchema {
+            sets: vec![ParamSet {
+                params: vec![
+                    ParamSpec::new("prompt", ParamKind::String, ""),
+                    ParamSpec::new("steps", ParamKind::Integer, "").range(1.0, max_steps),
+                ],
+                ..ParamSet::default()
+            }],
+        }),
+        ..super::tests::inventory(Backend::Sim, &[])
+    };
+    let mut sim = Sim::new();
+    sim.register_full("small", 8000, vec![described(50.0)], &[], None);
+    let refused = |sim: &mut Sim, spec: JobSpec| {
+        let e = sim.submit_as("c", spec).expect_err("refused at submit");
+        (e.code, e.field.unwrap_or_default())
+    };
+    for (bad, field) in [
+        (spec().param("steps", "abc"), "job.params.steps"),
+        (spec().param("steps", 0), "job.params.steps"),
+        (spec().param("stepz", 10), "job.params.stepz"),
+    ] {
+        assert_eq!(
+            refused(&mut sim, bad),
+            (ErrorCode::InvalidField, field.to_string())
+        );
+    }
+    assert_eq!(sim.core.jobs_len(), 0, "nothing refused was queued");
+    // Accepted when some capable worker accepts it: a second one allows more.
+    assert!(sim.submit_as("c", spec().param("steps", 80)).is_err());
+    sim.register_full("big", 8000, vec![described(100.0)], &[], None);
+    assert!(sim.submit_as("c", spec().param("steps", 80)).is_ok());
+    // A worker that describes nothing (older) leaves the check to itself.
+    let mut old = Sim::new();
+    old.register("w1", 8000);
+    assert!(old.submit_as("c", spec().param("stepz", 10)).is_ok());
+}

@@ -1,0 +1,424 @@
+//! Parameter descriptions: what each backend accepts in `job.params`.
+//!
+//! Every backend describes its parameters (type, range, default, unit, allowed
+//! values) as a [`ParamSchema`]; the worker sends it inside its inventory when it
+//! registers, and the broker refuses at submit a job that no capable worker would
+//! accept, with an `invalid_field` naming the parameter (`job.params.steps`), before
+//! any GPU time is spent. The same description serves `kiln workers --params`, the
+//! MCP gateway's tool schemas and the docs.
+//!
+//! A schema holds one [`ParamSet`] per kind of job: per task, or per named
+//! template (ComfyUI). Unknown keys are refused unless the set is `open` (a raw
+//! workflow, whose inputs the worker checks itself).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ProtocolError;
+use crate::job::{JobSpec, Params, Task};
+
+/// What a backend accepts, for every kind of job it runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ParamSchema {
+    pub sets: Vec<ParamSet>,
+}
+
+/// The parameters of one kind of job.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ParamSet {
+    /// The tasks this set applies to (all when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<Task>,
+    /// A named template (`job.template`) this set applies to; a set with a
+    /// template applies only to jobs naming it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Applies to jobs that carry a raw `workflow` graph (and only to them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub workflow: bool,
+    pub params: Vec<ParamSpec>,
+    /// Keys not listed are passed through instead of refused.
+    #[serde(default)]
+    pub open: bool,
+}
+
+/// One parameter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParamSpec {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: ParamKind,
+    /// Smallest allowed value (numbers) or length in characters (strings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    /// Largest allowed value (numbers) or length in characters (strings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// The value used when the job gives none (absent or `null`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<Value>,
+    /// The unit of a number: `px`, `ms`, `s`, `frames`, `fps`, …
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// The allowed values of a string, when it is one of a few.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<String>,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// The type of a parameter's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamKind {
+    Integer,
+    Number,
+    String,
+    Boolean,
+    /// A map (raw settings, per-node overrides).
+    Object,
+    /// An output file name prefix: relative, `/`-separated, no `..`, no leading `/`
+    /// or `.`, no backslashes or control characters (ComfyUI's `/view` refuses
+    /// anything else after the whole generation has run).
+    FilePrefix,
+    /// Any value; the backend checks it.
+    Any,
+    /// A type this peer does not know (described by a newer worker): not checked.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ParamSpec {
+    pub fn new(name: &str, kind: ParamKind, description: &str) -> ParamSpec {
+        ParamSpec {
+            name: name.into(),
+            kind,
+            min: None,
+            max: None,
+            default: None,
+            unit: None,
+            choices: Vec::new(),
+            description: description.into(),
+        }
+    }
+
+    /// Sets the allowed range.
+    pub fn range(mut self, min: f64, max: f64) -> Self {
+        self.min = Some(min);
+        self.max = Some(max);
+        self
+    }
+
+    pub fn default(mut self, v: impl Into<Value>) -> Self {
+        self.default = Some(v.into());
+        self
+    }
+
+    pub fn unit(mut self, unit: &str) -> Self {
+        self.unit = Some(unit.into());
+        self
+    }
+
+    pub fn choices(mut self, choices: &[&str]) -> Self {
+        self.choices = choices.iter().map(|c| c.to_string()).collect();
+        self
+    }
+
+    /// Checks one value; `field` is its path (`job.params.steps`).
+    pub fn check(&self, field: &str, v: &Value) -> Result<(), ProtocolError> {
+        let wrong = |what: &str| ProtocolError::invalid(field, format!("must be {what}, got {v}"));
+        let range = |x: f64, shown: String| -> Result<(), ProtocolError> {
+            let lo = self.min.unwrap_or(f64::NEG_INFINITY);
+            let hi = self.max.unwrap_or(f64::INFINITY);
+            if x < lo || x > hi {
+                return Err(ProtocolError::InvalidField {
+                    field: field.to_string(),
+                    reason: format!(
+                        "must be from {} to {}{}, got {shown}",
+                        fmt_num(lo),
+                        fmt_num(hi),
+                        self.unit
+                            .as_deref()
+                            .map(|u| format!(" {u}"))
+                            .unwrap_or_default()
+                    ),
+                });
+            }
+            Ok(())
+        };
+        match self.kind {
+            ParamKind::Integer => {
+                let n = v
+                    .as_i64()
+                    .map(|i| i as f64)
+                    .or_else(|| v.as_u64().map(|u| u as f64))
+                    .ok_or_else(|| wrong("an integer"))?;
+                range(n, v.to_string())
+            }
+            ParamKind::Number => {
+                let n = v.as_f64().ok_or_else(|| wrong("a number"))?;
+                range(n, v.to_string())
+            }
+            ParamKind::Boolean => v
+                .as_bool()
+                .map(|_| ())
+                .ok_or_else(|| wrong("true or false")),
+            ParamKind::Object => v.as_object().map(|_| ()).ok_or_else(|| wrong("a map")),
+            ParamKind::String | ParamKind::FilePrefix => {
+                let s = v.as_str().ok_or_else(|| wrong("a string"))?;
+                if !self.choices.is_empty() && !self.choices.iter().any(|c| c == s) {
+                    return Err(ProtocolError::invalid(
+                        field,
+                        format!("must be one of {}, got {s:?}", self.choices.join(", ")),
+                    ));
+                }
+                let len = s.chars().count() as f64;
+                if self.min.is_some_and(|m| len < m) || self.max.is_some_and(|m| len > m) {
+                    return Err(ProtocolError::invalid(
+                        field,
+                        format!(
+                            "must be {} to {} characters long, is {len}",
+                            fmt_num(self.min.unwrap_or(0.0)),
+                            fmt_num(self.max.unwrap_or(f64::INFINITY))
+                        ),
+                    ));
+                }
+                if self.kind == ParamKind::FilePrefix {
+                    check_file_prefix(field, s)?;
+                }
+                Ok(())
+            }
+            ParamKind::Any | ParamKind::Unknown => Ok(()),
+        }
+    }
+}
+
+fn fmt_num(x: f64) -> String {
+    if x.is_infinite() {
+        if x > 0.0 { "any" } else { "-any" }.to_string()
+    } else if x.fract() == 0.0 && x.abs() < 1e15 {
+        format!("{}", x as i64)
+    } else {
+        format!("{x}")
+    }
+}
+
+/// The rule of [`ParamKind::FilePrefix`].
+pub fn check_file_prefix(field: &str, s: &str) -> Result<(), ProtocolError> {
+    let bad = if s.is_empty() {
+        Some("must not be empty")
+    } else if s.contains("..") {
+        Some("must not contain `..`")
+    } else if s.starts_with('/') || s.starts_with('.') {
+        Some("must be relative (no leading `/` or `.`)")
+    } else if s.contains(['\\', '\0']) || s.chars().any(char::is_control) {
+        Some("must not contain backslashes or control characters")
+    } else if s.split('/').any(str::is_empty) {
+        Some("must not contain empty path segments (`//` or a trailing `/`)")
+    } else {
+        None
+    };
+    match bad {
+        Some(why) => Err(ProtocolError::invalid(field, why)),
+        None => Ok(()),
+    }
+}
+
+/// Kiln's common parameter names, which every backend accepts (using them, or
+/// ignoring them when it has no use for them) so that one job, or one MCP tool, runs
+/// on any backend: the same type everywhere, checked even where unused.
+pub const COMMON_PARAMS: &[&str] = &[
+    "prompt",
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "cfg",
+    "seed",
+    "count",
+    "sampler",
+    "scheduler",
+    "strength",
+    "denoise",
+    "frames",
+    "fps",
+    "image",
+    "background",
+    "filename_prefix",
+];
+
+/// The generic description of a common parameter a backend does not use.
+pub fn unused_common_param(name: &str) -> ParamSpec {
+    use ParamKind::*;
+    let (kind, min, max) = match name {
+        "width" | "height" | "frames" => (Integer, Some(1.0), None),
+        "steps" | "seed" | "count" => (Integer, Some(0.0), None),
+        "cfg" | "fps" => (Number, Some(0.0), None),
+        "strength" | "denoise" => (Number, Some(0.0), Some(1.0)),
+        "filename_prefix" => (FilePrefix, None, None),
+        _ => (String, None, None),
+    };
+    ParamSpec {
+        min,
+        max,
+        ..ParamSpec::new(name, kind, "a common parameter this backend ignores")
+    }
+}
+
+impl ParamSet {
+    /// Adds every [`COMMON_PARAMS`] name the set does not describe, as unused.
+    pub fn with_common(mut self) -> Self {
+        for name in COMMON_PARAMS {
+            if !self.params.iter().any(|p| p.name == *name) {
+                self.params.push(unused_common_param(name));
+            }
+        }
+        self
+    }
+
+    /// Whether this set describes `job`.
+    pub fn applies_to(&self, job: &JobSpec) -> bool {
+        if job.workflow.is_some() || self.workflow {
+            return job.workflow.is_some() && self.workflow;
+        }
+        let (task, template) = (job.task, job.template.as_deref());
+        match (&self.template, template) {
+            (Some(a), Some(b)) => a == b,
+            (Some(_), None) => false,
+            (None, _) => self.tasks.is_empty() || self.tasks.contains(&task),
+        }
+    }
+
+    /// Checks a job's params: every key known (unless `open`), every value of its
+    /// type and range. Errors name `job.params.<key>`.
+    pub fn check(&self, params: &Params) -> Result<(), ProtocolError> {
+        for (key, value) in params {
+            let field = format!("job.params.{key}");
+            match self.params.iter().find(|p| &p.name == key) {
+                _ if value.is_null() => {}
+                Some(spec) => spec.check(&field, value)?,
+                None if self.open => {}
+                None => {
+                    let mut names: Vec<&str> =
+                        self.params.iter().map(|p| p.name.as_str()).collect();
+                    names.sort_unstable();
+                    return Err(ProtocolError::invalid(
+                        field,
+                        format!("unknown parameter; this backend takes {}", names.join(", ")),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ParamSchema {
+    /// The set that describes `job`: for a raw workflow the workflow set, else the
+    /// set of its template, else the set of its task.
+    pub fn set_for(&self, job: &JobSpec) -> Option<&ParamSet> {
+        self.sets
+            .iter()
+            .find(|s| s.template.is_some() && s.applies_to(job))
+            .or_else(|| {
+                self.sets
+                    .iter()
+                    .find(|s| s.template.is_none() && s.applies_to(job))
+            })
+    }
+
+    /// Checks a job's params against the set that describes it. A job of a kind
+    /// the schema does not describe passes (the backend decides).
+    pub fn check(&self, job: &JobSpec) -> Result<(), ProtocolError> {
+        match self.set_for(job) {
+            Some(set) => set.check(&job.params),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn set() -> ParamSet {
+        ParamSet {
+            tasks: vec![],
+            template: None,
+            workflow: false,
+            params: vec![
+                ParamSpec::new("steps", ParamKind::Integer, "sampling steps").range(0.0, 100.0),
+                ParamSpec::new("prefix", ParamKind::FilePrefix, "output name prefix"),
+                ParamSpec::new("sampler", ParamKind::String, "").choices(&["euler", "ddim"]),
+            ],
+            open: false,
+        }
+    }
+
+    fn field(r: Result<(), ProtocolError>) -> Option<String> {
+        r.err().and_then(|e| e.to_body().field)
+    }
+
+    #[test]
+    fn values_are_checked_by_type_range_and_name() {
+        let s = set();
+        let p = |v: Value| v.as_object().cloned().unwrap();
+        assert!(s
+            .check(&p(
+                json!({"steps": 20, "prefix": "renders/v1", "sampler": "ddim"})
+            ))
+            .is_ok());
+        assert!(s.check(&p(json!({"steps": null}))).is_ok());
+        for (bad, at) in [
+            (json!({"steps": "abc"}), "job.params.steps"),
+            (json!({"steps": 101}), "job.params.steps"),
+            (json!({"steps": -1}), "job.params.steps"),
+            (json!({"steps": 2.5}), "job.params.steps"),
+            (json!({"stepz": 10}), "job.params.stepz"),
+            (json!({"prefix": "renders/v1..final"}), "job.params.prefix"),
+            (json!({"prefix": "/etc/x"}), "job.params.prefix"),
+            (json!({"sampler": "dpm"}), "job.params.sampler"),
+        ] {
+            assert_eq!(
+                field(s.check(&p(bad.clone()))).as_deref(),
+                Some(at),
+                "{bad}"
+            );
+        }
+        let err = s.check(&p(json!({"stepz": 1}))).unwrap_err().to_string();
+        assert!(err.contains("prefix, sampler, steps"), "{err}");
+    }
+
+    #[test]
+    fn sets_are_chosen_by_template_then_task() {
+        let schema = ParamSchema {
+            sets: vec![
+                ParamSet {
+                    tasks: vec![Task::TextToImage],
+                    ..set()
+                },
+                ParamSet {
+                    template: Some("upscale".into()),
+                    params: vec![ParamSpec::new("scale", ParamKind::Number, "")],
+                    ..ParamSet::default()
+                },
+            ],
+        };
+        let job = |task, template: Option<&str>| {
+            let mut j = JobSpec::new(crate::Backend::Comfyui, task).param("steps", 5);
+            j.template = template.map(String::from);
+            j
+        };
+        assert!(schema.check(&job(Task::TextToImage, None)).is_ok());
+        assert!(schema.check(&job(Task::Workflow, Some("upscale"))).is_err());
+        // A kind of job the schema does not describe is the backend's business.
+        assert!(schema.check(&job(Task::TextToVideo, None)).is_ok());
+        let mut raw = job(Task::TextToImage, None);
+        raw.workflow = Some(json!({}));
+        assert!(
+            schema.check(&raw).is_ok(),
+            "no set describes raw workflows here"
+        );
+    }
+}
