@@ -501,6 +501,7 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                 healthy: true,
                 models,
                 detail: None,
+                params: None,
             }],
             labels: vec![],
             loaded_model: None,

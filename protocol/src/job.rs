@@ -650,7 +650,7 @@ pub struct JobSnapshot {
     pub params: Option<Params>,
 }
 
-fn is_zero(n: &u8) -> bool {
+pub(crate) fn is_zero(n: &u8) -> bool {
     *n == 0
 }
 

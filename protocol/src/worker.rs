@@ -143,7 +143,7 @@ pub struct Register {
     pub held: Vec<JobRef>,
     /// How many assignments this worker will stage while it runs one (pipelined
     /// dispatch; 0 = one job at a time, as workers before pipelining).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::job::is_zero")]
     pub max_held: u8,
 }
 
