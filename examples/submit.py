@@ -101,6 +101,22 @@ class BrokerError(RuntimeError):
         super().__init__(f"{err['code']}: {err['message']} (field {self.field})")
 
 
+def submit(broker, job, tries=6):
+    """Submits, retrying with the same idempotency key while the broker is away or
+    `unavailable` (its store cannot write): a retry never creates a second job."""
+    delay = 1.0
+    for attempt in range(tries):
+        try:
+            return broker.request("submit", job=job)
+        except (TimeoutError, BrokerError) as e:
+            retryable = isinstance(e, TimeoutError) or e.code == "unavailable"
+            if not retryable or attempt == tries - 1:
+                raise
+            print(f"submit not taken yet ({e}); retrying in {delay:.0f} s", file=sys.stderr)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
 def follow(broker, sub, job_id, resync_s=1.0):
     """Yields snapshots of the job until it ends. Events carry a per-job seq; a gap
     or a quiet spell is repaired with a `get` snapshot (the Clone pattern)."""
@@ -194,7 +210,7 @@ def main():
         # `idempotency_conflict` error.
         "idempotency_key": str(uuid.uuid4()),
     }
-    accepted = broker.request("submit", job=job)
+    accepted = submit(broker, job)
     job_id = accepted["job_id"]
     print(f"submitted {job_id}", file=sys.stderr)
 

@@ -10,9 +10,12 @@
 //! The failed group and every batch with records after it are held, in order, with
 //! their outputs; the router hears [`Input::StoreFault`] with the cause and refuses
 //! new writes (`unavailable`, naming the cause) while reads keep being answered:
-//! batches without records go out at once. Every [`RETRY`] the committer reopens the
-//! store (which replays its log, see [`Store::open`]) and commits what it holds; the
-//! first success releases the held outputs in order and clears the fault.
+//! batches without records go out at once. The committer retries by reopening the
+//! store (which replays its log, see [`Store::open`]) and committing what it holds;
+//! the first success releases the held outputs in order and clears the fault. A
+//! retry blocks this thread (and so every output) while it runs, so it is tried only
+//! when the file system reports room for what is held, and at most every [`RETRY`],
+//! doubling to [`RETRY_MAX`] while attempts keep failing.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,8 +26,10 @@ use tokio::sync::mpsc;
 use crate::core::{Input, Output, Record};
 use crate::store::Store;
 
-/// How often a store that failed is tried again.
+/// How often a store that failed is tried again, at first.
 pub const RETRY: Duration = Duration::from_secs(1);
+/// The longest wait between two retries that fail although there seemed to be room.
+pub const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Outputs of one router pass: records to commit, then what may follow the commit.
 #[derive(Default)]
@@ -55,6 +60,7 @@ pub fn run(
     // Batches whose records are not yet durable, oldest first.
     let mut held: Vec<Batch> = Vec::new();
     let mut fault: Option<String> = None;
+    let mut retry_every = RETRY;
     let state_dir = durable.as_ref().map(|d| d.state_dir.clone());
     let mut store = durable.take().map(|d| d.store);
     loop {
@@ -69,7 +75,7 @@ pub fn run(
         } else {
             // Keep taking batches (the router must never wait on us), letting those
             // without records through, until it is time to retry.
-            let deadline = std::time::Instant::now() + RETRY;
+            let deadline = std::time::Instant::now() + retry_every;
             loop {
                 // Timers need the runtime's context: build the timeout inside it.
                 let next = rt.block_on(async {
@@ -84,6 +90,13 @@ pub fn run(
                     Err(_) => break,
                 }
             }
+            let held_bytes: u64 = held.iter().flat_map(|b| &b.records).map(record_bytes).sum();
+            if let Some(dir) = &state_dir {
+                if !has_room(dir, 2 * held_bytes + (1 << 20)) {
+                    // Still full: not worth a reopen that would stall every output.
+                    continue;
+                }
+            }
         }
         let result = match (&mut store, &state_dir) {
             (None, None) => Ok(()),
@@ -96,6 +109,7 @@ pub fn run(
         };
         match result {
             Ok(()) => {
+                retry_every = RETRY;
                 if let Some(cause) = fault.take() {
                     tracing::info!(
                         batches = held.len(),
@@ -116,6 +130,9 @@ pub fn run(
                         cause: Some(cause.clone()),
                     });
                 }
+                if fault.is_some() {
+                    retry_every = (retry_every * 2).min(RETRY_MAX);
+                }
                 fault = Some(cause);
                 // Reopen next time: redb refuses every call after an I/O error, and
                 // the reopen replays whatever the log kept. The lock goes with it.
@@ -123,4 +140,29 @@ pub fn run(
             }
         }
     }
+}
+
+/// Roughly how many bytes a record takes in the log.
+fn record_bytes(r: &Record) -> u64 {
+    16 + match r {
+        Record::Spec { bytes, .. } | Record::Job { bytes, .. } | Record::Worker { bytes, .. } => {
+            bytes.len() as u64
+        }
+        Record::DeleteJob(_) | Record::DeleteWorker(_) => 0,
+    }
+}
+
+/// Whether the file system holding `dir` has `bytes` free for this process
+/// (`statvfs`'s `f_bavail`). When it cannot tell, it says yes and lets a retry find out.
+fn has_room(dir: &std::path::Path, bytes: u64) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return true;
+    };
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid NUL-terminated string and `st` a valid out-pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return true;
+    }
+    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) >= bytes
 }

@@ -231,6 +231,12 @@ impl Broker {
             opts(curve.map(|c| &c.workers), settings.peer_queue),
         )
         .await?;
+        if settings.core.client_token.is_some() && settings.core.worker_token.is_none() {
+            tracing::warn!(
+                backend = %settings.backend,
+                "clients need a token but workers do not: any peer that reaches the backend port can register as a worker and receive jobs (prompts, inputs, workflows); set broker.worker_token"
+            );
+        }
         let mut events = None;
         if settings.events_open {
             let (publisher, ep) = Publisher::bind(

@@ -103,6 +103,14 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_loses_no_accepted_job() {
     })
     .await;
 
+    // A burst waits behind it when the disk fills: none of it may start (and burn
+    // attempts on the broker's own fault) before space returns.
+    for n in 0..10 {
+        let key = format!("burst-{n}");
+        client.submit(job(&key, 2)).await.unwrap();
+        keys.push(key);
+    }
+
     let filler = disk.fill();
 
     // Submits are refused with `unavailable`, naming the cause. The first ones may
@@ -167,17 +175,19 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_loses_no_accepted_job() {
     let ids: Vec<JobId> = {
         let mut ids = Vec::new();
         for key in &keys {
+            // The same spec as the first submit, or the key would be a conflict.
+            let steps = if key == "long" { 100 } else { 2 };
             let id = eventually("the submit to be taken", Duration::from_secs(30), || {
                 let client = client.clone();
                 let key = key.clone();
-                async move { client.submit(job(&key, 2)).await.ok().map(|a| a.job_id) }
+                async move { client.submit(job(&key, steps)).await.ok().map(|a| a.job_id) }
             })
             .await;
             ids.push(id);
         }
         ids
     };
-    for id in &ids {
+    for (key, id) in keys.iter().zip(&ids) {
         let snap = eventually("every job to finish", Duration::from_secs(60), || {
             let client = client.clone();
             let id = *id;
@@ -188,6 +198,18 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_loses_no_accepted_job() {
         })
         .await;
         assert_eq!(snap.state, JobState::Succeeded, "{snap:?}");
+        if key != "long" {
+            // Nothing started while the store could not write, so no attempt of
+            // any other job was spent on the full disk.
+            assert!(
+                !snap
+                    .history
+                    .iter()
+                    .any(|t| t.note.contains("No space left")),
+                "{key} ran during the outage: {:?}",
+                snap.history
+            );
+        }
     }
     assert!(
         broker.log().contains("job store commit failed"),

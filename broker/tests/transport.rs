@@ -10,6 +10,12 @@ use kiln_protocol::transport::{ConnectOptions, Dealer, Subscriber, TransportKind
 use kiln_protocol::{Backend, ErrorCode, JobSpec, JobState, Reply, Task};
 use kiln_testkit::{recv_within, BrokerOpts, Scratch, TestKeys, WorkerOpts};
 
+/// The tests of this file take turns. With two of them running at once in this
+/// process, libzmq clients of both sometimes never got an answer from their brokers
+/// (3 tests failed together in one of two runs in CI; 0 of 3 runs when they take
+/// turns). Not yet explained: recorded on issue 10, to be found in the transport.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn job() -> JobSpec {
     JobSpec::new(Backend::Sim, Task::TextToImage)
         .param("prompt", "a kiln")
@@ -61,6 +67,7 @@ fn frame_header_attack(endpoint: &str) -> std::io::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_libzmq_the_nine_byte_frame_header_leaves_every_port_serving() {
+    let _turn = TURN.lock().await;
     let s = Scratch::new();
     let broker = s
         .broker(BrokerOpts {
@@ -155,11 +162,13 @@ async fn stranger_reusing_a_routing_id_gets_nothing(kind: TransportKind) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libzmq_a_stranger_reusing_a_routing_id_gets_nothing() {
+    let _turn = TURN.lock().await;
     stranger_reusing_a_routing_id_gets_nothing(TransportKind::Libzmq).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zeromq_a_stranger_reusing_a_routing_id_gets_nothing() {
+    let _turn = TURN.lock().await;
     stranger_reusing_a_routing_id_gets_nothing(TransportKind::Zeromq).await;
 }
 
@@ -167,6 +176,7 @@ async fn zeromq_a_stranger_reusing_a_routing_id_gets_nothing() {
 /// authenticated is answered (libzmq's DEALER reconnects by itself).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libzmq_after_a_broker_restart_hello_on_an_old_socket_is_answered() {
+    let _turn = TURN.lock().await;
     let s = Scratch::new();
     let mut broker = s
         .broker(BrokerOpts {
@@ -219,6 +229,7 @@ async fn libzmq_after_a_broker_restart_hello_on_an_old_socket_is_answered() {
 /// nothing on any port, events included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libzmq_curve_end_to_end_and_a_wrong_key_gets_nothing_anywhere() {
+    let _turn = TURN.lock().await;
     let keys = TestKeys::generate();
     let s = Scratch::new();
     let broker = s

@@ -152,7 +152,11 @@ enum KeysCommand {
     /// Write a new CURVE key pair: NAME.key (public, give it to the peers that
     /// must accept this one) and NAME.key_secret (mode 0600), in the certificate
     /// format pyzmq's zmq.auth.load_certificate reads.
-    Generate { name: std::path::PathBuf },
+    Generate {
+        /// The path of the pair without its extension: writes NAME.key and
+        /// NAME.key_secret (e.g. `/etc/kiln/broker`).
+        name: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -342,4 +346,43 @@ fn user_at_host() -> String {
         .take(64)
         .collect();
     name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag of every command says what it does, and the commands that do
+    /// not talk to the broker do not offer its flags.
+    #[test]
+    fn every_argument_is_documented_and_in_its_place() {
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.get_help().is_none() && !matches!(id, "help" | "version") {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&cmd, "kiln", &mut missing);
+        assert!(missing.is_empty(), "undocumented: {missing:?}");
+        for name in ["up", "demo", "gpu-info", "config", "completions", "man"] {
+            let sub = cmd.find_subcommand(name).unwrap();
+            for flag in ["broker", "events", "token"] {
+                assert!(
+                    sub.get_arguments().all(|a| a.get_id().as_str() != flag),
+                    "`kiln {name}` lists --{flag}"
+                );
+            }
+        }
+        assert!(cmd
+            .get_after_help()
+            .is_some_and(|h| h.to_string().contains("130")));
+    }
 }

@@ -111,18 +111,22 @@ impl Core {
         let req = self.requirements(id);
         let class = self.queue.class_of(req);
         self.jobs.get_mut(&id).expect("enqueued job exists").class = class;
-        let idle: Vec<WorkerIdx> = self.workers.idle().collect();
-        if let Some(idx) = self.best_worker(id, class, idle) {
-            self.assign(now_ms, id, idx, out);
-            return;
-        }
-        let open: Vec<WorkerIdx> = self.workers.open().collect();
-        if let Some(idx) = self.best_worker(id, class, open) {
-            self.assign(now_ms, id, idx, out);
-            return;
-        }
-        if self.preempt_held(now_ms, id, class, out) {
-            return;
+        // While the store cannot write, nothing new starts or is held: its outputs
+        // could not be kept, and the attempt would be spent on the broker's own fault.
+        if self.store_fault.is_none() {
+            let idle: Vec<WorkerIdx> = self.workers.idle().collect();
+            if let Some(idx) = self.best_worker(id, class, idle) {
+                self.assign(now_ms, id, idx, out);
+                return;
+            }
+            let open: Vec<WorkerIdx> = self.workers.open().collect();
+            if let Some(idx) = self.best_worker(id, class, open) {
+                self.assign(now_ms, id, idx, out);
+                return;
+            }
+            if self.preempt_held(now_ms, id, class, out) {
+                return;
+            }
         }
         let job = self.jobs.get_mut(&id).expect("enqueued job exists");
         let slot = Slot {
@@ -249,7 +253,8 @@ impl Core {
     pub(super) fn dispatch(&mut self, now_ms: u64, idx: WorkerIdx, out: &mut Vec<Output>) {
         loop {
             let w = self.workers.get(idx);
-            if !(w.online && w.healthy && w.peer.is_some()) {
+            // While the store cannot write, nothing new starts or is held.
+            if !(w.online && w.healthy && w.peer.is_some()) || self.store_fault.is_some() {
                 return;
             }
             let idle = w.current.is_none();

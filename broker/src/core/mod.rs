@@ -391,7 +391,36 @@ impl Core {
                     self.refused.remove(&peer);
                 }
             }
-            Input::StoreFault { cause } => self.store_fault = cause,
+            Input::StoreFault { cause } => {
+                let cleared = cause.is_none() && self.store_fault.is_some();
+                let raised = cause.is_some() && self.store_fault.is_none();
+                self.store_fault = cause;
+                if raised {
+                    // A held job would start on its worker without asking: take
+                    // them back until the store writes again.
+                    let holders: Vec<WorkerIdx> = self
+                        .workers
+                        .iter()
+                        .filter(|(_, w)| !w.held.is_empty())
+                        .map(|(idx, _)| idx)
+                        .collect();
+                    for idx in holders {
+                        let held: Vec<JobId> =
+                            self.workers.get(idx).held.iter().map(|(r, _)| r.job_id).collect();
+                        for id in held {
+                            let why = "the broker's store cannot write".to_string();
+                            self.requeue_held(now_ms, id, true, why, out);
+                        }
+                    }
+                }
+                if cleared {
+                    // Assignments held back during the fault start (or are held) now.
+                    let workers = self.workers.indices();
+                    for idx in workers {
+                        self.dispatch(now_ms, idx, out);
+                    }
+                }
+            }
             Input::Tick => self.on_tick(now_ms, out),
         }
     }

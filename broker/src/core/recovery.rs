@@ -8,6 +8,11 @@ use super::registry::{FleetRecord, Worker};
 use super::timers::TimerKind;
 use super::{Core, Output};
 
+/// How long after a broker restart a worker that held a job may take to
+/// re-register before the job runs elsewhere: the worker's reconnect backoff caps
+/// at 32 s and each connect waits up to 5 s (see `kiln_worker::runner`), plus slack.
+pub const REREGISTER_GRACE_MS: u64 = 40_000;
+
 impl Core {
     /// Rebuilds the broker from its store after a restart.
     ///
@@ -37,7 +42,10 @@ impl Core {
             self.workers.insert(w);
         }
         jobs.sort_by_key(|j| (j.enqueue_seq, j.id));
-        let grace = now_ms + 2 * self.cfg.liveness_ms();
+        // A worker that lost the broker retries with backoff up to 32 s, each
+        // try waiting up to 5 s to connect: give it that long to come back with
+        // its job (and perhaps a finished result) before the job runs again.
+        let grace = now_ms + (2 * self.cfg.liveness_ms()).max(REREGISTER_GRACE_MS);
         let scratch = out;
         for mut job in jobs {
             if job.state.is_terminal() {

@@ -773,17 +773,35 @@ fn tokens_gate_clients_and_workers() {
         }),
     );
     assert_eq!(error_code(&out), Some(ErrorCode::Unauthenticated));
-    // One error, then nothing at all.
+    // One error, then nothing for anything but a `hello`.
+    let out = sim.request(
+        "stranger",
+        Request::Submit(Submit {
+            req_id: 2,
+            job: spec(),
+        }),
+    );
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(sim.core.jobs_len(), 0);
+    // A refused connection may still log in: its `hello` is judged like any other.
     let out = sim.request(
         "stranger",
         Request::Hello(Hello {
-            req_id: 2,
+            req_id: 3,
             token: Some("c-token".into()),
             client: None,
         }),
     );
-    assert!(out.is_empty());
-    assert_eq!(sim.core.jobs_len(), 0);
+    assert!(
+        matches!(
+            &out[..],
+            [Output::Reply {
+                reply: Reply::Welcome(_),
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
 
     let out = sim.request(
         "friend",
@@ -906,7 +924,8 @@ fn recovered_running_jobs_are_requeued_when_their_worker_stays_away() {
     );
     sim2.register("w2", 8000);
     let mut all = Vec::new();
-    for _ in 0..8 {
+    // Past the re-register grace (the old worker's reconnect backoff).
+    for _ in 0..(super::recovery::REREGISTER_GRACE_MS / HB + 2) {
         sim2.beat("w2");
         all.extend(sim2.advance(HB));
     }
@@ -1121,6 +1140,32 @@ fn a_refused_assignment_costs_no_attempt_and_the_stale_work_is_stopped() {
         JobState::Succeeded,
         "max_attempts 1 was not used up by the refusal"
     );
+}
+
+#[test]
+fn nothing_starts_while_the_store_cannot_write_and_the_queue_resumes_after() {
+    let mut sim = Sim::new();
+    sim.register("w1", 8000);
+    let (a, _) = sim.submit(spec());
+    let (b, _) = sim.submit(spec());
+    sim.input(Input::StoreFault {
+        cause: Some("No space left on device (os error 28)".into()),
+    });
+    // w1 finishes a: b must wait, its outputs could not be kept now.
+    let out = sim.succeed("w1", a, 1);
+    assert!(assigns(&out).is_empty(), "{out:?}");
+    let refused = sim.submit_as("client", spec()).unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Unavailable);
+    assert!(
+        refused.message.contains("No space left"),
+        "{}",
+        refused.message
+    );
+    // The store writes again: b starts on the idle worker at once.
+    let out = sim.input(Input::StoreFault { cause: None });
+    let started = assigns(&out);
+    assert_eq!(started.len(), 1, "{out:?}");
+    assert_eq!((started[0].0.as_str(), started[0].1), ("w1", b));
 }
 
 mod pipeline;
