@@ -171,6 +171,16 @@ impl Worker {
                 .any(|b| b.backend == backend && b.healthy)
     }
 
+    /// What this worker adds to the warm counts: nothing while offline, else its
+    /// loaded model and its resident set, each once.
+    fn warm_models(&self) -> impl Iterator<Item = &String> {
+        let loaded = self.loaded_model.as_ref().filter(|_| self.online);
+        let resident = self.resident.iter().enumerate().filter(move |(i, m)| {
+            self.online && Some(*m) != loaded && !self.resident[..*i].contains(m)
+        });
+        loaded.into_iter().chain(resident.map(|(_, m)| m))
+    }
+
     /// Whether `model` is resident in GPU memory (no load needed to run it).
     pub fn has_resident(&self, model: &str) -> bool {
         self.loaded_model.as_deref() == Some(model) || self.resident.iter().any(|m| m == model)
@@ -320,18 +330,11 @@ impl Registry {
     /// `online`, `loaded_model` or `resident`.
     pub fn refresh_warm(&mut self, idx: WorkerIdx) {
         let w = self.get_mut(idx);
-        let mut now: Vec<String> = Vec::new();
-        if w.online {
-            now.extend(w.loaded_model.iter().cloned());
-            for m in &w.resident {
-                if !now.contains(m) {
-                    now.push(m.clone());
-                }
-            }
-        }
-        if now == w.counted {
+        // Called on every assignment: compare before allocating anything.
+        if w.warm_models().eq(w.counted.iter()) {
             return;
         }
+        let now: Vec<String> = w.warm_models().cloned().collect();
         let old = std::mem::replace(&mut w.counted, now.clone());
         self.uncount(&old);
         for m in now {
