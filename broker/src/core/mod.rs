@@ -405,8 +405,13 @@ impl Core {
                         .map(|(idx, _)| idx)
                         .collect();
                     for idx in holders {
-                        let held: Vec<JobId> =
-                            self.workers.get(idx).held.iter().map(|(r, _)| r.job_id).collect();
+                        let held: Vec<JobId> = self
+                            .workers
+                            .get(idx)
+                            .held
+                            .iter()
+                            .map(|(r, _)| r.job_id)
+                            .collect();
                         for id in held {
                             let why = "the broker's store cannot write".to_string();
                             self.requeue_held(now_ms, id, true, why, out);

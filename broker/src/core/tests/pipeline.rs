@@ -246,3 +246,33 @@ fn held_jobs_follow_priority_and_fairness_between_clients() {
     // behind all of alice's), then alice's last.
     assert_eq!(started, [first, alice[0], alice[1], bob, alice[2]]);
 }
+
+#[test]
+fn a_store_fault_takes_held_jobs_back_and_holds_nothing_until_it_clears() {
+    let mut sim = Sim::new();
+    sim.register_holding("w1", 1);
+    let (j1, _) = sim.submit(spec());
+    let (j2, out) = sim.submit(spec());
+    assert_eq!(holds(&out), [("w1".to_string(), j2, 1)]);
+    let out = sim.input(Input::StoreFault {
+        cause: Some("No space left on device (os error 28)".into()),
+    });
+    // The worker would start it on its own the moment j1 ends: it must drop it.
+    assert_eq!(
+        cancels(&out),
+        [JobRef {
+            job_id: j2,
+            attempt: 1
+        }]
+    );
+    assert!(sim.core.workers().get(0).held.is_empty());
+    assert_eq!(sim.state(j2), JobState::Queued);
+    // j1 ends during the fault: nothing starts, nothing is held.
+    let out = sim.succeed("w1", j1, 1);
+    assert!(assigns(&out).is_empty() && holds(&out).is_empty(), "{out:?}");
+    assert_eq!(sim.state(j2), JobState::Queued);
+    // The store writes again: j2 starts on the idle worker (a new attempt number,
+    // so a late message about the revoked hold is fenced off).
+    let out = sim.input(Input::StoreFault { cause: None });
+    assert_eq!(assigns(&out), [("w1".to_string(), j2, 2)]);
+}
