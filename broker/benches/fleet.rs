@@ -673,6 +673,7 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                         free_vram_mb: 0,
                         utilization_pct: None,
                         temperature_c: None,
+                        power_mw: None,
                         current: w.running.map(|(r, _, _)| r),
                         held: w.staged.iter().map(|(r, _)| *r).collect(),
                         loaded_model: w.vram.resident.first().map(|&m| s.models[m].name.clone()),

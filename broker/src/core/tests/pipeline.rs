@@ -269,7 +269,10 @@ fn a_store_fault_takes_held_jobs_back_and_holds_nothing_until_it_clears() {
     assert_eq!(sim.state(j2), JobState::Queued);
     // j1 ends during the fault: nothing starts, nothing is held.
     let out = sim.succeed("w1", j1, 1);
-    assert!(assigns(&out).is_empty() && holds(&out).is_empty(), "{out:?}");
+    assert!(
+        assigns(&out).is_empty() && holds(&out).is_empty(),
+        "{out:?}"
+    );
     assert_eq!(sim.state(j2), JobState::Queued);
     // The store writes again: j2 starts on the idle worker (a new attempt number,
     // so a late message about the revoked hold is fenced off).
