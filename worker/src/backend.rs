@@ -28,6 +28,11 @@ pub struct JobRun {
     /// (most jobs of the sim backend need none); removed after its result is
     /// acknowledged.
     pub work_dir: PathBuf,
+    /// The most outputs the broker keeps of one job (its `registered` says; `None`
+    /// from an older broker). A backend that can count a job's outputs before
+    /// running it refuses one that would make more; the runner refuses to upload
+    /// more after any run.
+    pub max_outputs: Option<u64>,
 }
 
 /// Where an output's bytes are.

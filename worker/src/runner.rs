@@ -202,6 +202,7 @@ impl Worker {
             unacked: None,
             cursor: None,
             chunk_bytes: 1024 * 1024,
+            max_outputs: None,
             sent_inventory: None,
         };
         let identity = Bytes::from(format!("{}/{}", this.settings.worker_id, this.instance));
@@ -309,6 +310,8 @@ struct Session {
     unacked: Option<Done>,
     cursor: Option<Cursor>,
     chunk_bytes: u64,
+    /// The broker's `max_artifacts_per_job`, from `registered`.
+    max_outputs: Option<u64>,
     /// The inventory last sent, so heartbeats carry it only when it changed.
     sent_inventory: Option<Vec<BackendInventory>>,
 }
@@ -448,6 +451,7 @@ impl Session {
                                 backoff.reset();
                                 self.sent_inventory = Some(self.status.borrow().backends.clone());
                                 self.chunk_bytes = r.chunk_bytes.clamp(4096, 16 * 1024 * 1024);
+                                self.max_outputs = r.max_outputs;
                                 if r.heartbeat_ms != heartbeat_ms {
                                     heartbeat_ms = r.heartbeat_ms.max(10);
                                     let period = Duration::from_millis(heartbeat_ms);
@@ -628,6 +632,7 @@ impl Session {
             a.job,
             a.degrade,
             work_dir,
+            self.max_outputs,
             sink,
             cancel,
             self.done_tx.clone(),
@@ -773,6 +778,7 @@ async fn run_job(
     spec: Arc<JobSpec>,
     degrade: u8,
     work_dir: PathBuf,
+    max_outputs: Option<u64>,
     sink: ProgressSink,
     cancel: CancellationToken,
     done: mpsc::Sender<Done>,
@@ -783,6 +789,7 @@ async fn run_job(
         spec,
         degrade,
         work_dir: work_dir.clone(),
+        max_outputs,
     };
     // A panicking backend must fail the attempt, not the worker.
     let result = match AssertUnwindSafe(backend.run(run, sink, cancel))
@@ -796,6 +803,19 @@ async fn run_job(
             true,
         ))),
     };
+    // More outputs than the broker keeps would fail at the upload past the limit,
+    // after sending the others: say so now, with the count, and do not retry.
+    let result = result.and_then(|out| match max_outputs {
+        Some(max) if out.outputs.len() as u64 > max => Err(RunError::Failed(JobError::new(
+            FailureKind::InvalidInput,
+            kiln_protocol::limits::too_many_outputs(
+                &format!("the job made {} outputs", out.outputs.len()),
+                max,
+            ),
+            false,
+        ))),
+        _ => Ok(out),
+    });
     let (outcome, files) = match result {
         // Hashing files reads them: off the async threads. Bytes are hashed here.
         Ok(out)

@@ -215,6 +215,7 @@ impl Core {
                 heartbeat_ms: self.cfg.heartbeat_ms,
                 liveness: self.cfg.liveness,
                 chunk_bytes: self.cfg.limits.max_chunk_bytes,
+                max_outputs: Some(self.cfg.limits.max_artifacts_per_job),
             }),
         );
         // What the worker holds that the broker no longer wants: stop it, forget it.

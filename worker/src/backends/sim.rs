@@ -421,6 +421,7 @@ mod tests {
             spec: Arc::new(spec),
             degrade: 0,
             work_dir: std::env::temp_dir(),
+            max_outputs: None,
         }
     }
 
