@@ -51,6 +51,7 @@ pub struct SubmitArgs {
     #[arg(long = "lora")]
     loras: Vec<String>,
     /// Any other parameter as key=value; the value is read as JSON when it parses.
+    /// Each backend's parameters are listed at the end of `kiln submit --help`.
     #[arg(long = "param", short = 'P')]
     params: Vec<String>,
     /// Scheduling priority, -10 (last) to 10 (first).
