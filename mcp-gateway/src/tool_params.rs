@@ -150,20 +150,37 @@ mod tests {
                 },
             ],
         };
-        let mut tools = vec![tool("generate_image"), tool("generate_video"), tool("get_job")];
+        let mut tools = vec![
+            tool("generate_image"),
+            tool("generate_video"),
+            tool("get_job"),
+        ];
         describe_with(&[worker(schema.clone(), WorkerState::Idle)], &mut tools);
         let image = &tools[0].input_schema["properties"]["params"];
-        assert_eq!(image["properties"]["sampler"]["enum"], json!(["euler", "ddim"]));
-        assert!(image["properties"].get("steps").is_none(), "a tool argument");
-        assert!(image["description"].as_str().unwrap().starts_with("Extra parameters."));
+        assert_eq!(
+            image["properties"]["sampler"]["enum"],
+            json!(["euler", "ddim"])
+        );
+        assert!(
+            image["properties"].get("steps").is_none(),
+            "a tool argument"
+        );
+        assert!(image["description"]
+            .as_str()
+            .unwrap()
+            .starts_with("Extra parameters."));
         let video = &tools[1].input_schema["properties"]["params"];
         assert_eq!(video["properties"]["fps"]["maximum"], 60);
         assert!(video["properties"].get("sampler").is_none());
-        assert!(tools[2].input_schema["properties"]["params"].get("properties").is_none());
+        assert!(tools[2].input_schema["properties"]["params"]
+            .get("properties")
+            .is_none());
 
         // Offline workers describe nothing.
         let mut tools = vec![tool("generate_image")];
         describe_with(&[worker(schema, WorkerState::Offline)], &mut tools);
-        assert!(tools[0].input_schema["properties"]["params"].get("properties").is_none());
+        assert!(tools[0].input_schema["properties"]["params"]
+            .get("properties")
+            .is_none());
     }
 }

@@ -38,10 +38,7 @@ pub struct JobOptions {
     /// LoRAs applied to the model, with their strengths (-10 to 10, 1 by default).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
-    #[cfg_attr(
-        feature = "clap",
-        arg(long = "lora", value_name = "NAME[:STRENGTH]")
-    )]
+    #[cfg_attr(feature = "clap", arg(long = "lora", value_name = "NAME[:STRENGTH]"))]
     pub loras: Vec<LoraRef>,
     /// Only GPUs with at least this much memory, in MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -118,7 +115,8 @@ impl JobOptions {
             _ => return JobOptions::default(),
         };
         map.retain(|k, _| !JOB_BODY_FIELDS.contains(&k.as_str()));
-        let mut options: JobOptions = serde_json::from_value(Value::Object(map)).unwrap_or_default();
+        let mut options: JobOptions =
+            serde_json::from_value(Value::Object(map)).unwrap_or_default();
         if options.priority == Some(0) {
             options.priority = None;
         }
@@ -173,7 +171,12 @@ mod tests {
             .map(String::as_str)
             .collect();
         props.sort_unstable();
-        let mut named: Vec<&str> = options.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut named: Vec<&str> = options
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
         named.sort_unstable();
         assert_eq!(props, named, "the schema names every option");
     }
@@ -194,7 +197,11 @@ mod tests {
         .apply(&mut spec)
         .unwrap();
         assert_eq!(spec.model.as_deref(), Some("m2"));
-        assert_eq!(spec.max_attempts, Some(5), "unset options keep the spec's value");
+        assert_eq!(
+            spec.max_attempts,
+            Some(5),
+            "unset options keep the spec's value"
+        );
         assert_eq!(spec.inputs[0].data, [1, 2, 3]);
         every().apply(&mut spec).unwrap();
         assert_eq!(JobOptions::of(&spec), every());

@@ -223,11 +223,17 @@ impl ParamSpec {
             ParamKind::Any | ParamKind::Unknown => "any value",
         };
         let mut facts = vec![kind.to_string()];
-        let unit = self.unit.as_deref().map(|u| format!(" {u}")).unwrap_or_default();
+        let unit = self
+            .unit
+            .as_deref()
+            .map(|u| format!(" {u}"))
+            .unwrap_or_default();
         let numeric = matches!(self.kind, ParamKind::Integer | ParamKind::Number);
         let what = if numeric { "" } else { " characters" };
         match (self.min, self.max) {
-            (Some(lo), Some(hi)) => facts.push(format!("{} to {}{unit}{what}", fmt_num(lo), fmt_num(hi))),
+            (Some(lo), Some(hi)) => {
+                facts.push(format!("{} to {}{unit}{what}", fmt_num(lo), fmt_num(hi)))
+            }
             (Some(lo), None) => facts.push(format!("at least {}{unit}{what}", fmt_num(lo))),
             (None, Some(hi)) => facts.push(format!("at most {}{unit}{what}", fmt_num(hi))),
             (None, None) if !unit.is_empty() => facts.push(format!("in{unit}")),
@@ -272,7 +278,10 @@ impl ParamSpec {
         };
         if numeric || ty == Some("string") {
             if let Some(min) = self.min {
-                s.insert(lo.into(), json_num(if numeric { min } else { min.max(0.0).ceil() }));
+                s.insert(
+                    lo.into(),
+                    json_num(if numeric { min } else { min.max(0.0).ceil() }),
+                );
             }
             if let Some(max) = self.max {
                 s.insert(hi.into(), json_num(if numeric { max } else { max.floor() }));
@@ -341,7 +350,10 @@ fn widen(old: &mut Map<String, Value>, new: &Value) {
         ("maximum", false),
         ("maxLength", false),
     ] {
-        match (old.get(key).and_then(Value::as_f64), new.get(key).and_then(Value::as_f64)) {
+        match (
+            old.get(key).and_then(Value::as_f64),
+            new.get(key).and_then(Value::as_f64),
+        ) {
             (Some(a), Some(b)) => {
                 let v = if pick_low { a.min(b) } else { a.max(b) };
                 old.insert(key.into(), json_num(v));
@@ -465,8 +477,11 @@ impl ParamSet {
     /// One line per parameter the set uses (`name  summary`), sorted by name,
     /// indented by `indent`: the help text of a command line.
     pub fn help(&self, indent: &str) -> String {
-        let mut used: Vec<&ParamSpec> =
-            self.params.iter().filter(|p| !p.is_unused_common()).collect();
+        let mut used: Vec<&ParamSpec> = self
+            .params
+            .iter()
+            .filter(|p| !p.is_unused_common())
+            .collect();
         used.sort_by(|a, b| a.name.cmp(&b.name));
         let width = used.iter().map(|p| p.name.len()).max().unwrap_or(0);
         let mut text = String::new();
@@ -630,7 +645,11 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("; or denoising steps"));
-        assert_eq!(props["sampler"]["enum"], json!(["euler", "ddim"]), "the unused stand-in adds nothing");
+        assert_eq!(
+            props["sampler"]["enum"],
+            json!(["euler", "ddim"]),
+            "the unused stand-in adds nothing"
+        );
         assert!(!props.contains_key("prompt"));
         assert_eq!(merged["additionalProperties"], true);
     }

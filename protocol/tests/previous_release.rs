@@ -203,7 +203,13 @@ fn the_previous_release_reads_every_message_of_this_version() {
             out.push(format!("{name}: no longer sent"));
             continue;
         }
-        problems(name, "", &read(PREVIOUS, name), &read("current", name), &mut out);
+        problems(
+            name,
+            "",
+            &read(PREVIOUS, name),
+            &read("current", name),
+            &mut out,
+        );
     }
     assert!(out.is_empty(), "{out:#?}");
 }
@@ -233,8 +239,14 @@ fn the_check_catches_removed_keys_strict_additions_and_kind_changes() {
     }
     problems("reply.welcome", "", &old, &V::Map(entries), &mut out);
     let text = out.join("\n");
-    assert!(text.contains("new key `max_new_thing` in `limits`"), "{text}");
+    assert!(
+        text.contains("new key `max_new_thing` in `limits`"),
+        "{text}"
+    );
     assert!(text.contains("`version` is gone"), "{text}");
-    assert!(text.contains("`req_id` was an integer and is now a string"), "{text}");
+    assert!(
+        text.contains("`req_id` was an integer and is now a string"),
+        "{text}"
+    );
     assert_eq!(out.len(), 3, "{text}");
 }

@@ -345,7 +345,8 @@ async fn comfyui_unknown_override_inputs_and_too_many_outputs_fail_once_with_the
     let done = fail(&client, batch).await;
     let err = done.error.unwrap();
     assert!(
-        err.message.contains("the job made 65 outputs, over the limit of 64")
+        err.message
+            .contains("the job made 65 outputs, over the limit of 64")
             && err.message.contains("broker.limits.max_artifacts_per_job"),
         "{}",
         err.message

@@ -325,7 +325,9 @@ fn too_many_outputs_fail_once_naming_the_count_and_the_setting() {
     assert!(!error.retryable);
     assert!(
         error.message.contains("more than 2 outputs")
-            && error.message.contains("broker.limits.max_artifacts_per_job"),
+            && error
+                .message
+                .contains("broker.limits.max_artifacts_per_job"),
         "{}",
         error.message
     );

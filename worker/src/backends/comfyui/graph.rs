@@ -692,7 +692,10 @@ mod tests {
         let added = JobSpec::new(Backend::Comfyui, Task::Workflow)
             .param("overrides", json!({"2": {"steps": 4, "colour": 1}}));
         let p = from_raw(&wf, &added, &[]).unwrap();
-        assert_eq!(p.added_inputs, vec![("2".to_string(), "colour".to_string())]);
+        assert_eq!(
+            p.added_inputs,
+            vec![("2".to_string(), "colour".to_string())]
+        );
         let bad = JobSpec::new(Backend::Comfyui, Task::Workflow)
             .param("overrides", json!({"9": {"x": 1}}));
         assert!(from_raw(&wf, &bad, &[])
