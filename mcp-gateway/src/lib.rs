@@ -31,6 +31,7 @@ pub mod save;
 pub mod schema;
 pub mod server;
 pub mod spec;
+pub mod stdio;
 pub mod tool_params;
 pub mod validate;
 
