@@ -116,6 +116,7 @@ mod tests {
             jobs_done: 0,
             last_seen_ms: 0,
             version: "0".into(),
+            offline_reason: None,
         }
     }
 
