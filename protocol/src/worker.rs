@@ -293,6 +293,12 @@ pub struct Registered {
     pub liveness: u32,
     /// Upload chunk size the broker wants.
     pub chunk_bytes: u64,
+    /// The most outputs the broker keeps of one job (`broker.limits.max_artifacts_per_job`),
+    /// so a worker can refuse a job that would make more before spending GPU time on
+    /// it, and refuse to upload more after the fact. Absent from brokers older than
+    /// the contract (then only the broker checks, output by output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_outputs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -437,6 +437,7 @@ fn broker_messages() -> Vec<(&'static str, BrokerMessage)> {
                 heartbeat_ms: 1000,
                 liveness: 3,
                 chunk_bytes: 1 << 20,
+                max_outputs: Some(64),
             }),
         ),
         ("heartbeat", BrokerMessage::Heartbeat(BrokerBeat {})),

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{Backend, JobRun, OutputData, ProgressSink, RunError};
 use crate::gpu::{GpuError, GpuProbe};
 use crate::metrics::WorkerMetrics;
+use crate::progress::ProgressFeed;
 
 /// How long a stopping worker waits for its running job to stop on the
 /// generator (a ComfyUI prompt interrupted, a Wan2GP job cancelled) before it
@@ -97,14 +98,15 @@ struct Done {
     files: Vec<(OutputMeta, OutputData)>,
     loaded_model: Option<String>,
     work_dir: PathBuf,
-    /// Sent before the first upload: see [`closing_progress`].
-    closing: Option<Progress>,
+    /// Progress sent before the first upload, oldest first: the stages the
+    /// throttle still held when the attempt ended, then [`closing_progress`].
+    closing: VecDeque<Progress>,
 }
 
 struct Running {
     r: JobRef,
     cancel: CancellationToken,
-    progress: watch::Receiver<Option<Progress>>,
+    progress: ProgressFeed,
 }
 
 /// Where the upload of an unacknowledged result stands.
@@ -226,6 +228,7 @@ impl Worker {
             pending: VecDeque::new(),
             cursor: None,
             chunk_bytes: 1024 * 1024,
+            max_outputs: None,
             sent_inventory: None,
             sent_resident: None,
         };
@@ -340,6 +343,8 @@ struct Session {
     pending: VecDeque<Done>,
     cursor: Option<Cursor>,
     chunk_bytes: u64,
+    /// The broker's `max_artifacts_per_job`, from `registered`.
+    max_outputs: Option<u64>,
     /// The inventory last sent, so heartbeats carry it only when it changed.
     sent_inventory: Option<Vec<BackendInventory>>,
     /// The resident models last sent.
@@ -417,9 +422,13 @@ impl Session {
     /// A job task finished: the next staged job starts at once (the GPU is free),
     /// and the result is kept until the broker acknowledges it.
     fn finish(&mut self, mut done: Done) {
-        if let Some(run) = self.running.take_if(|r| r.r == done.r) {
-            let last = run.progress.borrow().clone();
-            done.closing = closing_progress(&done.outcome, last.as_ref());
+        if let Some(mut run) = self.running.take_if(|r| r.r == done.r) {
+            // Stages of a job shorter than the throttle are still held: they go
+            // first, then the closing one.
+            let last = run.progress.latest();
+            done.closing.extend(run.progress.drain());
+            done.closing
+                .extend(closing_progress(&done.outcome, last.as_ref()));
         }
         if self.running.is_none() {
             if let Some(next) = self.staged.pop_front() {
@@ -529,6 +538,7 @@ impl Session {
                                 backoff.reset();
                                 self.sent_inventory = Some(self.status.borrow().backends.clone());
                                 self.chunk_bytes = r.chunk_bytes.clamp(4096, 16 * 1024 * 1024);
+                                self.max_outputs = r.max_outputs;
                                 if r.heartbeat_ms != heartbeat_ms {
                                     heartbeat_ms = r.heartbeat_ms.max(10);
                                     let period = Duration::from_millis(heartbeat_ms);
@@ -595,9 +605,10 @@ impl Session {
                     progress_due = None;
                     last_progress = Instant::now();
                     if let Some(run) = &mut self.running {
-                        let p = run.progress.borrow_and_update().clone();
-                        if let Some(progress) = p {
-                            let msg = WorkerMessage::Progress(ProgressReport { job_id: run.r.job_id, attempt: run.r.attempt, progress });
+                        // Every stage held, in order; a stage's steps arrive merged.
+                        let r = run.r;
+                        for progress in run.progress.drain() {
+                            let msg = WorkerMessage::Progress(ProgressReport { job_id: r.job_id, attempt: r.attempt, progress });
                             if let Err(e) = self.send(&mut conn, &msg).await {
                                 return SessionEnd::Lost(e);
                             }
@@ -763,6 +774,7 @@ impl Session {
             a.job,
             a.degrade,
             work_dir,
+            self.max_outputs,
             sink,
             cancel,
             self.done_tx.clone(),
@@ -775,7 +787,7 @@ impl Session {
         let (Some(done), Some(cursor)) = (&mut self.unacked, &mut self.cursor) else {
             return Ok(());
         };
-        if let Some(progress) = done.closing.take() {
+        if let Some(progress) = done.closing.pop_front() {
             let msg = WorkerMessage::Progress(ProgressReport {
                 job_id: done.r.job_id,
                 attempt: done.r.attempt,
@@ -915,6 +927,7 @@ async fn run_job(
     spec: Arc<JobSpec>,
     degrade: u8,
     work_dir: PathBuf,
+    max_outputs: Option<u64>,
     sink: ProgressSink,
     cancel: CancellationToken,
     done: mpsc::Sender<Done>,
@@ -927,6 +940,7 @@ async fn run_job(
         spec,
         degrade,
         work_dir: work_dir.clone(),
+        max_outputs,
     };
     // When the generator had the job, on the Unix clock: the gap between one
     // job's end and the next one's start is what pipelined dispatch removes.
@@ -950,6 +964,19 @@ async fn run_job(
         out.info
             .insert("worker_ended_ms".into(), ended_unix_ms.into());
         out
+    });
+    // More outputs than the broker keeps would fail at the upload past the limit,
+    // after sending the others: say so now, with the count, and do not retry.
+    let result = result.and_then(|out| match max_outputs {
+        Some(max) if out.outputs.len() as u64 > max => Err(RunError::Failed(JobError::new(
+            FailureKind::InvalidInput,
+            kiln_protocol::limits::too_many_outputs(
+                &format!("the job made {} outputs", out.outputs.len()),
+                max,
+            ),
+            false,
+        ))),
+        _ => Ok(out),
     });
     let (outcome, files) = match result {
         // Hashing files reads them: off the async threads. Bytes are hashed here.
@@ -995,16 +1022,16 @@ async fn run_job(
             files,
             loaded_model: backend.loaded_model(),
             work_dir,
-            closing: None,
+            closing: VecDeque::new(),
         })
         .await;
 }
 
-/// The progress a finished attempt leaves behind. Progress goes out at most ten
-/// times a second, so the last stage a backend reported ("downloading
-/// x_00001_.png", "encoding") may never have been sent, and the broker would keep
-/// an earlier one on the finished job. A success closes at 100 % "done", keeping
-/// the step count; a failure leaves the progress to the broker, which clears it.
+/// The progress a finished attempt leaves behind, after the stages still held
+/// (see [`crate::progress`]). Without it the broker would keep the last stage a
+/// backend reported ("downloading x_00001_.png", "encoding") on the finished
+/// job. A success closes at 100 % "done", keeping the step count; a failure
+/// leaves the progress to the broker, which clears it.
 fn closing_progress(outcome: &Outcome, last: Option<&Progress>) -> Option<Progress> {
     match outcome {
         Outcome::Succeeded { .. } => Some(Progress {

@@ -152,7 +152,9 @@ impl Core {
                 } else {
                     format!("said goodbye: {}", g.reason)
                 };
-                self.worker_lost(now_ms, idx, &reason, out);
+                // An orderly departure (a stopped job is requeued and noted in
+                // its history): not a warning.
+                self.worker_gone(now_ms, idx, &reason, true, out);
             }
         }
     }
@@ -262,6 +264,7 @@ impl Core {
                 heartbeat_ms: self.cfg.heartbeat_ms,
                 liveness: self.cfg.liveness,
                 chunk_bytes: self.cfg.limits.max_chunk_bytes,
+                max_outputs: Some(self.cfg.limits.max_artifacts_per_job),
             }),
         );
         for id in dropped {
@@ -310,6 +313,19 @@ impl Core {
         why: &str,
         out: &mut Vec<Output>,
     ) {
+        self.worker_gone(now_ms, idx, why, false, out);
+    }
+
+    /// A worker is gone; `said_goodbye` when it left in order (logged as info,
+    /// not as a warning).
+    fn worker_gone(
+        &mut self,
+        now_ms: u64,
+        idx: WorkerIdx,
+        why: &str,
+        said_goodbye: bool,
+        out: &mut Vec<Output>,
+    ) {
         let w = self.workers.get_mut(idx);
         let was_online = w.online;
         w.online = false;
@@ -318,7 +334,9 @@ impl Core {
         let id = w.id.clone();
         self.workers.detach_peer(idx);
         self.workers.refresh_idle(idx);
-        if was_online || current.is_some() {
+        if said_goodbye {
+            tracing::info!(worker = %id, "worker left: {why}");
+        } else if was_online || current.is_some() {
             tracing::warn!(worker = %id, "worker lost: {why}");
         }
         self.requeue_all_held(now_ms, idx, &format!("worker {id} {why}"), out);

@@ -341,6 +341,8 @@ impl Backend for SimBackend {
         let load_info = spec.model.as_ref().map(|m| self.cost(m));
         let info = json!({
             "seed": seed,
+            // Output i is what `seed + i` renders alone (not a batch of one seed).
+            "output_seeds": (0..count as u64).map(|i| seed.wrapping_add(i)).collect::<Vec<_>>(),
             "width": width,
             "height": height,
             "steps": steps,
@@ -483,6 +485,7 @@ mod tests {
             spec: Arc::new(spec),
             degrade: 0,
             work_dir: std::env::temp_dir(),
+            max_outputs: None,
         }
     }
 
@@ -564,7 +567,7 @@ mod tests {
         let task = sim.run(job(spec), sink, cancel.clone());
         let watcher = async {
             rx.changed().await.unwrap();
-            let p = rx.borrow().clone().unwrap();
+            let p = rx.latest().unwrap();
             assert!(p.stage.starts_with("sampling 1/10000"), "{}", p.stage);
             cancel.cancel();
         };
