@@ -750,7 +750,7 @@ impl Session {
                     .settings
                     .work_dir
                     .join(format!("{}-{}", r.job_id, r.attempt)),
-                closing: None,
+                closing: VecDeque::new(),
             };
             self.finish(done);
             return;
