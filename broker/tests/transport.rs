@@ -1,13 +1,12 @@
 //! The transport as a hostile or careless peer meets it, on each transport
 //! (`libzmq`, `zeromq`), with real processes: the broker binary, workers, raw TCP.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use bytes::Bytes;
 use kiln_protocol::transport::{ConnectOptions, Dealer, Subscriber, TransportKind};
 use kiln_protocol::{Backend, ErrorCode, JobSpec, JobState, Reply, Task};
+use kiln_testkit::zmtp::Zmtp;
 use kiln_testkit::{recv_within, BrokerOpts, Scratch, TestKeys, WorkerOpts};
 
 /// The tests of this file take turns. With two of them running at once in this
@@ -33,35 +32,10 @@ fn decode(frames: &[Bytes]) -> Reply {
     kiln_protocol::frame::decode(frames, usize::MAX).expect("a Kiln reply")
 }
 
-fn host_port(endpoint: &str) -> &str {
-    endpoint.trim_start_matches("tcp://")
-}
-
-/// A ZMTP 3.0 NULL greeting and READY as a DEALER, then a frame header with the
-/// long flag announcing 2^35 bytes: the nine bytes that abort a process that
-/// allocates what a header announces.
+/// A ZMTP greeting and READY as a DEALER, then the nine-byte oversize header.
 fn frame_header_attack(endpoint: &str) -> std::io::Result<()> {
-    let mut s = TcpStream::connect(host_port(endpoint))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut greeting = vec![0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0x7F, 3, 0];
-    greeting.extend_from_slice(b"NULL");
-    greeting.resize(64, 0);
-    s.write_all(&greeting)?;
-    let mut peer = [0u8; 64];
-    s.read_exact(&mut peer)?;
-    let mut ready = vec![5u8];
-    ready.extend_from_slice(b"READY");
-    ready.push(11);
-    ready.extend_from_slice(b"Socket-Type");
-    ready.extend_from_slice(&6u32.to_be_bytes());
-    ready.extend_from_slice(b"DEALER");
-    s.write_all(&[0x04, ready.len() as u8])?;
-    s.write_all(&ready)?;
-    s.write_all(&[0x02, 0, 0, 0, 0x08, 0, 0, 0, 0])?;
-    s.flush()?;
     // The broker either drops us or waits for bytes that never come.
-    let mut buf = [0u8; 256];
-    let _ = s.read(&mut buf);
+    Zmtp::connect(endpoint, "DEALER")?.oversize_header(Duration::from_secs(2))?;
     Ok(())
 }
 

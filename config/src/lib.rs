@@ -96,6 +96,14 @@ pub struct BrokerConfig {
     /// Messages queued for one peer before further ones are dropped (clients) or the
     /// peer is declared stalled (workers).
     pub peer_queue: usize,
+    /// Connections each port holds at once (libzmq); past it a new connection is
+    /// closed as soon as it is accepted, and that is logged at most every 10 s.
+    /// At start the broker raises its open-file limit to the hard limit and lowers
+    /// this if three ports' worth would not leave 512 descriptors for the store,
+    /// artifacts and libzmq itself.
+    pub max_connections: usize,
+    /// Connections one IP address holds at once on each port (libzmq).
+    pub max_connections_per_address: usize,
     /// Required from clients in `hello` when set (unset: no authentication, for
     /// loopback-only setups). Also read from `client_token_file` or the systemd
     /// credential `kiln-client-token`.
@@ -152,6 +160,8 @@ impl Default for BrokerConfig {
             cancel_grace_s: 30,
             fleet_memory_s: 600,
             peer_queue: 8192,
+            max_connections: 4096,
+            max_connections_per_address: 256,
             client_token: None,
             client_token_file: None,
             worker_token: None,
@@ -512,6 +522,12 @@ impl KilnConfig {
         }
         if b.peer_queue < 16 {
             return invalid("broker.peer_queue", "must be at least 16");
+        }
+        if b.max_connections == 0 || b.max_connections_per_address == 0 {
+            return invalid(
+                "broker.max_connections",
+                "max_connections and max_connections_per_address must be at least 1",
+            );
         }
         Ok(())
     }

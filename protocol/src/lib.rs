@@ -20,6 +20,7 @@ pub mod limits;
 pub mod params;
 pub mod probe;
 pub mod request;
+pub mod shape;
 pub mod strict;
 pub mod transport;
 pub mod worker;

@@ -25,6 +25,8 @@ mod retention;
 mod tests;
 #[cfg(test)]
 mod tests_contract;
+#[cfg(test)]
+mod tests_goodbye;
 mod timers;
 pub(crate) mod workers;
 

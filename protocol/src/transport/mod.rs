@@ -98,6 +98,11 @@ pub struct BindOptions {
     pub handshake_timeout: Duration,
     /// ZMTP PING interval; a peer silent for three intervals is dropped.
     pub heartbeat: Duration,
+    /// Connections held at once; a connection accepted past it is closed at once
+    /// (libzmq; the `zeromq` crate cannot close a chosen peer).
+    pub max_connections: usize,
+    /// Connections one IP address holds at once (libzmq).
+    pub max_connections_per_address: usize,
 }
 
 impl Default for BindOptions {
@@ -108,6 +113,8 @@ impl Default for BindOptions {
             curve: None,
             handshake_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(5),
+            max_connections: 4096,
+            max_connections_per_address: 256,
         }
     }
 }
