@@ -49,13 +49,16 @@ pub struct Durable {
 /// or the channel closes during a fault (then held outputs are dropped: none of
 /// them was promised to anyone).
 ///
-/// `dispatch` sends one output; `faults` carries [`Input::StoreFault`] to the router.
+/// `dispatch` sends one output; `faults` carries [`Input::StoreFault`] to the router;
+/// `committed` hears how long each successful store commit took and the log's size
+/// after it (the metrics).
 pub fn run(
     mut durable: Option<Durable>,
     mut batches: mpsc::Receiver<Batch>,
     mut dispatch: impl FnMut(Output),
     faults: mpsc::UnboundedSender<Input>,
     rt: Handle,
+    mut committed: impl FnMut(Duration, u64),
 ) {
     // Batches whose records are not yet durable, oldest first.
     let mut held: Vec<Batch> = Vec::new();
@@ -98,6 +101,7 @@ pub fn run(
                 }
             }
         }
+        let started = std::time::Instant::now();
         let result = match (&mut store, &state_dir) {
             (None, None) => Ok(()),
             (Some(s), _) => s.commit(held.iter().flat_map(|b| b.records.iter())),
@@ -109,6 +113,9 @@ pub fn run(
         };
         match result {
             Ok(()) => {
+                if let Some(s) = &store {
+                    committed(started.elapsed(), s.log_bytes());
+                }
                 retry_every = RETRY;
                 if let Some(cause) = fault.take() {
                     tracing::info!(

@@ -7,10 +7,13 @@
 //! - [`committer`]: group commit, and riding out a store that cannot write.
 //! - [`artifacts`]: output files on disk, with their size and sha256.
 //! - [`net`]: the thin async shell: frontend ROUTER, backend ROUTER, events PUB.
+//! - [`metrics`]: the Prometheus metrics, counted by the shell from the core's
+//!   outputs and counters.
 
 pub mod artifacts;
 pub mod committer;
 pub mod core;
+pub mod metrics;
 pub mod net;
 pub mod store;
 pub mod wal;

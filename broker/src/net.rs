@@ -42,6 +42,7 @@ use tokio::task::JoinHandle;
 use crate::artifacts::ArtifactStore;
 use crate::committer::{self, Batch, Durable};
 use crate::core::{ArtifactOp, Core, CoreConfig, Input, Output, PeerId, Record};
+use crate::metrics::{BrokerMetrics, Recorder};
 use crate::store::{Store, StoreError};
 
 /// Everything the broker needs to run, resolved from [`KilnConfig`].
@@ -64,6 +65,8 @@ pub struct BrokerSettings {
     pub transport: TransportKind,
     /// CURVE for the three ports; `None` for plain ZMTP.
     pub curve: Option<BrokerCurve>,
+    /// Where the broker counts; serve its registry with [`kiln_metrics::serve`].
+    pub metrics: Arc<BrokerMetrics>,
 }
 
 impl BrokerSettings {
@@ -102,6 +105,7 @@ impl BrokerSettings {
             max_connections_per_address: b.max_connections_per_address,
             transport: b.transport,
             curve,
+            metrics: Arc::new(BrokerMetrics::new()),
         })
     }
 }
@@ -137,6 +141,7 @@ pub struct Broker {
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), BrokerError>>,
     alive: Arc<AtomicU64>,
+    metrics: Arc<BrokerMetrics>,
 }
 
 /// Milliseconds on a monotone clock anchored at the Unix time of start-up, so that
@@ -309,9 +314,20 @@ impl Broker {
         });
         let faults = stored_tx_faults;
         let rt = tokio::runtime::Handle::current();
+        let metrics = settings.metrics.clone();
+        let commits = metrics.clone();
         std::thread::Builder::new()
             .name("kiln-commit".into())
-            .spawn(move || committer::run(durable, commit_rx, |o| dispatch(&ctx, o), faults, rt))
+            .spawn(move || {
+                committer::run(
+                    durable,
+                    commit_rx,
+                    |o| dispatch(&ctx, o),
+                    faults,
+                    rt,
+                    |took, log| commits.observe_commit(took, log),
+                )
+            })
             .expect("spawn committer thread");
         let downstream = Downstream {
             commits: commit_tx,
@@ -320,8 +336,10 @@ impl Broker {
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let alive = Arc::new(AtomicU64::new(clock.now_ms()));
+        let recorder = Recorder::new(metrics.clone(), &core);
         let task = tokio::spawn(route_loop(
             core,
+            recorder,
             clock,
             inputs_rx,
             stored_rx,
@@ -336,7 +354,13 @@ impl Broker {
             shutdown,
             task,
             alive,
+            metrics,
         })
+    }
+
+    /// The broker's metrics, to serve with [`kiln_metrics::serve`].
+    pub fn metrics(&self) -> Arc<BrokerMetrics> {
+        self.metrics.clone()
     }
 
     pub fn endpoints(&self) -> &Endpoints {
@@ -480,6 +504,7 @@ async fn recv_loop(mut rx: RouterRx, inputs: mpsc::Sender<Input>, max_bytes: usi
 #[allow(clippy::too_many_arguments)]
 async fn route_loop(
     mut core: Core,
+    mut recorder: Recorder,
     clock: Clock,
     mut inputs: mpsc::Receiver<Input>,
     mut stored: mpsc::UnboundedReceiver<Input>,
@@ -523,6 +548,8 @@ async fn route_loop(
         if core.poll_timeout().is_some_and(|t| t <= now) {
             core.handle(now, Input::Tick, &mut out);
         }
+        recorder.record(&core, &out);
+        recorder.refresh(now, &core);
         let mut batch = Batch::default();
         for o in out.drain(..) {
             match o {

@@ -204,6 +204,11 @@ impl Store {
         })
     }
 
+    /// Bytes in the write-ahead log now (it is emptied at each checkpoint).
+    pub fn log_bytes(&self) -> u64 {
+        self.wal.len()
+    }
+
     /// Makes records durable as one commit: appended to the log and synced, then
     /// applied to redb. Of several state records of one job only the last is
     /// written: a job queued and assigned in the same group costs one write.

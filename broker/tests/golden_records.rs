@@ -42,6 +42,7 @@ fn records() -> Vec<(&'static str, Vec<u8>)> {
             free_vram_mb: 20_000,
             utilization_pct: None,
             temperature_c: None,
+            power_mw: None,
             unified_memory: false,
             source: GpuSource::Config,
         },

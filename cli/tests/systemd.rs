@@ -53,7 +53,7 @@ fn every_unit_passes_systemd_analyze_verify() {
     let cfg = s.path().join("kiln.toml");
     std::fs::write(
         &cfg,
-        "[broker]\nallowed_networks = [\"10.20.0.0/16\", \"fd00::/64\"]\n",
+        "[broker]\nallowed_networks = [\"10.20.0.0/16\", \"fd00::/64\"]\nmetrics_listen = \"10.20.0.1:9470\"\nmetrics_allowed_networks = [\"10.30.0.5/32\", \"10.20.0.0/16\"]\n",
     )
     .unwrap();
     let fence = Command::new(bin("kiln"))
@@ -68,7 +68,7 @@ fn every_unit_passes_systemd_analyze_verify() {
     );
     let dropin = String::from_utf8(fence.stdout).unwrap();
     assert!(
-        dropin.contains("IPAddressAllow=10.20.0.0/16 fd00::/64"),
+        dropin.contains("IPAddressAllow=10.20.0.0/16 fd00::/64 10.30.0.5/32\n"),
         "{dropin}"
     );
     let dropin_dir = dir.join("kiln-broker.service.d");

@@ -141,6 +141,14 @@ pub struct BrokerConfig {
     /// Lets the broker bind a non-loopback address without CURVE: only for a
     /// network fenced to trusted hosts (`allowed_networks`).
     pub allow_insecure_network: bool,
+    /// `ip:port` of the HTTP listener serving Prometheus metrics at `/metrics`
+    /// (text format 0.0.4; see docs/metrics.md). Loopback by default; `""` turns
+    /// it off. Served by its own task, never by the broker's event loop.
+    pub metrics_listen: String,
+    /// Networks (CIDR) of the Prometheus servers that scrape a non-loopback
+    /// `metrics_listen`; `kiln config fence` adds them to the unit's fence.
+    #[schemars(example = ["10.30.0.5/32"])]
+    pub metrics_allowed_networks: Vec<String>,
 }
 
 impl Default for BrokerConfig {
@@ -174,6 +182,8 @@ impl Default for BrokerConfig {
             curve_client_keys: Vec::new(),
             curve_worker_keys: Vec::new(),
             allow_insecure_network: false,
+            metrics_listen: DEFAULT_BROKER_METRICS.into(),
+            metrics_allowed_networks: Vec::new(),
         }
     }
 }
@@ -248,6 +258,11 @@ pub struct WorkerConfig {
     pub comfyui: ComfyUiConfig,
     /// The Wan2GP backend (`[worker.wan2gp]`).
     pub wan2gp: Wan2gpConfig,
+    /// `ip:port` of the HTTP listener serving Prometheus metrics at `/metrics`
+    /// (see docs/metrics.md); `""` turns it off. Unset: `127.0.0.1:9480` plus the
+    /// GPU index, so the workers of one box never collide.
+    #[schemars(example = &"127.0.0.1:9480")]
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -270,8 +285,53 @@ impl Default for WorkerConfig {
             sim: SimConfig::default(),
             comfyui: ComfyUiConfig::default(),
             wan2gp: Wan2gpConfig::default(),
+            metrics_listen: None,
         }
     }
+}
+
+/// The broker's default Prometheus endpoint.
+pub const DEFAULT_BROKER_METRICS: &str = "127.0.0.1:9470";
+/// The first worker's default Prometheus port; the worker of GPU n adds n.
+pub const DEFAULT_WORKER_METRICS_PORT: u16 = 9480;
+
+impl WorkerConfig {
+    /// Where this worker serves its metrics: `None` when turned off.
+    pub fn metrics_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        match &self.metrics_listen {
+            None => {
+                let port = DEFAULT_WORKER_METRICS_PORT as u32 + self.gpu.index;
+                match u16::try_from(port) {
+                    Ok(port) => Ok(Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)))),
+                    Err(_) => invalid(
+                        "worker.metrics_listen",
+                        &format!("the default port {DEFAULT_WORKER_METRICS_PORT} + GPU index {} is over 65535: set it", self.gpu.index),
+                    ),
+                }
+            }
+            Some(s) => metrics_addr("worker.metrics_listen", s),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Where the broker serves its metrics: `None` when turned off.
+    pub fn metrics_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        metrics_addr("broker.metrics_listen", &self.metrics_listen)
+    }
+}
+
+/// Parses a metrics listener address (`""` = off).
+fn metrics_addr(key: &str, s: &str) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).or_else(|_| {
+        invalid(
+            key,
+            &format!("{s:?} is not an address like 127.0.0.1:9470 or [::1]:9470 (\"\" turns metrics off)"),
+        )
+    })
 }
 
 /// Which GPU a worker drives, and what to report when NVML cannot say.
@@ -529,6 +589,15 @@ impl KilnConfig {
                 "max_connections and max_connections_per_address must be at least 1",
             );
         }
+        b.metrics_addr()?;
+        for net in &b.metrics_allowed_networks {
+            if !is_cidr(net) {
+                return invalid(
+                    "broker.metrics_allowed_networks",
+                    &format!("{net:?} is not a network like 10.0.0.0/24 or fd00::/64"),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -556,6 +625,7 @@ impl KilnConfig {
         if self.worker.backends.is_empty() {
             return invalid("worker.backends", "list at least one backend");
         }
+        self.worker.metrics_addr()?;
         if self.worker.sim.max_side < 8 {
             return invalid("worker.sim.max_side", "must be at least 8");
         }
@@ -907,6 +977,11 @@ mod tests {
             let broker = KilnConfig::load(&[dir.join("multi-host/broker.toml")])
                 .expect("multi-host/broker.toml");
             assert_eq!(broker.broker.allowed_networks, ["10.20.0.0/16"]);
+            assert_eq!(broker.broker.metrics_allowed_networks, ["10.30.0.5/32"]);
+            assert_eq!(
+                broker.broker.metrics_addr().unwrap().map(|a| a.port()),
+                Some(9470)
+            );
             assert!(!is_loopback_endpoint(&broker.broker.frontend));
             let worker = KilnConfig::load(&[dir.join("multi-host/worker.toml")])
                 .expect("multi-host/worker.toml");
@@ -926,8 +1001,36 @@ mod tests {
             assert_eq!(per_gpu.worker.id.as_deref(), Some("box1-gpu1"));
             assert_eq!(per_gpu.worker.labels, ["rtx4090", "fast"]);
             assert_eq!(per_gpu.worker.comfyui.port, 8189);
+            assert_eq!(
+                per_gpu
+                    .worker
+                    .metrics_addr()
+                    .unwrap()
+                    .map(|a| a.to_string()),
+                Some("10.20.0.2:9481".into())
+            );
             Ok(())
         });
+    }
+
+    #[test]
+    fn metrics_listen_defaults_to_loopback_per_gpu_and_errors_name_the_key() {
+        let mut c = KilnConfig::default();
+        let broker = c.broker.metrics_addr().unwrap().unwrap();
+        assert!(broker.ip().is_loopback(), "{broker}");
+        c.worker.gpu.index = 3;
+        let worker = c.worker.metrics_addr().unwrap().unwrap();
+        assert!(worker.ip().is_loopback());
+        assert_eq!(worker.port(), DEFAULT_WORKER_METRICS_PORT + 3);
+        c.worker.metrics_listen = Some(String::new());
+        assert_eq!(c.worker.metrics_addr().unwrap(), None, "\"\" turns it off");
+        c.broker.metrics_listen = "localhost".into();
+        let err = c.clone().validated().unwrap_err().to_string();
+        assert!(err.contains("broker.metrics_listen"), "{err}");
+        c.broker.metrics_listen = "0.0.0.0:9470".into();
+        c.broker.metrics_allowed_networks = vec!["prometheus".into()];
+        let err = c.validated().unwrap_err().to_string();
+        assert!(err.contains("broker.metrics_allowed_networks"), "{err}");
     }
 
     #[test]

@@ -51,6 +51,10 @@ pub struct GpuInfo {
     pub utilization_pct: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature_c: Option<u32>,
+    /// Power draw in milliwatts (NVML `nvmlDeviceGetPowerUsage`); absent when the
+    /// GPU or the driver cannot say, and from workers older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_mw: Option<u32>,
     /// Memory shared with the CPU (DGX Spark GB10, Jetson): VRAM figures come from
     /// system memory.
     #[serde(default)]
@@ -141,6 +145,9 @@ pub struct Heartbeat {
     pub utilization_pct: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature_c: Option<u32>,
+    /// Power draw in milliwatts, as in [`GpuInfo::power_mw`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_mw: Option<u32>,
     /// The attempt this worker holds: running, or finished but not yet
     /// acknowledged. An assignment the worker does not name here within two
     /// heartbeats was lost on the way and is requeued.

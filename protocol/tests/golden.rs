@@ -6,7 +6,9 @@
 //! earlier files in a folder named after their release: every folder, old ones
 //! included, must keep decoding with this version's types (docs/protocol.md,
 //! "Compatibility"). `0.1.0-dc6b6c9/` was written by the release before the contract
-//! of issue #12 (main at dc6b6c9), the previous release's peers as they speak.
+//! of issue #12 (main at dc6b6c9), the previous release's peers as they speak;
+//! `0.1.0-6910ff2/` holds the three messages as they were before `power_mw` (main
+//! at 6910ff2), which must keep decoding.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -113,6 +115,7 @@ fn gpu() -> GpuInfo {
         free_vram_mb: 20_000,
         utilization_pct: Some(3),
         temperature_c: Some(40),
+        power_mw: Some(61_500),
         unified_memory: false,
         source: GpuSource::Nvml,
     }
@@ -356,6 +359,7 @@ fn worker_messages() -> Vec<(&'static str, WorkerMessage)> {
                 free_vram_mb: 20_000,
                 utilization_pct: Some(90),
                 temperature_c: Some(70),
+                power_mw: Some(402_300),
                 current: Some(job_ref()),
                 loaded_model: Some("sim-xl".into()),
                 healthy: true,

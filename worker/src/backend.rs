@@ -5,7 +5,8 @@
 //! [`CancellationToken`] to honour, and returns its outputs as files or bytes.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use kiln_protocol::worker::{GpuInfo, ModelEntry};
@@ -129,17 +130,102 @@ pub trait Backend: Send + Sync {
     async fn shutdown(&self) {}
 }
 
+/// A stretch of an attempt on the generator, timed for the worker's
+/// `kiln_worker_job_phase_seconds` metric. A backend marks the phases it has
+/// ([`ProgressSink::enter`]); time outside any phase (preparing, checking the
+/// workflow, encoding the sim's PNG) is not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Sending the job's inputs to the generator (ComfyUI's `/upload/image`).
+    Upload,
+    /// Waiting in the generator's own queue until it starts the job.
+    Queued,
+    /// The generator runs the job: model loads and sampling steps.
+    Sampling,
+    /// Fetching the outputs from the generator (ComfyUI's `/view`).
+    Download,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 4] = [
+        Phase::Upload,
+        Phase::Queued,
+        Phase::Sampling,
+        Phase::Download,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Upload => "upload",
+            Phase::Queued => "queued",
+            Phase::Sampling => "sampling",
+            Phase::Download => "download",
+        }
+    }
+}
+
+/// The phases an attempt went through, with their durations.
+#[derive(Debug, Default)]
+struct PhaseClock {
+    open: Option<(Phase, Instant)>,
+    done: Vec<(Phase, Duration)>,
+}
+
+impl PhaseClock {
+    fn close(&mut self, now: Instant) {
+        if let Some((phase, since)) = self.open.take() {
+            self.done
+                .push((phase, now.saturating_duration_since(since)));
+        }
+    }
+}
+
 /// A backend's progress reports. Only the latest value matters: the runner sends
-/// at most ten a second to the broker, always the newest.
+/// at most ten a second to the broker, always the newest. It also times the
+/// attempt's [`Phase`]s.
 #[derive(Clone)]
 pub struct ProgressSink {
     tx: Arc<watch::Sender<Option<Progress>>>,
+    phases: Arc<Mutex<PhaseClock>>,
 }
 
 impl ProgressSink {
     pub fn new() -> (ProgressSink, watch::Receiver<Option<Progress>>) {
         let (tx, rx) = watch::channel(None);
-        (ProgressSink { tx: Arc::new(tx) }, rx)
+        (
+            ProgressSink {
+                tx: Arc::new(tx),
+                phases: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    /// The attempt enters `phase`, which ends the phase it was in. Entering the
+    /// phase it is already in changes nothing.
+    pub fn enter(&self, phase: Phase) {
+        let mut clock = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        if clock.open.is_some_and(|(p, _)| p == phase) {
+            return;
+        }
+        let now = Instant::now();
+        clock.close(now);
+        clock.open = Some((phase, now));
+    }
+
+    /// The attempt leaves its phase (nothing timed until the next [`enter`]).
+    ///
+    /// [`enter`]: ProgressSink::enter
+    pub fn leave(&self) {
+        let mut clock = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        clock.close(Instant::now());
+    }
+
+    /// Ends the open phase and returns every phase timed so far, in order.
+    pub fn take_phases(&self) -> Vec<(Phase, Duration)> {
+        let mut clock = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        clock.close(Instant::now());
+        std::mem::take(&mut clock.done)
     }
 
     pub fn report(&self, progress: Progress) {
@@ -203,5 +289,33 @@ pub fn str_param<'a>(spec: &'a JobSpec, key: &str) -> Result<Option<&'a str>, Jo
             format!("params.{key} must be a string, got {v}"),
             false,
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_are_timed_in_order_and_reentering_one_is_a_no_op() {
+        let (sink, _rx) = ProgressSink::new();
+        sink.enter(Phase::Upload);
+        sink.enter(Phase::Queued);
+        sink.enter(Phase::Queued);
+        sink.enter(Phase::Sampling);
+        sink.leave();
+        sink.leave();
+        sink.enter(Phase::Download);
+        let phases: Vec<Phase> = sink.take_phases().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(
+            phases,
+            [
+                Phase::Upload,
+                Phase::Queued,
+                Phase::Sampling,
+                Phase::Download
+            ]
+        );
+        assert!(sink.take_phases().is_empty(), "taken once");
     }
 }

@@ -37,6 +37,9 @@ pub struct DeviceReading {
     pub memory: MemoryReading,
     pub utilization_pct: Option<u32>,
     pub temperature_c: Option<u32>,
+    /// Power draw in milliwatts (`nvmlDeviceGetPowerUsage`; not every GPU has a
+    /// sensor).
+    pub power_mw: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -110,6 +113,7 @@ impl GpuSource for NvmlSource {
             memory,
             utilization_pct: d.utilization_rates().ok().map(|u| u.gpu),
             temperature_c: d.temperature(TemperatureSensor::Gpu).ok(),
+            power_mw: d.power_usage().ok(),
         })
     }
 
@@ -347,6 +351,7 @@ impl GpuProbe {
                 free_vram_mb: free.min(total_vram_mb),
                 utilization_pct: r.utilization_pct,
                 temperature_c: r.temperature_c,
+                power_mw: r.power_mw,
                 unified_memory: unified,
                 source: Source::Nvml,
             });
@@ -367,6 +372,7 @@ impl GpuProbe {
                 free_vram_mb: free,
                 utilization_pct: None,
                 temperature_c: None,
+                power_mw: None,
                 unified_memory: unified,
                 source: Source::Config,
             });
@@ -393,6 +399,7 @@ impl GpuProbe {
             free_vram_mb: total,
             utilization_pct: None,
             temperature_c: None,
+            power_mw: None,
             unified_memory: false,
             source: Source::None,
         }
@@ -420,6 +427,7 @@ mod tests {
             memory,
             utilization_pct: Some(3),
             temperature_c: Some(41),
+            power_mw: Some(87_250),
         }
     }
 
@@ -451,6 +459,7 @@ mod tests {
         );
         assert_eq!(g.source, Source::Nvml);
         assert_eq!(g.temperature_c, Some(41));
+        assert_eq!(g.power_mw, Some(87_250));
     }
 
     #[test]

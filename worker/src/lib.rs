@@ -4,10 +4,12 @@
 //! - [`backend`]: the trait every generator implements.
 //! - [`backends`]: sim (built in), ComfyUI, Wan2GP.
 //! - [`runner`]: the broker connection, heartbeats, one job at a time, uploads.
+//! - [`metrics`]: the worker's Prometheus metrics (GPU, backends, job phases).
 
 pub mod backend;
 pub mod backends;
 pub mod gpu;
+pub mod metrics;
 pub mod runner;
 
 use std::sync::Arc;

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, JobRun, OutputData, ProgressSink, RunError};
 use crate::gpu::{GpuError, GpuProbe};
+use crate::metrics::WorkerMetrics;
 
 /// How long a stopping worker waits for its running job to stop on the
 /// generator (a ComfyUI prompt interrupted, a Wan2GP job cancelled) before it
@@ -83,6 +84,7 @@ pub struct Worker {
     backends: Vec<Arc<dyn Backend>>,
     probe: Arc<GpuProbe>,
     instance: String,
+    metrics: Arc<WorkerMetrics>,
 }
 
 /// Prepared outputs and outcome of a finished attempt, kept until acknowledged.
@@ -121,6 +123,7 @@ impl Worker {
         probe: GpuProbe,
     ) -> Worker {
         Worker {
+            metrics: Arc::new(WorkerMetrics::new(&settings.worker_id)),
             settings,
             backends,
             probe: Arc::new(probe),
@@ -130,6 +133,21 @@ impl Worker {
 
     pub fn settings(&self) -> &WorkerSettings {
         &self.settings
+    }
+
+    /// The worker's metrics, to serve with [`kiln_metrics::serve`].
+    pub fn metrics(&self) -> Arc<WorkerMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Updates the metrics from a status and the models the backends hold.
+    fn record_status(&self, status: &Status) {
+        let loaded: Vec<_> = self
+            .backends
+            .iter()
+            .map(|b| (b.kind(), b.loaded_model()))
+            .collect();
+        self.metrics.update(status, &loaded);
     }
 
     /// Reads the GPU and asks every backend for health and inventory. The worker
@@ -190,6 +208,7 @@ impl Worker {
         })?;
         remove_stale_attempts(&self.settings.work_dir);
         let this = Arc::new(self);
+        this.record_status(&first);
         let (status_tx, status_rx) = watch::channel(first);
         tokio::spawn(sample_status(this.clone(), status_tx, shutdown.clone()));
         let (done_tx, done_rx) = mpsc::channel::<Done>(4);
@@ -299,6 +318,7 @@ async fn sample_status(
             }
             status.healthy = status.backends.iter().any(|b| b.healthy);
         }
+        worker.record_status(&status);
         tx.send_if_modified(|s| {
             let changed = *s != status;
             *s = status;
@@ -563,6 +583,7 @@ impl Session {
             free_vram_mb: status.gpu.free_vram_mb,
             utilization_pct: status.gpu.utilization_pct,
             temperature_c: status.gpu.temperature_c,
+            power_mw: status.gpu.power_mw,
             current: self
                 .running
                 .as_ref()
@@ -638,6 +659,7 @@ impl Session {
             sink,
             cancel,
             self.done_tx.clone(),
+            self.worker.metrics.clone(),
         ));
         Ok(())
     }
@@ -783,7 +805,9 @@ async fn run_job(
     sink: ProgressSink,
     cancel: CancellationToken,
     done: mpsc::Sender<Done>,
+    metrics: Arc<WorkerMetrics>,
 ) {
+    let kind = spec.backend;
     let run = JobRun {
         job_id: r.job_id,
         attempt: r.attempt,
@@ -792,7 +816,7 @@ async fn run_job(
         work_dir: work_dir.clone(),
     };
     // A panicking backend must fail the attempt, not the worker.
-    let result = match AssertUnwindSafe(backend.run(run, sink, cancel))
+    let result = match AssertUnwindSafe(backend.run(run, sink.clone(), cancel))
         .catch_unwind()
         .await
     {
@@ -825,6 +849,12 @@ async fn run_job(
         Err(RunError::Cancelled) => (Outcome::Cancelled, Vec::new()),
         Err(RunError::Failed(error)) => (Outcome::Failed { error }, Vec::new()),
     };
+    let outcome_name = match &outcome {
+        Outcome::Succeeded { .. } => "succeeded",
+        Outcome::Failed { .. } => "failed",
+        Outcome::Cancelled => "cancelled",
+    };
+    metrics.attempt_done(kind, outcome_name, &sink.take_phases());
     match &outcome {
         Outcome::Succeeded { outputs, .. } => {
             tracing::info!(job = %r.job_id, attempt = r.attempt, outputs = outputs.len(), "succeeded")

@@ -51,6 +51,17 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let settings = BrokerSettings::from_config(&cfg)?;
+    // Its own task, reading the registry: the broker's loop never serves it.
+    let _metrics = match cfg.broker.metrics_addr()? {
+        Some(addr) => {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "broker.metrics_listen is not loopback: anyone who reaches it can read the fleet's figures; fence it (broker.metrics_allowed_networks, `kiln config fence`)");
+            }
+            let registry = settings.metrics.registry();
+            Some(kiln_metrics::serve(addr, "broker.metrics_listen", registry).await?)
+        }
+        None => None,
+    };
     let mut broker = Broker::start(settings)
         .await
         .context("starting the broker")?;

@@ -40,6 +40,9 @@ impl Core {
             job.finished_ms = Some(now_ms);
             self.stats.count_finished(state);
         }
+        if old == JobState::Running && state == JobState::Queued {
+            self.stats.requeues += 1;
+        }
         job.state = state;
         let note = note.into();
         job.record(now_ms, note.clone());
@@ -293,6 +296,9 @@ impl Core {
             return;
         }
         if error.retryable && job.attempts_used() < job.max_attempts {
+            if error.kind == FailureKind::OutOfMemory {
+                self.stats.oom_retries += 1;
+            }
             let note = format!("attempt {attempt} failed, requeued: {}", error.message);
             tracing::info!(job = %id, attempt, "{note}");
             job.worker = None;

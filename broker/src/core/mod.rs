@@ -202,7 +202,7 @@ struct Session {
     last_seen_ms: u64,
 }
 
-/// Counters for `health`.
+/// Counters for `health` and the metrics (which the shell reads after `handle`).
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
     pub protocol_errors: u64,
@@ -211,6 +211,15 @@ pub struct Stats {
     pub failed: u64,
     pub cancelled: u64,
     pub stale_results: u64,
+    /// Running jobs put back in line (a retryable failure, a lost worker).
+    pub requeues: u64,
+    /// Out-of-memory failures requeued for another attempt (on a GPU with more
+    /// memory, or one setting lower).
+    pub oom_retries: u64,
+    /// Of those, the ones retried one setting lower (no bigger GPU in the fleet).
+    pub degrades: u64,
+    /// Times a worker reported a different model loaded than before.
+    pub model_loads: u64,
 }
 
 /// Hashes job ids, which the broker itself hands out (so they need no protection
@@ -320,6 +329,20 @@ impl Core {
 
     pub fn workers(&self) -> &Registry {
         &self.workers
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// Bytes of stored artifacts.
+    pub fn artifact_bytes(&self) -> u64 {
+        self.artifact_bytes
+    }
+
+    /// Client connections that said `hello` and were not forgotten.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
     }
 
     /// Reacts to one input. Outputs are appended to `out` in the order they must

@@ -219,6 +219,21 @@ impl Queue {
         }
     }
 
+    /// How many jobs wait per (backend, priority), for the queue-depth metric:
+    /// O(clients × classes), not O(jobs).
+    pub fn depths(&self) -> HashMap<(Backend, i8), usize> {
+        let mut depths = HashMap::new();
+        for (Reverse(priority), level) in &self.levels {
+            for lanes in level.lanes.values() {
+                for (class, q) in &lanes.by_class {
+                    let backend = self.classes[*class as usize].backend;
+                    *depths.entry((backend, *priority)).or_insert(0) += q.len();
+                }
+            }
+        }
+        depths
+    }
+
     /// Every queued job's id with its slot, highest priority first (for queue
     /// positions and debugging; O(n)).
     pub fn iter(&self) -> impl Iterator<Item = (JobId, Slot)> + '_ {
@@ -280,10 +295,15 @@ mod tests {
             push(&mut q, id, &b, 0);
         }
         push(&mut q, 7, &b, 5);
+        let depths = q.depths();
+        assert_eq!(depths.get(&(Backend::Sim, 0)), Some(&6));
+        assert_eq!(depths.get(&(Backend::Sim, 5)), Some(&1));
+        assert_eq!(depths.len(), 2);
         let order: Vec<u64> = std::iter::from_fn(|| q.pop_for(|_| true))
             .map(|j| j.0)
             .collect();
         assert_eq!(order, [7, 1, 5, 2, 6, 3, 4]);
+        assert!(q.depths().is_empty());
         assert!(q.is_empty());
     }
 

@@ -127,7 +127,11 @@ impl Core {
         };
         let peer = self.workers.get(idx).peer.clone();
         if f.loaded_model.is_some() {
-            self.workers.get_mut(idx).loaded_model = f.loaded_model.clone();
+            let w = self.workers.get_mut(idx);
+            if w.loaded_model != f.loaded_model {
+                self.stats.model_loads += 1;
+            }
+            w.loaded_model = f.loaded_model.clone();
         }
         if !self.is_current(idx, r) {
             self.stats.stale_results += 1;
@@ -241,6 +245,7 @@ impl Core {
                 let retries = job.attempts_used() < job.max_attempts;
                 if job.spec.allow_degrade && job.degrade < MAX_DEGRADE && retries {
                     job.degrade += 1;
+                    self.stats.degrades += 1;
                     return JobError::new(
                         FailureKind::OutOfMemory,
                         format!(

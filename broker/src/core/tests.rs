@@ -136,6 +136,7 @@ impl Sim {
                 free_vram_mb: 1000,
                 utilization_pct: None,
                 temperature_c: None,
+                power_mw: None,
                 current,
                 loaded_model: None,
                 healthy: true,
@@ -332,6 +333,8 @@ fn heartbeat_loss_requeues_the_job_on_another_worker() {
         moved.extend(sim.advance(HB));
     }
     assert_eq!(assigns(&moved), [("w2".to_string(), job, 2)]);
+    assert_eq!(sim.core.stats().requeues, 1);
+    assert_eq!(sim.core.stats().oom_retries, 0);
     let snap = sim.core.job(job).unwrap().snapshot(true);
     assert!(
         snap.history
@@ -1063,6 +1066,12 @@ fn out_of_memory_on_the_last_attempt_promises_no_lower_setting() {
     let err = snap.error.unwrap();
     assert!(!err.message.contains("level 3"), "{}", err.message);
     assert!(!err.message.contains("retrying"), "{}", err.message);
+    // The metrics' counters: two OOM requeues, both one setting lower.
+    let stats = sim.core.stats();
+    assert_eq!(
+        (stats.oom_retries, stats.degrades, stats.requeues),
+        (2, 2, 2)
+    );
 }
 
 #[test]

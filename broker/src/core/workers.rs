@@ -53,8 +53,12 @@ impl Core {
                 gpu.free_vram_mb = h.free_vram_mb;
                 gpu.utilization_pct = h.utilization_pct.or(gpu.utilization_pct);
                 gpu.temperature_c = h.temperature_c.or(gpu.temperature_c);
+                gpu.power_mw = h.power_mw.or(gpu.power_mw);
                 w.set_total_vram(gpu);
                 if h.loaded_model.is_some() {
+                    if h.loaded_model != w.loaded_model {
+                        self.stats.model_loads += 1;
+                    }
                     w.loaded_model = h.loaded_model;
                 }
                 let was_healthy = w.healthy;

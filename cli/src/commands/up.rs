@@ -1,11 +1,14 @@
 //! `kiln up`: a broker and one worker per GPU on this box, in one process.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use kiln_broker::{Broker, BrokerSettings};
 use kiln_config::KilnConfig;
+use kiln_metrics::prometheus_client::registry::Registry;
 use kiln_protocol::Backend;
 use kiln_worker::gpu::GpuProbe;
 use tokio::task::JoinHandle;
@@ -26,6 +29,8 @@ pub struct Local {
     pub broker: Broker,
     pub workers: Vec<JoinHandle<()>>,
     pub stop: CancellationToken,
+    /// Each worker's metrics and where its config says to serve them.
+    pub worker_metrics: Vec<(Option<SocketAddr>, Arc<Registry>)>,
 }
 
 impl Local {
@@ -37,9 +42,11 @@ impl Local {
             .context("starting the broker")?;
         let stop = CancellationToken::new();
         let mut handles = Vec::new();
+        let mut worker_metrics = Vec::new();
         for mut wcfg in workers {
             wcfg.worker.broker = broker.endpoints().backend.clone();
             let worker = kiln_worker::build(&wcfg)?;
+            worker_metrics.push((wcfg.worker.metrics_addr()?, worker.metrics().registry()));
             let status = worker
                 .status()
                 .await
@@ -56,6 +63,7 @@ impl Local {
             broker,
             workers: handles,
             stop,
+            worker_metrics,
         })
     }
 
@@ -142,6 +150,25 @@ pub async fn run(cfg: KilnConfig, args: UpArgs) -> anyhow::Result<()> {
         ep.backend,
         ep.events.as_deref().unwrap_or("closed")
     );
+    // Prometheus metrics, as the daemons serve them (docs/metrics.md).
+    let mut servers = Vec::new();
+    if let Some(addr) = cfg.broker.metrics_addr()? {
+        let registry = local.broker.metrics().registry();
+        servers.push(kiln_metrics::serve(addr, "broker.metrics_listen", registry).await?);
+    }
+    for (addr, registry) in &local.worker_metrics {
+        if let Some(addr) = addr {
+            servers
+                .push(kiln_metrics::serve(*addr, "worker.metrics_listen", registry.clone()).await?);
+        }
+    }
+    if !servers.is_empty() {
+        let urls: Vec<String> = servers
+            .iter()
+            .map(|s| format!("http://{}/metrics", s.addr()))
+            .collect();
+        println!("metrics: {}", urls.join(" "));
+    }
     println!("press Ctrl-C to stop");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -298,6 +298,8 @@ pub struct Broker {
     pub frontend: String,
     pub backend: String,
     pub events: String,
+    /// `http://127.0.0.1:<port>/metrics`, the broker's Prometheus endpoint.
+    pub metrics_url: String,
     pub dir: PathBuf,
     pub config: PathBuf,
     pub opts: BrokerOpts,
@@ -324,13 +326,14 @@ impl Scratch {
 
     /// Starts a broker and waits until it answers.
     pub async fn broker(&self, opts: BrokerOpts) -> Broker {
-        let (f, b, e) = (free_port(), free_port(), free_port());
+        let (f, b, e, m) = (free_port(), free_port(), free_port(), free_port());
         let dir = self.path().join(format!("broker-{f}"));
         std::fs::create_dir_all(&dir).expect("broker dir");
         let mut toml = String::from("[broker]\n");
         let _ = writeln!(toml, "frontend = \"tcp://127.0.0.1:{f}\"");
         let _ = writeln!(toml, "backend = \"tcp://127.0.0.1:{b}\"");
         let _ = writeln!(toml, "events = \"tcp://127.0.0.1:{e}\"");
+        let _ = writeln!(toml, "metrics_listen = \"127.0.0.1:{m}\"");
         let state_dir = opts.state_dir.clone().unwrap_or_else(|| dir.join("state"));
         let _ = writeln!(toml, "state_dir = \"{}\"", state_dir.display());
         let _ = writeln!(toml, "durable = {}", opts.durable);
@@ -363,6 +366,7 @@ impl Scratch {
             frontend: format!("tcp://127.0.0.1:{f}"),
             backend: format!("tcp://127.0.0.1:{b}"),
             events: format!("tcp://127.0.0.1:{e}"),
+            metrics_url: format!("http://127.0.0.1:{m}/metrics"),
             dir,
             config,
             opts,
@@ -406,6 +410,9 @@ impl Scratch {
         let _ = writeln!(toml, "broker = \"{}\"", broker.backend);
         let _ = writeln!(toml, "heartbeat_ms = {}", broker.opts.heartbeat_ms);
         let _ = writeln!(toml, "work_dir = \"{}\"", dir.join("work").display());
+        // A port of its own (the default, 9480 + GPU index, would collide between
+        // test workers); a test that scrapes it sets KILN_WORKER__METRICS_LISTEN.
+        let _ = writeln!(toml, "metrics_listen = \"127.0.0.1:{}\"", free_port());
         let backends: Vec<String> = opts.backends.iter().map(|b| format!("\"{b}\"")).collect();
         let _ = writeln!(toml, "backends = [{}]", backends.join(", "));
         let labels: Vec<String> = opts.labels.iter().map(|b| format!("\"{b}\"")).collect();

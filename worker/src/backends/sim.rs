@@ -235,10 +235,12 @@ impl Backend for SimBackend {
             }
         }
 
+        progress.enter(Phase::Sampling);
         for step in 1..=steps {
             sleep_or_cancel(Duration::from_millis(step_ms), &cancel).await?;
             progress.step(step, steps, 0.0, 95.0, format!("sampling {step}/{steps}"));
         }
+        progress.leave();
         if cancel.is_cancelled() {
             return Err(RunError::Cancelled);
         }

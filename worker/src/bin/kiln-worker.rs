@@ -48,6 +48,14 @@ async fn main() -> anyhow::Result<()> {
     }
     let cfg = cfg.validated()?;
     let worker = kiln_worker::build(&cfg)?;
+    // Bound before the GPU probe so a taken port fails the start at once.
+    let _metrics = match cfg.worker.metrics_addr()? {
+        Some(addr) => {
+            let registry = worker.metrics().registry();
+            Some(kiln_metrics::serve(addr, "worker.metrics_listen", registry).await?)
+        }
+        None => None,
+    };
     let status = worker.status().await.context("probing the GPU")?;
     tracing::info!(
         worker = %worker.settings().worker_id,

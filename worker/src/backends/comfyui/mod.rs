@@ -361,6 +361,9 @@ impl ComfyUiBackend {
                         if data.get("prompt_id").and_then(Value::as_str) != Some(prompt_id) {
                             continue;
                         }
+                        // Any event of this prompt means ComfyUI took it up
+                        // (`execution_start` first, unless that one was lost).
+                        progress.enter(Phase::Sampling);
                         if kind == "executing" && data.get("node").is_some_and(Value::is_null) {
                             // Over; the history entry is written before this event.
                             true
@@ -754,7 +757,11 @@ impl ComfyUiBackend {
         let started = Instant::now();
         self.wait_ready(&cancel, &progress).await?;
         progress.stage(0.0, "preparing the workflow");
+        if !job.spec.inputs.is_empty() {
+            progress.enter(Phase::Upload);
+        }
         let uploaded = self.upload_inputs(&job).await?;
+        progress.leave();
         let (source, prepared) = self.prepare(&job, &uploaded)?;
         for p in &prepared.ignored {
             tracing::debug!(job = %job.job_id, param = %p, "parameter not used by {source}");
@@ -792,6 +799,7 @@ impl ComfyUiBackend {
         }
         tracing::info!(job = %job.job_id, prompt_id, source, "queued on ComfyUI");
         progress.stage(0.0, "queued in ComfyUI");
+        progress.enter(Phase::Queued);
         let entry = self
             .follow(&prompt_id, &mut rx, &mut tracker, &progress, &cancel)
             .await?;
@@ -819,7 +827,9 @@ impl ComfyUiBackend {
         if let Some(model) = &prepared.model {
             *self.loaded.lock().expect("not poisoned") = Some(model.clone());
         }
+        progress.enter(Phase::Download);
         let outputs = self.download(&job, &entry, &progress).await?;
+        progress.leave();
         if outputs.is_empty() {
             return Err(failed(
                 FailureKind::Backend,

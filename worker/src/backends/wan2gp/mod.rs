@@ -443,7 +443,11 @@ impl Backend for Wan2gpBackend {
                 false,
             )));
         }
+        if !job.spec.inputs.is_empty() {
+            progress.enter(Phase::Upload);
+        }
         let image = self.write_input(&job).await?;
+        progress.leave();
         let key = format!("{}-{}", job.job_id, job.attempt);
         let plan = params::plan(&PlanInput {
             spec: &spec,
@@ -459,11 +463,15 @@ impl Backend for Wan2gpBackend {
         if let Some(note) = plan.info.get("adjusted").and_then(Value::as_str) {
             tracing::info!(job = %job.job_id, "{note}");
         }
-        let finished = match self
+        // Queued in the bridge until its first progress event (the mapper moves
+        // the phase on from there).
+        progress.enter(Phase::Queued);
+        let end = self
             .sup
             .run_job(key, plan.settings, progress.clone(), cancel)
-            .await
-        {
+            .await;
+        progress.leave();
+        let finished = match end {
             JobEnd::Done(f) => f,
             JobEnd::Failed(e) => return Err(RunError::Failed(e)),
             JobEnd::Cancelled => return Err(RunError::Cancelled),

@@ -6,7 +6,7 @@
 //! shares of the bar: loading 0-5 %, text encoding 5-10 %, denoising 10-90 %,
 //! VAE decoding 90-98 %, saving 98-99 %.
 
-use crate::backend::ProgressSink;
+use crate::backend::{Phase, ProgressSink};
 
 use super::protocol::ProgressMsg;
 
@@ -32,6 +32,11 @@ impl ProgressMapper {
         if phase == "loading_model" {
             self.loaded_model = true;
         }
+        self.sink.enter(if phase == "downloading_output" {
+            Phase::Download
+        } else {
+            Phase::Sampling
+        });
         let (from, to) = match phase {
             "loading_model" => (0.0, 5.0),
             "encoding_text" => (5.0, 10.0),
