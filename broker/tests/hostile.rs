@@ -183,16 +183,21 @@ async fn a_client_that_never_reads_is_dropped(kind: TransportKind, stall_log: &s
     let n = (2u64 << 30).div_ceil(art.size).min(40_000);
 
     let mut raw = Zmtp::connect(&broker.frontend, "DEALER").unwrap();
-    raw.send(&[b"KILN1", &pack(&json!({"type": "hello", "req_id": 0, "token": "tok"}))])
-        .unwrap();
+    raw.send(&[
+        b"KILN1",
+        &pack(&json!({"type": "hello", "req_id": 0, "token": "tok"})),
+    ])
+    .unwrap();
     let welcome = raw.recv().unwrap();
     assert!(matches!(
         reply(&welcome.into_iter().map(Bytes::from).collect::<Vec<_>>()),
         Reply::Welcome(_)
     ));
     let fetch = |req_id: u64| {
-        pack(&json!({"type": "fetch", "req_id": req_id, "artifact_id": art.id.to_string(),
-            "offset": 0, "max_len": art.size}))
+        pack(
+            &json!({"type": "fetch", "req_id": req_id, "artifact_id": art.id.to_string(),
+            "offset": 0, "max_len": art.size}),
+        )
     };
     for i in 1..=n {
         raw.send(&[b"KILN1", &fetch(i)]).unwrap();
@@ -210,7 +215,10 @@ async fn a_client_that_never_reads_is_dropped(kind: TransportKind, stall_log: &s
 
     // The silent client now reads: after what was queued, its session is gone
     // (or its connection, if the broker's ZMTP heartbeats timed out meanwhile).
-    let _ = raw.send(&[b"KILN1", &pack(&json!({"type": "list", "req_id": 999_999_999u64}))]);
+    let _ = raw.send(&[
+        b"KILN1",
+        &pack(&json!({"type": "list", "req_id": 999_999_999u64})),
+    ]);
     raw.stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
@@ -319,7 +327,10 @@ async fn libzmq_a_huge_subscription_closes_its_connection() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let mut buf = [0u8; 64];
-    let closed = matches!(std::io::Read::read(&mut big.stream, &mut buf), Ok(0) | Err(_));
+    let closed = matches!(
+        std::io::Read::read(&mut big.stream, &mut buf),
+        Ok(0) | Err(_)
+    );
     assert!(closed, "the connection stayed open");
     broker.client().ping().await.unwrap();
 }
@@ -365,39 +376,69 @@ async fn libzmq_connections_past_the_caps_are_closed() {
         .await;
     let client = broker.client();
     client.ping().await.unwrap();
-    let fds = || std::fs::read_dir(format!("/proc/{}/fd", broker.proc.pid())).unwrap().count();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", broker.proc.pid()))
+            .unwrap()
+            .count()
+    };
     let before = fds();
 
     let a = Ipv4Addr::new(127, 0, 0, 2);
-    let held: Vec<TcpStream> = (0..12).map(|_| connect_from(a, &broker.frontend).unwrap()).collect();
-    let open = eventually("connections over the per-address cap to close", Duration::from_secs(10), || {
-        let open = held.iter().filter(|s| !is_closed(s)).count();
-        async move { (open == 4).then_some(open) }
-    })
+    let held: Vec<TcpStream> = (0..12)
+        .map(|_| connect_from(a, &broker.frontend).unwrap())
+        .collect();
+    let open = eventually(
+        "connections over the per-address cap to close",
+        Duration::from_secs(10),
+        || {
+            let open = held.iter().filter(|s| !is_closed(s)).count();
+            async move { (open == 4).then_some(open) }
+        },
+    )
     .await;
     assert_eq!(open, 4);
     client.ping().await.unwrap();
 
     // From another address, only what the overall cap leaves (8, the client holds 1).
     let b = Ipv4Addr::new(127, 0, 0, 3);
-    let more: Vec<TcpStream> = (0..12).map(|_| connect_from(b, &broker.frontend).unwrap()).collect();
-    eventually("connections over the overall cap to close", Duration::from_secs(10), || {
-        let open = more.iter().filter(|s| !is_closed(s)).count();
-        async move { (open <= 3).then_some(()) }
-    })
+    let more: Vec<TcpStream> = (0..12)
+        .map(|_| connect_from(b, &broker.frontend).unwrap())
+        .collect();
+    eventually(
+        "connections over the overall cap to close",
+        Duration::from_secs(10),
+        || {
+            let open = more.iter().filter(|s| !is_closed(s)).count();
+            async move { (open <= 3).then_some(()) }
+        },
+    )
     .await;
-    assert!(fds() <= before + 8, "{} descriptors, {before} before", fds());
+    assert!(
+        fds() <= before + 8,
+        "{} descriptors, {before} before",
+        fds()
+    );
     log_line(&broker, "refused a connection: already holding the most").await;
-    let lines = broker.log().matches("refused a connection: already holding").count();
-    assert!(lines <= 2, "refusals are logged with a rate limit: {lines} lines");
+    let lines = broker
+        .log()
+        .matches("refused a connection: already holding")
+        .count();
+    assert!(
+        lines <= 2,
+        "refusals are logged with a rate limit: {lines} lines"
+    );
 
     // The held connections go away; a new one from the first address is let in.
     drop(held);
     drop(more);
-    eventually("a new connection from the capped address", Duration::from_secs(10), || async {
-        let z = Zmtp::handshake(connect_from(a, &broker.frontend).ok()?, "DEALER").ok()?;
-        (!is_closed(&z.stream)).then_some(())
-    })
+    eventually(
+        "a new connection from the capped address",
+        Duration::from_secs(10),
+        || async {
+            let z = Zmtp::handshake(connect_from(a, &broker.frontend).ok()?, "DEALER").ok()?;
+            (!is_closed(&z.stream)).then_some(())
+        },
+    )
     .await;
     client.ping().await.unwrap();
 }

@@ -9,7 +9,6 @@ use kiln_protocol::{Backend, ErrorCode, JobSpec, JobState, Reply, Task};
 use kiln_testkit::zmtp::Zmtp;
 use kiln_testkit::{recv_within, BrokerOpts, Scratch, TestKeys, WorkerOpts};
 
-
 fn job() -> JobSpec {
     JobSpec::new(Backend::Sim, Task::TextToImage)
         .param("prompt", "a kiln")

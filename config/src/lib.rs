@@ -61,7 +61,7 @@ pub struct KilnConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// `"zeromq"` (default) or `"libzmq"` (CURVE, bounded; the one to expose); see docs/security.md.
+    /// `"libzmq"` (default: CURVE, bounded, the one to expose) or `"zeromq"` (loopback or fenced networks only); see docs/security.md.
     pub transport: TransportKind,
     /// ROUTER for clients. Loopback by default; any other address needs CURVE
     /// (`curve_secret_key`) or an explicit `allow_insecure_network = true`.
@@ -218,7 +218,7 @@ pub struct WorkerConfig {
     /// Stable name, unique in the fleet; `<hostname>-gpu<index>` when unset.
     #[schemars(example = &"box1-gpu0")]
     pub id: Option<String>,
-    /// `"zeromq"` (default) or `"libzmq"`: the broker's.
+    /// `"libzmq"` (default) or `"zeromq"`: the broker's.
     pub transport: TransportKind,
     /// The broker's backend ROUTER.
     pub broker: String,
@@ -408,7 +408,7 @@ impl Default for SimConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
-    /// `"zeromq"` (default) or `"libzmq"`: the broker's.
+    /// `"libzmq"` (default) or `"zeromq"`: the broker's.
     pub transport: TransportKind,
     /// The broker's client ROUTER (`broker.frontend`).
     pub broker: String,

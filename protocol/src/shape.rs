@@ -103,15 +103,39 @@ pub fn check(body: &[u8], shape: &Shape) -> Result<(), ProtocolError> {
             0xd6 => skip = 5,
             0xd7 => skip = 9,
             0xd8 => skip = 17,
-            0xdc => container = Some((read_len(body, &mut at, 2).ok_or_else(|| truncated(&stack))?, false)),
-            0xdd => container = Some((read_len(body, &mut at, 4).ok_or_else(|| truncated(&stack))?, false)),
-            0xde => container = Some((read_len(body, &mut at, 2).ok_or_else(|| truncated(&stack))?, true)),
-            0xdf => container = Some((read_len(body, &mut at, 4).ok_or_else(|| truncated(&stack))?, true)),
+            0xdc => {
+                container = Some((
+                    read_len(body, &mut at, 2).ok_or_else(|| truncated(&stack))?,
+                    false,
+                ))
+            }
+            0xdd => {
+                container = Some((
+                    read_len(body, &mut at, 4).ok_or_else(|| truncated(&stack))?,
+                    false,
+                ))
+            }
+            0xde => {
+                container = Some((
+                    read_len(body, &mut at, 2).ok_or_else(|| truncated(&stack))?,
+                    true,
+                ))
+            }
+            0xdf => {
+                container = Some((
+                    read_len(body, &mut at, 4).ok_or_else(|| truncated(&stack))?,
+                    true,
+                ))
+            }
         }
         let left_bytes = (body.len() - at) as u64;
         if skip > 0 {
             if skip > left_bytes {
-                let what = if string { "a string" } else { "a binary or extension value" };
+                let what = if string {
+                    "a string"
+                } else {
+                    "a binary or extension value"
+                };
                 return Err(malformed(
                     &stack,
                     &format!("{what} of {skip} bytes, but only {left_bytes} bytes follow"),
@@ -258,9 +282,8 @@ mod tests {
 
     #[test]
     fn caps_name_the_field() {
-        let many: serde_json::Map<String, serde_json::Value> = (0..70_000)
-            .map(|i| (format!("k{i}"), json!(0)))
-            .collect();
+        let many: serde_json::Map<String, serde_json::Value> =
+            (0..70_000).map(|i| (format!("k{i}"), json!(0))).collect();
         let body = pack(&json!({"type": "submit", "job": {"params": many}}));
         let err = check(&body, &WIRE).unwrap_err();
         assert_eq!(
@@ -298,7 +321,13 @@ mod tests {
                 "cut at {cut}"
             );
         }
-        assert!(matches!(check(&[0x81, 0xc1, 0x00], &WIRE), Err(ProtocolError::Malformed(_))));
-        assert!(matches!(check(&[], &WIRE), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(
+            check(&[0x81, 0xc1, 0x00], &WIRE),
+            Err(ProtocolError::Malformed(_))
+        ));
+        assert!(matches!(
+            check(&[], &WIRE),
+            Err(ProtocolError::Malformed(_))
+        ));
     }
 }

@@ -185,7 +185,10 @@ impl Caps {
         if self.open.len() >= self.max_total {
             self.prune();
         }
-        let from_ip = ip.and_then(|ip| self.per_address.get(&ip)).copied().unwrap_or(0);
+        let from_ip = ip
+            .and_then(|ip| self.per_address.get(&ip))
+            .copied()
+            .unwrap_or(0);
         let over = if self.open.len() >= self.max_total {
             Some(("connections", self.max_total))
         } else if from_ip >= self.max_per_address {

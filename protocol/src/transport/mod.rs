@@ -38,13 +38,12 @@ pub use curve::{CurveClient, CurveKeyPair, CurveServer, KeyError};
 )]
 #[serde(rename_all = "lowercase")]
 pub enum TransportKind {
-    /// The pure-Rust `zeromq` crate. Still the default: with the client's
-    /// re-authentication, repeated broker crashes are not yet recovered from on
-    /// libzmq (broker/tests/durability.rs), so libzmq is opt-in for now.
-    #[default]
+    /// The pure-Rust `zeromq` crate: loopback and fenced networks only (a frame
+    /// header can abort it, its queues count messages, not bytes).
     Zeromq,
     /// libzmq 4.3.5 through the `zmq` crate: bounded, CURVE-capable, the one to
-    /// expose beyond loopback (docs/security.md).
+    /// expose beyond loopback (docs/security.md). The default.
+    #[default]
     Libzmq,
 }
 
