@@ -207,7 +207,7 @@ async fn a_client_that_never_reads_is_dropped(kind: TransportKind, stall_log: &s
     // answered, every read the silent client asked for has been made.
     client.fetch_artifact(art.id).await.unwrap();
     let peak_mb = status_kb(broker.proc.pid(), "VmHWM") / 1024;
-    let requested_mb = n * art.size >> 20;
+    let requested_mb = (n * art.size) >> 20;
     assert!(
         peak_mb < 400,
         "the broker peaked at {peak_mb} MB with {requested_mb} MB of replies requested"
