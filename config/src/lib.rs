@@ -12,6 +12,7 @@
 
 mod comfyui;
 mod curve;
+mod dashboard;
 pub mod logging;
 mod mcp;
 mod reference;
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 pub use comfyui::{ComfyUiConfig, ComfyUiMode};
 pub use curve::BrokerCurve;
+pub use dashboard::DashboardConfig;
 pub use kiln_protocol::transport::TransportKind;
 pub use mcp::McpConfig;
 pub use reference::{defaults_toml, entries as reference_entries, Entry as ReferenceEntry};
@@ -55,6 +57,7 @@ pub struct KilnConfig {
     pub worker: WorkerConfig,
     pub client: ClientConfig,
     pub mcp: McpConfig,
+    pub dashboard: DashboardConfig,
 }
 
 /// The broker daemon.
@@ -456,7 +459,7 @@ pub fn default_state_dir() -> PathBuf {
 }
 
 /// The tables a `KILN_<TABLE>__...` variable may address.
-const TABLES: [&str; 4] = ["broker", "worker", "client", "mcp"];
+const TABLES: [&str; 5] = ["broker", "worker", "client", "mcp", "dashboard"];
 
 impl KilnConfig {
     /// Loads defaults, then `files` in order (each must exist), then the environment,
@@ -490,6 +493,7 @@ impl KilnConfig {
                 Table::Worker => take(&figment, "worker", &mut cfg.worker, &mut errors),
                 Table::Client => take(&figment, "client", &mut cfg.client, &mut errors),
                 Table::Mcp => take(&figment, "mcp", &mut cfg.mcp, &mut errors),
+                Table::Dashboard => take(&figment, "dashboard", &mut cfg.dashboard, &mut errors),
             }
         }
         if !errors.is_empty() {
@@ -539,6 +543,7 @@ impl KilnConfig {
                     check_endpoint("client.events", &self.client.events)?;
                 }
                 Table::Mcp => self.mcp.validate()?,
+                Table::Dashboard => self.dashboard.validate()?,
             }
         }
         self.validate_transport(tables)
@@ -673,10 +678,17 @@ pub enum Table {
     Worker,
     Client,
     Mcp,
+    Dashboard,
 }
 
 impl Table {
-    pub const ALL: [Table; 4] = [Table::Broker, Table::Worker, Table::Client, Table::Mcp];
+    pub const ALL: [Table; 5] = [
+        Table::Broker,
+        Table::Worker,
+        Table::Client,
+        Table::Mcp,
+        Table::Dashboard,
+    ];
 }
 
 /// Where the value of `key` (dotted) came from, for messages: `file kiln.toml`,
@@ -967,6 +979,8 @@ mod tests {
                 Some(9470)
             );
             assert!(!is_loopback_endpoint(&broker.broker.frontend));
+            assert_eq!(broker.dashboard.bind, "10.20.0.1:8790");
+            assert!(broker.dashboard.token_file.is_some());
             let worker = KilnConfig::load(&[dir.join("multi-host/worker.toml")])
                 .expect("multi-host/worker.toml");
             assert_eq!(worker.worker.broker, "tcp://10.20.0.1:5556");

@@ -332,6 +332,11 @@ pub struct WorkerInfo {
     pub jobs_done: u64,
     pub last_seen_ms: u64,
     pub version: String,
+    /// Why an offline worker went away (`missed 3 heartbeats`, `said goodbye:
+    /// shutting down`, …), as the broker saw it; absent while online, and for a
+    /// worker the broker remembers only from its store since a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_reason: Option<String>,
 }
 
 /// A model and where it is, as the `models` request reports it.

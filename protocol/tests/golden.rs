@@ -289,6 +289,7 @@ fn replies() -> Vec<(&'static str, Reply)> {
                     jobs_done: 3,
                     last_seen_ms: 1_700_000_000_000,
                     version: "0.1.0".into(),
+                    offline_reason: None,
                 }],
             }),
         ),

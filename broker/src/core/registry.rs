@@ -56,6 +56,8 @@ pub struct Worker {
     label: Arc<str>,
     /// The state last published in a `worker_state` event.
     pub announced: Option<WorkerState>,
+    /// Why it went offline, for `workers` replies (not stored).
+    pub offline_reason: Option<String>,
 }
 
 impl Worker {
@@ -80,6 +82,7 @@ impl Worker {
             compat: Vec::new(),
             label: Arc::from(""),
             announced: None,
+            offline_reason: None,
         };
         w.set_backends(r.backends);
         w
@@ -180,6 +183,9 @@ impl Worker {
             jobs_done: self.jobs_done,
             last_seen_ms: self.last_seen_ms,
             version: self.version.clone(),
+            offline_reason: (!self.online)
+                .then(|| self.offline_reason.clone())
+                .flatten(),
         }
     }
 

@@ -343,13 +343,24 @@ fn heartbeat_loss_requeues_the_job_on_another_worker() {
         "{:?}",
         snap.history
     );
+    let w1 = sim
+        .core
+        .workers()
+        .get(sim.core.workers().by_id("w1").unwrap())
+        .info();
+    assert_eq!(w1.state, WorkerState::Offline);
     assert_eq!(
-        sim.core
-            .workers()
-            .get(sim.core.workers().by_id("w1").unwrap())
-            .state(),
-        WorkerState::Offline
+        w1.offline_reason.as_deref(),
+        Some("missed 3 heartbeats"),
+        "workers say why a worker went away"
     );
+    sim.register("w1", 8000);
+    let back = sim
+        .core
+        .workers()
+        .get(sim.core.workers().by_id("w1").unwrap())
+        .info();
+    assert_eq!(back.offline_reason, None, "online again: no reason shown");
 }
 
 #[test]

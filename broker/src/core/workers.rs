@@ -262,6 +262,7 @@ impl Core {
         let w = self.workers.get_mut(idx);
         let was_online = w.online;
         w.online = false;
+        w.offline_reason = Some(why.to_string());
         let current = w.current.take();
         let id = w.id.clone();
         self.workers.detach_peer(idx);
