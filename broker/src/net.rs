@@ -112,10 +112,10 @@ pub enum BrokerError {
     Bind(#[from] TransportError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("artifact directory {path}: {source}")]
+    #[error("artifact directory {path}: {error}")]
     Artifacts {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("the job store failed, stopping so that nothing unrecorded is acknowledged: {0}")]
     CommitFailed(String),
@@ -203,9 +203,9 @@ impl Broker {
             store = Some(s);
         }
         let artifacts =
-            ArtifactStore::open(&settings.state_dir).map_err(|source| BrokerError::Artifacts {
+            ArtifactStore::open(&settings.state_dir).map_err(|error| BrokerError::Artifacts {
                 path: settings.state_dir.join("artifacts"),
-                source,
+                error,
             })?;
 
         let kind = settings.transport;

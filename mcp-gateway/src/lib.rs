@@ -30,6 +30,7 @@ pub mod save;
 pub mod schema;
 pub mod server;
 pub mod spec;
+pub mod stdio;
 pub mod validate;
 
 pub use gateway::Gateway;

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod backends;
 pub mod gpu;
 pub mod metrics;
+pub mod progress;
 pub mod runner;
 
 use std::sync::Arc;

@@ -8,6 +8,7 @@
 //! reconnects; its result is kept until the broker acknowledges it and is sent
 //! again after every re-registration.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{Backend, JobRun, OutputData, ProgressSink, RunError};
 use crate::gpu::{GpuError, GpuProbe};
 use crate::metrics::WorkerMetrics;
+use crate::progress::ProgressFeed;
 
 /// How long a stopping worker waits for its running job to stop on the
 /// generator (a ComfyUI prompt interrupted, a Wan2GP job cancelled) before it
@@ -94,14 +96,15 @@ struct Done {
     files: Vec<(OutputMeta, OutputData)>,
     loaded_model: Option<String>,
     work_dir: PathBuf,
-    /// Sent before the first upload: see [`closing_progress`].
-    closing: Option<Progress>,
+    /// Progress sent before the first upload, oldest first: the stages the
+    /// throttle still held when the attempt ended, then [`closing_progress`].
+    closing: VecDeque<Progress>,
 }
 
 struct Running {
     r: JobRef,
     cancel: CancellationToken,
-    progress: watch::Receiver<Option<Progress>>,
+    progress: ProgressFeed,
 }
 
 /// Where the upload of an unacknowledged result stands.
@@ -375,9 +378,13 @@ impl Session {
 
     /// A job task finished: keep its result until the broker acknowledges it.
     fn finish(&mut self, mut done: Done) {
-        if let Some(run) = self.running.take_if(|r| r.r == done.r) {
-            let last = run.progress.borrow().clone();
-            done.closing = closing_progress(&done.outcome, last.as_ref());
+        if let Some(mut run) = self.running.take_if(|r| r.r == done.r) {
+            // Stages of a job shorter than the throttle are still held: they go
+            // first, then the closing one.
+            let last = run.progress.latest();
+            done.closing.extend(run.progress.drain());
+            done.closing
+                .extend(closing_progress(&done.outcome, last.as_ref()));
         }
         if !matches!(done.outcome, Outcome::Succeeded { .. }) {
             // Nothing of a failed or cancelled attempt is uploaded: its scratch
@@ -528,9 +535,10 @@ impl Session {
                     progress_due = None;
                     last_progress = Instant::now();
                     if let Some(run) = &mut self.running {
-                        let p = run.progress.borrow_and_update().clone();
-                        if let Some(progress) = p {
-                            let msg = WorkerMessage::Progress(ProgressReport { job_id: run.r.job_id, attempt: run.r.attempt, progress });
+                        // Every stage held, in order; a stage's steps arrive merged.
+                        let r = run.r;
+                        for progress in run.progress.drain() {
+                            let msg = WorkerMessage::Progress(ProgressReport { job_id: r.job_id, attempt: r.attempt, progress });
                             if let Err(e) = self.send(&mut conn, &msg).await {
                                 return SessionEnd::Lost(e);
                             }
@@ -662,7 +670,7 @@ impl Session {
         let (Some(done), Some(cursor)) = (&mut self.unacked, &mut self.cursor) else {
             return Ok(());
         };
-        if let Some(progress) = done.closing.take() {
+        if let Some(progress) = done.closing.pop_front() {
             let msg = WorkerMessage::Progress(ProgressReport {
                 job_id: done.r.job_id,
                 attempt: done.r.attempt,
@@ -864,16 +872,16 @@ async fn run_job(
             files,
             loaded_model: backend.loaded_model(),
             work_dir,
-            closing: None,
+            closing: VecDeque::new(),
         })
         .await;
 }
 
-/// The progress a finished attempt leaves behind. Progress goes out at most ten
-/// times a second, so the last stage a backend reported ("downloading
-/// x_00001_.png", "encoding") may never have been sent, and the broker would keep
-/// an earlier one on the finished job. A success closes at 100 % "done", keeping
-/// the step count; a failure leaves the progress to the broker, which clears it.
+/// The progress a finished attempt leaves behind, after the stages still held
+/// (see [`crate::progress`]). Without it the broker would keep the last stage a
+/// backend reported ("downloading x_00001_.png", "encoding") on the finished
+/// job. A success closes at 100 % "done", keeping the step count; a failure
+/// leaves the progress to the broker, which clears it.
 fn closing_progress(outcome: &Outcome, last: Option<&Progress>) -> Option<Progress> {
     match outcome {
         Outcome::Succeeded { .. } => Some(Progress {

@@ -12,30 +12,9 @@ use kiln_protocol::{Backend, Client, FailureKind, JobId, JobSnapshot, JobSpec, J
 mod common;
 
 use common::comfy::*;
-use kiln_testkit::{eventually, free_port, python, Broker, BrokerOpts, Proc, Scratch};
+use kiln_testkit::{eventually, free_port, python, BrokerOpts, Scratch};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-
-/// A broker and a worker attached to `fake`; waits until the worker is healthy.
-async fn attached(s: &Scratch, fake: &Fake, id: &str) -> (Broker, Proc) {
-    let broker = s
-        .broker(BrokerOpts {
-            heartbeat_ms: 200,
-            ..BrokerOpts::default()
-        })
-        .await;
-    let worker = s
-        .worker(&broker, comfy_opts(id, &format!("url = \"{}\"", fake.url)))
-        .await;
-    wait_healthy(&broker.client(), id).await;
-    (broker, worker)
-}
-
-fn raw(name: &str) -> JobSpec {
-    let mut spec = JobSpec::new(Backend::Comfyui, Task::Workflow);
-    spec.workflow = Some(workflow(name));
-    spec
-}
 
 /// Follows a job to its end, checking that progress never goes backwards.
 async fn run_to_end(client: &Client, id: JobId) -> (JobSnapshot, Vec<f64>) {

@@ -127,7 +127,9 @@ impl Core {
                 } else {
                     format!("said goodbye: {}", g.reason)
                 };
-                self.worker_lost(now_ms, idx, &reason, out);
+                // An orderly departure (a stopped job is requeued and noted in
+                // its history): not a warning.
+                self.worker_gone(now_ms, idx, &reason, true, out);
             }
         }
     }
@@ -259,6 +261,19 @@ impl Core {
         why: &str,
         out: &mut Vec<Output>,
     ) {
+        self.worker_gone(now_ms, idx, why, false, out);
+    }
+
+    /// A worker is gone; `said_goodbye` when it left in order (logged as info,
+    /// not as a warning).
+    fn worker_gone(
+        &mut self,
+        now_ms: u64,
+        idx: WorkerIdx,
+        why: &str,
+        said_goodbye: bool,
+        out: &mut Vec<Output>,
+    ) {
         let w = self.workers.get_mut(idx);
         let was_online = w.online;
         w.online = false;
@@ -267,7 +282,9 @@ impl Core {
         let id = w.id.clone();
         self.workers.detach_peer(idx);
         self.workers.refresh_idle(idx);
-        if was_online || current.is_some() {
+        if said_goodbye {
+            tracing::info!(worker = %id, "worker left: {why}");
+        } else if was_online || current.is_some() {
             tracing::warn!(worker = %id, "worker lost: {why}");
         }
         if let Some(cur) = current {

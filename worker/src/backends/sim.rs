@@ -283,6 +283,8 @@ impl Backend for SimBackend {
         };
         let info = json!({
             "seed": seed,
+            // Output i is what `seed + i` renders alone (not a batch of one seed).
+            "output_seeds": (0..count as u64).map(|i| seed.wrapping_add(i)).collect::<Vec<_>>(),
             "width": width,
             "height": height,
             "steps": steps,
@@ -504,7 +506,7 @@ mod tests {
         let task = sim.run(job(spec), sink, cancel.clone());
         let watcher = async {
             rx.changed().await.unwrap();
-            let p = rx.borrow().clone().unwrap();
+            let p = rx.latest().unwrap();
             assert!(p.stage.starts_with("sampling 1/10000"), "{}", p.stage);
             cancel.cancel();
         };
