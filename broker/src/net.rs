@@ -84,6 +84,7 @@ impl BrokerSettings {
             retention_max_age_ms: b.retention.max_age_s * 1000,
             retention_max_bytes: b.retention.max_artifact_bytes,
             retention_sweep_ms: b.retention.sweep_interval_s.max(1) * 1000,
+            ..CoreConfig::default()
         };
         // With CURVE every subscriber is a known key, so the port can open even
         // with tokens; a plain PUB cannot tell who subscribes.

@@ -321,6 +321,72 @@ async fn comfyui_validation_and_runtime_errors_name_the_node() {
     assert_eq!(done.attempt, 1);
 }
 
+/// Issue #12: an override naming an input its node lacks, and a graph with more
+/// output nodes than the broker keeps, fail once with the node and input (or the
+/// count and the setting) named, before anything is queued on ComfyUI; a batch that
+/// turns out to make too many files fails once, naming the count, not three times
+/// as a retryable upload error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comfyui_unknown_override_inputs_and_too_many_outputs_fail_once_with_the_reason() {
+    let s = Scratch::new();
+    let fake = Fake::start(&s, "0.27.0").await;
+    let (broker, _w) = attached(&s, &fake, "c9").await;
+    let client = broker.client();
+    let queued = |log: Vec<String>| log.iter().filter(|l| l.starts_with("POST /prompt")).count();
+
+    let mut typo = raw("01_empty_invert_save").param("overrides", json!({"1": {"colour": 1}}));
+    typo.max_attempts = Some(3);
+    let done = fail(&client, typo).await;
+    let err = done.error.unwrap();
+    assert_eq!(err.kind, FailureKind::InvalidInput);
+    assert!(!err.retryable);
+    assert!(
+        err.message
+            .contains("node 1 (EmptyImage) input colour: params.overrides.1.colour: EmptyImage has no input \"colour\""),
+        "{}",
+        err.message
+    );
+    assert_eq!(done.tries, 1, "not retried");
+
+    let mut graph = json!({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}});
+    for i in 0..65 {
+        graph[format!("{}", 10 + i)] = json!({"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": format!("many/{i}")}});
+    }
+    let mut many = JobSpec::new(Backend::Comfyui, Task::Workflow);
+    many.workflow = Some(graph);
+    many.max_attempts = Some(3);
+    let done = fail(&client, many).await;
+    let err = done.error.unwrap();
+    assert_eq!(err.kind, FailureKind::InvalidInput);
+    assert!(
+        err.message.contains("the workflow has 65 output nodes, over the limit of 64 outputs per job (`broker.limits.max_artifacts_per_job`)"),
+        "{}",
+        err.message
+    );
+    assert_eq!(done.tries, 1, "not retried");
+    assert_eq!(queued(fake.log().await), 0, "nothing was queued");
+
+    // One output node with a batch of 65: only the run can tell.
+    let mut batch = JobSpec::new(Backend::Comfyui, Task::Workflow);
+    batch.workflow = Some(json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 65, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "batch"}}
+    }));
+    batch.max_attempts = Some(3);
+    let done = fail(&client, batch).await;
+    let err = done.error.unwrap();
+    assert!(
+        err.message
+            .contains("the job made 65 outputs, over the limit of 64")
+            && err.message.contains("broker.limits.max_artifacts_per_job"),
+        "{}",
+        err.message
+    );
+    assert!(!err.retryable);
+    assert_eq!(done.tries, 1, "not retried");
+    assert_eq!(queued(fake.log().await), 1, "queued once");
+}
+
 async fn cancel_and_confirm(client: &Client, id: JobId) -> JobSnapshot {
     client.cancel(id).await.unwrap();
     let done = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
