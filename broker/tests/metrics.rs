@@ -23,10 +23,15 @@ fn sim_job(steps: u32) -> JobSpec {
 fn worker(id: &str, metrics_port: u16) -> WorkerOpts {
     WorkerOpts {
         step_ms: 10,
-        env: vec![(
-            "KILN_WORKER__METRICS_LISTEN".into(),
-            format!("127.0.0.1:{metrics_port}"),
-        )],
+        env: vec![
+            (
+                "KILN_WORKER__METRICS_LISTEN".into(),
+                format!("127.0.0.1:{metrics_port}"),
+            ),
+            // One job at a time, so jobs behind busy workers wait in the broker's
+            // queue (with pipelining each worker would hold one of them).
+            ("KILN_WORKER__PIPELINE_DEPTH".into(), "0".into()),
+        ],
         ..WorkerOpts::sim(id)
     }
 }
