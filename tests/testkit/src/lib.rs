@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod prometheus;
+
 use kiln_protocol::transport::{
     ConnectOptions, CurveClient, CurveKeyPair, Dealer, Incoming, TransportKind,
 };
