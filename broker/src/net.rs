@@ -87,6 +87,7 @@ impl BrokerSettings {
             retention_max_age_ms: b.retention.max_age_s * 1000,
             retention_max_bytes: b.retention.max_artifact_bytes,
             retention_sweep_ms: b.retention.sweep_interval_s.max(1) * 1000,
+            ..CoreConfig::default()
         };
         // With CURVE every subscriber is a known key, so the port can open even
         // with tokens; a plain PUB cannot tell who subscribes.
@@ -117,10 +118,10 @@ pub enum BrokerError {
     Bind(#[from] TransportError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("artifact directory {path}: {source}")]
+    #[error("artifact directory {path}: {error}")]
     Artifacts {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("the job store failed, stopping so that nothing unrecorded is acknowledged: {0}")]
     CommitFailed(String),
@@ -208,9 +209,9 @@ impl Broker {
             store = Some(s);
         }
         let artifacts =
-            ArtifactStore::open(&settings.state_dir).map_err(|source| BrokerError::Artifacts {
+            ArtifactStore::open(&settings.state_dir).map_err(|error| BrokerError::Artifacts {
                 path: settings.state_dir.join("artifacts"),
-                source,
+                error,
             })?;
 
         let kind = settings.transport;

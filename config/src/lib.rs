@@ -12,6 +12,7 @@
 
 mod comfyui;
 mod curve;
+mod dashboard;
 pub mod logging;
 mod mcp;
 mod reference;
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 pub use comfyui::{ComfyUiConfig, ComfyUiMode};
 pub use curve::BrokerCurve;
+pub use dashboard::DashboardConfig;
 pub use kiln_protocol::transport::TransportKind;
 pub use mcp::McpConfig;
 pub use reference::{defaults_toml, entries as reference_entries, Entry as ReferenceEntry};
@@ -55,6 +57,7 @@ pub struct KilnConfig {
     pub worker: WorkerConfig,
     pub client: ClientConfig,
     pub mcp: McpConfig,
+    pub dashboard: DashboardConfig,
 }
 
 /// The broker daemon.
@@ -248,6 +251,10 @@ pub struct WorkerConfig {
     pub heartbeat_ms: u64,
     /// Missed broker heartbeats after which the worker reconnects.
     pub liveness: u32,
+    /// Assignments the worker holds while it runs one, so its GPU starts the next
+    /// job the moment the current one ends instead of waiting for a round trip to
+    /// the broker (pipelined dispatch; 0 = one job at a time).
+    pub pipeline_depth: u8,
     /// Scratch space for outputs before upload (default: a folder under the
     /// system's temporary directory).
     #[schemars(example = &"/var/lib/kiln/gpu0")]
@@ -281,6 +288,7 @@ impl Default for WorkerConfig {
             backends: vec![kiln_protocol::Backend::Sim],
             heartbeat_ms: kiln_protocol::HEARTBEAT_INTERVAL_MS,
             liveness: kiln_protocol::HEARTBEAT_LIVENESS,
+            pipeline_depth: 1,
             work_dir: None,
             sim: SimConfig::default(),
             comfyui: ComfyUiConfig::default(),
@@ -389,6 +397,36 @@ pub struct SimConfig {
     pub allow_faults: bool,
     /// Largest image side the simulator will render.
     pub max_side: u32,
+    /// GPU memory the simulator models: models stay resident up to it and the
+    /// least recently used is evicted to load another (0 = no limit).
+    pub vram_mb: u64,
+    /// Generation speed of the simulated GPU relative to the reference (an RTX
+    /// 4090 = 1.0): a step takes `step_ms / speed`. Loads do not scale with it.
+    pub speed: f64,
+    /// Memory and load time per model; a model without a profile takes no
+    /// memory and loads in `load_ms`.
+    pub profiles: Vec<SimModelProfile>,
+}
+
+/// What one model costs on the simulated GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SimModelProfile {
+    pub name: String,
+    /// GPU memory its weights take.
+    pub vram_mb: u64,
+    /// Load time from disk into the GPU.
+    pub load_ms: u64,
+}
+
+impl SimModelProfile {
+    fn new(name: &str, vram_mb: u64, load_ms: u64) -> SimModelProfile {
+        SimModelProfile {
+            name: name.into(),
+            vram_mb,
+            load_ms,
+        }
+    }
 }
 
 impl Default for SimConfig {
@@ -400,6 +438,16 @@ impl Default for SimConfig {
             models: vec!["sim-sd15".into(), "sim-sdxl".into(), "sim-wan".into()],
             allow_faults: false,
             max_side: 2048,
+            vram_mb: 24_576,
+            speed: 1.0,
+            // Sizes of the weights of real models and the time a local NVMe
+            // takes to load them (docs/performance.md says where they come
+            // from). The `sim-*` models have no profile: no memory, `load_ms`.
+            profiles: vec![
+                SimModelProfile::new("sdxl-base-1.0", 7_066, 9_000),
+                SimModelProfile::new("flux1-dev-fp8", 12_186, 25_000),
+                SimModelProfile::new("wan2.1-t2v-14b-fp8", 15_360, 60_000),
+            ],
         }
     }
 }
@@ -466,7 +514,7 @@ pub fn default_state_dir() -> PathBuf {
 }
 
 /// The tables a `KILN_<TABLE>__...` variable may address.
-const TABLES: [&str; 4] = ["broker", "worker", "client", "mcp"];
+const TABLES: [&str; 5] = ["broker", "worker", "client", "mcp", "dashboard"];
 
 impl KilnConfig {
     /// Loads defaults, then `files` in order (each must exist), then the environment,
@@ -500,6 +548,7 @@ impl KilnConfig {
                 Table::Worker => take(&figment, "worker", &mut cfg.worker, &mut errors),
                 Table::Client => take(&figment, "client", &mut cfg.client, &mut errors),
                 Table::Mcp => take(&figment, "mcp", &mut cfg.mcp, &mut errors),
+                Table::Dashboard => take(&figment, "dashboard", &mut cfg.dashboard, &mut errors),
             }
         }
         if !errors.is_empty() {
@@ -549,6 +598,7 @@ impl KilnConfig {
                     check_endpoint("client.events", &self.client.events)?;
                 }
                 Table::Mcp => self.mcp.validate()?,
+                Table::Dashboard => self.dashboard.validate()?,
             }
         }
         self.validate_transport(tables)
@@ -629,6 +679,9 @@ impl KilnConfig {
         if self.worker.sim.max_side < 8 {
             return invalid("worker.sim.max_side", "must be at least 8");
         }
+        if !(self.worker.sim.speed.is_finite() && self.worker.sim.speed > 0.0) {
+            return invalid("worker.sim.speed", "must be a number above 0");
+        }
         self.worker.comfyui.validate()?;
         self.worker.wan2gp.validate()
     }
@@ -689,10 +742,17 @@ pub enum Table {
     Worker,
     Client,
     Mcp,
+    Dashboard,
 }
 
 impl Table {
-    pub const ALL: [Table; 4] = [Table::Broker, Table::Worker, Table::Client, Table::Mcp];
+    pub const ALL: [Table; 5] = [
+        Table::Broker,
+        Table::Worker,
+        Table::Client,
+        Table::Mcp,
+        Table::Dashboard,
+    ];
 }
 
 /// Where the value of `key` (dotted) came from, for messages: `file kiln.toml`,
@@ -983,6 +1043,8 @@ mod tests {
                 Some(9470)
             );
             assert!(!is_loopback_endpoint(&broker.broker.frontend));
+            assert_eq!(broker.dashboard.bind, "10.20.0.1:8790");
+            assert!(broker.dashboard.token_file.is_some());
             let worker = KilnConfig::load(&[dir.join("multi-host/worker.toml")])
                 .expect("multi-host/worker.toml");
             assert_eq!(worker.worker.broker, "tcp://10.20.0.1:5556");

@@ -178,7 +178,8 @@ const HEADER: &str = "\
 # (a test compares this file with the command's output).
 #
 # Every Kiln program reads this one schema: the broker uses [broker], each worker
-# [worker], the `kiln` CLI and the MCP gateway [client] (and [mcp]). Values are
+# [worker], the `kiln` CLI [client], the MCP gateway [client] and [mcp], the web
+# dashboard [client] and [dashboard]. Values are
 # layered: built-in defaults, then each file given with --config (or $KILN_CONFIG,
 # or /etc/kiln/kiln.toml), then KILN_* environment variables with `__` between
 # levels, e.g. KILN_WORKER__GPU__INDEX=1 or KILN_BROKER__FRONTEND=tcp://10.0.0.2:5555.
@@ -448,6 +449,7 @@ mod tests {
             "broker.client_token",
             "broker.limits.max_params",
             "mcp.token_file",
+            "dashboard.token_file",
         ] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
