@@ -64,7 +64,7 @@ pub struct KilnConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// `"zeromq"` (default) or `"libzmq"` (CURVE, bounded; the one to expose); see docs/security.md.
+    /// `"libzmq"` (default: CURVE, bounded, the one to expose) or `"zeromq"` (loopback or fenced networks only); see docs/security.md.
     pub transport: TransportKind,
     /// ROUTER for clients. Loopback by default; any other address needs CURVE
     /// (`curve_secret_key`) or an explicit `allow_insecure_network = true`.
@@ -99,6 +99,14 @@ pub struct BrokerConfig {
     /// Messages queued for one peer before further ones are dropped (clients) or the
     /// peer is declared stalled (workers).
     pub peer_queue: usize,
+    /// Connections each port holds at once (libzmq); past it a new connection is
+    /// closed as soon as it is accepted, and that is logged at most every 10 s.
+    /// At start the broker raises its open-file limit to the hard limit and lowers
+    /// this if three ports' worth would not leave 512 descriptors for the store,
+    /// artifacts and libzmq itself.
+    pub max_connections: usize,
+    /// Connections one IP address holds at once on each port (libzmq).
+    pub max_connections_per_address: usize,
     /// Required from clients in `hello` when set (unset: no authentication, for
     /// loopback-only setups). Also read from `client_token_file` or the systemd
     /// credential `kiln-client-token`.
@@ -163,6 +171,8 @@ impl Default for BrokerConfig {
             cancel_grace_s: 30,
             fleet_memory_s: 600,
             peer_queue: 8192,
+            max_connections: 4096,
+            max_connections_per_address: 256,
             client_token: None,
             client_token_file: None,
             worker_token: None,
@@ -211,7 +221,7 @@ pub struct WorkerConfig {
     /// Stable name, unique in the fleet; `<hostname>-gpu<index>` when unset.
     #[schemars(example = &"box1-gpu0")]
     pub id: Option<String>,
-    /// `"zeromq"` (default) or `"libzmq"`: the broker's.
+    /// `"libzmq"` (default) or `"zeromq"`: the broker's.
     pub transport: TransportKind,
     /// The broker's backend ROUTER.
     pub broker: String,
@@ -446,7 +456,7 @@ impl Default for SimConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
-    /// `"zeromq"` (default) or `"libzmq"`: the broker's.
+    /// `"libzmq"` (default) or `"zeromq"`: the broker's.
     pub transport: TransportKind,
     /// The broker's client ROUTER (`broker.frontend`).
     pub broker: String,
@@ -622,6 +632,12 @@ impl KilnConfig {
         }
         if b.peer_queue < 16 {
             return invalid("broker.peer_queue", "must be at least 16");
+        }
+        if b.max_connections == 0 || b.max_connections_per_address == 0 {
+            return invalid(
+                "broker.max_connections",
+                "max_connections and max_connections_per_address must be at least 1",
+            );
         }
         b.metrics_addr()?;
         for net in &b.metrics_allowed_networks {

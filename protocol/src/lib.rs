@@ -21,6 +21,7 @@ pub mod options;
 pub mod params;
 pub mod probe;
 pub mod request;
+pub mod shape;
 pub mod strict;
 pub mod transport;
 pub mod worker;

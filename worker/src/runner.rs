@@ -235,7 +235,14 @@ impl Worker {
         let identity = Bytes::from(format!("{}/{}", this.settings.worker_id, this.instance));
         let mut backoff = Backoff::new(this.settings.reconnect_min, this.settings.reconnect_max);
         loop {
+            // A stop asked for during start-up or a backoff wins over connecting:
+            // a stopping worker never registers and so never takes a job.
+            tokio::task::yield_now().await;
+            if shutdown.is_cancelled() {
+                break;
+            }
             let conn = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
                 c = Dealer::connect(this.settings.transport, &this.settings.broker, ConnectOptions {
                     identity: Some(identity.clone()),

@@ -69,8 +69,21 @@ async fn fail(client: &Client, spec: JobSpec) -> JobSnapshot {
 async fn comfyui_brings_home_every_output_kind_with_monotone_progress() {
     let s = Scratch::new();
     let fake = Fake::start(&s, "0.27.0").await;
-    let (broker, _w) = attached(&s, &fake, "c1").await;
+    let broker = s
+        .broker(BrokerOpts {
+            heartbeat_ms: 200,
+            ..BrokerOpts::default()
+        })
+        .await;
+    let metrics_port = free_port();
+    let mut opts = comfy_opts("c1", &format!("url = \"{}\"", fake.url));
+    opts.env.push((
+        "KILN_WORKER__METRICS_LISTEN".into(),
+        format!("127.0.0.1:{metrics_port}"),
+    ));
+    let _w = s.worker(&broker, opts).await;
     let client = broker.client();
+    wait_healthy(&client, "c1").await;
 
     // Inventory: models by folder, and the templates.
     let workers = client.workers().await.unwrap();
@@ -194,6 +207,45 @@ async fn comfyui_brings_home_every_output_kind_with_monotone_progress() {
     t2v.model = Some("wan2.1_t2v_1.3B_fp16.safetensors".into());
     let (_, files) = succeed(&client, t2v).await;
     assert_eq!(files[0].1, "video/mp4");
+
+    // The worker timed each job's phases on ComfyUI: eight jobs queued, sampled
+    // and downloaded, three of them with inputs to upload.
+    let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let m = kiln_testkit::prometheus::scrape(&[url.as_str()])
+        .await
+        .remove(0);
+    let phase = |p| {
+        m.sum(
+            "kiln_worker_job_phase_seconds_count",
+            &[("backend", "comfyui"), ("phase", p)],
+        )
+    };
+    assert_eq!(
+        [
+            phase("upload"),
+            phase("queued"),
+            phase("sampling"),
+            phase("download")
+        ],
+        [3.0, 8.0, 8.0, 8.0]
+    );
+    assert!(
+        m.sum(
+            "kiln_worker_job_phase_seconds_sum",
+            &[("phase", "sampling")]
+        ) > 0.0
+    );
+    assert_eq!(
+        m.sum(
+            "kiln_worker_attempts_total",
+            &[("backend", "comfyui"), ("outcome", "succeeded")]
+        ),
+        8.0
+    );
+    assert_eq!(
+        m.sum("kiln_worker_backend_healthy", &[("backend", "comfyui")]),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

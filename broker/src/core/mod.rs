@@ -27,6 +27,8 @@ mod retention;
 mod tests;
 #[cfg(test)]
 mod tests_contract;
+#[cfg(test)]
+mod tests_goodbye;
 mod timers;
 mod waiting;
 pub(crate) mod workers;

@@ -147,6 +147,16 @@ impl Core {
             WorkerMessage::Refused(r) => self.on_refused(now_ms, idx, r, out),
             WorkerMessage::Finished(f) => self.on_finished(now_ms, idx, f, out),
             WorkerMessage::Goodbye(g) => {
+                // A worker stopping on purpose (SIGTERM, a deploy, a restart) is
+                // not the job's fault: its attempt is not charged, as for a
+                // refused assignment, so restarts never use up a job's attempts.
+                if let Some(cur) = self.workers.get(idx).current {
+                    if self.is_current(idx, cur) {
+                        if let Some(job) = self.jobs.get_mut(&cur.job_id) {
+                            job.refusals += 1;
+                        }
+                    }
+                }
                 let reason = if g.reason.is_empty() {
                     "said goodbye".to_string()
                 } else {
