@@ -27,20 +27,21 @@ const SPECS: TableDefinition<u64, &[u8]> = TableDefinition::new("specs");
 const WORKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("workers");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// What can go wrong with the store.
+/// What can go wrong with the store. The cause is part of each message (not a
+/// `source()` too, or error chains would print it twice).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot create the state directory {path}: {source}")]
+    #[error("cannot create the state directory {path}: {error}")]
     StateDir {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("job store {path}: {source}")]
-    Redb { path: PathBuf, source: redb::Error },
-    #[error("job store log {path}: {source}")]
+    #[error("job store {path}: {error}")]
+    Redb { path: PathBuf, error: redb::Error },
+    #[error("job store log {path}: {error}")]
     Log {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("job store log {path}: a frame with a valid checksum does not decode ({reason}); the log was written by another version of Kiln or is damaged, and is left as it is")]
     LogCorrupt { path: PathBuf, reason: String },
@@ -70,19 +71,19 @@ impl Store {
     /// Opens (or creates) `<state_dir>/jobs.redb`. redb locks the file, so a second
     /// broker on the same state directory fails here instead of corrupting it.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::StateDir {
+        std::fs::create_dir_all(state_dir).map_err(|error| StoreError::StateDir {
             path: state_dir.to_path_buf(),
-            source,
+            error,
         })?;
         let path = state_dir.join("jobs.redb");
         let db = Database::create(&path).map_err(|e| StoreError::Redb {
             path: path.clone(),
-            source: e.into(),
+            error: e.into(),
         })?;
         let wal_path = state_dir.join("jobs.wal");
-        let (wal, replay) = Wal::open(&wal_path).map_err(|source| StoreError::Log {
+        let (wal, replay) = Wal::open(&wal_path).map_err(|error| StoreError::Log {
             path: wal_path.clone(),
-            source,
+            error,
         })?;
         let mut store = Store {
             db,
@@ -130,17 +131,17 @@ impl Store {
             .map_or(1, |v| v.value()))
     }
 
-    fn log_err(&self, source: std::io::Error) -> StoreError {
+    fn log_err(&self, error: std::io::Error) -> StoreError {
         StoreError::Log {
             path: self.wal.path().to_path_buf(),
-            source,
+            error,
         }
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> StoreError {
         StoreError::Redb {
             path: self.path.clone(),
-            source: e.into(),
+            error: e.into(),
         }
     }
 

@@ -10,19 +10,10 @@ use kiln_testkit::{eventually, BrokerOpts, Scratch, WorkerOpts};
 async fn phase(broker: &kiln_testkit::Broker, name: &str, state: &std::path::Path) -> String {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/conformance/conformance.py");
-    let output = tokio::process::Command::new(kiln_testkit::python())
-        .arg(&script)
+    let output = broker
+        .python_client(&script, broker.opts.client_token.as_deref())
         .arg(name)
         .arg(state)
-        .env("KILN_BROKER", &broker.frontend)
-        .env("KILN_EVENTS", &broker.events)
-        .envs(
-            broker
-                .opts
-                .client_token
-                .as_ref()
-                .map(|t| ("KILN_TOKEN", t.as_str())),
-        )
         .output()
         .await
         .expect("python runs (scripts/test installs pyzmq and msgpack into .venv)");

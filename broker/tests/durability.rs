@@ -769,3 +769,44 @@ async fn a_catalogue_of_bad_inputs_each_gets_its_typed_error_while_others_are_se
     let health = good.health().await.unwrap();
     assert_eq!(health.queued, 3);
 }
+
+/// A second broker on a store another one holds stops at once with one clear
+/// message (the cause appeared twice when it was both in the message and the
+/// error's source).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_broker_on_the_same_store_says_so_once() {
+    let s = Scratch::new();
+    let first = s
+        .broker(BrokerOpts {
+            durable: true,
+            ..BrokerOpts::default()
+        })
+        .await;
+    // The same state directory on other ports.
+    let mut toml = std::fs::read_to_string(&first.config).unwrap();
+    for ep in [&first.frontend, &first.backend, &first.events] {
+        let port = kiln_testkit::free_port();
+        toml = toml.replace(ep.as_str(), &format!("tcp://127.0.0.1:{port}"));
+    }
+    let config = s.path().join("second.toml");
+    std::fs::write(&config, toml).unwrap();
+    let run = tokio::process::Command::new(kiln_testkit::bin("kiln-broker"))
+        .arg("--config")
+        .arg(&config)
+        .env("KILN_LOG", "info")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the second broker exits")
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("already open").count(),
+        1,
+        "the cause is said once:\n{stderr}"
+    );
+    assert!(stderr.contains("job store"), "{stderr}");
+    first.wait_ready().await;
+}

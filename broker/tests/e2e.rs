@@ -313,7 +313,6 @@ async fn impossible_jobs_are_refused_and_cancel_works_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pyzmq_example_submits_follows_and_downloads() {
-    let python = kiln_testkit::python();
     let s = Scratch::new();
     let broker = s
         .broker(BrokerOpts {
@@ -331,14 +330,10 @@ async fn the_pyzmq_example_submits_follows_and_downloads() {
         )
         .await;
     let out_dir = s.path().join("py-out");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/submit.py");
-    let output = tokio::process::Command::new(&python)
-        .arg(&script)
+    let output = broker
+        .submit_example("py-secret")
         .args(["--prompt", "from python", "--steps", "8", "--out"])
         .arg(&out_dir)
-        .env("KILN_BROKER", &broker.frontend)
-        .env("KILN_EVENTS", &broker.events)
-        .env("KILN_TOKEN", "py-secret")
         .output()
         .await
         .expect("python runs (scripts/test installs pyzmq and msgpack into .venv)");
@@ -357,14 +352,7 @@ async fn the_pyzmq_example_submits_follows_and_downloads() {
     );
 
     // The same script with a wrong token is refused, and nothing is queued.
-    let output = tokio::process::Command::new(&python)
-        .arg(&script)
-        .env("KILN_BROKER", &broker.frontend)
-        .env("KILN_EVENTS", &broker.events)
-        .env("KILN_TOKEN", "wrong")
-        .output()
-        .await
-        .unwrap();
+    let output = broker.submit_example("wrong").output().await.unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("unauthenticated"));
     let health = broker.client().health().await.unwrap();

@@ -37,14 +37,10 @@ async fn clients_log_in_again_after_the_broker_is_killed_and_finish_their_jobs()
 
     // The pyzmq example submits its own long job and follows it.
     let out_dir = s.path().join("py-out");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/submit.py");
-    let python = tokio::process::Command::new(kiln_testkit::python())
-        .arg(&script)
+    let python = broker
+        .submit_example("relogin-secret")
         .args(["--prompt", "python client", "--steps", "150", "--out"])
         .arg(&out_dir)
-        .env("KILN_BROKER", &broker.frontend)
-        .env("KILN_EVENTS", &broker.events)
-        .env("KILN_TOKEN", "relogin-secret")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -51,4 +51,10 @@ fn kiln_demo_runs_to_the_end_and_writes_pngs() {
     );
     // Progress was shown (one line per state change when not on a terminal).
     assert!(stderr.contains("running on demo-gpu"), "{stderr}");
+    // An orderly end (the workers say goodbye, the broker stops) warns of nothing.
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
 }

@@ -82,10 +82,14 @@ pub struct ComfyUiConfig {
     pub model_folders: Vec<String>,
     /// ComfyUI's input folder as this host sees it. ComfyUI has no call that
     /// deletes an upload, so the worker removes each attempt's uploads
-    /// (`input/kiln/<job>-<attempt>/`) itself once the prompt is over. Managed
-    /// mode knows the folder (`--input-directory`, `--base-directory`, or next to
-    /// `main_py`); attach mode only when it is set here. Unset in attach mode:
-    /// uploads stay on the server.
+    /// (`input/kiln/<job>-<attempt>/`) itself once the prompt is over, from the
+    /// first folder that holds the file it has just uploaded: this one, the
+    /// one a managed server was launched with, then the one the server's
+    /// command line (echoed by `/system_stats`) names
+    /// with an absolute `--input-directory`, `--base-directory` or `main.py`
+    /// path. Needed when the server uses relative or default paths, or this
+    /// host mounts the folder elsewhere; when no folder matches (a server on
+    /// another host), uploads stay on the server and the worker logs it once.
     #[schemars(example = &"/opt/ComfyUI/input")]
     pub input_dir: Option<PathBuf>,
 }

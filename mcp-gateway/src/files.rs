@@ -186,8 +186,14 @@ pub struct ManifestEntry {
     pub job: String,
     pub artifact: String,
     pub sha256: String,
+    /// The seed that made this asset (see [`crate::save::output_seed`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// The asset is item `batch_index` of a batch drawn from `seed` as a whole
+    /// (ComfyUI's `batch_size`): run alone with `seed`, it would not come out
+    /// the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_index: Option<u16>,
 }
 
 /// A JSON asset manifest in the layout a Bevy game loads (for instance with
@@ -314,6 +320,7 @@ mod tests {
                 artifact: "j1.0".into(),
                 sha256: "00".into(),
                 seed: Some(3),
+                batch_index: None,
             },
         );
         m.save(&path).unwrap();

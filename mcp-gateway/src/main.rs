@@ -80,8 +80,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => {
             tracing::info!(broker = %cfg.client.broker, "serving MCP over stdio");
+            let (stdin, stdout) = rmcp::transport::stdio_pipes();
             let service = match KilnMcp::new(gw.clone())
-                .serve(rmcp::transport::stdio_pipes())
+                .serve(kiln_mcp::stdio::Stdio::new(stdin, stdout))
                 .await
             {
                 Ok(service) => service,

@@ -87,10 +87,32 @@ fn target_name(
         })
 }
 
-/// The seed of output `index` of a job whose first image used `seed`: the
-/// images of a `count` job take one seed after another.
-fn output_seed(seed: Option<u64>, index: impl Into<u64>) -> Option<u64> {
-    seed.map(|s| s.wrapping_add(index.into()))
+/// What the manifest says about the seed of output `index` of a job with
+/// `outputs` outputs: `(seed, batch_index)`.
+///
+/// A backend that draws one seed per output lists them in `info.output_seeds`
+/// (the sim backend: `seed`, `seed + 1`, …), and each output gets its own. Where
+/// it does not, the outputs share the job's `info.seed`: ComfyUI draws the noise
+/// of a whole batch from one seed (`comfy/sample.py`, `prepare_noise`: one
+/// `torch.randn` over the batch's shape), so image `i` of a `count`/`batch_size`
+/// job is batch item `i` of that seed, not what `seed + i` would give alone.
+/// The entry then says so with `batch_index`.
+pub fn output_seed(
+    info: &serde_json::Map<String, serde_json::Value>,
+    index: u16,
+    outputs: usize,
+) -> (Option<u64>, Option<u16>) {
+    let own = info
+        .get("output_seeds")
+        .and_then(|s| s.get(index as usize))
+        .and_then(serde_json::Value::as_u64);
+    match own {
+        Some(seed) => (Some(seed), None),
+        None => {
+            let seed = info.get("seed").and_then(serde_json::Value::as_u64);
+            (seed, seed.and((outputs > 1).then_some(index)))
+        }
+    }
 }
 
 pub async fn save_output(gw: &Gateway, args: &SaveOutputArgs) -> Result<SaveReport, ToolError> {
@@ -146,7 +168,6 @@ pub async fn save_output(gw: &Gateway, args: &SaveOutputArgs) -> Result<SaveRepo
             ..post
         };
     }
-    let seed = job.info.get("seed").and_then(serde_json::Value::as_u64);
 
     // Everything is checked: now the directory may be made.
     let (dir, _) = gw.roots.create_dir("directory", &target)?;
@@ -180,6 +201,7 @@ pub async fn save_output(gw: &Gateway, args: &SaveOutputArgs) -> Result<SaveRepo
             });
         if let (Some(m), Some(key)) = (manifest.as_mut(), &key) {
             let (width, height) = imaging::dimensions(&data, &media_type).unzip();
+            let (seed, batch_index) = output_seed(&job.info, meta.id.index, job.artifacts.len());
             m.assets.insert(
                 key.clone(),
                 ManifestEntry {
@@ -190,7 +212,8 @@ pub async fn save_output(gw: &Gateway, args: &SaveOutputArgs) -> Result<SaveRepo
                     job: job_id.to_string(),
                     artifact: meta.id.to_string(),
                     sha256: hex(&Sha256::digest(&data)),
-                    seed: output_seed(seed, meta.id.index),
+                    seed,
+                    batch_index,
                 },
             );
         }
@@ -210,4 +233,36 @@ pub async fn save_output(gw: &Gateway, args: &SaveOutputArgs) -> Result<SaveRepo
         saved,
         manifest: manifest_path.map(|p| p.display().to_string()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn info(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn a_batch_shares_its_seed_and_per_output_seeds_are_kept() {
+        // ComfyUI, `count: 3` through `batch_size`: one seed for the batch.
+        let comfy = info(json!({"seed": 100, "prompt_id": "p"}));
+        let entries: Vec<_> = (0..3).map(|i| output_seed(&comfy, i, 3)).collect();
+        assert_eq!(
+            entries,
+            [
+                (Some(100), Some(0)),
+                (Some(100), Some(1)),
+                (Some(100), Some(2))
+            ]
+        );
+        // One output: just the seed.
+        assert_eq!(output_seed(&comfy, 0, 1), (Some(100), None));
+        // The sim draws one seed per output and says so.
+        let sim = info(json!({"seed": 100, "output_seeds": [100, 101, 102]}));
+        assert_eq!(output_seed(&sim, 2, 3), (Some(102), None));
+        // No seed reported: nothing claimed.
+        assert_eq!(output_seed(&info(json!({})), 1, 2), (None, None));
+    }
 }

@@ -160,6 +160,9 @@ async fn over_stdio_with_the_python_sdk() {
     )
     .await;
     check_broker(&fleet, &lines).await;
+    // A 17 MiB request line was answered with an error carrying its id, and
+    // the same session then answered a ping and a call.
+    assert_eq!(scenario(&lines, "oversized")["code"], -32600);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -157,6 +157,14 @@ async fn over_stdio_with_the_typescript_sdk() {
     )
     .await;
     check_broker(&fleet, &lines).await;
+    // A 17 MiB request line (id last) was answered with its id, and the same
+    // session went on.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["scenario"] == "oversized" && l["ok"] == true && l["code"] == -32600),
+        "{lines:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

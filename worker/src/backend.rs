@@ -5,15 +5,15 @@
 //! [`CancellationToken`] to honour, and returns its outputs as files or bytes.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use kiln_protocol::worker::{GpuInfo, ModelEntry};
-use kiln_protocol::{JobError, JobId, JobSpec, Progress};
+use kiln_protocol::{JobError, JobId, JobSpec};
 use serde_json::{Map, Value};
-use tokio::sync::watch;
 pub use tokio_util::sync::CancellationToken;
+
+pub use crate::progress::ProgressSink;
 
 /// One attempt of one job, as handed to a backend.
 #[derive(Debug, Clone)]
@@ -29,6 +29,11 @@ pub struct JobRun {
     /// (most jobs of the sim backend need none); removed after its result is
     /// acknowledged.
     pub work_dir: PathBuf,
+    /// The most outputs the broker keeps of one job (its `registered` says; `None`
+    /// from an older broker). A backend that can count a job's outputs before
+    /// running it refuses one that would make more; the runner refuses to upload
+    /// more after any run.
+    pub max_outputs: Option<u64>,
 }
 
 /// Where an output's bytes are.
@@ -121,6 +126,12 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Every model resident in GPU memory, most recently used first, for
+    /// placement that counts load costs. By default just the loaded one.
+    fn resident_models(&self) -> Vec<String> {
+        self.loaded_model().into_iter().collect()
+    }
+
     /// GPU figures the backend itself can report, used when NVML cannot.
     async fn gpu_hint(&self) -> Option<GpuInfo> {
         None
@@ -161,100 +172,6 @@ impl Phase {
             Phase::Sampling => "sampling",
             Phase::Download => "download",
         }
-    }
-}
-
-/// The phases an attempt went through, with their durations.
-#[derive(Debug, Default)]
-struct PhaseClock {
-    open: Option<(Phase, Instant)>,
-    done: Vec<(Phase, Duration)>,
-}
-
-impl PhaseClock {
-    fn close(&mut self, now: Instant) {
-        if let Some((phase, since)) = self.open.take() {
-            self.done
-                .push((phase, now.saturating_duration_since(since)));
-        }
-    }
-}
-
-/// A backend's progress reports. Only the latest value matters: the runner sends
-/// at most ten a second to the broker, always the newest. It also times the
-/// attempt's [`Phase`]s.
-#[derive(Clone)]
-pub struct ProgressSink {
-    tx: Arc<watch::Sender<Option<Progress>>>,
-    phases: Arc<Mutex<PhaseClock>>,
-}
-
-impl ProgressSink {
-    pub fn new() -> (ProgressSink, watch::Receiver<Option<Progress>>) {
-        let (tx, rx) = watch::channel(None);
-        (
-            ProgressSink {
-                tx: Arc::new(tx),
-                phases: Arc::default(),
-            },
-            rx,
-        )
-    }
-
-    /// The attempt enters `phase`, which ends the phase it was in. Entering the
-    /// phase it is already in changes nothing.
-    pub fn enter(&self, phase: Phase) {
-        let mut clock = self.phases.lock().unwrap_or_else(|e| e.into_inner());
-        if clock.open.is_some_and(|(p, _)| p == phase) {
-            return;
-        }
-        let now = Instant::now();
-        clock.close(now);
-        clock.open = Some((phase, now));
-    }
-
-    /// The attempt leaves its phase (nothing timed until the next [`enter`]).
-    ///
-    /// [`enter`]: ProgressSink::enter
-    pub fn leave(&self) {
-        let mut clock = self.phases.lock().unwrap_or_else(|e| e.into_inner());
-        clock.close(Instant::now());
-    }
-
-    /// Ends the open phase and returns every phase timed so far, in order.
-    pub fn take_phases(&self) -> Vec<(Phase, Duration)> {
-        let mut clock = self.phases.lock().unwrap_or_else(|e| e.into_inner());
-        clock.close(Instant::now());
-        std::mem::take(&mut clock.done)
-    }
-
-    pub fn report(&self, progress: Progress) {
-        self.tx.send_replace(Some(progress));
-    }
-
-    /// Step `step` of `steps`, mapped into the share `[from, to]` of the whole job.
-    pub fn step(&self, step: u32, steps: u32, from: f64, to: f64, stage: impl Into<String>) {
-        let frac = if steps == 0 {
-            1.0
-        } else {
-            step as f64 / steps as f64
-        };
-        self.report(Progress {
-            pct: from + (to - from) * frac.clamp(0.0, 1.0),
-            step: Some(step),
-            steps: Some(steps),
-            stage: stage.into(),
-        });
-    }
-
-    /// A stage without steps at `pct`.
-    pub fn stage(&self, pct: f64, stage: impl Into<String>) {
-        self.report(Progress {
-            pct,
-            step: None,
-            steps: None,
-            stage: stage.into(),
-        });
     }
 }
 

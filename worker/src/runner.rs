@@ -8,6 +8,7 @@
 //! reconnects; its result is kept until the broker acknowledges it and is sent
 //! again after every re-registration.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{Backend, JobRun, OutputData, ProgressSink, RunError};
 use crate::gpu::{GpuError, GpuProbe};
 use crate::metrics::WorkerMetrics;
+use crate::progress::ProgressFeed;
 
 /// How long a stopping worker waits for its running job to stop on the
 /// generator (a ComfyUI prompt interrupted, a Wan2GP job cancelled) before it
@@ -51,6 +53,8 @@ pub struct WorkerSettings {
     pub token: Option<String>,
     pub heartbeat_ms: u64,
     pub liveness: u32,
+    /// Assignments held while one runs (pipelined dispatch).
+    pub pipeline_depth: u8,
     pub labels: Vec<String>,
     pub work_dir: PathBuf,
     pub reconnect_min: Duration,
@@ -94,14 +98,15 @@ struct Done {
     files: Vec<(OutputMeta, OutputData)>,
     loaded_model: Option<String>,
     work_dir: PathBuf,
-    /// Sent before the first upload: see [`closing_progress`].
-    closing: Option<Progress>,
+    /// Progress sent before the first upload, oldest first: the stages the
+    /// throttle still held when the attempt ended, then [`closing_progress`].
+    closing: VecDeque<Progress>,
 }
 
 struct Running {
     r: JobRef,
     cancel: CancellationToken,
-    progress: watch::Receiver<Option<Progress>>,
+    progress: ProgressFeed,
 }
 
 /// Where the upload of an unacknowledged result stands.
@@ -218,15 +223,26 @@ impl Worker {
             done_tx,
             done_rx,
             running: None,
+            staged: VecDeque::new(),
             unacked: None,
+            pending: VecDeque::new(),
             cursor: None,
             chunk_bytes: 1024 * 1024,
+            max_outputs: None,
             sent_inventory: None,
+            sent_resident: None,
         };
         let identity = Bytes::from(format!("{}/{}", this.settings.worker_id, this.instance));
         let mut backoff = Backoff::new(this.settings.reconnect_min, this.settings.reconnect_max);
         loop {
+            // A stop asked for during start-up or a backoff wins over connecting:
+            // a stopping worker never registers and so never takes a job.
+            tokio::task::yield_now().await;
+            if shutdown.is_cancelled() {
+                break;
+            }
             let conn = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
                 c = Dealer::connect(this.settings.transport, &this.settings.broker, ConnectOptions {
                     identity: Some(identity.clone()),
@@ -326,11 +342,20 @@ struct Session {
     done_tx: mpsc::Sender<Done>,
     done_rx: mpsc::Receiver<Done>,
     running: Option<Running>,
+    /// Assignments held to start the moment the GPU is free, oldest first.
+    staged: VecDeque<Assign>,
+    /// The finished attempt whose result is being sent, until acknowledged.
     unacked: Option<Done>,
+    /// Finished attempts whose results wait for `unacked` to be acknowledged.
+    pending: VecDeque<Done>,
     cursor: Option<Cursor>,
     chunk_bytes: u64,
+    /// The broker's `max_artifacts_per_job`, from `registered`.
+    max_outputs: Option<u64>,
     /// The inventory last sent, so heartbeats carry it only when it changed.
     sent_inventory: Option<Vec<BackendInventory>>,
+    /// The resident models last sent.
+    sent_resident: Option<Vec<String>>,
 }
 
 async fn progress_changed(running: &mut Option<Running>) {
@@ -364,8 +389,16 @@ impl Session {
             backends: status.backends.clone(),
             labels: s.labels.clone(),
             loaded_model: self.loaded_model(),
+            resident: self.resident(),
             current: self.running.as_ref().map(|r| r.r),
             unacked: self.unacked.as_ref().map(|d| d.r),
+            held: self
+                .pending
+                .iter()
+                .map(|d| d.r)
+                .chain(self.staged.iter().map(assign_ref))
+                .collect(),
+            max_held: s.pipeline_depth,
         }))
     }
 
@@ -373,21 +406,65 @@ impl Session {
         self.worker.backends.iter().find_map(|b| b.loaded_model())
     }
 
-    /// A job task finished: keep its result until the broker acknowledges it.
+    fn resident(&self) -> Vec<String> {
+        self.worker
+            .backends
+            .iter()
+            .flat_map(|b| b.resident_models())
+            .collect()
+    }
+
+    /// Every attempt this worker holds, oldest first: the result being sent, the
+    /// results waiting behind it, the running job, the staged ones.
+    fn outstanding(&self) -> Vec<JobRef> {
+        self.unacked
+            .iter()
+            .map(|d| d.r)
+            .chain(self.pending.iter().map(|d| d.r))
+            .chain(self.running.as_ref().map(|r| r.r))
+            .chain(self.staged.iter().map(assign_ref))
+            .collect()
+    }
+
+    /// A job task finished: the next staged job starts at once (the GPU is free),
+    /// and the result is kept until the broker acknowledges it.
     fn finish(&mut self, mut done: Done) {
-        if let Some(run) = self.running.take_if(|r| r.r == done.r) {
-            let last = run.progress.borrow().clone();
-            done.closing = closing_progress(&done.outcome, last.as_ref());
+        if let Some(mut run) = self.running.take_if(|r| r.r == done.r) {
+            // Stages of a job shorter than the throttle are still held: they go
+            // first, then the closing one.
+            let last = run.progress.latest();
+            done.closing.extend(run.progress.drain());
+            done.closing
+                .extend(closing_progress(&done.outcome, last.as_ref()));
+        }
+        if self.running.is_none() {
+            if let Some(next) = self.staged.pop_front() {
+                self.start(next);
+            }
         }
         if !matches!(done.outcome, Outcome::Succeeded { .. }) {
             // Nothing of a failed or cancelled attempt is uploaded: its scratch
             // (partial downloads, a whole batch before a hashing error) goes now.
             remove_scratch(&done.work_dir);
         }
-        if let Some(old) = self.unacked.replace(done) {
-            remove_scratch(&old.work_dir);
+        if self.unacked.is_none() {
+            self.unacked = Some(done);
+            self.cursor = Some(Cursor { file: 0, offset: 0 });
+        } else {
+            self.pending.push_back(done);
         }
-        self.cursor = Some(Cursor { file: 0, offset: 0 });
+    }
+
+    /// The broker has the result being sent: the next waiting one goes.
+    fn acknowledged(&mut self) {
+        if let Some(done) = self.unacked.take() {
+            remove_scratch(&done.work_dir);
+        }
+        self.cursor = None;
+        if let Some(next) = self.pending.pop_front() {
+            self.unacked = Some(next);
+            self.cursor = Some(Cursor { file: 0, offset: 0 });
+        }
     }
 
     /// Cancels the running job, if any, and waits (up to [`STOP_GRACE`]) for its
@@ -468,6 +545,7 @@ impl Session {
                                 backoff.reset();
                                 self.sent_inventory = Some(self.status.borrow().backends.clone());
                                 self.chunk_bytes = r.chunk_bytes.clamp(4096, 16 * 1024 * 1024);
+                                self.max_outputs = r.max_outputs;
                                 if r.heartbeat_ms != heartbeat_ms {
                                     heartbeat_ms = r.heartbeat_ms.max(10);
                                     let period = Duration::from_millis(heartbeat_ms);
@@ -489,13 +567,19 @@ impl Session {
                                 if let Some(run) = self.running.as_ref().filter(|run| run.r == r) {
                                     tracing::info!(job = %r.job_id, attempt = r.attempt, "cancelling at the broker's request");
                                     run.cancel.cancel();
+                                } else if self.staged.iter().any(|a| assign_ref(a) == r) {
+                                    tracing::info!(job = %r.job_id, attempt = r.attempt, "dropping a held job at the broker's request");
+                                    self.staged.retain(|a| assign_ref(a) != r);
                                 }
                             }
                             BrokerMessage::ResultAck(r) => {
                                 if self.unacked.as_ref().is_some_and(|d| d.r == r) {
-                                    let done = self.unacked.take().expect("checked");
-                                    self.cursor = None;
-                                    remove_scratch(&done.work_dir);
+                                    self.acknowledged();
+                                } else if let Some(i) = self.pending.iter().position(|d| d.r == r) {
+                                    // A stale result the broker does not want.
+                                    if let Some(old) = self.pending.remove(i) {
+                                        remove_scratch(&old.work_dir);
+                                    }
                                 }
                             }
                             BrokerMessage::Reregister(_) => {
@@ -528,9 +612,10 @@ impl Session {
                     progress_due = None;
                     last_progress = Instant::now();
                     if let Some(run) = &mut self.running {
-                        let p = run.progress.borrow_and_update().clone();
-                        if let Some(progress) = p {
-                            let msg = WorkerMessage::Progress(ProgressReport { job_id: run.r.job_id, attempt: run.r.attempt, progress });
+                        // Every stage held, in order; a stage's steps arrive merged.
+                        let r = run.r;
+                        for progress in run.progress.drain() {
+                            let msg = WorkerMessage::Progress(ProgressReport { job_id: r.job_id, attempt: r.attempt, progress });
                             if let Err(e) = self.send(&mut conn, &msg).await {
                                 return SessionEnd::Lost(e);
                             }
@@ -572,16 +657,21 @@ impl Session {
         } else {
             None
         };
+        let mut held = self.outstanding();
+        let current = (!held.is_empty()).then(|| held.remove(0));
+        let resident = self.resident();
+        let resident = (self.sent_resident.as_ref() != Some(&resident)).then(|| {
+            self.sent_resident = Some(resident.clone());
+            resident
+        });
         WorkerMessage::Heartbeat(Heartbeat {
             free_vram_mb: status.gpu.free_vram_mb,
             utilization_pct: status.gpu.utilization_pct,
             temperature_c: status.gpu.temperature_c,
             power_mw: status.gpu.power_mw,
-            current: self
-                .running
-                .as_ref()
-                .map(|r| r.r)
-                .or(self.unacked.as_ref().map(|d| d.r)),
+            current,
+            held,
+            resident,
             loaded_model: self.loaded_model(),
             healthy: status.healthy,
             backends,
@@ -589,13 +679,17 @@ impl Session {
     }
 
     async fn on_assign(&mut self, conn: &mut Dealer, a: Assign) -> Result<(), String> {
-        let r = JobRef {
-            job_id: a.job_id,
-            attempt: a.attempt,
-        };
+        let r = assign_ref(&a);
+        if self.running.as_ref().is_some_and(|run| run.r == r)
+            || self.staged.iter().any(|s| assign_ref(s) == r)
+        {
+            return Ok(()); // a duplicate
+        }
         if let Some(busy) = &self.running {
-            if busy.r == r {
-                return Ok(()); // a duplicate
+            if a.hold && self.staged.len() < self.worker.settings.pipeline_depth as usize {
+                tracing::debug!(job = %a.job_id, attempt = a.attempt, "holding the next job");
+                self.staged.push_back(a);
+                return Ok(());
             }
             tracing::warn!(job = %a.job_id, busy_with = %busy.r.job_id, "assigned a job while busy; refusing it");
             let msg = WorkerMessage::Refused(Refused {
@@ -605,18 +699,21 @@ impl Session {
             });
             return self.send(conn, &msg).await;
         }
-        if let Some(old) = self.unacked.take() {
-            // The broker moved on without wanting that result.
+        if let Some(old) = self.unacked.take_if(|_| !a.hold) {
+            // The broker counts this worker idle: it moved on without wanting
+            // the results still here.
             self.cursor = None;
             remove_scratch(&old.work_dir);
+            for old in self.pending.drain(..) {
+                remove_scratch(&old.work_dir);
+            }
         }
-        let Some(backend) = self
+        if !self
             .worker
             .backends
             .iter()
-            .find(|b| b.kind() == a.job.backend)
-            .cloned()
-        else {
+            .any(|b| b.kind() == a.job.backend)
+        {
             let err = JobError::new(
                 FailureKind::InvalidInput,
                 format!("this worker has no {} backend", a.job.backend),
@@ -629,6 +726,41 @@ impl Session {
                 loaded_model: None,
             });
             return self.send(conn, &msg).await;
+        }
+        self.start(a);
+        Ok(())
+    }
+
+    /// Starts an attempt on its backend (the GPU is free).
+    fn start(&mut self, a: Assign) {
+        let r = assign_ref(&a);
+        let Some(backend) = self
+            .worker
+            .backends
+            .iter()
+            .find(|b| b.kind() == a.job.backend)
+            .cloned()
+        else {
+            // Staged for a backend this worker lacks: fail it in its turn.
+            let err = JobError::new(
+                FailureKind::InvalidInput,
+                format!("this worker has no {} backend", a.job.backend),
+                false,
+            );
+            let done = Done {
+                r,
+                outcome: Outcome::Failed { error: err },
+                files: Vec::new(),
+                loaded_model: None,
+                work_dir: self
+                    .worker
+                    .settings
+                    .work_dir
+                    .join(format!("{}-{}", r.job_id, r.attempt)),
+                closing: VecDeque::new(),
+            };
+            self.finish(done);
+            return;
         };
         tracing::info!(job = %a.job_id, attempt = a.attempt, backend = %a.job.backend, "starting");
         let (sink, progress) = ProgressSink::new();
@@ -649,12 +781,12 @@ impl Session {
             a.job,
             a.degrade,
             work_dir,
+            self.max_outputs,
             sink,
             cancel,
             self.done_tx.clone(),
             self.worker.metrics.clone(),
         ));
-        Ok(())
     }
 
     /// Sends the next piece of the unacknowledged result, then `finished`.
@@ -662,7 +794,7 @@ impl Session {
         let (Some(done), Some(cursor)) = (&mut self.unacked, &mut self.cursor) else {
             return Ok(());
         };
-        if let Some(progress) = done.closing.take() {
+        if let Some(progress) = done.closing.pop_front() {
             let msg = WorkerMessage::Progress(ProgressReport {
                 job_id: done.r.job_id,
                 attempt: done.r.attempt,
@@ -787,6 +919,13 @@ fn read_piece(data: &OutputData, offset: u64, len: u64) -> std::io::Result<Vec<u
     }
 }
 
+fn assign_ref(a: &Assign) -> JobRef {
+    JobRef {
+        job_id: a.job_id,
+        attempt: a.attempt,
+    }
+}
+
 /// Runs one attempt on its backend and prepares the result (sizes, hashes).
 #[allow(clippy::too_many_arguments)]
 async fn run_job(
@@ -795,6 +934,7 @@ async fn run_job(
     spec: Arc<JobSpec>,
     degrade: u8,
     work_dir: PathBuf,
+    max_outputs: Option<u64>,
     sink: ProgressSink,
     cancel: CancellationToken,
     done: mpsc::Sender<Done>,
@@ -807,7 +947,11 @@ async fn run_job(
         spec,
         degrade,
         work_dir: work_dir.clone(),
+        max_outputs,
     };
+    // When the generator had the job, on the Unix clock: the gap between one
+    // job's end and the next one's start is what pipelined dispatch removes.
+    let started_unix_ms = kiln_protocol::unix_ms();
     // A panicking backend must fail the attempt, not the worker.
     let result = match AssertUnwindSafe(backend.run(run, sink.clone(), cancel))
         .catch_unwind()
@@ -820,6 +964,27 @@ async fn run_job(
             true,
         ))),
     };
+    let ended_unix_ms = kiln_protocol::unix_ms();
+    let result = result.map(|mut out| {
+        out.info
+            .insert("worker_started_ms".into(), started_unix_ms.into());
+        out.info
+            .insert("worker_ended_ms".into(), ended_unix_ms.into());
+        out
+    });
+    // More outputs than the broker keeps would fail at the upload past the limit,
+    // after sending the others: say so now, with the count, and do not retry.
+    let result = result.and_then(|out| match max_outputs {
+        Some(max) if out.outputs.len() as u64 > max => Err(RunError::Failed(JobError::new(
+            FailureKind::InvalidInput,
+            kiln_protocol::limits::too_many_outputs(
+                &format!("the job made {} outputs", out.outputs.len()),
+                max,
+            ),
+            false,
+        ))),
+        _ => Ok(out),
+    });
     let (outcome, files) = match result {
         // Hashing files reads them: off the async threads. Bytes are hashed here.
         Ok(out)
@@ -864,16 +1029,16 @@ async fn run_job(
             files,
             loaded_model: backend.loaded_model(),
             work_dir,
-            closing: None,
+            closing: VecDeque::new(),
         })
         .await;
 }
 
-/// The progress a finished attempt leaves behind. Progress goes out at most ten
-/// times a second, so the last stage a backend reported ("downloading
-/// x_00001_.png", "encoding") may never have been sent, and the broker would keep
-/// an earlier one on the finished job. A success closes at 100 % "done", keeping
-/// the step count; a failure leaves the progress to the broker, which clears it.
+/// The progress a finished attempt leaves behind, after the stages still held
+/// (see [`crate::progress`]). Without it the broker would keep the last stage a
+/// backend reported ("downloading x_00001_.png", "encoding") on the finished
+/// job. A success closes at 100 % "done", keeping the step count; a failure
+/// leaves the progress to the broker, which clears it.
 fn closing_progress(outcome: &Outcome, last: Option<&Progress>) -> Option<Progress> {
     match outcome {
         Outcome::Succeeded { .. } => Some(Progress {

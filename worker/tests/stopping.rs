@@ -165,7 +165,7 @@ async fn sigterm_of_an_attached_worker_cancels_the_prompt_says_goodbye_and_the_r
     assert!(
         broker
             .log()
-            .contains("worker lost: said goodbye: worker shutting down"),
+            .contains("worker left: said goodbye: worker shutting down"),
         "{}",
         broker.log()
     );
@@ -345,27 +345,27 @@ async fn the_gpu_declared_in_the_config_is_not_overridden_by_comfyui() {
     assert!(err.to_string().contains("16000"), "{err}");
 }
 
+fn with_input(name: &str, file: &str) -> JobSpec {
+    let mut spec = JobSpec::new(Backend::Comfyui, Task::Workflow);
+    spec.workflow = Some(workflow(name));
+    spec.inputs.push(input(file, "image/png"));
+    spec
+}
+
+/// Attach mode with no `input_dir`: the folder is found from the server's
+/// command line (the fake, like ComfyUI, echoes it in `/system_stats`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_attempts_uploads_are_removed_from_comfyuis_input_folder() {
+async fn an_attempts_uploads_are_removed_from_the_input_folder_comfyui_names() {
     let s = Scratch::new();
     let fake = Fake::start(&s, "0.27.0").await;
     let port = fake.url.rsplit(':').next().unwrap();
     let input_dir = s.path().join(format!("comfyui-{port}")).join("input");
     let broker = fast_beat_broker(&s).await;
     let client = broker.client();
-    let toml = format!(
-        "url = \"{}\"\ninput_dir = \"{}\"",
-        fake.url,
-        input_dir.display()
-    );
-    let _w = s.worker(&broker, comfy_opts("u1", &toml)).await;
+    let toml = format!("url = \"{}\"", fake.url);
+    let w = s.worker(&broker, comfy_opts("u1", &toml)).await;
     wait_healthy(&client, "u1").await;
-    let raw = |name: &str, file: &str| {
-        let mut spec = JobSpec::new(Backend::Comfyui, Task::Workflow);
-        spec.workflow = Some(workflow(name));
-        spec.inputs.push(input(file, "image/png"));
-        spec
-    };
+    let raw = with_input;
     // One that succeeds and one that fails at run time on its upload.
     for (spec, state) in [
         (
@@ -398,5 +398,63 @@ async fn an_attempts_uploads_are_removed_from_comfyuis_input_folder() {
     assert!(
         input_dir.join("kiln").is_dir(),
         "the fake stored the uploads there"
+    );
+    let log = w.log();
+    assert!(
+        log.contains("found ComfyUI's input folder") && log.contains("/system_stats"),
+        "the worker says where it found the folder:\n{log}"
+    );
+}
+
+/// A server whose command line names no folder this host can resolve (a
+/// relative `--base-directory`), and an `input_dir` that is not its input
+/// folder: nothing is removed, nothing wrong is touched, and the worker says
+/// so once, naming the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_stay_and_the_worker_says_why_when_it_cannot_see_the_input_folder() {
+    let s = Scratch::new();
+    let (fake, input_dir) = Fake::start_relative(&s, "0.27.0").await;
+    let wrong = s.path().join("not-comfyui-input");
+    std::fs::create_dir_all(&wrong).unwrap();
+    let broker = fast_beat_broker(&s).await;
+    let client = broker.client();
+    let toml = format!(
+        "url = \"{}\"\ninput_dir = \"{}\"",
+        fake.url,
+        wrong.display()
+    );
+    let w = s.worker(&broker, comfy_opts("u2", &toml)).await;
+    wait_healthy(&client, "u2").await;
+    for _ in 0..2 {
+        let spec = with_input("10_loadimage_subfolder_preview", "upload_test.png");
+        let id = client.submit(spec).await.unwrap().job_id;
+        let done = tokio::time::timeout(Duration::from_secs(60), client.wait(id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+        assert!(
+            input_dir
+                .join(format!("kiln/{id}-1/upload_test.png"))
+                .is_file(),
+            "the upload stays on the server"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&wrong).unwrap().count(),
+        0,
+        "nothing made or touched there"
+    );
+    let log = w.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("uploads stay on the ComfyUI server"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "said once:\n{log}");
+    assert!(
+        warnings[0].contains("worker.comfyui.input_dir")
+            && warnings[0].contains("not-comfyui-input"),
+        "{}",
+        warnings[0]
     );
 }

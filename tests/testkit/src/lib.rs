@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod prometheus;
+pub mod zmtp;
+
 use kiln_protocol::transport::{
     ConnectOptions, CurveClient, CurveKeyPair, Dealer, Incoming, TransportKind,
 };
@@ -535,6 +538,26 @@ impl Broker {
 
     pub fn log(&self) -> String {
         self.proc.log()
+    }
+
+    /// A Python client of this broker (`KILN_TEST_PYTHON`, with pyzmq and
+    /// msgpack) running `script`, pointed at it the way `examples/submit.py`
+    /// reads it: `KILN_BROKER`, `KILN_EVENTS` and, when given, `KILN_TOKEN`.
+    pub fn python_client(&self, script: &Path, token: Option<&str>) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(python());
+        cmd.arg(script)
+            .env("KILN_BROKER", &self.frontend)
+            .env("KILN_EVENTS", &self.events)
+            .env_remove("KILN_TOKEN")
+            .envs(token.map(|t| ("KILN_TOKEN", t)));
+        cmd
+    }
+
+    /// `examples/submit.py`, the documented pyzmq client, against this broker
+    /// with `token`; add its arguments.
+    pub fn submit_example(&self, token: &str) -> tokio::process::Command {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/submit.py");
+        self.python_client(&script, Some(token))
     }
 }
 

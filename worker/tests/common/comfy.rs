@@ -7,7 +7,9 @@ use std::time::Duration;
 use kiln_protocol::job::InputFile;
 use kiln_protocol::worker::WorkerState;
 use kiln_protocol::{Backend, Client, JobId, JobSpec, JobState, Task};
-use kiln_testkit::{eventually, fixture, free_port, python, Proc, Scratch, WorkerOpts};
+use kiln_testkit::{
+    eventually, fixture, free_port, python, Broker, BrokerOpts, Proc, Scratch, WorkerOpts,
+};
 use serde_json::Value;
 
 pub fn fixtures() -> PathBuf {
@@ -67,6 +69,42 @@ impl Fake {
         args.extend(extra.iter().map(|a| a.to_string()));
         args.extend(["--port".into(), port.to_string()]);
         let proc = Proc::spawn("fake ComfyUI", &python(), &args, &[], dir.join("fake.log"));
+        Fake::answering(proc, port).await
+    }
+
+    /// A fake started in `s` with a relative `--base-directory comfyui-<port>`
+    /// (so its command line does not say where its folders are); returns it and
+    /// its input folder.
+    pub async fn start_relative(s: &Scratch, version: &str) -> (Fake, PathBuf) {
+        let port = free_port();
+        let rel = format!("comfyui-{port}");
+        let dir = s.path().join(&rel);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut args = vec![
+            "-c".to_string(),
+            "cd \"$0\" && exec \"$@\"".into(),
+            s.path().display().to_string(),
+            python().display().to_string(),
+        ];
+        for a in fake_args(&dir, version) {
+            args.push(if a == dir.display().to_string() {
+                rel.clone()
+            } else {
+                a
+            });
+        }
+        args.extend(["--port".into(), port.to_string()]);
+        let proc = Proc::spawn(
+            "fake ComfyUI",
+            Path::new("sh"),
+            &args,
+            &[],
+            dir.join("fake.log"),
+        );
+        (Fake::answering(proc, port).await, dir.join("input"))
+    }
+
+    async fn answering(proc: Proc, port: u16) -> Fake {
         let fake = Fake {
             proc,
             url: format!("http://127.0.0.1:{port}"),
@@ -175,4 +213,25 @@ pub fn input(name: &str, media_type: &str) -> InputFile {
         media_type: media_type.into(),
         data: std::fs::read(fixtures().join("workflows/inputs").join(name)).unwrap(),
     }
+}
+
+/// A broker and a worker attached to `fake`; waits until the worker is healthy.
+pub async fn attached(s: &Scratch, fake: &Fake, id: &str) -> (Broker, Proc) {
+    let broker = s
+        .broker(BrokerOpts {
+            heartbeat_ms: 200,
+            ..BrokerOpts::default()
+        })
+        .await;
+    let worker = s
+        .worker(&broker, comfy_opts(id, &format!("url = \"{}\"", fake.url)))
+        .await;
+    wait_healthy(&broker.client(), id).await;
+    (broker, worker)
+}
+
+pub fn raw(name: &str) -> JobSpec {
+    let mut spec = JobSpec::new(Backend::Comfyui, Task::Workflow);
+    spec.workflow = Some(workflow(name));
+    spec
 }

@@ -27,6 +27,7 @@ pub mod history;
 pub mod progress;
 pub mod schema;
 pub mod supervisor;
+pub mod uploads;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -72,6 +73,7 @@ pub struct ComfyUiBackend {
     /// Set once the prompts left behind by an earlier process of this worker
     /// have been cancelled (see [`ComfyUiBackend::reap_predecessors`]).
     reaped: tokio::sync::OnceCell<()>,
+    uploads: uploads::Uploads,
 }
 
 fn failed(kind: FailureKind, message: impl Into<String>, retryable: bool) -> RunError {
@@ -100,7 +102,6 @@ impl ComfyUiBackend {
         let client_prefix = format!("kiln-{worker_id}-");
         let client_id = format!("{client_prefix}{}", uuid::Uuid::new_v4().simple());
         Ok(ComfyUiBackend {
-            cfg,
             api,
             client_id,
             gpu_index,
@@ -111,6 +112,8 @@ impl ComfyUiBackend {
             loaded: Mutex::new(None),
             client_prefix,
             reaped: tokio::sync::OnceCell::new(),
+            uploads: uploads::Uploads::new(&cfg),
+            cfg,
         })
     }
 
@@ -197,53 +200,9 @@ impl ComfyUiBackend {
         }
     }
 
-    /// Where an attempt's uploads go, under ComfyUI's `input/`.
-    fn upload_folder(job: &JobRun) -> String {
-        format!("kiln/{}-{}", job.job_id, job.attempt)
-    }
-
-    /// ComfyUI's input folder on this host, when known (see `input_dir`).
-    fn input_dir(&self) -> Option<std::path::PathBuf> {
-        if let Some(dir) = &self.cfg.input_dir {
-            return Some(dir.clone());
-        }
-        if self.cfg.mode != ComfyUiMode::Managed {
-            return None;
-        }
-        let args = &self.cfg.args;
-        let flag = |name: &str| {
-            args.iter()
-                .position(|a| a == name)
-                .and_then(|i| args.get(i + 1))
-                .map(std::path::PathBuf::from)
-        };
-        flag("--input-directory")
-            .or_else(|| flag("--base-directory").map(|b| b.join("input")))
-            .or_else(|| {
-                let main = self.cfg.main_py.as_ref()?;
-                Some(main.parent()?.join("input"))
-            })
-    }
-
-    /// Removes the attempt's uploads from ComfyUI's input folder, when this host
-    /// can see it: ComfyUI itself never deletes them.
-    async fn remove_uploads(&self, job: &JobRun) {
-        let Some(input) = self.input_dir() else {
-            return;
-        };
-        let folder = input.join(Self::upload_folder(job));
-        match tokio::fs::remove_dir_all(&folder).await {
-            Ok(()) => tracing::debug!(folder = %folder.display(), "removed the attempt's uploads"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(folder = %folder.display(), error = %e, "cannot remove the attempt's uploads")
-            }
-        }
-    }
-
     async fn upload_inputs(&self, job: &JobRun) -> Result<Vec<Uploaded>, RunError> {
         let mut uploaded = Vec::with_capacity(job.spec.inputs.len());
-        let folder = Self::upload_folder(job);
+        let folder = uploads::upload_folder(job);
         for input in &job.spec.inputs {
             let stored = self
                 .api
@@ -251,6 +210,13 @@ impl ComfyUiBackend {
                 .await
                 .map_err(|e| unreachable_failure(&e))?;
             tracing::debug!(job = %job.job_id, name = %input.name, stored = %stored.input_path(), "uploaded an input");
+            if uploaded.is_empty() {
+                // Where this host sees it, if anywhere: see `uploads`.
+                let stats = self.api.system_stats().await.ok();
+                self.uploads
+                    .locate(&stored, &input.data, stats.as_ref())
+                    .await;
+            }
             uploaded.push(Uploaded {
                 name: input.name.clone(),
                 path: stored.input_path(),
@@ -298,19 +264,36 @@ impl ComfyUiBackend {
 
     /// Checks the graph against `/object_info`, re-reading it once when a value
     /// is missing from a list or a class is unknown (new uploads, new models).
+    ///
+    /// Inputs `params.overrides` added must be declared by their node, and the
+    /// graph may not have more output nodes than the broker keeps outputs
+    /// (`max_outputs`): both are refused here, before anything is queued.
     async fn validate(
         &self,
-        graph: &Map<String, Value>,
+        prepared: &Prepared,
+        max_outputs: Option<u64>,
     ) -> Result<Arc<Map<String, Value>>, RunError> {
+        let graph = &prepared.graph;
+        let problems_with = |info: &Map<String, Value>| {
+            let mut problems = validate::check(graph, info);
+            problems.extend(validate::unknown_inputs(
+                graph,
+                &prepared.added_inputs,
+                info,
+            ));
+            problems
+        };
         let mut info = self
             .object_info(false)
             .await
             .map_err(|e| unreachable_failure(&e))?;
-        let mut problems = validate::check(graph, &info);
+        let mut problems = problems_with(&info);
         let stale = problems.iter().any(|p| {
             matches!(
                 p.kind,
-                validate::ProblemKind::NotInList | validate::ProblemKind::UnknownClass
+                validate::ProblemKind::NotInList
+                    | validate::ProblemKind::UnknownClass
+                    | validate::ProblemKind::UnknownInput
             )
         });
         if stale {
@@ -318,9 +301,20 @@ impl ComfyUiBackend {
                 .object_info(true)
                 .await
                 .map_err(|e| unreachable_failure(&e))?;
-            problems = validate::check(graph, &info);
+            problems = problems_with(&info);
         }
         if problems.is_empty() {
+            let outputs = validate::output_nodes(graph, &info) as u64;
+            if let Some(max) = max_outputs.filter(|max| outputs > *max) {
+                return Err(failed(
+                    FailureKind::InvalidInput,
+                    kiln_protocol::limits::too_many_outputs(
+                        &format!("the workflow has {outputs} output nodes"),
+                        max,
+                    ),
+                    false,
+                ));
+            }
             return Ok(info);
         }
         let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
@@ -732,7 +726,7 @@ impl Backend for ComfyUiBackend {
     ) -> Result<RunOutput, RunError> {
         let result = self.attempt(&job, &progress, &cancel).await;
         if !job.spec.inputs.is_empty() {
-            self.remove_uploads(&job).await;
+            self.uploads.remove(&job).await;
         }
         result
     }
@@ -766,7 +760,7 @@ impl ComfyUiBackend {
         for p in &prepared.ignored {
             tracing::debug!(job = %job.job_id, param = %p, "parameter not used by {source}");
         }
-        let info = self.validate(&prepared.graph).await?;
+        let info = self.validate(&prepared, job.max_outputs).await?;
         if cancel.is_cancelled() {
             return Err(RunError::Cancelled);
         }

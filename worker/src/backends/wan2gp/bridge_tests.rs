@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::progress::ProgressFeed;
 use kiln_config::Wan2gpConfig;
 use kiln_protocol::worker::GpuInfo;
 use kiln_protocol::{
@@ -16,7 +17,6 @@ use kiln_protocol::{
 };
 use kiln_testkit::{eventually, fixture, python};
 use serde_json::{json, Value};
-use tokio::sync::watch;
 
 use super::*;
 
@@ -96,6 +96,7 @@ impl Rig {
             spec: Arc::new(spec),
             degrade: 0,
             work_dir: self.dir.path().join(format!("job{n}")),
+            max_outputs: None,
         };
         let (sink, rx) = ProgressSink::new();
         let seen = tokio::spawn(collect(rx));
@@ -108,15 +109,16 @@ impl Rig {
     }
 }
 
-async fn collect(mut rx: watch::Receiver<Option<Progress>>) -> Vec<Progress> {
+async fn collect(mut rx: ProgressFeed) -> Vec<Progress> {
     let mut seen: Vec<Progress> = Vec::new();
     while rx.changed().await.is_ok() {
-        if let Some(p) = rx.borrow_and_update().clone() {
+        for p in rx.drain() {
             if seen.last() != Some(&p) {
                 seen.push(p);
             }
         }
     }
+    seen.extend(rx.drain());
     seen
 }
 
@@ -165,7 +167,7 @@ async fn jobs_report_steps_keep_the_model_loaded_and_list_the_inventory() {
         .iter()
         .filter_map(|p| p.step.filter(|_| p.steps == Some(6)))
         .collect();
-    // The sink keeps only the newest value, so a watcher may miss a step or two.
+    // Steps of one stage may be merged on the way, so a watcher may miss a step or two.
     assert!(
         steps.len() >= 3 && steps.windows(2).all(|w| w[0] < w[1]),
         "steps arrive in order: {progress:?}"
@@ -408,6 +410,7 @@ async fn a_cancel_during_a_model_load_takes_effect_after_the_load() {
         )),
         degrade: 0,
         work_dir: rig.dir.path().join("job900"),
+        max_outputs: None,
     };
     let (sink, mut rx) = ProgressSink::new();
     let run = rig.backend.run(job, sink, cancel.clone());
@@ -415,7 +418,7 @@ async fn a_cancel_during_a_model_load_takes_effect_after_the_load() {
         loop {
             rx.changed().await.unwrap();
             let loading = rx
-                .borrow_and_update()
+                .latest()
                 .as_ref()
                 .is_some_and(|p| p.stage.to_ascii_lowercase().contains("loading"));
             if loading {
@@ -573,6 +576,7 @@ async fn failed_starts_are_reported_and_jobs_fail_fast() {
         spec: Arc::new(t2v("x", json!({}))),
         degrade: 0,
         work_dir: std::env::temp_dir(),
+        max_outputs: None,
     };
     let (sink, _rx) = ProgressSink::new();
     let e = failure(broken.run(job, sink, CancellationToken::new()).await);

@@ -116,17 +116,28 @@ mod tests {
         m.status("Loading model t2v_2_2");
         assert!(m.loaded_model);
         m.progress(&msg("inference", 15, 30));
-        let p = rx.borrow().clone().unwrap();
+        let p = rx.latest().unwrap();
         assert_eq!(p.pct, 50.0);
         assert_eq!((p.step, p.steps), (Some(15), Some(30)));
         assert_eq!(p.stage, "Denoising 15/30");
         m.progress(&msg("encoding_text", 1, 1));
-        assert_eq!(rx.borrow().clone().unwrap().pct, 50.0, "never decreases");
+        assert_eq!(rx.latest().unwrap().pct, 50.0, "never decreases");
         m.progress(&ProgressMsg {
             phase: Some("decoding".into()),
             ..ProgressMsg::default()
         });
-        assert_eq!(rx.borrow().clone().unwrap().pct, 90.0);
+        assert_eq!(rx.latest().unwrap().pct, 90.0);
+    }
+
+    #[test]
+    fn progress_events_time_sampling_and_the_download_phase() {
+        let (sink, _rx) = ProgressSink::new();
+        let mut m = ProgressMapper::new(sink.clone());
+        m.progress(&msg("loading_model", 1, 1));
+        m.progress(&msg("inference", 15, 30));
+        m.progress(&msg("downloading_output", 1, 1));
+        let phases: Vec<Phase> = sink.take_phases().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(phases, [Phase::Sampling, Phase::Download]);
     }
 
     #[test]
@@ -140,7 +151,7 @@ mod tests {
             total_windows: Some(2),
             ..msg("inference", 10, 10)
         });
-        let p = rx.borrow().clone().unwrap();
+        let p = rx.latest().unwrap();
         // sample 2 of 2, window 1 of 2 complete: 3 of 4 windows done.
         assert_eq!(p.pct, 70.0);
         assert_eq!(p.stage, "Denoising 10/10, sample 2/2, window 1/2");
