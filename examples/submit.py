@@ -68,7 +68,14 @@ class Broker:
         except BrokerError as e:
             if e.code != "unauthenticated" or self.hello is None:
                 raise
-        # The broker forgot this connection's login: log in again and resend once.
+        except TimeoutError:
+            # A request in flight when the broker died is lost with it. Reads are
+            # safe to repeat and a submit carries its idempotency key, so resend
+            # once on a fresh connection.
+            if self.hello is None:
+                raise
+        # The broker forgot this connection's login (or it restarted): log in
+        # again and resend once.
         self._connect()
         self._call("hello", self.hello)
         return self._call(kind, fields)

@@ -96,6 +96,9 @@ fn register(core: &mut Core, i: usize, out: &mut Vec<Output>) {
         loaded_model: Some(MODELS[i % 4].to_string()),
         current: None,
         unacked: None,
+        held: Vec::new(),
+        max_held: 0,
+        resident: Vec::new(),
     };
     core.handle(
         0,

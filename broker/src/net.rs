@@ -59,6 +59,9 @@ pub struct BrokerSettings {
     pub state_dir: PathBuf,
     pub durable: bool,
     pub peer_queue: usize,
+    /// Connections per port, and per address on each port (libzmq).
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
     pub transport: TransportKind,
     /// CURVE for the three ports; `None` for plain ZMTP.
     pub curve: Option<BrokerCurve>,
@@ -84,6 +87,7 @@ impl BrokerSettings {
             retention_max_age_ms: b.retention.max_age_s * 1000,
             retention_max_bytes: b.retention.max_artifact_bytes,
             retention_sweep_ms: b.retention.sweep_interval_s.max(1) * 1000,
+            ..CoreConfig::default()
         };
         // With CURVE every subscriber is a known key, so the port can open even
         // with tokens; a plain PUB cannot tell who subscribes.
@@ -98,6 +102,8 @@ impl BrokerSettings {
             state_dir: b.state_dir.clone(),
             durable: b.durable,
             peer_queue: b.peer_queue,
+            max_connections: b.max_connections,
+            max_connections_per_address: b.max_connections_per_address,
             transport: b.transport,
             curve,
             metrics: Arc::new(BrokerMetrics::new()),
@@ -210,6 +216,7 @@ impl Broker {
 
         let kind = settings.transport;
         let max = settings.core.limits.max_message_bytes;
+        let max_connections = connection_budget(settings.max_connections);
         let opts = |curve: Option<&CurveServer>, peer_queue: usize| BindOptions {
             // The transport's hard cap (libzmq drops a peer announcing more before
             // reading it) sits above the protocol limit, so a message a little
@@ -217,6 +224,8 @@ impl Broker {
             max_message_bytes: max.saturating_mul(2).saturating_add(64 * 1024),
             peer_queue,
             curve: curve.cloned(),
+            max_connections,
+            max_connections_per_address: settings.max_connections_per_address,
             ..BindOptions::default()
         };
         let curve = settings.curve.as_ref();
@@ -246,7 +255,12 @@ impl Broker {
             let (publisher, ep) = Publisher::bind(
                 kind,
                 &settings.events,
-                opts(curve.map(|c| &c.events), settings.peer_queue),
+                BindOptions {
+                    // What a subscriber sends is its subscriptions: a peer sending
+                    // a larger one is dropped and its subscriptions freed (libzmq).
+                    max_message_bytes: MAX_SUBSCRIPTION_BYTES,
+                    ..opts(curve.map(|c| &c.events), settings.peer_queue)
+                },
             )
             .await?;
             events = Some((ep, publisher));
@@ -379,6 +393,48 @@ impl Broker {
             ))),
         }
     }
+}
+
+/// The longest message a subscriber may send on the events port: a subscription
+/// (one flag byte and a topic prefix; Kiln's topics are `job/<id>/state`).
+const MAX_SUBSCRIPTION_BYTES: u64 = 1024;
+
+/// Descriptors kept free for the job store, artifact files, libzmq's own
+/// mailboxes and the process, whatever peers do.
+const FD_RESERVE: u64 = 512;
+
+/// Raises the open-file limit to its hard limit and returns the connections each
+/// of the three ports may hold: `wanted`, lowered if three ports' worth would
+/// not leave [`FD_RESERVE`] descriptors.
+fn connection_budget(wanted: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return wanted;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    let budget = (lim.rlim_cur.saturating_sub(FD_RESERVE) / 3).max(1) as usize;
+    if budget < wanted {
+        tracing::warn!(
+            open_files = lim.rlim_cur,
+            max_connections = budget,
+            wanted,
+            "lowering broker.max_connections so that {FD_RESERVE} descriptors stay free for the store and artifacts; raise LimitNOFILE to allow more"
+        );
+        return budget;
+    }
+    wanted
 }
 
 /// Replies queued for one client: enough for a window of artifact chunks, and at

@@ -60,6 +60,9 @@ fn records() -> Vec<(&'static str, Vec<u8>)> {
         loaded_model: None,
         current: None,
         unacked: None,
+        held: vec![],
+        max_held: 0,
+        resident: vec![],
     }));
     core.handle(
         now,

@@ -57,6 +57,35 @@ pub fn failure_kind(kind: FailureKind) -> String {
         .unwrap_or_else(|| "failure".into())
 }
 
+/// The snapshot fields `kiln status` shows in its own way or leaves to `--json`
+/// (`info`, `params`); any other field with a value gets a line of its own
+/// ([`JobSnapshot::other_fields`]), so a field added to the snapshot shows here.
+const STATUS_PRESENTED: &[&str] = &[
+    "job_id",
+    "seq",
+    "state",
+    "cancel_requested",
+    "backend",
+    "task",
+    "model",
+    "client",
+    "attempt",
+    "tries",
+    "max_attempts",
+    "worker",
+    "gpu",
+    "progress",
+    "queue_position",
+    "error",
+    "artifacts",
+    "info",
+    "params",
+    "created_ms",
+    "started_ms",
+    "finished_ms",
+    "history",
+];
+
 /// `kiln status`: the job's state, placement, progress and history.
 pub fn status(snap: &JobSnapshot) -> String {
     let mut s = String::new();
@@ -108,6 +137,13 @@ pub fn status(snap: &JobSnapshot) -> String {
     {
         line("ahead", format!("{q} job(s)"));
     }
+    if let Some(w) = snap
+        .waiting
+        .as_ref()
+        .filter(|_| snap.state == JobState::Queued)
+    {
+        line("waiting", w.detail.clone());
+    }
     if let Some(e) = &snap.error {
         line("error", format!("{}: {}", failure_kind(e.kind), e.message));
     }
@@ -116,6 +152,13 @@ pub fn status(snap: &JobSnapshot) -> String {
             "output",
             format!("{} {} ({}, {} bytes)", a.id, a.name, a.media_type, a.size),
         );
+    }
+    for (key, value) in snap.other_fields(STATUS_PRESENTED) {
+        let text = match value {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        line(&key, text);
     }
     line("submitted", time_ms(snap.created_ms));
     s.push_str("history\n");
@@ -229,6 +272,23 @@ mod tests {
         assert_eq!(time_ms(951_782_400_000), "2000-02-29 00:00:00.000Z");
         assert_eq!(offset(1000, 2234), "+1.234s");
         assert_eq!(offset(0, 125_000), "+2m05s");
+    }
+
+    /// A snapshot field `kiln status` has no code for (here `degrade` and a
+    /// non-zero `priority`) still gets its line.
+    #[test]
+    fn snapshot_fields_without_code_of_their_own_are_shown() {
+        let snap: JobSnapshot = serde_json::from_value(serde_json::json!({
+            "job_id": "j7", "seq": 4, "state": "queued", "backend": "sim",
+            "task": "text_to_image", "priority": -2, "client": "c", "attempt": 0,
+            "max_attempts": 3, "degrade": 1, "created_ms": 1,
+            "info": {"seed": 5}, "params": {"prompt": "x"}
+        }))
+        .unwrap();
+        let text = status(&snap);
+        assert!(text.contains("\npriority   -2\n"), "{text}");
+        assert!(text.contains("\ndegrade    1\n"), "{text}");
+        assert!(!text.contains("seed") && !text.contains("prompt"), "{text}");
     }
 
     #[test]

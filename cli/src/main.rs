@@ -172,6 +172,14 @@ enum ConfigCommand {
     Fence,
 }
 
+/// The command line, with what is known only at run time: the backends'
+/// parameter descriptions after `kiln submit --help`.
+fn command() -> clap::Command {
+    Cli::command().mut_subcommand("submit", |c| {
+        c.after_long_help(commands::params_help::text())
+    })
+}
+
 fn main() -> ExitCode {
     // `kiln jobs | head` ends quietly, as other Unix tools do, instead of panicking
     // on a closed stdout.
@@ -182,7 +190,7 @@ fn main() -> ExitCode {
     // The zeromq crate warns on every failed reconnect; the CLI reports the broker's
     // absence itself, once.
     kiln_config::logging::init("warn,zeromq=error");
-    let matches = Cli::command().get_matches();
+    let matches = command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
@@ -206,11 +214,11 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
     let ok = Ok(Outcome::Ok.into());
     match cli.command {
         Command::Completions { shell } => {
-            let mut cmd = Cli::command();
+            let mut cmd = command();
             clap_complete::generate(shell, &mut cmd, "kiln", &mut std::io::stdout());
             ok
         }
-        Command::Man { out } => commands::man::write(Cli::command(), &out),
+        Command::Man { out } => commands::man::write(command(), &out),
         Command::Config {
             command: ConfigCommand::Defaults,
         } => {
@@ -356,7 +364,7 @@ mod tests {
     /// not talk to the broker do not offer its flags.
     #[test]
     fn every_argument_is_documented_and_in_its_place() {
-        let cmd = Cli::command();
+        let cmd = command();
         cmd.clone().debug_assert();
         fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
             for arg in cmd.get_arguments() {
@@ -384,5 +392,9 @@ mod tests {
         assert!(cmd
             .get_after_help()
             .is_some_and(|h| h.to_string().contains("130")));
+        assert!(cmd
+            .find_subcommand("submit")
+            .and_then(|s| s.get_after_long_help())
+            .is_some_and(|h| h.to_string().contains("step_ms")));
     }
 }

@@ -64,7 +64,7 @@ pub struct KilnConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// `"zeromq"` (default) or `"libzmq"` (CURVE, bounded; the one to expose); see docs/security.md.
+    /// `"libzmq"` (default: CURVE, bounded, the one to expose) or `"zeromq"` (loopback or fenced networks only); see docs/security.md.
     pub transport: TransportKind,
     /// ROUTER for clients. Loopback by default; any other address needs CURVE
     /// (`curve_secret_key`) or an explicit `allow_insecure_network = true`.
@@ -99,6 +99,14 @@ pub struct BrokerConfig {
     /// Messages queued for one peer before further ones are dropped (clients) or the
     /// peer is declared stalled (workers).
     pub peer_queue: usize,
+    /// Connections each port holds at once (libzmq); past it a new connection is
+    /// closed as soon as it is accepted, and that is logged at most every 10 s.
+    /// At start the broker raises its open-file limit to the hard limit and lowers
+    /// this if three ports' worth would not leave 512 descriptors for the store,
+    /// artifacts and libzmq itself.
+    pub max_connections: usize,
+    /// Connections one IP address holds at once on each port (libzmq).
+    pub max_connections_per_address: usize,
     /// Required from clients in `hello` when set (unset: no authentication, for
     /// loopback-only setups). Also read from `client_token_file` or the systemd
     /// credential `kiln-client-token`.
@@ -163,6 +171,8 @@ impl Default for BrokerConfig {
             cancel_grace_s: 30,
             fleet_memory_s: 600,
             peer_queue: 8192,
+            max_connections: 4096,
+            max_connections_per_address: 256,
             client_token: None,
             client_token_file: None,
             worker_token: None,
@@ -211,7 +221,7 @@ pub struct WorkerConfig {
     /// Stable name, unique in the fleet; `<hostname>-gpu<index>` when unset.
     #[schemars(example = &"box1-gpu0")]
     pub id: Option<String>,
-    /// `"zeromq"` (default) or `"libzmq"`: the broker's.
+    /// `"libzmq"` (default) or `"zeromq"`: the broker's.
     pub transport: TransportKind,
     /// The broker's backend ROUTER.
     pub broker: String,
@@ -241,6 +251,10 @@ pub struct WorkerConfig {
     pub heartbeat_ms: u64,
     /// Missed broker heartbeats after which the worker reconnects.
     pub liveness: u32,
+    /// Assignments the worker holds while it runs one, so its GPU starts the next
+    /// job the moment the current one ends instead of waiting for a round trip to
+    /// the broker (pipelined dispatch; 0 = one job at a time).
+    pub pipeline_depth: u8,
     /// Scratch space for outputs before upload (default: a folder under the
     /// system's temporary directory).
     #[schemars(example = &"/var/lib/kiln/gpu0")]
@@ -274,6 +288,7 @@ impl Default for WorkerConfig {
             backends: vec![kiln_protocol::Backend::Sim],
             heartbeat_ms: kiln_protocol::HEARTBEAT_INTERVAL_MS,
             liveness: kiln_protocol::HEARTBEAT_LIVENESS,
+            pipeline_depth: 1,
             work_dir: None,
             sim: SimConfig::default(),
             comfyui: ComfyUiConfig::default(),
@@ -382,6 +397,36 @@ pub struct SimConfig {
     pub allow_faults: bool,
     /// Largest image side the simulator will render.
     pub max_side: u32,
+    /// GPU memory the simulator models: models stay resident up to it and the
+    /// least recently used is evicted to load another (0 = no limit).
+    pub vram_mb: u64,
+    /// Generation speed of the simulated GPU relative to the reference (an RTX
+    /// 4090 = 1.0): a step takes `step_ms / speed`. Loads do not scale with it.
+    pub speed: f64,
+    /// Memory and load time per model; a model without a profile takes no
+    /// memory and loads in `load_ms`.
+    pub profiles: Vec<SimModelProfile>,
+}
+
+/// What one model costs on the simulated GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SimModelProfile {
+    pub name: String,
+    /// GPU memory its weights take.
+    pub vram_mb: u64,
+    /// Load time from disk into the GPU.
+    pub load_ms: u64,
+}
+
+impl SimModelProfile {
+    fn new(name: &str, vram_mb: u64, load_ms: u64) -> SimModelProfile {
+        SimModelProfile {
+            name: name.into(),
+            vram_mb,
+            load_ms,
+        }
+    }
 }
 
 impl Default for SimConfig {
@@ -393,6 +438,16 @@ impl Default for SimConfig {
             models: vec!["sim-sd15".into(), "sim-sdxl".into(), "sim-wan".into()],
             allow_faults: false,
             max_side: 2048,
+            vram_mb: 24_576,
+            speed: 1.0,
+            // Sizes of the weights of real models and the time a local NVMe
+            // takes to load them (docs/performance.md says where they come
+            // from). The `sim-*` models have no profile: no memory, `load_ms`.
+            profiles: vec![
+                SimModelProfile::new("sdxl-base-1.0", 7_066, 9_000),
+                SimModelProfile::new("flux1-dev-fp8", 12_186, 25_000),
+                SimModelProfile::new("wan2.1-t2v-14b-fp8", 15_360, 60_000),
+            ],
         }
     }
 }
@@ -401,7 +456,7 @@ impl Default for SimConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
-    /// `"zeromq"` (default) or `"libzmq"`: the broker's.
+    /// `"libzmq"` (default) or `"zeromq"`: the broker's.
     pub transport: TransportKind,
     /// The broker's client ROUTER (`broker.frontend`).
     pub broker: String,
@@ -578,6 +633,12 @@ impl KilnConfig {
         if b.peer_queue < 16 {
             return invalid("broker.peer_queue", "must be at least 16");
         }
+        if b.max_connections == 0 || b.max_connections_per_address == 0 {
+            return invalid(
+                "broker.max_connections",
+                "max_connections and max_connections_per_address must be at least 1",
+            );
+        }
         b.metrics_addr()?;
         for net in &b.metrics_allowed_networks {
             if !is_cidr(net) {
@@ -617,6 +678,9 @@ impl KilnConfig {
         self.worker.metrics_addr()?;
         if self.worker.sim.max_side < 8 {
             return invalid("worker.sim.max_side", "must be at least 8");
+        }
+        if !(self.worker.sim.speed.is_finite() && self.worker.sim.speed > 0.0) {
+            return invalid("worker.sim.speed", "must be a number above 0");
         }
         self.worker.comfyui.validate()?;
         self.worker.wan2gp.validate()

@@ -380,8 +380,9 @@ async function loadQueue() {
   }
   const byClient = new Map();
   for (const j of q.jobs) byClient.set(j.client, (byClient.get(j.client) || 0) + 1);
+  const total = S.live ? S.live.queue.queued : q.shown;
   setText($('#queue-summary'),
-    `${q.total}${q.truncated ? '+' : ''} waiting` +
+    `${Math.max(total, q.shown)} waiting${q.truncated ? ` (the first ${q.shown} shown)` : ''}` +
     (byClient.size ? ` · ${[...byClient].map(([c, n]) => `${c}: ${n}`).join(' · ')}` : ''));
   const table = $('#queue-table');
   const groups = new Map();
@@ -401,7 +402,7 @@ async function loadQueue() {
           h('td', null, j.client),
           h('td', null, `${j.backend} · ${j.task}`),
           h('td', null, j.model || DASH),
-          h('td', { class: 'num' }, ago(j.created_ms)),
+          h('td', { class: 'num' }, duration((now() - j.created_ms) / 1000)),
           h('td', { class: 'why' }, w
             ? [h('strong', null, WAIT_REASONS[w.reason] || w.reason), w.detail ? `: ${w.detail}` : '']
             : h('span', { class: 'muted' }, 'not reported by this broker')));

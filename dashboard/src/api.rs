@@ -92,8 +92,9 @@ pub async fn events(
 /// The queue as the Queue page shows it.
 #[derive(Debug, Serialize)]
 pub struct QueueView {
-    /// Jobs queued at the broker.
-    pub total: usize,
+    /// How many jobs this answer lists (the broker's total is `queue.queued` in
+    /// the live view).
+    pub shown: usize,
     /// Waiting jobs, highest priority first, then oldest first; each with
     /// `queue_position` and `waiting` when the broker reports them.
     pub jobs: Vec<JobSnapshot>,
@@ -134,7 +135,7 @@ pub async fn queue(State(app): State<Arc<App>>) -> Response {
         }
     }
     Json(QueueView {
-        total: jobs.len(),
+        shown: jobs.len(),
         jobs,
         truncated,
     })

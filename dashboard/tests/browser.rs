@@ -113,6 +113,29 @@ async fn open(b: &fantoccini::Client, base: &str, hash: &str, section: &str) {
     .await;
 }
 
+/// Clicks the element with this id once it is there.
+async fn click(b: &fantoccini::Client, id: &str) {
+    let el = b.wait().for_element(Locator::Id(id)).await.unwrap();
+    el.click().await.unwrap();
+}
+
+/// Answers the confirmation dialog with its confirm button.
+async fn confirm(b: &fantoccini::Client) {
+    click(b, "confirm-yes").await;
+}
+
+/// The text of the element with this id once it is shown (not `hidden`).
+async fn shown_text(b: &fantoccini::Client, id: &str) -> String {
+    let script = format!(
+        "const r = document.getElementById('{id}'); return r && !r.hidden ? r.textContent : null;"
+    );
+    eventually(&format!("#{id} to show"), WAIT, || {
+        let script = script.clone();
+        async move { js(b, &script).await.as_str().map(str::to_string) }
+    })
+    .await
+}
+
 fn sim_job(steps: u32, step_ms: u32) -> JobSpec {
     JobSpec::new(Backend::Sim, Task::TextToImage)
         .param("prompt", "a kiln at dusk")
@@ -173,16 +196,33 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
     let long = client.submit(sim_job(400, 50)).await.unwrap().job_id;
     open(&b, &base, &format!("jobs/{long}"), "job").await;
     js(&b, "window.__kilnNoReload = 42; return null;").await;
+    // Where the bar and its figures sit: nothing may move as the numbers change.
+    let layout = "return ['job-progress', 'job-pct', 'job-eta'].map(id => { const r = document.getElementById(id).getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; });";
     let first = progress(&b, 0.0).await;
+    let before = js(&b, layout).await;
     let second = progress(&b, first).await;
     assert!(second > first, "{second} > {first}");
+    assert_eq!(
+        js(&b, layout).await,
+        before,
+        "the bar and its figures kept their place"
+    );
     assert_eq!(
         js(&b, "return window.__kilnNoReload ?? null;").await,
         json!(42),
         "the page was reloaded"
     );
-    // The fleet page shows the same job's bar on its GPU.
-    open(&b, &base, "fleet", "fleet").await;
+    // The fleet page shows the same job's bar on its GPU; the `1` key leads there.
+    b.find(Locator::Css("body"))
+        .await
+        .unwrap()
+        .send_keys("1")
+        .await
+        .unwrap();
+    eventually("the 1 key to open the fleet page", WAIT, || async {
+        (js(&b, "return location.hash;").await == json!("#/fleet")).then_some(())
+    })
+    .await;
     let on_card = format!("const p = document.querySelector('#gpus progress[data-job=\"{long}\"]'); return p ? p.value : null;");
     eventually("the job's bar on its GPU card", WAIT, || {
         let on_card = on_card.clone();
@@ -191,23 +231,76 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
     })
     .await;
     screenshot(&b, "fleet-busy").await;
+    // A phone-sized window: the cards stack and nothing overflows sideways.
+    b.set_window_size(390, 844).await.unwrap();
+    let overflow = js(
+        &b,
+        "return document.documentElement.scrollWidth > document.documentElement.clientWidth;",
+    )
+    .await;
+    assert_eq!(
+        overflow,
+        json!(false),
+        "no sideways scrolling on a narrow screen"
+    );
+    screenshot(&b, "fleet-narrow").await;
+    b.set_window_size(1280, 1000).await.unwrap();
+
+    // Both GPUs busy: a third job waits, and the Queue page shows it at the
+    // head of the line with its client.
+    let other = client.submit(sim_job(400, 50)).await.unwrap().job_id;
+    let waiting = client.submit(sim_job(400, 50)).await.unwrap().job_id;
+    open(&b, &base, "queue", "queue").await;
+    let row = format!(
+        "const r = document.querySelector('#queue-table tr[data-job=\"{waiting}\"]'); return r ? Array.from(r.cells).map(c => c.textContent) : null;"
+    );
+    let cells = eventually("the waiting job on the queue page", WAIT, || {
+        let row = row.clone();
+        let b = &b;
+        async move { js(b, &row).await.as_array().cloned() }
+    })
+    .await;
+    // The position is the broker's (`—` when it reports none, e.g. a job a busy
+    // worker already holds under pipelined dispatch); nothing ahead of it here.
+    assert!(
+        cells[0] == "1" || cells[0] == "—",
+        "first in line: {cells:?}"
+    );
+    assert!(
+        cells[6].as_str().is_some_and(|why| !why.trim().is_empty()),
+        "why it waits is said: {cells:?}"
+    );
+    assert_eq!(
+        cells[2],
+        json!(client.welcome().unwrap().client),
+        "{cells:?}"
+    );
+    screenshot(&b, "queue").await;
+    // Cancel the waiting one by id from the Actions page.
+    open(&b, &base, "actions", "actions").await;
+    b.find(Locator::Id("act-id"))
+        .await
+        .unwrap()
+        .send_keys(&waiting.to_string())
+        .await
+        .unwrap();
+    click(&b, "act-cancel").await;
+    confirm(&b).await;
+    let text = shown_text(&b, "act-result").await;
+    assert!(
+        text.starts_with(&format!("{waiting}: cancel requested; the job is ")),
+        "{text}"
+    );
+    eventually("the waiting job to be cancelled", WAIT, || async {
+        (client.get(waiting).await.ok()?.state == JobState::Cancelled).then_some(())
+    })
+    .await;
+    client.cancel(other).await.unwrap();
 
     // Cancel from the job's page: confirm, then the job stops on its GPU.
     open(&b, &base, &format!("jobs/{long}"), "job").await;
-    b.wait()
-        .for_element(Locator::Id("job-cancel"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.wait()
-        .for_element(Locator::Id("confirm-yes"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b, "job-cancel").await;
+    confirm(&b).await;
     let done = eventually("the cancelled job to end", WAIT, || async {
         let j = client.get(long).await.ok()?;
         j.state.is_terminal().then_some(j)
@@ -225,11 +318,7 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
             .then_some(())
     })
     .await;
-    let text = eventually("the cancel's result on the page", WAIT, || async {
-        let t = js(&b, "const r = document.getElementById('job-result'); return r && !r.hidden ? r.textContent : null;").await;
-        t.as_str().map(str::to_string)
-    })
-    .await;
+    let text = shown_text(&b, "job-result").await;
     assert!(text.contains("cancel requested"), "{text}");
 
     // A finished job's page shows its image, decoded by the browser.
@@ -260,13 +349,7 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
     );
     screenshot(&b, "job").await;
 
-    // Queue and Jobs pages render; the Jobs search finds the cancelled job.
-    open(&b, &base, "queue", "queue").await;
-    b.wait()
-        .for_element(Locator::Css("#queue-summary"))
-        .await
-        .unwrap();
-    screenshot(&b, "queue").await;
+    // The Jobs search finds the cancelled jobs.
     open(&b, &base, "jobs", "jobs").await;
     let search = b
         .wait()
@@ -275,10 +358,10 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
         .unwrap();
     search.send_keys("cancelled").await.unwrap();
     let listed = "return Array.from(document.querySelectorAll('#jobs-table tbody tr')).map(r => r.dataset.job);";
-    eventually("the search to list only the cancelled job", WAIT, || {
+    eventually("the search to list the cancelled jobs", WAIT, || {
         let b = &b;
-        let want = long.to_string();
-        async move { (js(b, listed).await == json!([want])).then_some(()) }
+        let want = json!([waiting.to_string(), other.to_string(), long.to_string()]);
+        async move { (js(b, listed).await == want).then_some(()) }
     })
     .await;
     screenshot(&b, "jobs").await;
@@ -292,19 +375,8 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
     .await;
     let priority = b.find(Locator::Id("f-priority")).await.unwrap();
     priority.send_keys("99").await.unwrap();
-    b.find(Locator::Id("submit-go"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.wait()
-        .for_element(Locator::Id("confirm-yes"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b, "submit-go").await;
+    confirm(&b).await;
     let err = b
         .wait()
         .for_element(Locator::Css("#submit-form .field-error"))
@@ -316,19 +388,8 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
         "{err}"
     );
     priority.clear().await.unwrap();
-    b.find(Locator::Id("submit-go"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.wait()
-        .for_element(Locator::Id("confirm-yes"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&b, "submit-go").await;
+    confirm(&b).await;
     let queued = eventually("the submitted job's link", WAIT, || async {
         let t = js(&b, "const a = document.querySelector('#submit-result.ok a'); return a ? a.textContent : null;").await;
         t.as_str().map(str::to_string)

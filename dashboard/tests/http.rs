@@ -315,6 +315,41 @@ async fn tokens_guards_errors_and_artifact_ranges() {
     .await;
     assert_eq!(past.status, 416);
 
+    // Resubmit makes a new job with the same parameters; cancel answers the state.
+    let again = request(
+        port,
+        "POST",
+        &format!("/api/jobs/{id}/resubmit"),
+        &[bearer[0], json],
+        "{}",
+    )
+    .await;
+    assert_eq!(again.status, 200, "{}", again.text());
+    let v: serde_json::Value = serde_json::from_slice(&again.body).unwrap();
+    assert_eq!(v["action"], "resubmit");
+    let new_id: kiln_protocol::JobId = v["accepted"]["job_id"].as_str().unwrap().parse().unwrap();
+    assert_ne!(new_id, id);
+    let copy = client.get(new_id).await.unwrap();
+    assert_eq!(copy.params, client.get(id).await.unwrap().params);
+    let cancel = request(
+        port,
+        "POST",
+        &format!("/api/jobs/{new_id}/cancel"),
+        &[bearer[0], json],
+        "{}",
+    )
+    .await;
+    assert_eq!(cancel.status, 200, "{}", cancel.text());
+    let gone = request(
+        port,
+        "POST",
+        "/api/jobs/j999999/resubmit",
+        &[bearer[0], json],
+        "{}",
+    )
+    .await;
+    assert_eq!(gone.status, 404, "{}", gone.text());
+
     // Without a token, only the loopback names are answered (DNS rebinding).
     let (_d2, open_port) = dashboard(&s, &broker, "", &[]);
     until_up(open_port, &[]).await;

@@ -6,6 +6,7 @@
 //! what is enforced. Rules that span fields (a multiple of 8, exactly one image
 //! source) are checked by the `check` methods here.
 
+use kiln_protocol::JobOptions;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -26,9 +27,6 @@ fn default_true() -> bool {
 }
 fn default_strength() -> f64 {
     0.6
-}
-fn default_lora_strength() -> f64 {
-    1.0
 }
 fn default_fps() -> u32 {
     16
@@ -87,19 +85,6 @@ pub enum StylePreset {
     ConceptArt,
 }
 
-/// A LoRA to apply on top of the model.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LoraArg {
-    /// The LoRA's file or model name, as `list_loras` reports it.
-    #[schemars(length(min = 1, max = 256))]
-    pub name: String,
-    /// How strongly it applies.
-    #[serde(default = "default_lora_strength")]
-    #[schemars(range(min = -10.0, max = 10.0))]
-    pub strength: f64,
-}
-
 /// Settings every image tool shares.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 pub struct ImageOptions {
@@ -124,13 +109,6 @@ pub struct ImageOptions {
     /// Seed for reproducible results; a random one is chosen and reported when omitted.
     #[schemars(range(min = 0, max = 9_007_199_254_740_991u64))]
     pub seed: Option<u64>,
-    /// Checkpoint or model name, as `list_models` reports it (the backend's default when omitted).
-    #[schemars(length(min = 1, max = 256))]
-    pub model: Option<String>,
-    /// LoRAs with their strengths.
-    #[serde(default)]
-    #[schemars(length(max = 16))]
-    pub loras: Vec<LoraArg>,
     /// A style preset added to the prompt.
     pub style: Option<StylePreset>,
     /// How many images to make (one job, one seed after another).
@@ -142,11 +120,12 @@ pub struct ImageOptions {
     pub template: Option<String>,
     /// The generator to use (the gateway's configured default when omitted).
     pub backend: Option<BackendArg>,
-    /// Queue priority, -10 (lowest) to 10 (highest).
-    #[schemars(range(min = -10, max = 10))]
-    pub priority: Option<i8>,
     /// Extra backend-specific parameters, passed through unchanged (e.g. `sampler`).
     pub params: Option<Map<String, Value>>,
+    /// How to run the job (model, LoRAs, priority, placement, timeouts, …): the
+    /// options every Kiln client offers, defined once in kiln-protocol.
+    #[serde(flatten)]
+    pub job: JobOptions,
     #[serde(flatten)]
     pub wait: WaitArgs,
 }
@@ -308,20 +287,13 @@ pub struct GenerateVideoArgs {
     /// Seed; a random one is chosen and reported when omitted.
     #[schemars(range(min = 0, max = 9_007_199_254_740_991u64))]
     pub seed: Option<u64>,
-    /// Model name or Wan2GP model type (the backend's default when omitted).
-    #[schemars(length(min = 1, max = 256))]
-    pub model: Option<String>,
-    /// LoRAs with their strengths.
-    #[serde(default)]
-    #[schemars(length(max = 16))]
-    pub loras: Vec<LoraArg>,
     /// `comfyui` or `wan2gp` (the gateway's configured default when omitted).
     pub backend: Option<BackendArg>,
-    /// Queue priority, -10 (lowest) to 10 (highest).
-    #[schemars(range(min = -10, max = 10))]
-    pub priority: Option<i8>,
     /// Extra backend-specific parameters, passed through unchanged.
     pub params: Option<Map<String, Value>>,
+    /// How to run the job, as in every client (see `ImageOptions::job`).
+    #[serde(flatten)]
+    pub job: JobOptions,
     #[serde(flatten)]
     pub wait: WaitArgs,
 }
@@ -341,9 +313,9 @@ pub struct RunWorkflowArgs {
     pub overrides: Map<String, Value>,
     /// The generator (ComfyUI unless told otherwise).
     pub backend: Option<BackendArg>,
-    /// Queue priority, -10 (lowest) to 10 (highest).
-    #[schemars(range(min = -10, max = 10))]
-    pub priority: Option<i8>,
+    /// How to run the job, as in every client (see `ImageOptions::job`).
+    #[serde(flatten)]
+    pub job: JobOptions,
     #[serde(flatten)]
     pub wait: WaitArgs,
 }
@@ -492,5 +464,40 @@ impl InputImage {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job option defined in kiln-protocol is an argument of every generate tool,
+    /// with its description, in the schema clients see.
+    #[test]
+    fn every_job_option_is_an_argument_of_every_generate_tool() {
+        let options = schemars::schema_for!(JobOptions);
+        let names: Vec<&String> = options.as_value()["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect();
+        assert!(names.len() >= 10);
+        for (tool, schema) in [
+            ("generate_image", schemars::schema_for!(GenerateImageArgs)),
+            ("edit_image", schemars::schema_for!(EditImageArgs)),
+            ("generate_sprite", schemars::schema_for!(GenerateSpriteArgs)),
+            ("generate_batch", schemars::schema_for!(GenerateBatchArgs)),
+            ("generate_video", schemars::schema_for!(GenerateVideoArgs)),
+            ("run_workflow", schemars::schema_for!(RunWorkflowArgs)),
+        ] {
+            let portable = crate::schema::portable_input(schema.as_object().unwrap());
+            for name in &names {
+                let prop = &portable["properties"][name.as_str()];
+                assert!(
+                    prop.get("description").is_some(),
+                    "{tool} lacks `{name}`: {prop}"
+                );
+            }
+        }
     }
 }

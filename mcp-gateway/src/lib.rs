@@ -6,7 +6,8 @@
 //!
 //! - [`server`]: the tools, resources and prompts.
 //! - [`args`] and [`validate`]: tool arguments, their schemas, and checks against them.
-//! - [`spec`]: arguments → broker job specs.
+//! - [`spec`]: arguments → broker job specs; [`tool_params`]: the backends'
+//!   parameter descriptions in the tools' schemas.
 //! - [`jobs`] and [`progress`]: submitting, following, progress notifications, cancel.
 //! - [`render`] and [`imaging`]: results with inline images, links and saved copies.
 //! - [`files`] and [`save`]: the allowed roots, `save_output` and asset manifests.
@@ -31,6 +32,7 @@ pub mod schema;
 pub mod server;
 pub mod spec;
 pub mod stdio;
+pub mod tool_params;
 pub mod validate;
 
 pub use gateway::Gateway;

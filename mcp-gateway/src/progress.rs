@@ -186,6 +186,7 @@ mod tests {
             cancel_requested: false,
             degrade: 0,
             queue_position: None,
+            waiting: None,
             created_ms: 0,
             started_ms: None,
             finished_ms: None,

@@ -84,7 +84,39 @@ pub struct JobReport {
     /// What the backend reported about the result.
     #[serde(skip_serializing_if = "Map::is_empty")]
     pub info: Map<String, Value>,
+    /// The job's other fields with a value (`priority`, `degrade`, and any the
+    /// broker adds later), under the names the broker gives them.
+    #[serde(flatten)]
+    pub more: Map<String, Value>,
 }
+
+/// The snapshot fields a report presents in its own way (or leaves out: `seq`,
+/// `history`, `params`); the others go into [`JobReport::more`].
+const REPORT_PRESENTED: &[&str] = &[
+    "job_id",
+    "seq",
+    "state",
+    "backend",
+    "task",
+    "model",
+    "client",
+    "attempt",
+    "tries",
+    "max_attempts",
+    "worker",
+    "gpu",
+    "progress",
+    "queue_position",
+    "error",
+    "artifacts",
+    "info",
+    "cancel_requested",
+    "created_ms",
+    "started_ms",
+    "finished_ms",
+    "history",
+    "params",
+];
 
 /// Why a job failed or was refused.
 #[derive(Debug, Clone, Serialize, JsonSchema)]
@@ -178,6 +210,7 @@ pub fn job_report(s: &JobSnapshot, prompt: Option<String>) -> JobReport {
             retryable: e.retryable,
         }),
         info: s.info.clone(),
+        more: s.other_fields(REPORT_PRESENTED),
     }
 }
 
@@ -207,6 +240,7 @@ fn refused_report(e: &ToolError, prompt: Option<String>) -> JobReport {
             retryable: false,
         }),
         info: Map::new(),
+        more: Map::new(),
     }
 }
 
@@ -474,5 +508,26 @@ fn save_copy(
             tracing::warn!(path = %path.display(), error = %e, "cannot save output copy");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot field the report has no code for reaches the assistant under
+    /// its own name.
+    #[test]
+    fn snapshot_fields_without_code_of_their_own_are_reported() {
+        let snap: JobSnapshot = serde_json::from_value(serde_json::json!({
+            "job_id": "j7", "seq": 4, "state": "queued", "backend": "sim",
+            "task": "text_to_image", "priority": -2, "client": "c", "attempt": 0,
+            "max_attempts": 3, "degrade": 1, "created_ms": 1
+        }))
+        .unwrap();
+        let report = serde_json::to_value(job_report(&snap, None)).unwrap();
+        assert_eq!(report["degrade"], 1);
+        assert_eq!(report["priority"], -2);
+        assert!(report.get("seq").is_none() && report.get("client").is_none());
     }
 }

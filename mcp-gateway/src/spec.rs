@@ -8,7 +8,7 @@
 use std::hash::{BuildHasher, Hasher};
 
 use kiln_config::McpConfig;
-use kiln_protocol::{Backend, InputFile, JobSpec, LoraRef, Task};
+use kiln_protocol::{Backend, InputFile, JobOptions, JobSpec, Task};
 use serde_json::{Map, Value};
 
 use crate::args::*;
@@ -102,17 +102,15 @@ fn merge_extra(
     Ok(())
 }
 
-fn loras(list: &[LoraArg]) -> Vec<LoraRef> {
-    list.iter()
-        .map(|l| LoraRef {
-            name: l.name.clone(),
-            strength: l.strength,
-        })
-        .collect()
-}
-
-fn priority(given: Option<i8>, cfg: &McpConfig) -> i8 {
-    given.unwrap_or(cfg.priority)
+/// Sets the job options on `spec` (the gateway's configured priority when the
+/// call gives none).
+fn apply_options(spec: &mut JobSpec, job: &JobOptions, cfg: &McpConfig) -> Result<(), ToolError> {
+    job.apply(spec)
+        .map_err(|e| ToolError::invalid("arguments", e.to_string()))?;
+    if job.priority.is_none() {
+        spec.priority = cfg.priority;
+    }
+    Ok(())
 }
 
 /// Parameters of an image job before the per-item prompt is set.
@@ -177,10 +175,8 @@ fn image_spec(
         );
     }
     merge_extra(&mut spec.params, o.params.as_ref(), "params")?;
-    spec.model = o.model.clone();
-    spec.loras = loras(&o.loras);
     spec.template = o.template.clone();
-    spec.priority = priority(o.priority, cfg);
+    apply_options(&mut spec, &o.job, cfg)?;
     Ok(spec)
 }
 
@@ -299,9 +295,7 @@ pub fn generate_video(
         spec.inputs.push(input);
     }
     merge_extra(&mut spec.params, a.params.as_ref(), "params")?;
-    spec.model = a.model.clone();
-    spec.loras = loras(&a.loras);
-    spec.priority = priority(a.priority, cfg);
+    apply_options(&mut spec, &a.job, cfg)?;
     Ok(spec)
 }
 
@@ -374,7 +368,7 @@ pub fn run_workflow(a: &RunWorkflowArgs, cfg: &McpConfig) -> Result<JobSpec, Too
             spec.params = a.overrides.clone();
         }
     }
-    spec.priority = priority(a.priority, cfg);
+    apply_options(&mut spec, &a.job, cfg)?;
     Ok(spec)
 }
 
@@ -403,6 +397,16 @@ mod tests {
             .starts_with("a kiln, pixel art"));
         assert!(spec.params["seed"].is_u64());
         assert_eq!(spec.loras[0].strength, 1.0);
+        assert_eq!(spec.priority, cfg.priority);
+
+        // Every job option reaches the spec under its own name.
+        let all: GenerateImageArgs = parse(json!({"prompt": "x", "model": "m", "priority": -3,
+            "labels": ["studio"], "min_vram_mb": 9000, "queue_timeout_s": 5, "run_timeout_s": 60,
+            "max_attempts": 2, "idempotency_key": "k1", "allow_degrade": true}));
+        let spec = generate_image(&all, &cfg).unwrap();
+        assert_eq!(JobOptions::of(&spec), all.options.job);
+        assert_eq!(spec.labels, ["studio"]);
+        assert!(spec.allow_degrade);
 
         let odd: GenerateImageArgs = parse(json!({"prompt": "x", "width": 500}));
         assert!(

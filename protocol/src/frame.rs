@@ -84,6 +84,8 @@ pub fn decode_body<T: WireMessage>(body: &[u8], max_bytes: usize) -> Result<T, P
     if !is_map(body) {
         return Err(ProtocolError::Malformed(NOT_A_MAP.to_string()));
     }
+    // Declared lengths are checked before any value is built.
+    crate::shape::check(body, &crate::shape::WIRE)?;
     match rmp_serde::from_slice::<T>(body) {
         Ok(msg) => Ok(msg),
         Err(_) => Err(explain::<T>(body)),

@@ -94,13 +94,37 @@ impl Task {
 
 /// A LoRA applied to the job's model. Unknown keys are refused everywhere: adding
 /// one is a protocol change (docs/protocol.md, "Compatibility").
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoraRef {
+    /// The LoRA's file or model name, as the models list names it.
+    #[schemars(length(min = 1, max = 256))]
     pub name: String,
-    /// -10 to 10; absent or `null` means 1.
+    /// How strongly it applies, -10 to 10; absent or `null` means 1.
     #[serde(default = "one", deserialize_with = "null_one")]
+    #[schemars(range(min = -10.0, max = 10.0))]
     pub strength: f64,
+}
+
+impl std::str::FromStr for LoraRef {
+    type Err = String;
+
+    /// `name` or `name:strength`, as the command line takes it.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, strength) = match s.rsplit_once(':') {
+            Some((name, strength)) => (
+                name,
+                strength
+                    .parse()
+                    .map_err(|_| format!("LoRA strength in {s:?} is not a number"))?,
+            ),
+            None => (s, 1.0),
+        };
+        Ok(LoraRef {
+            name: name.to_string(),
+            strength,
+        })
+    }
 }
 
 fn one() -> f64 {
@@ -562,6 +586,33 @@ pub struct Transition {
     pub note: Cow<'static, str>,
 }
 
+/// Why a queued job has not started, for people watching it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    pub reason: WaitReason,
+    /// The same in words, with the figures: "needs 40960 MiB; the largest GPU
+    /// that could run it has 24576 MiB".
+    pub detail: String,
+}
+
+/// The kinds of [`Waiting`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitReason {
+    /// No registered worker has the backend, model and labels it needs.
+    NoCapableWorker,
+    /// Workers that could run it are offline or their backend is down.
+    BackendDown,
+    /// Every worker that could run it is busy.
+    AllBusy,
+    /// Only a GPU with more memory can run it (it needs more than the GPUs that
+    /// are free, or than any GPU online).
+    BiggerGpu,
+    /// A busy worker holds it and starts it when its current job ends
+    /// (pipelined dispatch).
+    Held,
+}
+
 /// The whole observable state of a job at sequence number `seq`: what `get` returns,
 /// and what a follower starts from after missing events (the Clone pattern).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -605,6 +656,9 @@ pub struct JobSnapshot {
     /// Jobs ahead of this one that the same workers could take, when queued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<u64>,
+    /// Why a queued job is waiting (in `get` replies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
     pub created_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_ms: Option<u64>,
@@ -620,8 +674,33 @@ pub struct JobSnapshot {
     pub params: Option<Params>,
 }
 
-fn is_zero(n: &u8) -> bool {
+pub(crate) fn is_zero(n: &u8) -> bool {
     *n == 0
+}
+
+impl JobSnapshot {
+    /// The fields a client does not present in its own way (`presented`, the
+    /// names it shows or hides deliberately), with a value: absent, `null`, empty,
+    /// zero and `false` are left out. Clients show these as they are, under their
+    /// own names (`kiln status`, the MCP gateway's job reports), so a field added
+    /// to the snapshot reaches every client without client code.
+    pub fn other_fields(&self, presented: &[&str]) -> Map<String, Value> {
+        let Ok(Value::Object(mut fields)) = serde_json::to_value(self) else {
+            return Map::new();
+        };
+        fields.retain(|k, v| {
+            let blank = match v {
+                Value::Null => true,
+                Value::Bool(b) => !*b,
+                Value::Number(n) => n.as_f64() == Some(0.0),
+                Value::String(s) => s.is_empty(),
+                Value::Array(a) => a.is_empty(),
+                Value::Object(o) => o.is_empty(),
+            };
+            !blank && !presented.contains(&k.as_str())
+        });
+        fields
+    }
 }
 
 /// Which jobs a `list` request wants. Unknown keys are refused in a request (see
@@ -761,6 +840,20 @@ mod tests {
             keys(serde_json::to_value(&filter).unwrap()),
             sorted(LIST_FILTER_FIELDS)
         );
+    }
+
+    #[test]
+    fn other_snapshot_fields_are_those_not_presented_with_a_value() {
+        let snap: JobSnapshot = serde_json::from_value(serde_json::json!({
+            "job_id": "j1", "seq": 4, "state": "queued", "backend": "sim",
+            "task": "text_to_image", "priority": 0, "client": "c", "attempt": 0,
+            "max_attempts": 3, "degrade": 2, "created_ms": 1
+        }))
+        .unwrap();
+        let other = snap.other_fields(&["job_id", "seq", "state", "backend", "task", "client"]);
+        let mut keys: Vec<&str> = other.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["created_ms", "degrade", "max_attempts"]);
     }
 
     #[test]

@@ -139,6 +139,19 @@ pub fn check_len(field: &str, value: &str, limit: u64) -> Result<(), ProtocolErr
     check(field, value.len() as u64, limit)
 }
 
+/// The message of a job that makes (or would make) more outputs than the broker
+/// keeps: what was counted, the limit and the setting that raises it. `what` says
+/// what is known: "the job made 65 outputs", "the workflow has 65 output nodes".
+/// Said the same way by the broker (an upload past the limit) and by workers
+/// (before running, or before uploading).
+pub fn too_many_outputs(what: &str, limit: u64) -> String {
+    format!(
+        "{what}, over the limit of {limit} outputs per job \
+         (`broker.limits.max_artifacts_per_job`); make fewer outputs (fewer output \
+         nodes or a smaller batch) or raise that limit"
+    )
+}
+
 /// Truncates `s` to at most `max` bytes on a character boundary: used for free text a
 /// worker reports (stage, error message) where cutting is kinder than refusing.
 pub fn truncate(s: &mut String, max: u64) {

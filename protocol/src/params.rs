@@ -12,7 +12,7 @@
 //! workflow, whose inputs the worker checks itself).
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::error::ProtocolError;
 use crate::job::{JobSpec, Params, Task};
@@ -193,6 +193,186 @@ impl ParamSpec {
     }
 }
 
+/// A bound as JSON: an integer when it is one (`16`, not `16.0`).
+fn json_num(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 9.0e15 {
+        Value::from(x as i64)
+    } else {
+        Value::from(x)
+    }
+}
+
+impl ParamSpec {
+    /// Whether this is the stand-in of a common parameter the backend ignores.
+    pub fn is_unused_common(&self) -> bool {
+        self.description == UNUSED_COMMON
+    }
+
+    /// The description for people, with the unit, default and range folded in:
+    /// `image side; halved per degrade level (integer, 8 to 4096 px, default 512)`.
+    pub fn summary(&self) -> String {
+        let kind = match self.kind {
+            ParamKind::Integer => "integer",
+            ParamKind::Number => "number",
+            ParamKind::String => "string",
+            ParamKind::Boolean => "true or false",
+            ParamKind::Object => "map",
+            ParamKind::FilePrefix => {
+                "relative file name prefix, `/`-separated, no `..`, no leading `/` or `.`"
+            }
+            ParamKind::Any | ParamKind::Unknown => "any value",
+        };
+        let mut facts = vec![kind.to_string()];
+        let unit = self
+            .unit
+            .as_deref()
+            .map(|u| format!(" {u}"))
+            .unwrap_or_default();
+        let numeric = matches!(self.kind, ParamKind::Integer | ParamKind::Number);
+        let what = if numeric { "" } else { " characters" };
+        match (self.min, self.max) {
+            (Some(lo), Some(hi)) => {
+                facts.push(format!("{} to {}{unit}{what}", fmt_num(lo), fmt_num(hi)))
+            }
+            (Some(lo), None) => facts.push(format!("at least {}{unit}{what}", fmt_num(lo))),
+            (None, Some(hi)) => facts.push(format!("at most {}{unit}{what}", fmt_num(hi))),
+            (None, None) if !unit.is_empty() => facts.push(format!("in{unit}")),
+            (None, None) => {}
+        }
+        if !self.choices.is_empty() {
+            facts.push(format!("one of {}", self.choices.join(", ")));
+        }
+        if let Some(d) = &self.default {
+            facts.push(format!("default {d}"));
+        }
+        let facts = facts.join(", ");
+        if self.description.is_empty() {
+            facts
+        } else {
+            format!("{} ({facts})", self.description)
+        }
+    }
+
+    /// This parameter as a JSON Schema property, in the keywords every strict
+    /// validator knows (`type`, `minimum`/`maximum`, `minLength`/`maxLength`,
+    /// `enum`, `default`, `description`); the unit goes into the description.
+    pub fn json_schema(&self) -> Value {
+        let mut s = Map::new();
+        let numeric = matches!(self.kind, ParamKind::Integer | ParamKind::Number);
+        let ty = match self.kind {
+            ParamKind::Integer => Some("integer"),
+            ParamKind::Number => Some("number"),
+            ParamKind::String | ParamKind::FilePrefix => Some("string"),
+            ParamKind::Boolean => Some("boolean"),
+            ParamKind::Object => Some("object"),
+            ParamKind::Any | ParamKind::Unknown => None,
+        };
+        if let Some(ty) = ty {
+            s.insert("type".into(), ty.into());
+        }
+        s.insert("description".into(), self.summary().into());
+        let (lo, hi) = if numeric {
+            ("minimum", "maximum")
+        } else {
+            ("minLength", "maxLength")
+        };
+        if numeric || ty == Some("string") {
+            if let Some(min) = self.min {
+                s.insert(
+                    lo.into(),
+                    json_num(if numeric { min } else { min.max(0.0).ceil() }),
+                );
+            }
+            if let Some(max) = self.max {
+                s.insert(hi.into(), json_num(if numeric { max } else { max.floor() }));
+            }
+        }
+        if !self.choices.is_empty() {
+            s.insert("enum".into(), self.choices.clone().into());
+        }
+        if let Some(d) = &self.default {
+            s.insert("default".into(), d.clone());
+        }
+        Value::Object(s)
+    }
+}
+
+/// One JSON Schema object describing the parameters of every set in `sets` (the
+/// backends that could run a job), leaving out `skip` (names set otherwise, such as
+/// a tool's own arguments) and common parameters no backend uses. A name several
+/// sets describe differently admits what any of them accepts: the widest range,
+/// no type or list of values unless all agree. Unknown names stay allowed
+/// (`additionalProperties`), since a backend missing from `sets` may take them.
+pub fn merged_json_schema<'a>(
+    sets: impl IntoIterator<Item = &'a ParamSet>,
+    skip: &[&str],
+) -> Value {
+    let mut merged: Map<String, Value> = Map::new();
+    for set in sets {
+        for p in set.params.iter().filter(|p| !p.is_unused_common()) {
+            if skip.contains(&p.name.as_str()) {
+                continue;
+            }
+            let new = p.json_schema();
+            match merged.get_mut(&p.name) {
+                None => {
+                    merged.insert(p.name.clone(), new);
+                }
+                Some(old) if *old == new => {}
+                Some(Value::Object(old)) => widen(old, &new),
+                Some(_) => {}
+            }
+        }
+    }
+    serde_json::json!({
+        "type": "object",
+        "properties": merged,
+        "additionalProperties": true,
+    })
+}
+
+/// Makes `old` admit what `new` admits too.
+fn widen(old: &mut Map<String, Value>, new: &Value) {
+    for key in ["type", "enum", "default"] {
+        if old.get(key) != new.get(key) {
+            old.remove(key);
+        }
+    }
+    if !old.contains_key("type") {
+        // Strict validators refuse a range without the type it applies to.
+        for key in ["minimum", "maximum", "minLength", "maxLength", "enum"] {
+            old.remove(key);
+        }
+    }
+    for (key, pick_low) in [
+        ("minimum", true),
+        ("minLength", true),
+        ("maximum", false),
+        ("maxLength", false),
+    ] {
+        match (
+            old.get(key).and_then(Value::as_f64),
+            new.get(key).and_then(Value::as_f64),
+        ) {
+            (Some(a), Some(b)) => {
+                let v = if pick_low { a.min(b) } else { a.max(b) };
+                old.insert(key.into(), json_num(v));
+            }
+            _ => {
+                old.remove(key);
+            }
+        }
+    }
+    let (a, b) = (
+        old.get("description").and_then(Value::as_str).unwrap_or(""),
+        new.get("description").and_then(Value::as_str).unwrap_or(""),
+    );
+    if a != b && !a.contains(b) {
+        let joined = format!("{a}; or {b}");
+        old.insert("description".into(), joined.into());
+    }
+}
+
 fn fmt_num(x: f64) -> String {
     if x.is_infinite() {
         if x > 0.0 { "any" } else { "-any" }.to_string()
@@ -247,6 +427,9 @@ pub const COMMON_PARAMS: &[&str] = &[
     "filename_prefix",
 ];
 
+/// The description of every common parameter a backend lists without using it.
+pub const UNUSED_COMMON: &str = "a common parameter this backend ignores";
+
 /// The generic description of a common parameter a backend does not use.
 pub fn unused_common_param(name: &str) -> ParamSpec {
     use ParamKind::*;
@@ -261,7 +444,7 @@ pub fn unused_common_param(name: &str) -> ParamSpec {
     ParamSpec {
         min,
         max,
-        ..ParamSpec::new(name, kind, "a common parameter this backend ignores")
+        ..ParamSpec::new(name, kind, UNUSED_COMMON)
     }
 }
 
@@ -274,6 +457,41 @@ impl ParamSet {
             }
         }
         self
+    }
+
+    /// What the set applies to, for people: `text_to_image, image_to_image`,
+    /// `template upscale`, `raw workflow`, `every task`.
+    pub fn label(&self) -> String {
+        if self.workflow {
+            "raw workflow".into()
+        } else if let Some(t) = &self.template {
+            format!("template {t}")
+        } else if self.tasks.is_empty() {
+            "every task".into()
+        } else {
+            let tasks: Vec<&str> = self.tasks.iter().map(|t| t.as_str()).collect();
+            tasks.join(", ")
+        }
+    }
+
+    /// One line per parameter the set uses (`name  summary`), sorted by name,
+    /// indented by `indent`: the help text of a command line.
+    pub fn help(&self, indent: &str) -> String {
+        let mut used: Vec<&ParamSpec> = self
+            .params
+            .iter()
+            .filter(|p| !p.is_unused_common())
+            .collect();
+        used.sort_by(|a, b| a.name.cmp(&b.name));
+        let width = used.iter().map(|p| p.name.len()).max().unwrap_or(0);
+        let mut text = String::new();
+        for p in used {
+            text.push_str(&format!("{indent}{:<width$}  {}\n", p.name, p.summary()));
+        }
+        if self.open {
+            text.push_str(&format!("{indent}(other names are passed through)\n"));
+        }
+        text
     }
 
     /// Whether this set describes `job`.
@@ -388,6 +606,52 @@ mod tests {
         }
         let err = s.check(&p(json!({"stepz": 1}))).unwrap_err().to_string();
         assert!(err.contains("prefix, sampler, steps"), "{err}");
+    }
+
+    #[test]
+    fn descriptions_become_strict_json_schemas_and_help_lines() {
+        let s = set();
+        let steps = s.params[0].json_schema();
+        assert_eq!(
+            steps,
+            json!({"type": "integer", "minimum": 0, "maximum": 100,
+                   "description": "sampling steps (integer, 0 to 100)"})
+        );
+        let sampler = s.params[2].json_schema();
+        assert_eq!(sampler["enum"], json!(["euler", "ddim"]));
+        let side = ParamSpec::new("width", ParamKind::Integer, "image side")
+            .range(8.0, 4096.0)
+            .default(512)
+            .unit("px");
+        assert_eq!(
+            side.summary(),
+            "image side (integer, 8 to 4096 px, default 512)"
+        );
+        // Two backends describing `steps` differently: the widest range, one type.
+        let other = ParamSet {
+            params: vec![
+                ParamSpec::new("steps", ParamKind::Integer, "denoising steps").range(1.0, 500.0),
+                unused_common_param("sampler"),
+                ParamSpec::new("prompt", ParamKind::String, ""),
+            ],
+            ..ParamSet::default()
+        };
+        let merged = merged_json_schema([&s, &other], &["prompt"]);
+        let props = merged["properties"].as_object().unwrap();
+        assert_eq!(props["steps"]["minimum"], 0);
+        assert_eq!(props["steps"]["maximum"], 500);
+        assert_eq!(props["steps"]["type"], "integer");
+        assert!(props["steps"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("; or denoising steps"));
+        assert_eq!(
+            props["sampler"]["enum"],
+            json!(["euler", "ddim"]),
+            "the unused stand-in adds nothing"
+        );
+        assert!(!props.contains_key("prompt"));
+        assert_eq!(merged["additionalProperties"], true);
     }
 
     #[test]

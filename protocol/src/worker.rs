@@ -129,6 +129,10 @@ pub struct Register {
     pub labels: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loaded_model: Option<String>,
+    /// Every model resident in GPU memory now, most recently used first (a GPU
+    /// with room keeps several); `loaded_model` is the first of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resident: Vec<String>,
     /// The attempt this worker is running now, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<JobRef>,
@@ -136,6 +140,15 @@ pub struct Register {
     /// the worker sends it again after `registered`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unacked: Option<JobRef>,
+    /// Further attempts this worker holds besides `current` and `unacked`, oldest
+    /// first: results waiting their turn to upload, and assignments staged to start
+    /// when the GPU is free (pipelined dispatch).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<JobRef>,
+    /// How many assignments this worker will stage while it runs one (pipelined
+    /// dispatch; 0 = one job at a time, as workers before pipelining).
+    #[serde(default, skip_serializing_if = "crate::job::is_zero")]
+    pub max_held: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,13 +161,21 @@ pub struct Heartbeat {
     /// Power draw in milliwatts, as in [`GpuInfo::power_mw`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub power_mw: Option<u32>,
-    /// The attempt this worker holds: running, or finished but not yet
-    /// acknowledged. An assignment the worker does not name here within two
-    /// heartbeats was lost on the way and is requeued.
+    /// The oldest attempt this worker holds: running, or finished but not yet
+    /// acknowledged. An assignment the worker does not name here or in `held`
+    /// within two heartbeats was lost on the way and is requeued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<JobRef>,
+    /// The attempts it holds after `current`, oldest first (pipelined dispatch: the
+    /// next job, staged or already started while `current`'s result uploads).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<JobRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loaded_model: Option<String>,
+    /// The models resident in GPU memory, most recently used first, sent when the
+    /// set changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resident: Option<Vec<String>>,
     /// False takes the worker out of scheduling until a later beat says true.
     pub healthy: bool,
     /// A refreshed inventory, sent only when it changed.
@@ -272,6 +293,12 @@ pub struct Registered {
     pub liveness: u32,
     /// Upload chunk size the broker wants.
     pub chunk_bytes: u64,
+    /// The most outputs the broker keeps of one job (`broker.limits.max_artifacts_per_job`),
+    /// so a worker can refuse a job that would make more before spending GPU time on
+    /// it, and refuse to upload more after the fact. Absent from brokers older than
+    /// the contract (then only the broker checks, output by output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_outputs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -286,6 +313,11 @@ pub struct Assign {
     /// Run this many steps below the requested setting (after out-of-memory).
     #[serde(default)]
     pub degrade: u8,
+    /// Hold this attempt and start it the moment the GPU is free, keeping the
+    /// results still owed to the broker (pipelined dispatch). `false`: the broker
+    /// counts the worker idle, so any result it has not acknowledged is stale.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

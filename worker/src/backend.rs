@@ -29,6 +29,11 @@ pub struct JobRun {
     /// (most jobs of the sim backend need none); removed after its result is
     /// acknowledged.
     pub work_dir: PathBuf,
+    /// The most outputs the broker keeps of one job (its `registered` says; `None`
+    /// from an older broker). A backend that can count a job's outputs before
+    /// running it refuses one that would make more; the runner refuses to upload
+    /// more after any run.
+    pub max_outputs: Option<u64>,
 }
 
 /// Where an output's bytes are.
@@ -119,6 +124,12 @@ pub trait Backend: Send + Sync {
     /// The model currently loaded on the GPU, for the broker's affinity.
     fn loaded_model(&self) -> Option<String> {
         None
+    }
+
+    /// Every model resident in GPU memory, most recently used first, for
+    /// placement that counts load costs. By default just the loaded one.
+    fn resident_models(&self) -> Vec<String> {
+        self.loaded_model().into_iter().collect()
     }
 
     /// GPU figures the backend itself can report, used when NVML cannot.

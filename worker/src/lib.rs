@@ -85,6 +85,7 @@ pub fn build(cfg: &KilnConfig) -> Result<Worker, BuildError> {
         token: cfg.worker_token()?.map(|s| s.expose().to_string()),
         heartbeat_ms: w.heartbeat_ms,
         liveness: w.liveness,
+        pipeline_depth: w.pipeline_depth,
         labels: w.labels.clone(),
         work_dir,
         reconnect_min: Duration::from_secs(1),

@@ -53,6 +53,8 @@ pub struct WorkerSettings {
     pub token: Option<String>,
     pub heartbeat_ms: u64,
     pub liveness: u32,
+    /// Assignments held while one runs (pipelined dispatch).
+    pub pipeline_depth: u8,
     pub labels: Vec<String>,
     pub work_dir: PathBuf,
     pub reconnect_min: Duration,
@@ -221,15 +223,26 @@ impl Worker {
             done_tx,
             done_rx,
             running: None,
+            staged: VecDeque::new(),
             unacked: None,
+            pending: VecDeque::new(),
             cursor: None,
             chunk_bytes: 1024 * 1024,
+            max_outputs: None,
             sent_inventory: None,
+            sent_resident: None,
         };
         let identity = Bytes::from(format!("{}/{}", this.settings.worker_id, this.instance));
         let mut backoff = Backoff::new(this.settings.reconnect_min, this.settings.reconnect_max);
         loop {
+            // A stop asked for during start-up or a backoff wins over connecting:
+            // a stopping worker never registers and so never takes a job.
+            tokio::task::yield_now().await;
+            if shutdown.is_cancelled() {
+                break;
+            }
             let conn = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
                 c = Dealer::connect(this.settings.transport, &this.settings.broker, ConnectOptions {
                     identity: Some(identity.clone()),
@@ -329,11 +342,20 @@ struct Session {
     done_tx: mpsc::Sender<Done>,
     done_rx: mpsc::Receiver<Done>,
     running: Option<Running>,
+    /// Assignments held to start the moment the GPU is free, oldest first.
+    staged: VecDeque<Assign>,
+    /// The finished attempt whose result is being sent, until acknowledged.
     unacked: Option<Done>,
+    /// Finished attempts whose results wait for `unacked` to be acknowledged.
+    pending: VecDeque<Done>,
     cursor: Option<Cursor>,
     chunk_bytes: u64,
+    /// The broker's `max_artifacts_per_job`, from `registered`.
+    max_outputs: Option<u64>,
     /// The inventory last sent, so heartbeats carry it only when it changed.
     sent_inventory: Option<Vec<BackendInventory>>,
+    /// The resident models last sent.
+    sent_resident: Option<Vec<String>>,
 }
 
 async fn progress_changed(running: &mut Option<Running>) {
@@ -367,8 +389,16 @@ impl Session {
             backends: status.backends.clone(),
             labels: s.labels.clone(),
             loaded_model: self.loaded_model(),
+            resident: self.resident(),
             current: self.running.as_ref().map(|r| r.r),
             unacked: self.unacked.as_ref().map(|d| d.r),
+            held: self
+                .pending
+                .iter()
+                .map(|d| d.r)
+                .chain(self.staged.iter().map(assign_ref))
+                .collect(),
+            max_held: s.pipeline_depth,
         }))
     }
 
@@ -376,7 +406,28 @@ impl Session {
         self.worker.backends.iter().find_map(|b| b.loaded_model())
     }
 
-    /// A job task finished: keep its result until the broker acknowledges it.
+    fn resident(&self) -> Vec<String> {
+        self.worker
+            .backends
+            .iter()
+            .flat_map(|b| b.resident_models())
+            .collect()
+    }
+
+    /// Every attempt this worker holds, oldest first: the result being sent, the
+    /// results waiting behind it, the running job, the staged ones.
+    fn outstanding(&self) -> Vec<JobRef> {
+        self.unacked
+            .iter()
+            .map(|d| d.r)
+            .chain(self.pending.iter().map(|d| d.r))
+            .chain(self.running.as_ref().map(|r| r.r))
+            .chain(self.staged.iter().map(assign_ref))
+            .collect()
+    }
+
+    /// A job task finished: the next staged job starts at once (the GPU is free),
+    /// and the result is kept until the broker acknowledges it.
     fn finish(&mut self, mut done: Done) {
         if let Some(mut run) = self.running.take_if(|r| r.r == done.r) {
             // Stages of a job shorter than the throttle are still held: they go
@@ -386,15 +437,34 @@ impl Session {
             done.closing
                 .extend(closing_progress(&done.outcome, last.as_ref()));
         }
+        if self.running.is_none() {
+            if let Some(next) = self.staged.pop_front() {
+                self.start(next);
+            }
+        }
         if !matches!(done.outcome, Outcome::Succeeded { .. }) {
             // Nothing of a failed or cancelled attempt is uploaded: its scratch
             // (partial downloads, a whole batch before a hashing error) goes now.
             remove_scratch(&done.work_dir);
         }
-        if let Some(old) = self.unacked.replace(done) {
-            remove_scratch(&old.work_dir);
+        if self.unacked.is_none() {
+            self.unacked = Some(done);
+            self.cursor = Some(Cursor { file: 0, offset: 0 });
+        } else {
+            self.pending.push_back(done);
         }
-        self.cursor = Some(Cursor { file: 0, offset: 0 });
+    }
+
+    /// The broker has the result being sent: the next waiting one goes.
+    fn acknowledged(&mut self) {
+        if let Some(done) = self.unacked.take() {
+            remove_scratch(&done.work_dir);
+        }
+        self.cursor = None;
+        if let Some(next) = self.pending.pop_front() {
+            self.unacked = Some(next);
+            self.cursor = Some(Cursor { file: 0, offset: 0 });
+        }
     }
 
     /// Cancels the running job, if any, and waits (up to [`STOP_GRACE`]) for its
@@ -475,6 +545,7 @@ impl Session {
                                 backoff.reset();
                                 self.sent_inventory = Some(self.status.borrow().backends.clone());
                                 self.chunk_bytes = r.chunk_bytes.clamp(4096, 16 * 1024 * 1024);
+                                self.max_outputs = r.max_outputs;
                                 if r.heartbeat_ms != heartbeat_ms {
                                     heartbeat_ms = r.heartbeat_ms.max(10);
                                     let period = Duration::from_millis(heartbeat_ms);
@@ -496,13 +567,19 @@ impl Session {
                                 if let Some(run) = self.running.as_ref().filter(|run| run.r == r) {
                                     tracing::info!(job = %r.job_id, attempt = r.attempt, "cancelling at the broker's request");
                                     run.cancel.cancel();
+                                } else if self.staged.iter().any(|a| assign_ref(a) == r) {
+                                    tracing::info!(job = %r.job_id, attempt = r.attempt, "dropping a held job at the broker's request");
+                                    self.staged.retain(|a| assign_ref(a) != r);
                                 }
                             }
                             BrokerMessage::ResultAck(r) => {
                                 if self.unacked.as_ref().is_some_and(|d| d.r == r) {
-                                    let done = self.unacked.take().expect("checked");
-                                    self.cursor = None;
-                                    remove_scratch(&done.work_dir);
+                                    self.acknowledged();
+                                } else if let Some(i) = self.pending.iter().position(|d| d.r == r) {
+                                    // A stale result the broker does not want.
+                                    if let Some(old) = self.pending.remove(i) {
+                                        remove_scratch(&old.work_dir);
+                                    }
                                 }
                             }
                             BrokerMessage::Reregister(_) => {
@@ -580,16 +657,21 @@ impl Session {
         } else {
             None
         };
+        let mut held = self.outstanding();
+        let current = (!held.is_empty()).then(|| held.remove(0));
+        let resident = self.resident();
+        let resident = (self.sent_resident.as_ref() != Some(&resident)).then(|| {
+            self.sent_resident = Some(resident.clone());
+            resident
+        });
         WorkerMessage::Heartbeat(Heartbeat {
             free_vram_mb: status.gpu.free_vram_mb,
             utilization_pct: status.gpu.utilization_pct,
             temperature_c: status.gpu.temperature_c,
             power_mw: status.gpu.power_mw,
-            current: self
-                .running
-                .as_ref()
-                .map(|r| r.r)
-                .or(self.unacked.as_ref().map(|d| d.r)),
+            current,
+            held,
+            resident,
             loaded_model: self.loaded_model(),
             healthy: status.healthy,
             backends,
@@ -597,13 +679,17 @@ impl Session {
     }
 
     async fn on_assign(&mut self, conn: &mut Dealer, a: Assign) -> Result<(), String> {
-        let r = JobRef {
-            job_id: a.job_id,
-            attempt: a.attempt,
-        };
+        let r = assign_ref(&a);
+        if self.running.as_ref().is_some_and(|run| run.r == r)
+            || self.staged.iter().any(|s| assign_ref(s) == r)
+        {
+            return Ok(()); // a duplicate
+        }
         if let Some(busy) = &self.running {
-            if busy.r == r {
-                return Ok(()); // a duplicate
+            if a.hold && self.staged.len() < self.worker.settings.pipeline_depth as usize {
+                tracing::debug!(job = %a.job_id, attempt = a.attempt, "holding the next job");
+                self.staged.push_back(a);
+                return Ok(());
             }
             tracing::warn!(job = %a.job_id, busy_with = %busy.r.job_id, "assigned a job while busy; refusing it");
             let msg = WorkerMessage::Refused(Refused {
@@ -613,18 +699,21 @@ impl Session {
             });
             return self.send(conn, &msg).await;
         }
-        if let Some(old) = self.unacked.take() {
-            // The broker moved on without wanting that result.
+        if let Some(old) = self.unacked.take_if(|_| !a.hold) {
+            // The broker counts this worker idle: it moved on without wanting
+            // the results still here.
             self.cursor = None;
             remove_scratch(&old.work_dir);
+            for old in self.pending.drain(..) {
+                remove_scratch(&old.work_dir);
+            }
         }
-        let Some(backend) = self
+        if !self
             .worker
             .backends
             .iter()
-            .find(|b| b.kind() == a.job.backend)
-            .cloned()
-        else {
+            .any(|b| b.kind() == a.job.backend)
+        {
             let err = JobError::new(
                 FailureKind::InvalidInput,
                 format!("this worker has no {} backend", a.job.backend),
@@ -637,6 +726,41 @@ impl Session {
                 loaded_model: None,
             });
             return self.send(conn, &msg).await;
+        }
+        self.start(a);
+        Ok(())
+    }
+
+    /// Starts an attempt on its backend (the GPU is free).
+    fn start(&mut self, a: Assign) {
+        let r = assign_ref(&a);
+        let Some(backend) = self
+            .worker
+            .backends
+            .iter()
+            .find(|b| b.kind() == a.job.backend)
+            .cloned()
+        else {
+            // Staged for a backend this worker lacks: fail it in its turn.
+            let err = JobError::new(
+                FailureKind::InvalidInput,
+                format!("this worker has no {} backend", a.job.backend),
+                false,
+            );
+            let done = Done {
+                r,
+                outcome: Outcome::Failed { error: err },
+                files: Vec::new(),
+                loaded_model: None,
+                work_dir: self
+                    .worker
+                    .settings
+                    .work_dir
+                    .join(format!("{}-{}", r.job_id, r.attempt)),
+                closing: VecDeque::new(),
+            };
+            self.finish(done);
+            return;
         };
         tracing::info!(job = %a.job_id, attempt = a.attempt, backend = %a.job.backend, "starting");
         let (sink, progress) = ProgressSink::new();
@@ -657,12 +781,12 @@ impl Session {
             a.job,
             a.degrade,
             work_dir,
+            self.max_outputs,
             sink,
             cancel,
             self.done_tx.clone(),
             self.worker.metrics.clone(),
         ));
-        Ok(())
     }
 
     /// Sends the next piece of the unacknowledged result, then `finished`.
@@ -795,6 +919,13 @@ fn read_piece(data: &OutputData, offset: u64, len: u64) -> std::io::Result<Vec<u
     }
 }
 
+fn assign_ref(a: &Assign) -> JobRef {
+    JobRef {
+        job_id: a.job_id,
+        attempt: a.attempt,
+    }
+}
+
 /// Runs one attempt on its backend and prepares the result (sizes, hashes).
 #[allow(clippy::too_many_arguments)]
 async fn run_job(
@@ -803,6 +934,7 @@ async fn run_job(
     spec: Arc<JobSpec>,
     degrade: u8,
     work_dir: PathBuf,
+    max_outputs: Option<u64>,
     sink: ProgressSink,
     cancel: CancellationToken,
     done: mpsc::Sender<Done>,
@@ -815,7 +947,11 @@ async fn run_job(
         spec,
         degrade,
         work_dir: work_dir.clone(),
+        max_outputs,
     };
+    // When the generator had the job, on the Unix clock: the gap between one
+    // job's end and the next one's start is what pipelined dispatch removes.
+    let started_unix_ms = kiln_protocol::unix_ms();
     // A panicking backend must fail the attempt, not the worker.
     let result = match AssertUnwindSafe(backend.run(run, sink.clone(), cancel))
         .catch_unwind()
@@ -828,6 +964,27 @@ async fn run_job(
             true,
         ))),
     };
+    let ended_unix_ms = kiln_protocol::unix_ms();
+    let result = result.map(|mut out| {
+        out.info
+            .insert("worker_started_ms".into(), started_unix_ms.into());
+        out.info
+            .insert("worker_ended_ms".into(), ended_unix_ms.into());
+        out
+    });
+    // More outputs than the broker keeps would fail at the upload past the limit,
+    // after sending the others: say so now, with the count, and do not retry.
+    let result = result.and_then(|out| match max_outputs {
+        Some(max) if out.outputs.len() as u64 > max => Err(RunError::Failed(JobError::new(
+            FailureKind::InvalidInput,
+            kiln_protocol::limits::too_many_outputs(
+                &format!("the job made {} outputs", out.outputs.len()),
+                max,
+            ),
+            false,
+        ))),
+        _ => Ok(out),
+    });
     let (outcome, files) = match result {
         // Hashing files reads them: off the async threads. Bytes are hashed here.
         Ok(out)

@@ -69,8 +69,21 @@ async fn fail(client: &Client, spec: JobSpec) -> JobSnapshot {
 async fn comfyui_brings_home_every_output_kind_with_monotone_progress() {
     let s = Scratch::new();
     let fake = Fake::start(&s, "0.27.0").await;
-    let (broker, _w) = attached(&s, &fake, "c1").await;
+    let broker = s
+        .broker(BrokerOpts {
+            heartbeat_ms: 200,
+            ..BrokerOpts::default()
+        })
+        .await;
+    let metrics_port = free_port();
+    let mut opts = comfy_opts("c1", &format!("url = \"{}\"", fake.url));
+    opts.env.push((
+        "KILN_WORKER__METRICS_LISTEN".into(),
+        format!("127.0.0.1:{metrics_port}"),
+    ));
+    let _w = s.worker(&broker, opts).await;
     let client = broker.client();
+    wait_healthy(&client, "c1").await;
 
     // Inventory: models by folder, and the templates.
     let workers = client.workers().await.unwrap();
@@ -194,6 +207,45 @@ async fn comfyui_brings_home_every_output_kind_with_monotone_progress() {
     t2v.model = Some("wan2.1_t2v_1.3B_fp16.safetensors".into());
     let (_, files) = succeed(&client, t2v).await;
     assert_eq!(files[0].1, "video/mp4");
+
+    // The worker timed each job's phases on ComfyUI: eight jobs queued, sampled
+    // and downloaded, three of them with inputs to upload.
+    let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let m = kiln_testkit::prometheus::scrape(&[url.as_str()])
+        .await
+        .remove(0);
+    let phase = |p| {
+        m.sum(
+            "kiln_worker_job_phase_seconds_count",
+            &[("backend", "comfyui"), ("phase", p)],
+        )
+    };
+    assert_eq!(
+        [
+            phase("upload"),
+            phase("queued"),
+            phase("sampling"),
+            phase("download")
+        ],
+        [3.0, 8.0, 8.0, 8.0]
+    );
+    assert!(
+        m.sum(
+            "kiln_worker_job_phase_seconds_sum",
+            &[("phase", "sampling")]
+        ) > 0.0
+    );
+    assert_eq!(
+        m.sum(
+            "kiln_worker_attempts_total",
+            &[("backend", "comfyui"), ("outcome", "succeeded")]
+        ),
+        8.0
+    );
+    assert_eq!(
+        m.sum("kiln_worker_backend_healthy", &[("backend", "comfyui")]),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,6 +319,72 @@ async fn comfyui_validation_and_runtime_errors_name_the_node() {
         err.message
     );
     assert_eq!(done.attempt, 1);
+}
+
+/// Issue #12: an override naming an input its node lacks, and a graph with more
+/// output nodes than the broker keeps, fail once with the node and input (or the
+/// count and the setting) named, before anything is queued on ComfyUI; a batch that
+/// turns out to make too many files fails once, naming the count, not three times
+/// as a retryable upload error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comfyui_unknown_override_inputs_and_too_many_outputs_fail_once_with_the_reason() {
+    let s = Scratch::new();
+    let fake = Fake::start(&s, "0.27.0").await;
+    let (broker, _w) = attached(&s, &fake, "c9").await;
+    let client = broker.client();
+    let queued = |log: Vec<String>| log.iter().filter(|l| l.starts_with("POST /prompt")).count();
+
+    let mut typo = raw("01_empty_invert_save").param("overrides", json!({"1": {"colour": 1}}));
+    typo.max_attempts = Some(3);
+    let done = fail(&client, typo).await;
+    let err = done.error.unwrap();
+    assert_eq!(err.kind, FailureKind::InvalidInput);
+    assert!(!err.retryable);
+    assert!(
+        err.message
+            .contains("node 1 (EmptyImage) input colour: params.overrides.1.colour: EmptyImage has no input \"colour\""),
+        "{}",
+        err.message
+    );
+    assert_eq!(done.tries, 1, "not retried");
+
+    let mut graph = json!({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}});
+    for i in 0..65 {
+        graph[format!("{}", 10 + i)] = json!({"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": format!("many/{i}")}});
+    }
+    let mut many = JobSpec::new(Backend::Comfyui, Task::Workflow);
+    many.workflow = Some(graph);
+    many.max_attempts = Some(3);
+    let done = fail(&client, many).await;
+    let err = done.error.unwrap();
+    assert_eq!(err.kind, FailureKind::InvalidInput);
+    assert!(
+        err.message.contains("the workflow has 65 output nodes, over the limit of 64 outputs per job (`broker.limits.max_artifacts_per_job`)"),
+        "{}",
+        err.message
+    );
+    assert_eq!(done.tries, 1, "not retried");
+    assert_eq!(queued(fake.log().await), 0, "nothing was queued");
+
+    // One output node with a batch of 65: only the run can tell.
+    let mut batch = JobSpec::new(Backend::Comfyui, Task::Workflow);
+    batch.workflow = Some(json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 65, "color": 0}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "batch"}}
+    }));
+    batch.max_attempts = Some(3);
+    let done = fail(&client, batch).await;
+    let err = done.error.unwrap();
+    assert!(
+        err.message
+            .contains("the job made 65 outputs, over the limit of 64")
+            && err.message.contains("broker.limits.max_artifacts_per_job"),
+        "{}",
+        err.message
+    );
+    assert!(!err.retryable);
+    assert_eq!(done.tries, 1, "not retried");
+    assert_eq!(queued(fake.log().await), 1, "queued once");
 }
 
 async fn cancel_and_confirm(client: &Client, id: JobId) -> JobSnapshot {

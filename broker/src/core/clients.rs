@@ -158,6 +158,7 @@ impl Core {
                     Some(job) => {
                         let mut snap = job.snapshot(true);
                         snap.queue_position = self.queue_position(job);
+                        snap.waiting = self.waiting(job);
                         Reply::Job(Box::new(JobReply { req_id, job: snap }))
                     }
                     None => not_found(req_id, g.job_id),
@@ -294,6 +295,7 @@ impl Core {
             slot: None,
             class: 0,
             finalizing: false,
+            held: false,
             uploads: Vec::new(),
         };
         if self.cfg.persist {
@@ -584,7 +586,7 @@ impl Core {
     /// Queued jobs that the same workers would take first (higher priority, or
     /// the same priority and older). Exact, but O(queue), so only computed for
     /// queues up to 50,000 jobs.
-    fn queue_position(&self, job: &Job) -> Option<u64> {
+    pub(super) fn queue_position(&self, job: &Job) -> Option<u64> {
         let slot = job.slot?;
         if self.queue.len() > 50_000 {
             return None;
@@ -636,7 +638,7 @@ impl Core {
             workers_idle: 0,
             workers_busy: 0,
             workers_unhealthy: 0,
-            queued: self.queue.len() as u64,
+            queued: self.queued() as u64,
             running: self.running as u64,
             finished: self.stats.succeeded + self.stats.failed + self.stats.cancelled,
             protocol_errors: self.stats.protocol_errors,

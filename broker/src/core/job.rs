@@ -76,6 +76,11 @@ pub struct Job {
     /// The worker reported success and the outputs are being verified.
     #[serde(skip)]
     pub finalizing: bool,
+    /// Assigned to a busy worker that starts it when its current job ends
+    /// (pipelined dispatch); the job is still `queued` and `worker` names the
+    /// holder. Not stored: after a restart a held job is simply queued again.
+    #[serde(skip)]
+    pub held: bool,
     #[serde(skip)]
     pub uploads: Vec<Upload>,
 }
@@ -160,6 +165,7 @@ impl Job {
             cancel_requested: self.cancel_requested,
             degrade: self.degrade,
             queue_position: None,
+            waiting: None,
             created_ms: self.created_ms,
             started_ms: self.started_ms,
             finished_ms: self.finished_ms,

@@ -106,39 +106,32 @@ impl Core {
         Requirements::of(&job.spec, job.min_vram_mb)
     }
 
-    /// Puts a job (new, recovered or requeued) in line, or straight onto the best
-    /// idle worker. Among idle workers that can run it, one with the job's model
-    /// already loaded wins, then the one with the most free memory.
+    /// Puts a job (new, recovered or requeued) in line, or straight onto a
+    /// worker: the best idle one (see [`Core::placement_key`]), else a busy one with
+    /// room to hold it (pipelined dispatch), else in place of a less urgent held
+    /// job.
     pub(super) fn enqueue(&mut self, now_ms: u64, id: JobId, out: &mut Vec<Output>) {
         let req = self.requirements(id);
-        let backend = req.backend;
-        let model = req.model.clone();
         let class = self.queue.class_of(req);
-        let mut best: Option<(bool, u64, WorkerIdx)> = None;
-        let idle: Vec<WorkerIdx> = self.workers.idle().collect();
-        for idx in idle {
-            let req = self.queue.requirements(class);
-            let w = self.workers.get_mut(idx);
-            if !w.can_run_class(class, req) || !w.backend_healthy(backend) {
-                continue;
+        self.jobs.get_mut(&id).expect("enqueued job exists").class = class;
+        // While the store cannot write, nothing new starts or is held: its outputs
+        // could not be kept, and the attempt would be spent on the broker's own fault.
+        if self.store_fault.is_none() {
+            let idle: Vec<WorkerIdx> = self.workers.idle().collect();
+            if let Some(idx) = self.best_worker(id, class, idle) {
+                self.assign(now_ms, id, idx, out);
+                return;
             }
-            let key = (
-                model.is_some() && w.loaded_model == model,
-                w.gpu.free_vram_mb,
-                idx,
-            );
-            if best.is_none_or(|b| (key.0, key.1) > (b.0, b.1)) {
-                best = Some(key);
+            let open: Vec<WorkerIdx> = self.workers.open().collect();
+            if let Some(idx) = self.best_worker(id, class, open) {
+                self.assign(now_ms, id, idx, out);
+                return;
+            }
+            if self.preempt_held(now_ms, id, class, out) {
+                return;
             }
         }
         let job = self.jobs.get_mut(&id).expect("enqueued job exists");
-        job.class = class;
-        // While the store cannot write, nothing new starts: its outputs could not
-        // be kept, and the attempt would be spent on the broker's own fault.
-        if let Some((_, _, idx)) = best.filter(|_| self.store_fault.is_none()) {
-            self.assign(now_ms, id, idx, out);
-            return;
-        }
         let slot = Slot {
             priority: job.spec.priority,
             class,
@@ -148,6 +141,29 @@ impl Core {
         let client = job.client.clone();
         self.queue.push(id, &client, slot);
         *self.queued_per_client.entry(client).or_insert(0) += 1;
+    }
+
+    /// Among `candidates`, the worker that can run job `id` now and ranks best.
+    pub(super) fn best_worker(
+        &mut self,
+        id: JobId,
+        class: super::queue::ClassId,
+        candidates: Vec<WorkerIdx>,
+    ) -> Option<WorkerIdx> {
+        let backend = self.queue.requirements(class).backend;
+        let mut best: Option<(super::placement::Key, WorkerIdx)> = None;
+        for idx in candidates {
+            let req = self.queue.requirements(class);
+            let w = self.workers.get_mut(idx);
+            if !w.can_run_class(class, req) || !w.backend_healthy(backend) {
+                continue;
+            }
+            let key = self.placement_key(id, idx);
+            if best.as_ref().is_none_or(|(b, _)| key > *b) {
+                best = Some((key, idx));
+            }
+        }
+        best.map(|(_, idx)| idx)
     }
 
     /// Takes a job out of the queue (cancel, timeout, adoption).
@@ -163,7 +179,7 @@ impl Core {
         }
     }
 
-    fn decrement_queued(&mut self, client: &std::sync::Arc<str>) {
+    pub(super) fn decrement_queued(&mut self, client: &std::sync::Arc<str>) {
         if let Some(n) = self.queued_per_client.get_mut(client) {
             *n -= 1;
             if *n == 0 {
@@ -172,20 +188,52 @@ impl Core {
         }
     }
 
-    /// Starts the next attempt of a job on a worker.
+    /// Sends the next attempt of a job to a worker: it starts at once on an idle
+    /// worker, or is held by a busy one that starts it the moment its current job
+    /// ends.
     pub(super) fn assign(&mut self, now_ms: u64, id: JobId, idx: WorkerIdx, out: &mut Vec<Output>) {
-        let default_run = self.cfg.default_run_timeout_s;
-        let w = self.workers.get_mut(idx);
+        let w = self.workers.get(idx);
         let Some(peer) = w.peer.clone() else {
             return;
         };
+        let start = w.current.is_none();
         let worker_id = w.id.clone();
         let gpu = w.gpu_label();
         let job = self.jobs.get_mut(&id).expect("assigned job exists");
         job.attempt = job.attempt.max(job.attempt_floor) + 1;
-        job.tries += 1;
         job.worker = Some(worker_id.clone());
         job.gpu = Some(gpu);
+        let r = JobRef {
+            job_id: id,
+            attempt: job.attempt,
+        };
+        out.push(Output::ToWorker {
+            peer,
+            msg: BrokerMessage::Assign(Assign {
+                job_id: id,
+                attempt: r.attempt,
+                job: job.spec.clone(),
+                degrade: job.degrade,
+                hold: !start,
+            }),
+        });
+        if start {
+            self.workers.get_mut(idx).current = Some(r);
+            self.workers.refresh_idle(idx);
+            self.begin_attempt(now_ms, id, out);
+            self.publish_worker(now_ms, idx, out);
+        } else {
+            self.hold(now_ms, r, idx, out);
+        }
+    }
+
+    /// Marks an assigned attempt as running: on assignment to an idle worker, or
+    /// when the attempt its worker held starts.
+    pub(super) fn begin_attempt(&mut self, now_ms: u64, id: JobId, out: &mut Vec<Output>) {
+        let default_run = self.cfg.default_run_timeout_s;
+        let job = self.jobs.get_mut(&id).expect("started job exists");
+        job.held = false;
+        job.tries += 1;
         job.started_ms = Some(now_ms);
         job.progress = None;
         job.finalizing = false;
@@ -194,67 +242,61 @@ impl Core {
         let run_timeout = job.spec.run_timeout_s.unwrap_or(default_run);
         job.run_deadline_ms = (run_timeout > 0).then(|| now_ms + run_timeout as u64 * 1000);
         let attempt = job.attempt;
-        let spec = job.spec.clone();
-        let degrade = job.degrade;
         let run_deadline = job.run_deadline_ms;
-        let w = self.workers.get_mut(idx);
-        w.current = Some(JobRef {
-            job_id: id,
-            attempt,
-        });
-        self.workers.refresh_idle(idx);
-        out.push(Output::ToWorker {
-            peer,
-            msg: BrokerMessage::Assign(Assign {
-                job_id: id,
-                attempt,
-                job: spec,
-                degrade,
-            }),
-        });
         // The transition itself records the attempt and the worker.
         self.change(now_ms, id, JobState::Running, "", out);
-        self.publish_worker(now_ms, idx, out);
         if let Some(at) = run_deadline {
             self.add_timer(at, TimerKind::RunTimeout, id, attempt);
         }
     }
 
-    /// Gives an idle, healthy worker the next job it can run, if any.
+    /// Gives a healthy worker the next jobs it can run: one to start if it is idle,
+    /// then as many to hold as it has room for. An idle worker with nothing in the
+    /// queue takes a job another worker holds.
     pub(super) fn dispatch(&mut self, now_ms: u64, idx: WorkerIdx, out: &mut Vec<Output>) {
-        let w = self.workers.get(idx);
-        if !(w.online && w.healthy && w.current.is_none() && w.peer.is_some())
-            || self.store_fault.is_some()
-        {
-            return;
+        loop {
+            let w = self.workers.get(idx);
+            // While the store cannot write, nothing new starts or is held.
+            if !(w.online && w.healthy && w.peer.is_some()) || self.store_fault.is_some() {
+                return;
+            }
+            let idle = w.current.is_none();
+            if !idle && !w.can_hold() {
+                return;
+            }
+            let classes = self.queue.class_count();
+            let mut runnable = std::mem::take(&mut self.runnable);
+            runnable.clear();
+            for class in 0..classes as u32 {
+                let req = self.queue.requirements(class);
+                let backend = req.backend;
+                let w = self.workers.get_mut(idx);
+                runnable.push(w.can_run_class(class, req) && w.backend_healthy(backend));
+            }
+            let next = self.pop_for_worker(now_ms, idx, &runnable);
+            self.runnable = runnable;
+            let Some(id) = next else {
+                if idle {
+                    self.steal_held(now_ms, idx, out);
+                }
+                return;
+            };
+            let job = self.jobs.get_mut(&id).expect("queued job exists");
+            job.slot = None;
+            let client = job.client.clone();
+            self.decrement_queued(&client);
+            self.assign(now_ms, id, idx, out);
         }
-        let classes = self.queue.class_count();
-        let mut runnable = std::mem::take(&mut self.runnable);
-        runnable.clear();
-        for class in 0..classes as u32 {
-            let req = self.queue.requirements(class);
-            let backend = req.backend;
-            let w = self.workers.get_mut(idx);
-            runnable.push(w.can_run_class(class, req) && w.backend_healthy(backend));
-        }
-        let next = self.queue.pop_for(|class| runnable[class as usize]);
-        self.runnable = runnable;
-        let Some(id) = next else {
-            return;
-        };
-        let job = self.jobs.get_mut(&id).expect("queued job exists");
-        job.slot = None;
-        let client = job.client.clone();
-        self.decrement_queued(&client);
-        self.assign(now_ms, id, idx, out);
     }
 
-    /// Frees a worker after its attempt ended and offers it the next job.
+    /// Frees a worker after its attempt ended: the attempt it held starts (it did
+    /// so on the worker already), and it is offered the next job.
     pub(super) fn release_worker(&mut self, now_ms: u64, idx: WorkerIdx, out: &mut Vec<Output>) {
         let w = self.workers.get_mut(idx);
         if w.current.take().is_some() {
             w.jobs_done += 1;
         }
+        self.start_held(now_ms, idx, out);
         self.workers.refresh_idle(idx);
         self.dispatch(now_ms, idx, out);
         // `assign` announced it busy again; otherwise say it is idle now.
@@ -361,6 +403,9 @@ impl Core {
         out: &mut Vec<Output>,
     ) {
         self.unqueue(id);
+        if let Some(idx) = self.unhold(id, true, out) {
+            self.dispatch(now_ms, idx, out);
+        }
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };

@@ -16,6 +16,8 @@ mod clients;
 pub mod job;
 mod lifecycle;
 mod params_check;
+mod pipeline;
+pub mod placement;
 pub mod queue;
 mod recovery;
 pub mod registry;
@@ -25,7 +27,10 @@ mod retention;
 mod tests;
 #[cfg(test)]
 mod tests_contract;
+#[cfg(test)]
+mod tests_goodbye;
 mod timers;
+mod waiting;
 pub(crate) mod workers;
 
 use std::cmp::Reverse;
@@ -63,6 +68,16 @@ pub struct CoreConfig {
     /// Oldest finished jobs are removed while artifacts exceed this (0 = no limit).
     pub retention_max_bytes: u64,
     pub retention_sweep_ms: u64,
+    /// Most attempts a worker may hold besides the one it runs (pipelined
+    /// dispatch); each worker advertises its own depth, capped by this. 0 turns
+    /// pipelining off.
+    pub max_held: u8,
+    /// Placement counts model loads (see [`placement`]); off = the queue's order
+    /// alone, as before pipelining (a baseline for the fleet benchmark).
+    pub load_aware: bool,
+    /// The fairness bound of load-aware placement: a job at the head of its
+    /// client's line that has waited this long is taken before any warm work.
+    pub affinity_max_wait_ms: u64,
 }
 
 impl Default for CoreConfig {
@@ -82,6 +97,9 @@ impl Default for CoreConfig {
             retention_max_age_ms: 0,
             retention_max_bytes: 0,
             retention_sweep_ms: 60_000,
+            max_held: 4,
+            load_aware: true,
+            affinity_max_wait_ms: 120_000,
         }
     }
 }
@@ -269,6 +287,11 @@ pub struct Core {
     stats: Stats,
     /// Scratch space of `dispatch`: which job classes the worker can run.
     runnable: Vec<bool>,
+    /// Held attempts (pipelined dispatch) by job priority, so a submit can tell
+    /// at once whether some held job is less urgent than it.
+    held_priorities: std::collections::BTreeMap<i8, u32>,
+    /// Scratch space of `pop_for_worker`.
+    candidates: Vec<queue::Candidate>,
     /// Why the store cannot write right now, if it cannot.
     store_fault: Option<String>,
 }
@@ -297,6 +320,8 @@ impl Core {
             next_session_sweep_ms: now_ms + 60_000,
             stats: Stats::default(),
             runnable: Vec::new(),
+            held_priorities: Default::default(),
+            candidates: Vec::new(),
             store_fault: None,
         }
     }
@@ -317,8 +342,9 @@ impl Core {
         self.jobs.len()
     }
 
+    /// Jobs waiting: in line, or held by a busy worker (pipelined dispatch).
     pub fn queued(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.held_priorities.values().sum::<u32>() as usize
     }
 
     pub fn running(&self) -> usize {
@@ -392,11 +418,35 @@ impl Core {
             }
             Input::StoreFault { cause } => {
                 let cleared = cause.is_none() && self.store_fault.is_some();
+                let raised = cause.is_some() && self.store_fault.is_none();
                 self.store_fault = cause;
+                if raised {
+                    // A held job would start on its worker without asking: take
+                    // them back until the store writes again.
+                    let holders: Vec<WorkerIdx> = self
+                        .workers
+                        .iter()
+                        .filter(|(_, w)| !w.held.is_empty())
+                        .map(|(idx, _)| idx)
+                        .collect();
+                    for idx in holders {
+                        let held: Vec<JobId> = self
+                            .workers
+                            .get(idx)
+                            .held
+                            .iter()
+                            .map(|(r, _)| r.job_id)
+                            .collect();
+                        for id in held {
+                            let why = "the broker's store cannot write".to_string();
+                            self.requeue_held(now_ms, id, true, why, out);
+                        }
+                    }
+                }
                 if cleared {
-                    // Assignments held back during the fault start now.
-                    let idle: Vec<WorkerIdx> = self.workers.idle().collect();
-                    for idx in idle {
+                    // Assignments held back during the fault start (or are held) now.
+                    let workers = self.workers.indices();
+                    for idx in workers {
                         self.dispatch(now_ms, idx, out);
                     }
                 }

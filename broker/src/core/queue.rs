@@ -23,6 +23,17 @@ pub struct Requirements {
     pub labels: Vec<String>,
 }
 
+/// A job a worker could take next (see [`Queue::candidates`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    pub job: JobId,
+    pub priority: i8,
+    pub class: ClassId,
+    pub seq: u64,
+    /// Its client's place in the rotation: 0 is the client whose turn it is.
+    pub turn: u32,
+}
+
 impl Requirements {
     /// What a job asks of a worker: the one place a spec becomes requirements
     /// (`min_vram_mb` is the job's current floor, raised after out-of-memory).
@@ -53,6 +64,8 @@ pub struct Queue {
     class_ids: HashMap<Requirements, ClassId>,
     levels: BTreeMap<Reverse<i8>, Level>,
     len: usize,
+    /// Jobs waiting per class.
+    class_len: Vec<u32>,
 }
 
 /// One priority level: clients in round-robin order, each with its lanes.
@@ -93,6 +106,7 @@ impl Queue {
         }
         let id = self.classes.len() as ClassId;
         self.classes.push(req.clone());
+        self.class_len.push(0);
         self.class_ids.insert(req, id);
         id
     }
@@ -124,6 +138,7 @@ impl Queue {
         };
         lane.insert(slot.seq, job);
         self.len += 1;
+        self.class_len[slot.class as usize] += 1;
     }
 
     /// Removes a queued job (cancel, timeout). Returns whether it was there.
@@ -142,6 +157,7 @@ impl Queue {
             return false;
         }
         self.len -= 1;
+        self.class_len[slot.class as usize] -= 1;
         if lanes.by_class[i].1.is_empty() {
             lanes.by_class.swap_remove(i);
         }
@@ -175,6 +191,7 @@ impl Queue {
                     .filter_map(|(i, (_, q))| q.first_key_value().map(|(seq, _)| (*seq, i)))
                     .min();
                 let Some((seq, i)) = best else { continue };
+                let lanes_class = lanes.by_class[i].0;
                 let job = lanes.by_class[i].1.remove(&seq).expect("seen above");
                 if lanes.by_class[i].1.is_empty() {
                     lanes.by_class.swap_remove(i);
@@ -191,19 +208,107 @@ impl Queue {
                 } else {
                     level.cursor = (at + 1) % n;
                 }
-                found = Some((*key, job));
+                found = Some((*key, job, lanes_class));
                 break;
             }
             if found.is_some() {
                 break;
             }
         }
-        let (key, job) = found?;
+        let (key, job, class) = found?;
         self.len -= 1;
+        self.class_len[class as usize] -= 1;
         if self.levels.get(&key).is_some_and(|l| l.lanes.is_empty()) {
             self.levels.remove(&key);
         }
         Some(job)
+    }
+
+    /// The jobs a worker could take next: the oldest job of each runnable class
+    /// of the next `max_clients` clients that have one, at the highest priority
+    /// level that has one, clients in their rotation order starting with the one
+    /// whose turn it is. Pass the one chosen to [`Queue::take`].
+    pub fn candidates(
+        &self,
+        mut can_run: impl FnMut(ClassId) -> bool,
+        max_clients: usize,
+        into: &mut Vec<Candidate>,
+    ) {
+        into.clear();
+        for (key, level) in self.levels.iter() {
+            let n = level.ring.len();
+            let mut clients = 0;
+            for step in 0..n {
+                if clients >= max_clients {
+                    break;
+                }
+                let before = into.len();
+                let at = (level.cursor + step) % n;
+                let lanes = &level.lanes[&level.ring[at]];
+                for (class, q) in &lanes.by_class {
+                    if !can_run(*class) {
+                        continue;
+                    }
+                    if let Some((seq, job)) = q.first_key_value() {
+                        into.push(Candidate {
+                            job: *job,
+                            priority: key.0,
+                            class: *class,
+                            seq: *seq,
+                            turn: step as u32,
+                        });
+                    }
+                }
+                clients += (into.len() > before) as usize;
+            }
+            if !into.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Takes a candidate from [`Queue::candidates`] out of the queue; the client
+    /// rotation moves past its client.
+    pub fn take(&mut self, c: &Candidate) -> JobId {
+        let key = Reverse(c.priority);
+        let level = self.levels.get_mut(&key).expect("candidate level");
+        let n = level.ring.len();
+        let at = (level.cursor + c.turn as usize) % n;
+        let lanes = level
+            .lanes
+            .get_mut(&level.ring[at])
+            .expect("ring matches lanes");
+        let i = lanes
+            .by_class
+            .iter()
+            .position(|(class, _)| *class == c.class)
+            .expect("candidate lane");
+        let job = lanes.by_class[i].1.remove(&c.seq).expect("candidate job");
+        if lanes.by_class[i].1.is_empty() {
+            lanes.by_class.swap_remove(i);
+        }
+        if lanes.by_class.is_empty() {
+            let client = level.ring[at].clone();
+            Self::drop_client(level, &client);
+            level.cursor = if level.ring.is_empty() {
+                0
+            } else {
+                at % level.ring.len()
+            };
+        } else {
+            level.cursor = (at + 1) % n;
+        }
+        self.len -= 1;
+        self.class_len[c.class as usize] -= 1;
+        if level.lanes.is_empty() {
+            self.levels.remove(&key);
+        }
+        job
+    }
+
+    /// Jobs waiting in a class.
+    pub fn class_len(&self, class: ClassId) -> u32 {
+        self.class_len.get(class as usize).copied().unwrap_or(0)
     }
 
     fn drop_client(level: &mut Level, client: &Arc<str>) {

@@ -73,6 +73,11 @@ impl Core {
             self.jobs.insert(id, Box::new(job));
             match state {
                 JobState::Queued => {
+                    // A job held by a worker before the restart is simply queued
+                    // again; the worker is told to drop it when it re-registers.
+                    let job = self.jobs.get_mut(&id).expect("inserted");
+                    job.worker = None;
+                    job.gpu = None;
                     let job = &self.jobs[&id];
                     if let Some(at) = job.queue_deadline_ms {
                         self.add_timer(at, TimerKind::QueueTimeout, id, 0);

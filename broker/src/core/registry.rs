@@ -42,6 +42,9 @@ pub struct Worker {
     models: HashSet<(Backend, String)>,
     pub labels: Vec<String>,
     pub loaded_model: Option<String>,
+    /// Models resident in GPU memory, most recently used first (from the worker's
+    /// reports; `loaded_model` alone for workers that do not report a set).
+    pub resident: Vec<String>,
     pub healthy: bool,
     pub online: bool,
     /// When an online worker is declared dead without a sign of life.
@@ -49,6 +52,15 @@ pub struct Worker {
     pub last_seen_ms: u64,
     /// The attempt assigned to this worker, until its result is stored.
     pub current: Option<JobRef>,
+    /// Attempts assigned after `current` (pipelined dispatch), oldest first, with
+    /// when each was sent. The first starts on the worker the moment `current`
+    /// ends there, without a round trip to the broker.
+    pub held: Vec<(JobRef, u64)>,
+    /// How many attempts the worker will hold besides `current`: what it
+    /// advertised, capped by the broker's setting.
+    pub max_held: u8,
+    /// The models this worker adds to the registry's warm counts.
+    counted: Vec<String>,
     pub jobs_done: u64,
     /// Per class: 0 not yet computed, 1 can run, 2 cannot.
     compat: Vec<u8>,
@@ -73,11 +85,15 @@ impl Worker {
             models: HashSet::new(),
             labels: r.labels,
             loaded_model: None,
+            resident: Vec::new(),
             healthy: false,
             online: false,
             expires_ms: 0,
             last_seen_ms: r.last_seen_ms,
             current: None,
+            held: Vec::new(),
+            max_held: 0,
+            counted: Vec::new(),
             jobs_done: 0,
             compat: Vec::new(),
             label: Arc::from(""),
@@ -158,6 +174,26 @@ impl Worker {
                 .any(|b| b.backend == backend && b.healthy)
     }
 
+    /// What this worker adds to the warm counts: nothing while offline, else its
+    /// loaded model and its resident set, each once.
+    fn warm_models(&self) -> impl Iterator<Item = &String> {
+        let loaded = self.loaded_model.as_ref().filter(|_| self.online);
+        let resident = self.resident.iter().enumerate().filter(move |(i, m)| {
+            self.online && Some(*m) != loaded && !self.resident[..*i].contains(m)
+        });
+        loaded.into_iter().chain(resident.map(|(_, m)| m))
+    }
+
+    /// Whether `model` is resident in GPU memory (no load needed to run it).
+    pub fn has_resident(&self, model: &str) -> bool {
+        self.loaded_model.as_deref() == Some(model) || self.resident.iter().any(|m| m == model)
+    }
+
+    /// Whether the worker is busy yet may take another attempt to hold.
+    pub fn can_hold(&self) -> bool {
+        self.current.is_some() && self.held.len() < self.max_held as usize
+    }
+
     pub fn state(&self) -> WorkerState {
         if !self.online {
             WorkerState::Offline
@@ -207,6 +243,10 @@ pub struct Registry {
     by_id: HashMap<Arc<str>, WorkerIdx>,
     /// Online, healthy workers without a job: candidates for a new job.
     idle: BTreeSet<WorkerIdx>,
+    /// Online, healthy, busy workers with room to hold another attempt.
+    open: BTreeSet<WorkerIdx>,
+    /// Per model: online workers that have it resident.
+    warm: HashMap<String, u32>,
 }
 
 impl Registry {
@@ -243,12 +283,16 @@ impl Registry {
     }
 
     pub fn remove(&mut self, idx: WorkerIdx) -> Option<Worker> {
+        self.slab.get(idx)?.as_ref()?;
+        let gone = std::mem::take(&mut self.get_mut(idx).counted);
+        self.uncount(&gone);
         let w = self.slab.get_mut(idx)?.take()?;
         self.by_id.remove(&w.id);
         if let Some(p) = &w.peer {
             self.by_peer.remove(p);
         }
         self.idle.remove(&idx);
+        self.open.remove(&idx);
         self.free.push(idx);
         Some(w)
     }
@@ -269,19 +313,64 @@ impl Registry {
         }
     }
 
-    /// Re-derives whether the worker belongs in the idle set; call after changing
-    /// `online`, `healthy` or `current`.
+    /// Re-derives whether the worker belongs in the idle and open sets; call after
+    /// changing `online`, `healthy`, `current` or `held`.
     pub fn refresh_idle(&mut self, idx: WorkerIdx) {
+        self.refresh_warm(idx);
         let w = self.get(idx);
-        if w.online && w.healthy && w.current.is_none() {
+        let ready = w.online && w.healthy && w.peer.is_some();
+        let (idle, open) = (ready && w.current.is_none(), ready && w.can_hold());
+        if idle {
             self.idle.insert(idx);
         } else {
             self.idle.remove(&idx);
         }
+        if open {
+            self.open.insert(idx);
+        } else {
+            self.open.remove(&idx);
+        }
+    }
+
+    /// Re-derives what the worker adds to the warm counts; call after changing
+    /// `online`, `loaded_model` or `resident`.
+    pub fn refresh_warm(&mut self, idx: WorkerIdx) {
+        let w = self.get_mut(idx);
+        // Called on every assignment: compare before allocating anything.
+        if w.warm_models().eq(w.counted.iter()) {
+            return;
+        }
+        let now: Vec<String> = w.warm_models().cloned().collect();
+        let old = std::mem::replace(&mut w.counted, now.clone());
+        self.uncount(&old);
+        for m in now {
+            *self.warm.entry(m).or_insert(0) += 1;
+        }
+    }
+
+    fn uncount(&mut self, models: &[String]) {
+        for m in models {
+            if let Some(n) = self.warm.get_mut(m) {
+                *n -= 1;
+                if *n == 0 {
+                    self.warm.remove(m);
+                }
+            }
+        }
+    }
+
+    /// Online workers that have `model` resident.
+    pub fn warm_count(&self, model: &str) -> u32 {
+        self.warm.get(model).copied().unwrap_or(0)
     }
 
     pub fn idle(&self) -> impl Iterator<Item = WorkerIdx> + '_ {
         self.idle.iter().copied()
+    }
+
+    /// Busy workers that may hold another attempt.
+    pub fn open(&self) -> impl Iterator<Item = WorkerIdx> + '_ {
+        self.open.iter().copied()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (WorkerIdx, &Worker)> {

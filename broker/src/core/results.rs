@@ -34,10 +34,17 @@ impl Core {
         if job.finalizing {
             return;
         }
+        // Too many outputs is a property of the job (its graph, its batch size):
+        // another attempt would make as many, so it is not retried.
+        let mut retryable = true;
         let problem = if u.index as u64 >= limits.max_artifacts_per_job {
-            Some(format!(
-                "output index {} over the limit of {}",
-                u.index, limits.max_artifacts_per_job
+            retryable = false;
+            Some(kiln_protocol::limits::too_many_outputs(
+                &format!(
+                    "the job made more than {} outputs",
+                    limits.max_artifacts_per_job
+                ),
+                limits.max_artifacts_per_job,
             ))
         } else if safe_file_name(&u.name).is_none() || u.name.len() as u64 > limits.max_name_len {
             Some(format!(
@@ -94,7 +101,7 @@ impl Core {
             if let Some(peer) = peer {
                 to_worker(out, peer, BrokerMessage::Cancel(r));
             }
-            let err = JobError::new(FailureKind::Artifact, problem, true);
+            let err = JobError::new(FailureKind::Artifact, problem, retryable);
             self.end_attempt(_now_ms, u.job_id, err, out);
             return;
         }
@@ -132,6 +139,7 @@ impl Core {
                 self.stats.model_loads += 1;
             }
             w.loaded_model = f.loaded_model.clone();
+            self.workers.refresh_warm(idx);
         }
         if !self.is_current(idx, r) {
             self.stats.stale_results += 1;

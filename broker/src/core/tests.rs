@@ -105,6 +105,9 @@ impl Sim {
             loaded_model: loaded.map(str::to_string),
             current: None,
             unacked: None,
+            held: Vec::new(),
+            max_held: 0,
+            resident: Vec::new(),
         };
         self.worker(w, WorkerMessage::Register(Box::new(reg)))
     }
@@ -130,6 +133,24 @@ impl Sim {
     }
 
     fn beat_holding(&mut self, w: &str, current: Option<JobRef>) -> Vec<Output> {
+        let held = self
+            .core
+            .workers()
+            .by_id(w)
+            .map(|i| {
+                self.core
+                    .workers()
+                    .get(i)
+                    .held
+                    .iter()
+                    .map(|(r, _)| *r)
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.beat_full(w, current, held)
+    }
+
+    fn beat_full(&mut self, w: &str, current: Option<JobRef>, held: Vec<JobRef>) -> Vec<Output> {
         self.worker(
             w,
             WorkerMessage::Heartbeat(Heartbeat {
@@ -138,7 +159,9 @@ impl Sim {
                 temperature_c: None,
                 power_mw: None,
                 current,
+                held,
                 loaded_model: None,
+                resident: None,
                 healthy: true,
                 backends: None,
             }),
@@ -867,6 +890,9 @@ fn recovery_keeps_order_and_waits_for_running_workers() {
             attempt: 1,
         }),
         unacked: None,
+        held: Vec::new(),
+        max_held: 0,
+        resident: Vec::new(),
     };
     let out = sim2.worker("w1", WorkerMessage::Register(Box::new(reg)));
     assert!(assigns(&out).is_empty());
@@ -1161,3 +1187,6 @@ fn nothing_starts_while_the_store_cannot_write_and_the_queue_resumes_after() {
     assert_eq!(started.len(), 1, "{out:?}");
     assert_eq!((started[0].0.as_str(), started[0].1), ("w1", b));
 }
+
+mod pipeline;
+mod waiting;

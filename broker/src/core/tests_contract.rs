@@ -292,3 +292,43 @@ fn params_are_checked_at_submit_against_the_workers_descriptions() {
     old.register("w1", 8000);
     assert!(old.submit_as("c", spec().param("stepz", 10)).is_ok());
 }
+
+#[test]
+fn too_many_outputs_fail_once_naming_the_count_and_the_setting() {
+    use kiln_protocol::worker::{Upload, WorkerMessage};
+    let mut cfg = CoreConfig::default();
+    cfg.limits.max_artifacts_per_job = 2;
+    let mut sim = Sim::with(cfg);
+    sim.register("w1", 8000);
+    let mut s = spec();
+    s.max_attempts = Some(3);
+    let (job, _) = sim.submit(s);
+    let piece = |index: u16| {
+        WorkerMessage::Upload(Upload {
+            job_id: job,
+            attempt: 1,
+            index,
+            name: format!("out{index}.png"),
+            media_type: "image/png".into(),
+            offset: 0,
+            total: 1,
+            data: vec![1],
+        })
+    };
+    sim.worker("w1", piece(0));
+    sim.worker("w1", piece(1));
+    assert_eq!(sim.state(job), JobState::Running);
+    sim.worker("w1", piece(2));
+    // Not retried: another attempt would make as many outputs.
+    assert_eq!(sim.state(job), JobState::Failed);
+    let error = sim.core.job(job).unwrap().error.clone().expect("an error");
+    assert!(!error.retryable);
+    assert!(
+        error.message.contains("more than 2 outputs")
+            && error
+                .message
+                .contains("broker.limits.max_artifacts_per_job"),
+        "{}",
+        error.message
+    );
+}

@@ -8,7 +8,7 @@ use kiln_protocol::ids::{check_labels, check_simple_name};
 use kiln_protocol::worker::{
     BrokerBeat, BrokerMessage, JobRef, Register, Registered, WorkerError, WorkerMessage,
 };
-use kiln_protocol::{ErrorBody, ErrorCode, FailureKind, JobError, JobState};
+use kiln_protocol::{ErrorBody, ErrorCode, FailureKind, JobError, JobId, JobState};
 
 use super::registry::{FleetRecord, PeerId, Worker, WorkerIdx};
 use super::{Core, Output, Record};
@@ -24,6 +24,9 @@ fn worker_error(out: &mut Vec<Output>, peer: PeerId, error: ErrorBody) {
 
 /// Most models one worker may report (bounds the broker's memory per worker).
 const MAX_MODELS: usize = 20_000;
+
+/// Most resident models one worker may report.
+const MAX_RESIDENT: usize = 64;
 
 impl Core {
     pub(super) fn on_worker_message(
@@ -61,6 +64,12 @@ impl Core {
                     }
                     w.loaded_model = h.loaded_model;
                 }
+                if let Some(mut resident) = h.resident {
+                    resident.truncate(MAX_RESIDENT);
+                    w.resident = resident;
+                }
+                self.workers.refresh_warm(idx);
+                let w = self.workers.get_mut(idx);
                 let was_healthy = w.healthy;
                 w.healthy = h.healthy;
                 let inventory_changed = h.backends.is_some();
@@ -69,9 +78,25 @@ impl Core {
                     w.set_backends(backends);
                 }
                 let held = w.current;
+                // Held assignments the worker does not name two beats after they
+                // were sent never reached it.
+                let grace = 2 * self.cfg.heartbeat_ms;
+                let lost_holds: Vec<JobId> = w
+                    .held
+                    .iter()
+                    .filter(|(r, at)| {
+                        h.current != Some(*r) && !h.held.contains(r) && now_ms >= at + grace
+                    })
+                    .map(|(r, _)| r.job_id)
+                    .collect();
                 to_worker(out, peer, BrokerMessage::Heartbeat(BrokerBeat {}));
                 if let Some(held) = held.filter(|r| h.current != Some(*r)) {
                     self.not_held(now_ms, idx, held, out);
+                }
+                for id in lost_holds {
+                    tracing::warn!(job = %id, worker = %self.workers.get(idx).id, "the worker does not hold the job it was given to hold; requeueing");
+                    let why = "the assignment never reached its worker".to_string();
+                    self.requeue_held(now_ms, id, false, why, out);
                 }
                 if was_healthy != h.healthy || inventory_changed {
                     self.workers.refresh_idle(idx);
@@ -122,6 +147,16 @@ impl Core {
             WorkerMessage::Refused(r) => self.on_refused(now_ms, idx, r, out),
             WorkerMessage::Finished(f) => self.on_finished(now_ms, idx, f, out),
             WorkerMessage::Goodbye(g) => {
+                // A worker stopping on purpose (SIGTERM, a deploy, a restart) is
+                // not the job's fault: its attempt is not charged, as for a
+                // refused assignment, so restarts never use up a job's attempts.
+                if let Some(cur) = self.workers.get(idx).current {
+                    if self.is_current(idx, cur) {
+                        if let Some(job) = self.jobs.get_mut(&cur.job_id) {
+                            job.refusals += 1;
+                        }
+                    }
+                }
                 let reason = if g.reason.is_empty() {
                     "said goodbye".to_string()
                 } else {
@@ -173,7 +208,8 @@ impl Core {
             Some(idx) => {
                 let w = self.workers.get(idx);
                 if let Some(cur) = w.current {
-                    let keeps_it = r.current == Some(cur) || r.unacked == Some(cur);
+                    let keeps_it =
+                        r.current == Some(cur) || r.unacked == Some(cur) || r.held.contains(&cur);
                     if !keeps_it {
                         let why = if w.instance == r.instance {
                             "re-registered without its job"
@@ -204,12 +240,29 @@ impl Core {
         w.set_backends(r.backends);
         w.set_labels(r.labels);
         w.loaded_model = r.loaded_model;
+        w.resident = r.resident;
+        w.resident.truncate(MAX_RESIDENT);
+        w.max_held = r.max_held.min(self.cfg.max_held);
         w.healthy = healthy;
         w.online = true;
         w.last_seen_ms = now_ms;
         w.expires_ms = now_ms + liveness_ms;
         let current = w.current;
         let worker_id = w.id.clone();
+        // Held attempts the worker no longer names go back in line.
+        let claims: Vec<JobRef> = r
+            .current
+            .into_iter()
+            .chain(r.unacked)
+            .chain(r.held.iter().copied())
+            .collect();
+        let dropped: Vec<JobId> = w
+            .held
+            .iter()
+            .filter(|(h, _)| !claims.contains(h))
+            .map(|(h, _)| h.job_id)
+            .collect();
+        let broker_held: Vec<JobRef> = w.held.iter().map(|(h, _)| *h).collect();
         self.workers.attach_peer(idx, peer.clone());
         self.workers.refresh_idle(idx);
         self.persist_worker(idx, out);
@@ -221,14 +274,23 @@ impl Core {
                 heartbeat_ms: self.cfg.heartbeat_ms,
                 liveness: self.cfg.liveness,
                 chunk_bytes: self.cfg.limits.max_chunk_bytes,
+                max_outputs: Some(self.cfg.limits.max_artifacts_per_job),
             }),
         );
+        for id in dropped {
+            let why = "its worker re-registered without it".to_string();
+            self.requeue_held(now_ms, id, false, why, out);
+        }
         // What the worker holds that the broker no longer wants: stop it, forget it.
-        if let Some(running) = r.current.filter(|c| Some(*c) != current) {
+        let wanted = |c: &JobRef| Some(*c) == current || broker_held.contains(c);
+        for staged in r.held.iter().filter(|c| !wanted(c)) {
+            to_worker(out, peer.clone(), BrokerMessage::Cancel(*staged));
+        }
+        if let Some(running) = r.current.filter(|c| !wanted(c)) {
             tracing::info!(worker = %worker_id, job = %running.job_id, attempt = running.attempt, "telling a re-registered worker to drop a stale attempt");
             to_worker(out, peer.clone(), BrokerMessage::Cancel(running));
         }
-        if let Some(done) = r.unacked.filter(|c| Some(*c) != current) {
+        if let Some(done) = r.unacked.filter(|c| !wanted(c)) {
             self.stats.stale_results += 1;
             tracing::warn!(
                 worker = %worker_id, job = %done.job_id, attempt = done.attempt,
@@ -287,6 +349,7 @@ impl Core {
         } else if was_online || current.is_some() {
             tracing::warn!(worker = %id, "worker lost: {why}");
         }
+        self.requeue_all_held(now_ms, idx, &format!("worker {id} {why}"), out);
         if let Some(cur) = current {
             let still_running = self
                 .jobs
@@ -344,6 +407,21 @@ impl Core {
             attempt: r.attempt,
         };
         let wid = self.workers.get(idx).id.clone();
+        if self
+            .workers
+            .get(idx)
+            .held
+            .iter()
+            .any(|(h, _)| *h == refused)
+        {
+            // It cannot hold as many as it said: hold no more on it until it
+            // registers again.
+            tracing::warn!(worker = %wid, job = %r.job_id, "worker refused to hold an assignment");
+            self.workers.get_mut(idx).max_held = 0;
+            let why = format!("{wid} could not hold it");
+            self.requeue_held(now_ms, r.job_id, false, why, out);
+            return;
+        }
         tracing::warn!(worker = %wid, job = %r.job_id, busy_with = %r.busy_with.job_id, "worker refused an assignment while busy");
         if self.is_current(idx, refused) {
             if let Some(job) = self.jobs.get_mut(&r.job_id) {

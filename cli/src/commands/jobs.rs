@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::Args;
 use kiln_protocol::{
-    ArtifactId, Backend, Client, InputFile, JobId, JobSnapshot, JobSpec, JobState, ListFilter,
-    LoraRef, Task,
+    ArtifactId, Backend, Client, InputFile, JobId, JobOptions, JobSnapshot, JobSpec, JobState,
+    ListFilter, Task,
 };
 use serde_json::Value;
 
@@ -44,34 +44,14 @@ pub struct SubmitArgs {
     /// Sampling steps (`params.steps`).
     #[arg(long)]
     steps: Option<u32>,
-    /// The model (checkpoint or Wan2GP model type); the backend's default when unset.
-    #[arg(long)]
-    model: Option<String>,
-    /// A LoRA as name or name:strength (repeatable).
-    #[arg(long = "lora")]
-    loras: Vec<String>,
     /// Any other parameter as key=value; the value is read as JSON when it parses.
+    /// Each backend's parameters are listed at the end of `kiln submit --help`.
     #[arg(long = "param", short = 'P')]
     params: Vec<String>,
-    /// Scheduling priority, -10 (last) to 10 (first).
-    #[arg(long, default_value_t = 0, allow_hyphen_values = true,
-          value_parser = clap::value_parser!(i8).range(-10..=10))]
-    priority: i8,
-    /// Only workers whose GPU has at least this much memory, in MiB.
-    #[arg(long, value_name = "MIB")]
-    min_vram_mb: Option<u64>,
-    /// A label the worker must carry (repeatable).
-    #[arg(long = "label")]
-    labels: Vec<String>,
-    /// Attempts before the job fails (default: `broker.default_max_attempts`).
-    #[arg(long)]
-    max_attempts: Option<u8>,
-    /// Fail the job if no worker starts it within this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    queue_timeout: Option<u32>,
-    /// Fail an attempt that runs longer than this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    run_timeout: Option<u32>,
+    /// How to run the job: model, LoRAs, placement, priority, timeouts, attempts,
+    /// idempotency key (the options every client offers, from kiln-protocol).
+    #[command(flatten)]
+    options: JobOptions,
     /// An input image (img2img, image-to-video); repeatable.
     #[arg(long = "input")]
     inputs: Vec<PathBuf>,
@@ -81,10 +61,6 @@ pub struct SubmitArgs {
     /// A workflow template installed on the workers.
     #[arg(long)]
     template: Option<String>,
-    /// A key that makes resubmitting safe: a second submit with the same key
-    /// returns the first job instead of making another.
-    #[arg(long)]
-    idempotency_key: Option<String>,
     /// Wait for the job with a progress bar, then download its outputs.
     #[arg(long)]
     wait: bool,
@@ -121,24 +97,7 @@ impl SubmitArgs {
             let v = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
             spec.params.insert(k.to_string(), v);
         }
-        spec.model = self.model.clone();
-        for l in &self.loras {
-            let (name, strength) = match l.rsplit_once(':') {
-                Some((n, s)) => (
-                    n.to_string(),
-                    s.parse()
-                        .with_context(|| format!("LoRA strength in {l:?}"))?,
-                ),
-                None => (l.clone(), 1.0),
-            };
-            spec.loras.push(LoraRef { name, strength });
-        }
-        spec.priority = self.priority;
-        spec.min_vram_mb = self.min_vram_mb;
-        spec.labels = self.labels.clone();
-        spec.max_attempts = self.max_attempts;
-        spec.queue_timeout_s = self.queue_timeout;
-        spec.run_timeout_s = self.run_timeout;
+        self.options.apply(&mut spec)?;
         for path in &self.inputs {
             let data =
                 std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -162,7 +121,6 @@ impl SubmitArgs {
             );
         }
         spec.template = self.template.clone();
-        spec.idempotency_key = self.idempotency_key.clone();
         Ok(spec)
     }
 }

@@ -14,6 +14,7 @@
 //! ZAP handler in [`super::curve`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as smpsc, Arc, OnceLock};
@@ -38,6 +39,7 @@ pub fn has_curve() -> bool {
 }
 
 // Monitor event numbers (zmq.h).
+const EVENT_ACCEPTED: u16 = 0x0020;
 const EVENT_DISCONNECTED: u16 = 0x0200;
 const EVENT_HANDSHAKE_FAILED_NO_DETAIL: u16 = 0x0800;
 const EVENT_HANDSHAKE_FAILED_PROTOCOL: u16 = 0x2000;
@@ -130,16 +132,127 @@ enum Up {
 /// What a socket does with what it reads and what it is told.
 enum Role {
     Router {
-        /// Each routing id's connection (the ZAP `User-Id`).
-        conns: HashMap<Bytes, String>,
+        /// Each routing id's connection: the ZAP `User-Id` and its descriptor.
+        conns: HashMap<Bytes, (String, RawFd)>,
+        /// The routing id last seen on each descriptor, to end its session when
+        /// the connection ends.
+        by_fd: HashMap<RawFd, Bytes>,
         stalled: HashSet<Bytes>,
         log: RateLimit,
+        caps: Caps,
     },
     Dealer {
         log: RateLimit,
     },
-    Pub,
+    Pub {
+        caps: Caps,
+    },
     Sub,
+}
+
+/// The connections a bound socket holds, counted from its monitor's accepted and
+/// disconnected events (each carries the connection's descriptor), and the caps
+/// on them. libzmq has no connection limit of its own, so a connection accepted
+/// past a cap is shut down (`shutdown(2)`, not `close`: libzmq still owns the
+/// descriptor, sees the end of the stream and closes it as for any peer).
+struct Caps {
+    max_total: usize,
+    max_per_address: usize,
+    open: HashMap<RawFd, Option<IpAddr>>,
+    per_address: HashMap<IpAddr, usize>,
+    /// Shut down for being over a cap; their disconnect is not counted down.
+    refused: HashSet<RawFd>,
+    log: RateLimit,
+}
+
+impl Caps {
+    fn new(opts: &BindOptions) -> Caps {
+        Caps {
+            max_total: opts.max_connections.max(1),
+            max_per_address: opts.max_connections_per_address.max(1),
+            open: HashMap::new(),
+            per_address: HashMap::new(),
+            refused: HashSet::new(),
+            log: RateLimit::new(Duration::from_secs(10)),
+        }
+    }
+
+    fn accepted(&mut self, fd: RawFd, endpoint: &str) {
+        // A descriptor still counted lost its disconnect event (the monitor queue
+        // overflowed): forget the old connection first.
+        self.closed(fd);
+        let ip = peer_ip(fd);
+        if self.open.len() >= self.max_total {
+            self.prune();
+        }
+        let from_ip = ip
+            .and_then(|ip| self.per_address.get(&ip))
+            .copied()
+            .unwrap_or(0);
+        let over = if self.open.len() >= self.max_total {
+            Some(("connections", self.max_total))
+        } else if from_ip >= self.max_per_address {
+            Some(("connections from this address", self.max_per_address))
+        } else {
+            None
+        };
+        if let Some((what, cap)) = over {
+            // SAFETY: shuts down the stream of a descriptor libzmq just accepted.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            self.refused.insert(fd);
+            if let Some(suppressed) = self.log.allow(Instant::now()) {
+                let peer = ip.map(|i| i.to_string()).unwrap_or_default();
+                tracing::warn!(%endpoint, %peer, cap, suppressed, "refused a connection: already holding the most {what} allowed");
+            }
+            return;
+        }
+        self.open.insert(fd, ip);
+        if let Some(ip) = ip {
+            *self.per_address.entry(ip).or_default() += 1;
+        }
+    }
+
+    fn closed(&mut self, fd: RawFd) {
+        if self.refused.remove(&fd) {
+            return;
+        }
+        if let Some(Some(ip)) = self.open.remove(&fd) {
+            if let Some(n) = self.per_address.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_address.remove(&ip);
+                }
+            }
+        }
+    }
+
+    /// Drops counted descriptors that are no longer connected sockets, in case
+    /// disconnect events were lost.
+    fn prune(&mut self) {
+        let gone: Vec<RawFd> = self
+            .open
+            .keys()
+            .copied()
+            .filter(|fd| peer_ip(*fd).is_none() && !is_socket(*fd))
+            .collect();
+        for fd in gone {
+            self.closed(fd);
+        }
+    }
+}
+
+/// The peer address of a connected TCP descriptor; `None` for IPC or a closed one.
+fn peer_ip(fd: RawFd) -> Option<IpAddr> {
+    // SAFETY: the stream is never dropped (ManuallyDrop), so the descriptor stays
+    // libzmq's; only getpeername(2) is called on it.
+    let s = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+    s.peer_addr().ok().map(|a| a.ip())
+}
+
+fn is_socket(fd: RawFd) -> bool {
+    // SAFETY: fstat on any descriptor number only reads into a local struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    unsafe { libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK }
 }
 
 static NEXT_MONITOR: AtomicU64 = AtomicU64::new(1);
@@ -293,16 +406,45 @@ fn spawn(
     ))
 }
 
+/// Serves the socket until its handle is dropped, then closes it and its monitor
+/// in the one safe order.
+///
+/// libzmq sends monitor events from its I/O thread with a *blocking* send to the
+/// monitor's PAIR. Closing the PAIR while the socket still reports to it (and
+/// `zmq_close` does not stop the monitor until the reaper gets to it) leaves the
+/// I/O thread blocked for good on the next event, a disconnect, say: every socket
+/// of the process then stops (libzmq issue 3575). Two clients in one process hit
+/// it whenever one dropped its connection while the other was busy. So the
+/// monitor is stopped first (`zmq_socket_monitor(s, NULL, 0)`, synchronous), then
+/// the PAIR and the socket are closed.
 fn run(
-    sock: zmq::Socket,
+    mut sock: zmq::Socket,
     mon: Option<zmq::Socket>,
+    role: Role,
+    cmds: smpsc::Receiver<Cmd>,
+    wake: Arc<Wake>,
+    up: mpsc::Sender<Up>,
+) {
+    serve(&sock, mon.as_ref(), role, cmds, wake, up);
+    if mon.is_some() {
+        // SAFETY: `sock` is a live socket owned by this thread; a null endpoint
+        // stops its monitor.
+        unsafe { zmq_sys::zmq_socket_monitor(sock.as_mut_ptr(), std::ptr::null(), 0) };
+    }
+    drop(mon);
+    drop(sock);
+}
+
+fn serve(
+    sock: &zmq::Socket,
+    mon: Option<&zmq::Socket>,
     mut role: Role,
     cmds: smpsc::Receiver<Cmd>,
     wake: Arc<Wake>,
     up: mpsc::Sender<Up>,
 ) {
     let mut pending: VecDeque<Up> = VecDeque::new();
-    let reads = !matches!(role, Role::Pub);
+    let reads = !matches!(role, Role::Pub { .. });
     loop {
         while let Some(u) = pending.pop_front() {
             match up.try_send(u) {
@@ -324,7 +466,7 @@ fn run(
                 }),
                 zmq::PollItem::from_fd(wake.fd(), zmq::POLLIN),
             ];
-            if let Some(m) = &mon {
+            if let Some(m) = mon {
                 items.push(m.as_poll_item(zmq::POLLIN));
             }
             // With messages waiting for room upstairs, look again in a millisecond.
@@ -336,28 +478,30 @@ fn run(
         wake.drain();
         loop {
             match cmds.try_recv() {
-                Ok(cmd) => role.command(&sock, cmd, &mut pending),
+                Ok(cmd) => role.command(sock, cmd, &mut pending),
                 Err(smpsc::TryRecvError::Empty) => break,
                 Err(smpsc::TryRecvError::Disconnected) => return,
             }
         }
-        if let Some(m) = &mon {
+        if let Some(m) = mon {
             while let Ok(frames) = m.recv_multipart(zmq::DONTWAIT) {
-                if let Some(ev) = frames.first().filter(|f| f.len() >= 2) {
+                if let Some(ev) = frames.first().filter(|f| f.len() >= 6) {
                     let event = u16::from_le_bytes([ev[0], ev[1]]);
+                    // The event's value: a descriptor for accepted/disconnected.
+                    let value = u32::from_le_bytes([ev[2], ev[3], ev[4], ev[5]]);
                     let endpoint = frames
                         .get(1)
                         .map(|e| String::from_utf8_lossy(e).to_string())
                         .unwrap_or_default();
-                    role.event(event, &endpoint, &mut pending);
+                    role.event(event, value as RawFd, &endpoint, &mut pending);
                 }
             }
         }
         if reading {
             // Read what is there, up to a batch, then serve commands again.
             for _ in 0..256 {
-                match recv(&sock) {
-                    Some((frames, user)) => role.message(frames, user, &mut pending),
+                match recv(sock) {
+                    Some((frames, origin)) => role.message(frames, origin, &mut pending),
                     None => break,
                 }
                 if pending.len() >= 64 {
@@ -368,10 +512,21 @@ fn run(
     }
 }
 
-/// One multipart message with its connection's ZAP `User-Id`, without waiting.
-fn recv(sock: &zmq::Socket) -> Option<(Vec<Bytes>, Option<String>)> {
+/// Where a message came from: its connection's ZAP `User-Id` and descriptor.
+struct Origin {
+    user: Option<String>,
+    /// libzmq's `__fd` property (what `ZMQ_SRCFD` reads); -1 if absent.
+    fd: RawFd,
+}
+
+/// One multipart message with its origin, without waiting.
+fn recv(sock: &zmq::Socket) -> Option<(Vec<Bytes>, Origin)> {
     let mut first = sock.recv_msg(zmq::DONTWAIT).ok()?;
     let user = first.gets("User-Id").map(str::to_string);
+    let fd = first
+        .gets("__fd")
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(-1);
     let mut more = first.get_more();
     let mut frames = vec![Bytes::copy_from_slice(&first)];
     while more {
@@ -379,7 +534,7 @@ fn recv(sock: &zmq::Socket) -> Option<(Vec<Bytes>, Option<String>)> {
         more = m.get_more();
         frames.push(Bytes::copy_from_slice(&m));
     }
-    Some((frames, user))
+    Some((frames, Origin { user, fd }))
 }
 
 impl Role {
@@ -425,22 +580,22 @@ impl Role {
                             }
                         }
                     }
-                    Role::Pub | Role::Sub => {}
+                    Role::Pub { .. } | Role::Sub => {}
                 }
             }
         }
     }
 
-    fn message(&mut self, mut frames: Vec<Bytes>, user: Option<String>, up: &mut VecDeque<Up>) {
+    fn message(&mut self, mut frames: Vec<Bytes>, origin: Origin, up: &mut VecDeque<Up>) {
         match self {
-            Role::Router { conns, .. } => {
+            Role::Router { conns, by_fd, .. } => {
                 if frames.len() < 2 {
                     return;
                 }
                 let peer = frames.remove(0);
-                let user = user.unwrap_or_default();
+                let conn = (origin.user.unwrap_or_default(), origin.fd);
                 match conns.get(&peer) {
-                    Some(known) if *known == user => {}
+                    Some(known) if *known == conn => {}
                     known => {
                         // A new connection under this id: void what the old one proved.
                         if known.is_some() {
@@ -452,20 +607,50 @@ impl Role {
                             for p in drop {
                                 conns.remove(&p);
                             }
+                            by_fd.retain(|_, p| conns.contains_key(p));
                         }
-                        conns.insert(peer.clone(), user);
+                        if conn.1 >= 0 {
+                            by_fd.insert(conn.1, peer.clone());
+                        }
+                        conns.insert(peer.clone(), conn);
                     }
                 }
                 up.push_back(Up::Routed(Routed::Message { peer, frames }));
             }
             Role::Dealer { .. } | Role::Sub => up.push_back(Up::Incoming(Incoming::Frames(frames))),
-            Role::Pub => {}
+            Role::Pub { .. } => {}
         }
     }
 
-    fn event(&mut self, event: u16, endpoint: &str, up: &mut VecDeque<Up>) {
-        if let Role::Dealer { log } = self {
-            match event {
+    fn event(&mut self, event: u16, fd: RawFd, endpoint: &str, up: &mut VecDeque<Up>) {
+        match self {
+            Role::Router {
+                conns,
+                by_fd,
+                caps,
+                stalled,
+                ..
+            } => match event {
+                EVENT_ACCEPTED => caps.accepted(fd, endpoint),
+                EVENT_DISCONNECTED => {
+                    caps.closed(fd);
+                    // The connection ended: its routing id's session ends with it.
+                    if let Some(peer) = by_fd.remove(&fd) {
+                        if conns.get(&peer).is_some_and(|(_, f)| *f == fd) {
+                            conns.remove(&peer);
+                            stalled.remove(&peer);
+                            up.push_back(Up::Routed(Routed::Gone { peer }));
+                        }
+                    }
+                }
+                _ => {}
+            },
+            Role::Pub { caps } => match event {
+                EVENT_ACCEPTED => caps.accepted(fd, endpoint),
+                EVENT_DISCONNECTED => caps.closed(fd),
+                _ => {}
+            },
+            Role::Dealer { log } => match event {
                 EVENT_DISCONNECTED => up.push_back(Up::Incoming(Incoming::Lost)),
                 EVENT_HANDSHAKE_FAILED_AUTH
                 | EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -483,7 +668,8 @@ impl Role {
                     ))));
                 }
                 _ => {}
-            }
+            },
+            Role::Sub => {}
         }
     }
 }
@@ -530,12 +716,15 @@ pub fn bind_router(
     opts: BindOptions,
 ) -> Result<(RouterRx, RouterTx, String), TransportError> {
     let (sock, ep) = bound(zmq::ROUTER, endpoint, &opts)?;
+    let mon = monitor(&sock, EVENT_ACCEPTED | EVENT_DISCONNECTED)?;
     let role = Role::Router {
         conns: HashMap::new(),
+        by_fd: HashMap::new(),
         stalled: HashSet::new(),
         log: RateLimit::new(Duration::from_secs(10)),
+        caps: Caps::new(&opts),
     };
-    let (handle, up) = spawn("kiln-zmq-router", sock, None, role)?;
+    let (handle, up) = spawn("kiln-zmq-router", sock, Some(mon), role)?;
     Ok((RouterRx(up), RouterTx(Arc::new(handle)), ep))
 }
 
@@ -568,7 +757,11 @@ pub struct Publisher(Handle);
 
 pub fn bind_pub(endpoint: &str, opts: BindOptions) -> Result<(Publisher, String), TransportError> {
     let (sock, ep) = bound(zmq::PUB, endpoint, &opts)?;
-    let (handle, _up) = spawn("kiln-zmq-pub", sock, None, Role::Pub)?;
+    let mon = monitor(&sock, EVENT_ACCEPTED | EVENT_DISCONNECTED)?;
+    let role = Role::Pub {
+        caps: Caps::new(&opts),
+    };
+    let (handle, _up) = spawn("kiln-zmq-pub", sock, Some(mon), role)?;
     Ok((Publisher(handle), ep))
 }
 

@@ -38,13 +38,12 @@ pub use curve::{CurveClient, CurveKeyPair, CurveServer, KeyError};
 )]
 #[serde(rename_all = "lowercase")]
 pub enum TransportKind {
-    /// The pure-Rust `zeromq` crate. Still the default: with the client's
-    /// re-authentication, repeated broker crashes are not yet recovered from on
-    /// libzmq (broker/tests/durability.rs), so libzmq is opt-in for now.
-    #[default]
+    /// The pure-Rust `zeromq` crate: loopback and fenced networks only (a frame
+    /// header can abort it, its queues count messages, not bytes).
     Zeromq,
     /// libzmq 4.3.5 through the `zmq` crate: bounded, CURVE-capable, the one to
-    /// expose beyond loopback (docs/security.md).
+    /// expose beyond loopback (docs/security.md). The default.
+    #[default]
     Libzmq,
 }
 
@@ -98,6 +97,11 @@ pub struct BindOptions {
     pub handshake_timeout: Duration,
     /// ZMTP PING interval; a peer silent for three intervals is dropped.
     pub heartbeat: Duration,
+    /// Connections held at once; a connection accepted past it is closed at once
+    /// (libzmq; the `zeromq` crate cannot close a chosen peer).
+    pub max_connections: usize,
+    /// Connections one IP address holds at once (libzmq).
+    pub max_connections_per_address: usize,
 }
 
 impl Default for BindOptions {
@@ -108,6 +112,8 @@ impl Default for BindOptions {
             curve: None,
             handshake_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(5),
+            max_connections: 4096,
+            max_connections_per_address: 256,
         }
     }
 }

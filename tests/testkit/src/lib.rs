@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod prometheus;
+pub mod zmtp;
+
 use kiln_protocol::transport::{
     ConnectOptions, CurveClient, CurveKeyPair, Dealer, Incoming, TransportKind,
 };

@@ -17,6 +17,13 @@
 //! are type-checked and ignored, so a job written for ComfyUI runs on `sim`
 //! unchanged; any other key is refused. `steps = 0` with `count = 0` is a no-op job, for
 //! benchmarks.
+//!
+//! It behaves like a GPU where scheduling is concerned: each model takes the
+//! memory of its profile, models stay resident up to the GPU's `vram_mb` and the
+//! least recently used one is evicted to load another (a load takes the
+//! profile's time), a step takes `step_ms / speed`, and the resident set is
+//! reported to the broker for placement. A model bigger than the whole GPU fails
+//! the job as out of memory (retryable: the broker looks for a bigger GPU).
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -33,15 +40,52 @@ use crate::backend::*;
 
 pub struct SimBackend {
     cfg: SimConfig,
-    loaded: Mutex<Option<String>>,
+    /// Models resident in the simulated GPU's memory, most recently used first.
+    resident: Mutex<Vec<String>>,
 }
 
 impl SimBackend {
     pub fn new(cfg: SimConfig) -> SimBackend {
         SimBackend {
             cfg,
-            loaded: Mutex::new(None),
+            resident: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Memory and load time of a model.
+    fn cost(&self, model: &str) -> (u64, u64) {
+        self.cfg
+            .profiles
+            .iter()
+            .find(|p| p.name == model)
+            .map_or((0, self.cfg.load_ms), |p| (p.vram_mb, p.load_ms))
+    }
+
+    /// Makes `model` resident: returns the load time it needs (0 when it is
+    /// resident already) after evicting least recently used models to make room.
+    fn make_resident(&self, model: &str) -> Result<u64, RunError> {
+        let (need, load_ms) = self.cost(model);
+        let vram = self.cfg.vram_mb;
+        if vram > 0 && need > vram {
+            return Err(RunError::Failed(JobError::new(
+                FailureKind::OutOfMemory,
+                format!("model {model} needs {need} MiB; this simulated GPU has {vram} MiB"),
+                true,
+            )));
+        }
+        let mut resident = self.resident.lock().expect("not poisoned");
+        if let Some(i) = resident.iter().position(|m| m == model) {
+            let m = resident.remove(i);
+            resident.insert(0, m);
+            return Ok(0);
+        }
+        let mut used: u64 = resident.iter().map(|m| self.cost(m).0).sum();
+        while vram > 0 && used + need > vram {
+            let Some(out) = resident.pop() else { break };
+            used -= self.cost(&out).0;
+        }
+        resident.insert(0, model.to_string());
+        Ok(load_ms)
     }
 
     /// The parameters this worker's simulator accepts, with its configured limits.
@@ -132,7 +176,11 @@ impl Backend for SimBackend {
     }
 
     fn loaded_model(&self) -> Option<String> {
-        self.loaded.lock().ok()?.clone()
+        self.resident.lock().ok()?.first().cloned()
+    }
+
+    fn resident_models(&self) -> Vec<String> {
+        self.resident.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     async fn run(
@@ -157,6 +205,7 @@ impl Backend for SimBackend {
         let height = shrink(int_param(spec, "height", 512, 8, max_side)?);
         let steps = int_param(spec, "steps", self.cfg.default_steps as i64, 0, 10_000)? as u32;
         let step_ms = int_param(spec, "step_ms", self.cfg.step_ms as i64, 0, 60_000)? as u64;
+        let step_time = Duration::from_secs_f64(step_ms as f64 / 1000.0 / self.cfg.speed.max(1e-3));
         let count = int_param(spec, "count", 1, 0, 8)? as u32;
         let frames = int_param(spec, "frames", 8, 2, 48)? as u32;
         let fps = int_param(spec, "fps", 8, 1, 60)? as u16;
@@ -169,6 +218,7 @@ impl Backend for SimBackend {
         };
         let fault = str_param(spec, "fault")?.map(str::to_string);
 
+        let mut loaded_ms = 0;
         // Like a real generator, the simulator refuses what it does not have: it
         // has models (sim.models) but no LoRAs and no workflow templates.
         if let Some(lora) = spec.loras.first() {
@@ -188,11 +238,18 @@ impl Backend for SimBackend {
                     "model {model:?} is not installed on this sim worker"
                 )));
             }
-            let switching = self.loaded_model().as_deref() != Some(model.as_str());
-            if switching {
+            let load_ms = self.make_resident(model)?;
+            loaded_ms = load_ms;
+            if load_ms > 0 {
                 progress.stage(0.0, format!("loading {model}"));
-                sleep_or_cancel(Duration::from_millis(self.cfg.load_ms), &cancel).await?;
-                *self.loaded.lock().expect("not poisoned") = Some(model.clone());
+                if let Err(e) = sleep_or_cancel(Duration::from_millis(load_ms), &cancel).await {
+                    // A load cut short leaves nothing usable in memory.
+                    self.resident
+                        .lock()
+                        .expect("not poisoned")
+                        .retain(|m| m != model);
+                    return Err(e);
+                }
             }
         }
 
@@ -237,7 +294,7 @@ impl Backend for SimBackend {
 
         progress.enter(Phase::Sampling);
         for step in 1..=steps {
-            sleep_or_cancel(Duration::from_millis(step_ms), &cancel).await?;
+            sleep_or_cancel(step_time, &cancel).await?;
             progress.step(step, steps, 0.0, 95.0, format!("sampling {step}/{steps}"));
         }
         progress.leave();
@@ -281,6 +338,7 @@ impl Backend for SimBackend {
                 })?
                 .map_err(internal)?
         };
+        let load_info = spec.model.as_ref().map(|m| self.cost(m));
         let info = json!({
             "seed": seed,
             // Output i is what `seed + i` renders alone (not a batch of one seed).
@@ -291,6 +349,8 @@ impl Backend for SimBackend {
             "degrade": job.degrade,
             "model": spec.model.clone().unwrap_or_else(|| "sim".into()),
             "run_ms": started.elapsed().as_millis() as u64,
+            "model_vram_mb": load_info.map(|c| c.0),
+            "load_ms": loaded_ms,
             "generator": "kiln sim backend (not a real model)",
         });
         Ok(RunOutput {
@@ -425,6 +485,7 @@ mod tests {
             spec: Arc::new(spec),
             degrade: 0,
             work_dir: std::env::temp_dir(),
+            max_outputs: None,
         }
     }
 
@@ -558,6 +619,69 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, RunError::Failed(e) if e.message.contains("params.width")));
+    }
+
+    #[tokio::test]
+    async fn models_stay_resident_up_to_the_vram_and_the_least_recent_is_evicted() {
+        let cfg = SimConfig {
+            vram_mb: 10_000,
+            load_ms: 40,
+            models: vec!["a".into(), "b".into(), "c".into(), "huge".into()],
+            profiles: vec![
+                kiln_config::SimModelProfile {
+                    name: "a".into(),
+                    vram_mb: 4_000,
+                    load_ms: 40,
+                },
+                kiln_config::SimModelProfile {
+                    name: "b".into(),
+                    vram_mb: 4_000,
+                    load_ms: 0,
+                },
+                kiln_config::SimModelProfile {
+                    name: "c".into(),
+                    vram_mb: 5_000,
+                    load_ms: 0,
+                },
+                kiln_config::SimModelProfile {
+                    name: "huge".into(),
+                    vram_mb: 20_000,
+                    load_ms: 0,
+                },
+            ],
+            ..fast()
+        };
+        let sim = SimBackend::new(cfg);
+        let run = |m: &str| {
+            let mut spec = demo_spec("x", 1).param("steps", 0).param("count", 0);
+            spec.model = Some(m.into());
+            let (sink, _rx) = ProgressSink::new();
+            let fut = sim.run(job(spec), sink, CancellationToken::new());
+            async move {
+                let r = fut.await;
+                // Whether the run loaded its model.
+                let loaded = r.as_ref().is_ok_and(|o| o.info["load_ms"] != 0);
+                (r, loaded)
+            }
+        };
+        assert!(run("a").await.1, "first use loads");
+        run("b").await.0.unwrap();
+        assert_eq!(sim.resident_models(), ["b", "a"], "both fit in 10,000 MiB");
+        let (r, loaded) = run("a").await;
+        r.unwrap();
+        assert!(!loaded, "a resident model does not load again");
+        assert_eq!(sim.resident_models(), ["a", "b"]);
+        // c needs 5,000 MiB: the least recently used (b) goes.
+        run("c").await.0.unwrap();
+        assert_eq!(sim.resident_models(), ["c", "a"]);
+        assert_eq!(sim.loaded_model().as_deref(), Some("c"));
+        // A model bigger than the GPU is out of memory, retryably.
+        let err = run("huge").await.0.unwrap_err();
+        assert!(
+            matches!(err, RunError::Failed(ref e) if e.kind == FailureKind::OutOfMemory && e.retryable),
+            "{err:?}"
+        );
+        assert_eq!(sim.resident_models(), ["c", "a"], "nothing evicted for it");
     }
 
     #[tokio::test]

@@ -23,6 +23,21 @@ struct Args {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     kiln_config::logging::init("info,zeromq=warn");
+    // Signals first: a SIGTERM during start-up (a restart, a deploy) must stop the
+    // worker before it registers and takes a job, not after.
+    let shutdown = CancellationToken::new();
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            shutdown.cancel();
+        });
+    }
     let args = Args::parse();
     let (mut cfg, _) = kiln_config::load_for_command_line(&args.config)?;
     if let Some(gpu) = args.gpu {
@@ -52,20 +67,6 @@ async fn main() -> anyhow::Result<()> {
         "worker ready"
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    let shutdown = CancellationToken::new();
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("signal handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            shutdown.cancel();
-        });
-    }
     worker.run(status, shutdown).await?;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     Ok(())

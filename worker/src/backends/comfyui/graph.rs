@@ -194,6 +194,10 @@ pub struct Prepared {
     pub model: Option<String>,
     /// Parameters the template does not use.
     pub ignored: Vec<String>,
+    /// The `(node id, input)` pairs `params.overrides` set that the graph did not
+    /// have: checked against the node's declared inputs (`/object_info`) before
+    /// queueing, since ComfyUI itself silently ignores an input a node lacks.
+    pub added_inputs: Vec<(String, String)>,
 }
 
 /// An input file after upload: the client's name and the path loader nodes use.
@@ -335,7 +339,7 @@ pub fn from_template(
     let known =
         |k: &str| t.params.contains_key(k) || matches!(k, "overrides" | "strength" | "batch_size");
     let ignored = spec.params.keys().filter(|k| !known(k)).cloned().collect();
-    apply_overrides(&mut graph, spec)?;
+    let added_inputs = apply_overrides(&mut graph, spec)?;
     if let Some(anchor) = &t.loras {
         chain_loras(&mut graph, anchor, spec)?;
     } else if !spec.loras.is_empty() {
@@ -349,6 +353,7 @@ pub fn from_template(
         seed,
         model,
         ignored,
+        added_inputs,
     })
 }
 
@@ -377,7 +382,7 @@ pub fn from_raw(
             return Err(invalid(format!("job.workflow node {id} needs a class_type and an inputs object (API format, not the UI's workflow format)")));
         }
     }
-    apply_overrides(&mut graph, spec)?;
+    let added_inputs = apply_overrides(&mut graph, spec)?;
     let seed = seed_of(spec)?;
     let mut seeded = false;
     let mut model = None;
@@ -426,13 +431,19 @@ pub fn from_raw(
             .filter(|k| !matches!(k.as_str(), "overrides" | "seed"))
             .cloned()
             .collect(),
+        added_inputs,
     })
 }
 
-/// `params.overrides`: `{"<node id>": {"<input>": value}}`.
-fn apply_overrides(graph: &mut Map<String, Value>, spec: &JobSpec) -> Result<(), JobError> {
+/// `params.overrides`: `{"<node id>": {"<input>": value}}`. Returns the inputs it
+/// added (the node did not have them in the graph).
+fn apply_overrides(
+    graph: &mut Map<String, Value>,
+    spec: &JobSpec,
+) -> Result<Vec<(String, String)>, JobError> {
+    let mut added = Vec::new();
     let Some(overrides) = spec.params.get("overrides").filter(|v| !v.is_null()) else {
-        return Ok(());
+        return Ok(added);
     };
     let overrides = overrides
         .as_object()
@@ -453,10 +464,12 @@ fn apply_overrides(graph: &mut Map<String, Value>, spec: &JobSpec) -> Result<(),
                 ))
             })?;
         for (k, v) in values {
-            inputs.insert(k.clone(), v.clone());
+            if inputs.insert(k.clone(), v.clone()).is_none() {
+                added.push((node.clone(), k.clone()));
+            }
         }
     }
-    Ok(())
+    Ok(added)
 }
 
 /// Inserts one LoRA loader per job LoRA after `anchor`, and points every former
@@ -675,6 +688,14 @@ mod tests {
         assert_eq!(p.graph["1"]["inputs"]["image"], "kiln/upload_test (1).png");
         assert_eq!(p.graph["2"]["inputs"]["steps"], 4);
         assert_eq!(p.graph["2"]["inputs"]["seed"].as_u64(), p.seed);
+        assert_eq!(p.added_inputs, vec![]);
+        let added = JobSpec::new(Backend::Comfyui, Task::Workflow)
+            .param("overrides", json!({"2": {"steps": 4, "colour": 1}}));
+        let p = from_raw(&wf, &added, &[]).unwrap();
+        assert_eq!(
+            p.added_inputs,
+            vec![("2".to_string(), "colour".to_string())]
+        );
         let bad = JobSpec::new(Backend::Comfyui, Task::Workflow)
             .param("overrides", json!({"9": {"x": 1}}));
         assert!(from_raw(&wf, &bad, &[])

@@ -264,19 +264,36 @@ impl ComfyUiBackend {
 
     /// Checks the graph against `/object_info`, re-reading it once when a value
     /// is missing from a list or a class is unknown (new uploads, new models).
+    ///
+    /// Inputs `params.overrides` added must be declared by their node, and the
+    /// graph may not have more output nodes than the broker keeps outputs
+    /// (`max_outputs`): both are refused here, before anything is queued.
     async fn validate(
         &self,
-        graph: &Map<String, Value>,
+        prepared: &Prepared,
+        max_outputs: Option<u64>,
     ) -> Result<Arc<Map<String, Value>>, RunError> {
+        let graph = &prepared.graph;
+        let problems_with = |info: &Map<String, Value>| {
+            let mut problems = validate::check(graph, info);
+            problems.extend(validate::unknown_inputs(
+                graph,
+                &prepared.added_inputs,
+                info,
+            ));
+            problems
+        };
         let mut info = self
             .object_info(false)
             .await
             .map_err(|e| unreachable_failure(&e))?;
-        let mut problems = validate::check(graph, &info);
+        let mut problems = problems_with(&info);
         let stale = problems.iter().any(|p| {
             matches!(
                 p.kind,
-                validate::ProblemKind::NotInList | validate::ProblemKind::UnknownClass
+                validate::ProblemKind::NotInList
+                    | validate::ProblemKind::UnknownClass
+                    | validate::ProblemKind::UnknownInput
             )
         });
         if stale {
@@ -284,9 +301,20 @@ impl ComfyUiBackend {
                 .object_info(true)
                 .await
                 .map_err(|e| unreachable_failure(&e))?;
-            problems = validate::check(graph, &info);
+            problems = problems_with(&info);
         }
         if problems.is_empty() {
+            let outputs = validate::output_nodes(graph, &info) as u64;
+            if let Some(max) = max_outputs.filter(|max| outputs > *max) {
+                return Err(failed(
+                    FailureKind::InvalidInput,
+                    kiln_protocol::limits::too_many_outputs(
+                        &format!("the workflow has {outputs} output nodes"),
+                        max,
+                    ),
+                    false,
+                ));
+            }
             return Ok(info);
         }
         let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
@@ -732,7 +760,7 @@ impl ComfyUiBackend {
         for p in &prepared.ignored {
             tracing::debug!(job = %job.job_id, param = %p, "parameter not used by {source}");
         }
-        let info = self.validate(&prepared.graph).await?;
+        let info = self.validate(&prepared, job.max_outputs).await?;
         if cancel.is_cancelled() {
             return Err(RunError::Cancelled);
         }

@@ -18,6 +18,9 @@ pub enum ProblemKind {
     OutOfRange,
     NotInList,
     WrongType,
+    /// `params.overrides` set an input the node's class does not declare (ComfyUI
+    /// would ignore it silently).
+    UnknownInput,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,6 +202,65 @@ pub fn check(graph: &Map<String, Value>, object_info: &Map<String, Value>) -> Ve
     problems
 }
 
+/// The inputs `params.overrides` added to the graph (`added`, as node id and input
+/// name) that their node's class does not declare in `object_info`. Classes
+/// `object_info` does not know are left to [`check`], which reports them.
+pub fn unknown_inputs(
+    graph: &Map<String, Value>,
+    added: &[(String, String)],
+    object_info: &Map<String, Value>,
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for (node, input) in added {
+        let Some(class) = graph
+            .get(node)
+            .and_then(|n| n.get("class_type"))
+            .and_then(Value::as_str)
+        else {
+            continue;
+        };
+        let Some(info) = object_info.get(class) else {
+            continue;
+        };
+        if input_spec(info, input).is_some() {
+            continue;
+        }
+        let mut declared: Vec<&str> = ["required", "optional"]
+            .iter()
+            .filter_map(|k| info.get("input")?.get(k)?.as_object())
+            .flat_map(|m| m.keys().map(String::as_str))
+            .collect();
+        declared.sort_unstable();
+        problems.push(Problem {
+            node: node.clone(),
+            class: class.into(),
+            input: Some(input.clone()),
+            kind: ProblemKind::UnknownInput,
+            message: format!(
+                "params.overrides.{node}.{input}: {class} has no input {input:?}; its inputs are {}",
+                declared.join(", ")
+            ),
+        });
+    }
+    problems
+}
+
+/// How many output nodes (`output_node: true` in `object_info`) the graph has:
+/// each makes at least one output when it runs.
+pub fn output_nodes(graph: &Map<String, Value>, object_info: &Map<String, Value>) -> usize {
+    graph
+        .values()
+        .filter(|node| {
+            node.get("class_type")
+                .and_then(Value::as_str)
+                .and_then(|c| object_info.get(c))
+                .and_then(|i| i.get("output_node"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+        })
+        .count()
+}
+
 /// The node ids ComfyUI will execute: every output node and what it depends on.
 pub fn nodes_to_run(
     graph: &Map<String, Value>,
@@ -331,6 +393,28 @@ mod tests {
             "{}",
             problems[0].message
         );
+    }
+
+    #[test]
+    fn overridden_inputs_a_node_lacks_are_named_and_outputs_counted() {
+        let g = graph(json!({
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0, "colour": 1}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "a"}},
+            "3": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+        }));
+        let added = [
+            ("1".to_string(), "colour".to_string()),
+            ("1".to_string(), "color".to_string()),
+        ];
+        let problems = unknown_inputs(&g, &added, &info());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let text = problems[0].to_string();
+        assert!(
+            text.starts_with("node 1 (EmptyImage) input colour: params.overrides.1.colour")
+                && text.contains("batch_size, color, height, width"),
+            "{text}"
+        );
+        assert_eq!(output_nodes(&g, &info()), 2);
     }
 
     #[test]

@@ -96,6 +96,7 @@ impl Rig {
             spec: Arc::new(spec),
             degrade: 0,
             work_dir: self.dir.path().join(format!("job{n}")),
+            max_outputs: None,
         };
         let (sink, rx) = ProgressSink::new();
         let seen = tokio::spawn(collect(rx));
@@ -409,6 +410,7 @@ async fn a_cancel_during_a_model_load_takes_effect_after_the_load() {
         )),
         degrade: 0,
         work_dir: rig.dir.path().join("job900"),
+        max_outputs: None,
     };
     let (sink, mut rx) = ProgressSink::new();
     let run = rig.backend.run(job, sink, cancel.clone());
@@ -574,6 +576,7 @@ async fn failed_starts_are_reported_and_jobs_fail_fast() {
         spec: Arc::new(t2v("x", json!({}))),
         degrade: 0,
         work_dir: std::env::temp_dir(),
+        max_outputs: None,
     };
     let (sink, _rx) = ProgressSink::new();
     let e = failure(broken.run(job, sink, CancellationToken::new()).await);

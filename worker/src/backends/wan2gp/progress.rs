@@ -130,6 +130,17 @@ mod tests {
     }
 
     #[test]
+    fn progress_events_time_sampling_and_the_download_phase() {
+        let (sink, _rx) = ProgressSink::new();
+        let mut m = ProgressMapper::new(sink.clone());
+        m.progress(&msg("loading_model", 1, 1));
+        m.progress(&msg("inference", 15, 30));
+        m.progress(&msg("downloading_output", 1, 1));
+        let phases: Vec<Phase> = sink.take_phases().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(phases, [Phase::Sampling, Phase::Download]);
+    }
+
+    #[test]
     fn windows_and_samples_count_towards_the_whole() {
         let (sink, rx) = ProgressSink::new();
         let mut m = ProgressMapper::new(sink);

@@ -1,0 +1,281 @@
+//! Pipelined dispatch with the simulated clock: a busy worker holds its next job,
+//! which starts with no broker round trip and keeps every guarantee of a queued
+//! job (cancel, priority, requeue, fencing, fairness).
+
+use super::*;
+
+impl Sim {
+    /// Registers a worker that holds up to `depth` jobs while it runs one.
+    fn register_holding(&mut self, w: &str, depth: u8) -> Vec<Output> {
+        let reg = Register {
+            token: None,
+            worker_id: w.to_string(),
+            instance: format!("{w}-instance"),
+            hostname: "box".into(),
+            version: "test".into(),
+            gpu: GpuInfo {
+                name: "GPU".into(),
+                total_vram_mb: 24_000,
+                free_vram_mb: 24_000,
+                ..GpuInfo::default()
+            },
+            backends: vec![inventory(Backend::Sim, &["sim-sd15", "sim-sdxl"])],
+            labels: vec![],
+            loaded_model: None,
+            resident: vec![],
+            current: None,
+            unacked: None,
+            held: vec![],
+            max_held: depth,
+        };
+        self.worker(w, WorkerMessage::Register(Box::new(reg)))
+    }
+
+    fn job(&self, id: JobId) -> &Job {
+        self.core.job(id).unwrap()
+    }
+}
+
+/// The holds (`hold = true` assignments) in `out`.
+fn holds(out: &[Output]) -> Vec<(String, JobId, u32)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::ToWorker {
+                peer,
+                msg: BrokerMessage::Assign(a),
+            } if a.hold => Some((
+                String::from_utf8_lossy(peer).into_owned(),
+                a.job_id,
+                a.attempt,
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_busy_worker_holds_its_next_job_which_starts_without_a_round_trip() {
+    let mut sim = Sim::new();
+    sim.register_holding("w1", 1);
+    let (j1, out) = sim.submit(spec());
+    assert_eq!(assigns(&out), [("w1".to_string(), j1, 1)]);
+    assert!(holds(&out).is_empty(), "an idle worker starts its job");
+    let (j2, out) = sim.submit(spec());
+    assert_eq!(holds(&out), [("w1".to_string(), j2, 1)]);
+    assert_eq!(sim.state(j2), JobState::Queued, "held, not started");
+    assert_eq!(sim.job(j2).worker.as_deref(), Some("w1"));
+    assert_eq!(sim.core.queued(), 1, "a held job still counts as queued");
+    // Depth 1: a third job waits in line.
+    let (j3, out) = sim.submit(spec());
+    assert!(assigns(&out).is_empty());
+    // The worker's first job ends: the held one is running at once, with no
+    // assignment sent for it; the third is held in its place.
+    sim.beat_full(
+        "w1",
+        Some(JobRef {
+            job_id: j1,
+            attempt: 1,
+        }),
+        vec![JobRef {
+            job_id: j2,
+            attempt: 1,
+        }],
+    );
+    let out = sim.succeed("w1", j1, 1);
+    assert_eq!(sim.state(j1), JobState::Succeeded);
+    assert_eq!(sim.state(j2), JobState::Running);
+    assert_eq!(sim.job(j2).tries, 1);
+    assert_eq!(assigns(&out), [("w1".to_string(), j3, 1)]);
+    assert_eq!(holds(&out), [("w1".to_string(), j3, 1)]);
+    // Its result is accepted as the current attempt's.
+    sim.succeed("w1", j2, 1);
+    assert_eq!(sim.state(j2), JobState::Succeeded);
+    assert_eq!(sim.state(j3), JobState::Running);
+}
+
+#[test]
+fn a_held_job_is_cancelled_and_its_worker_drops_it() {
+    let mut sim = Sim::new();
+    sim.register_holding("w1", 1);
+    let (j1, _) = sim.submit(spec());
+    let (j2, _) = sim.submit(spec());
+    let out = sim.request(
+        "client",
+        Request::Cancel(Cancel {
+            req_id: 2,
+            job_id: j2,
+        }),
+    );
+    assert_eq!(sim.state(j2), JobState::Cancelled);
+    assert_eq!(
+        cancels(&out),
+        [JobRef {
+            job_id: j2,
+            attempt: 1
+        }],
+        "the holder is told to drop it"
+    );
+    assert!(sim.core.workers().get(0).held.is_empty());
+    let out = sim.succeed("w1", j1, 1);
+    assert!(assigns(&out).is_empty(), "nothing else to run");
+    assert_eq!(sim.state(j2), JobState::Cancelled);
+}
+
+#[test]
+fn a_more_urgent_job_takes_the_place_of_a_held_one() {
+    let mut sim = Sim::new();
+    sim.register_holding("w1", 1);
+    let (j1, _) = sim.submit(spec());
+    let (j2, _) = sim.submit(spec());
+    let mut urgent_spec = spec();
+    urgent_spec.priority = 5;
+    let (urgent, out) = sim.submit(urgent_spec);
+    assert_eq!(holds(&out), [("w1".to_string(), urgent, 1)]);
+    assert_eq!(
+        cancels(&out),
+        [JobRef {
+            job_id: j2,
+            attempt: 1
+        }]
+    );
+    assert_eq!(sim.state(j2), JobState::Queued);
+    assert_eq!(sim.job(j2).worker, None);
+    assert_eq!(sim.core.queued(), 2, "back in line, the urgent one held");
+    let out = sim.succeed("w1", j1, 1);
+    assert_eq!(sim.state(urgent), JobState::Running);
+    // The displaced job is held next, under a new attempt number: a late word
+    // about attempt 1 is stale.
+    assert_eq!(holds(&out), [("w1".to_string(), j2, 2)]);
+    assert_eq!(sim.job(j2).attempts_used(), 0, "holding uses no attempt");
+    let before = sim.core.stats().stale_results;
+    sim.succeed("w1", j2, 1);
+    assert_eq!(sim.core.stats().stale_results, before + 1);
+    assert_eq!(sim.state(j2), JobState::Queued);
+}
+
+#[test]
+fn held_jobs_go_back_in_line_with_their_lost_worker() {
+    let mut sim = Sim::new();
+    sim.register_holding("w1", 1);
+    let (j1, _) = sim.submit(spec());
+    let (j2, _) = sim.submit(spec());
+    assert_eq!(sim.job(j2).worker.as_deref(), Some("w1"));
+    // w1 goes silent.
+    sim.advance(4 * HB);
+    assert_eq!(sim.state(j1), JobState::Queued);
+    assert_eq!(sim.state(j2), JobState::Queued);
+    assert_eq!(sim.job(j2).worker, None);
+    assert_eq!(sim.job(j2).attempts_used(), 0);
+    assert_eq!(sim.job(j1).attempts_used(), 1);
+    // A new worker runs them in their original order.
+    let out = sim.register_holding("w2", 1);
+    let got: Vec<JobId> = assigns(&out).iter().map(|a| a.1).collect();
+    assert_eq!(got, [j1, j2]);
+    assert_eq!(sim.state(j1), JobState::Running);
+    assert_eq!(holds(&out).len(), 1);
+}
+
+#[test]
+fn an_idle_worker_takes_over_a_held_job() {
+    let mut sim = Sim::new();
+    sim.register_holding("w1", 1);
+    let (_j1, _) = sim.submit(spec());
+    let (j2, _) = sim.submit(spec());
+    let out = sim.register_holding("w2", 1);
+    assert_eq!(assigns(&out), [("w2".to_string(), j2, 2)]);
+    assert!(
+        holds(&out).is_empty(),
+        "it starts at once on the idle worker"
+    );
+    assert_eq!(
+        cancels(&out),
+        [JobRef {
+            job_id: j2,
+            attempt: 1
+        }]
+    );
+    assert_eq!(sim.state(j2), JobState::Running);
+    assert!(sim.core.workers().get(0).held.is_empty());
+}
+
+#[test]
+fn a_hold_the_worker_never_names_is_requeued() {
+    let mut sim = Sim::new();
+    sim.register_holding("w1", 1);
+    let (j1, _) = sim.submit(spec());
+    let (j2, _) = sim.submit(spec());
+    let running = Some(JobRef {
+        job_id: j1,
+        attempt: 1,
+    });
+    // Within the grace the worker may not have it yet.
+    sim.advance(HB);
+    sim.beat_full("w1", running, vec![]);
+    assert_eq!(sim.job(j2).worker.as_deref(), Some("w1"));
+    sim.advance(HB + 1);
+    let out = sim.beat_full("w1", running, vec![]);
+    assert_eq!(sim.job(j2).worker.as_deref(), Some("w1"), "held again");
+    assert_eq!(holds(&out), [("w1".to_string(), j2, 2)]);
+}
+
+#[test]
+fn held_jobs_follow_priority_and_fairness_between_clients() {
+    let mut sim = Sim::new();
+    sim.register_holding("w1", 1);
+    let (first, _) = sim.submit_as("alice", spec()).unwrap();
+    let mut alice = Vec::new();
+    for _ in 0..3 {
+        alice.push(sim.submit_as("alice", spec()).unwrap().0);
+    }
+    let bob = sim.submit_as("bob", spec()).unwrap().0;
+    // alice[0] was held at once (the queue was empty); the rest queued.
+    let mut started = vec![first];
+    let mut current = (first, 1);
+    for _ in 0..4 {
+        sim.succeed("w1", current.0, current.1);
+        let next = sim
+            .core
+            .workers()
+            .get(0)
+            .current
+            .expect("the held job started");
+        started.push(next.job_id);
+        current = (next.job_id, next.attempt);
+    }
+    // Holds are taken from the queue in its order: alice's next, then bob (not
+    // behind all of alice's), then alice's last.
+    assert_eq!(started, [first, alice[0], alice[1], bob, alice[2]]);
+}
+
+#[test]
+fn a_store_fault_takes_held_jobs_back_and_holds_nothing_until_it_clears() {
+    let mut sim = Sim::new();
+    sim.register_holding("w1", 1);
+    let (j1, _) = sim.submit(spec());
+    let (j2, out) = sim.submit(spec());
+    assert_eq!(holds(&out), [("w1".to_string(), j2, 1)]);
+    let out = sim.input(Input::StoreFault {
+        cause: Some("No space left on device (os error 28)".into()),
+    });
+    // The worker would start it on its own the moment j1 ends: it must drop it.
+    assert_eq!(
+        cancels(&out),
+        [JobRef {
+            job_id: j2,
+            attempt: 1
+        }]
+    );
+    assert!(sim.core.workers().get(0).held.is_empty());
+    assert_eq!(sim.state(j2), JobState::Queued);
+    // j1 ends during the fault: nothing starts, nothing is held.
+    let out = sim.succeed("w1", j1, 1);
+    assert!(
+        assigns(&out).is_empty() && holds(&out).is_empty(),
+        "{out:?}"
+    );
+    assert_eq!(sim.state(j2), JobState::Queued);
+    // The store writes again: j2 starts on the idle worker (a new attempt number,
+    // so a late message about the revoked hold is fenced off).
+    let out = sim.input(Input::StoreFault { cause: None });
+    assert_eq!(assigns(&out), [("w1".to_string(), j2, 2)]);
+}

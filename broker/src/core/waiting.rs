@@ -1,0 +1,87 @@
+//! Why a queued job waits, for `kiln status` and every client's `get`.
+
+use kiln_protocol::job::{WaitReason, Waiting};
+use kiln_protocol::JobState;
+
+use super::job::Job;
+use super::Core;
+
+impl Core {
+    /// The reason a queued job has not started (`None` for other states). Looks
+    /// at every worker: for `get` replies, not for scheduling.
+    pub(super) fn waiting(&self, job: &Job) -> Option<Waiting> {
+        if job.state != JobState::Queued {
+            return None;
+        }
+        let wait = |reason, detail: String| Some(Waiting { reason, detail });
+        if job.held {
+            let w = job.worker.as_deref().unwrap_or("a worker");
+            return wait(
+                WaitReason::Held,
+                format!("held by {w}: starts the moment its current job ends"),
+            );
+        }
+        let req = self.requirements(job.id);
+        let any_vram = super::Requirements {
+            min_vram_mb: 0,
+            ..req.clone()
+        };
+        let (mut capable, mut up, mut busy) = (0u32, 0u32, 0u32);
+        let (mut fits_otherwise, mut small_idle, mut largest) = (0u32, 0u32, 0u64);
+        for (_, w) in self.workers.iter() {
+            let online = w.online && w.backend_healthy(req.backend);
+            if w.can_run(&req) {
+                capable += 1;
+                if online {
+                    up += 1;
+                    busy += w.current.is_some() as u32;
+                }
+            } else if w.can_run(&any_vram) {
+                fits_otherwise += 1;
+                largest = largest.max(w.gpu.total_vram_mb);
+                small_idle += (online && w.current.is_none()) as u32;
+            }
+        }
+        let backend = req.backend;
+        if capable == 0 {
+            if fits_otherwise > 0 {
+                return wait(
+                    WaitReason::BiggerGpu,
+                    format!(
+                        "needs {} MiB; the largest GPU that could run it has {largest} MiB",
+                        req.min_vram_mb
+                    ),
+                );
+            }
+            return wait(
+                WaitReason::NoCapableWorker,
+                format!(
+                    "no registered worker has what it needs ({backend} backend, model, labels)"
+                ),
+            );
+        }
+        if up == 0 {
+            return wait(
+                WaitReason::BackendDown,
+                format!("its {capable} capable worker(s) are offline or their {backend} backend is down"),
+            );
+        }
+        if small_idle > 0 && busy == up {
+            return wait(
+                WaitReason::BiggerGpu,
+                format!(
+                    "needs {} MiB: the {busy} GPU(s) that big are busy while {small_idle} smaller one(s) are idle",
+                    req.min_vram_mb
+                ),
+            );
+        }
+        wait(
+            WaitReason::AllBusy,
+            format!(
+                "all {up} worker(s) that can run it are busy; {} job(s) ahead",
+                self.queue_position(job)
+                    .map_or("some".to_string(), |n| n.to_string())
+            ),
+        )
+    }
+}
