@@ -782,12 +782,24 @@ async fn a_second_broker_on_the_same_store_says_so_once() {
             ..BrokerOpts::default()
         })
         .await;
-    // The same state directory on other ports.
-    let mut toml = std::fs::read_to_string(&first.config).unwrap();
-    for ep in [&first.frontend, &first.backend, &first.events] {
-        let port = kiln_testkit::free_port();
-        toml = toml.replace(ep.as_str(), &format!("tcp://127.0.0.1:{port}"));
-    }
+    // The same state directory on other ports (every `127.0.0.1:<port>` in
+    // the config: the three sockets and the metrics listener).
+    let toml: String = std::fs::read_to_string(&first.config)
+        .unwrap()
+        .split("127.0.0.1:")
+        .enumerate()
+        .map(|(i, piece)| match i {
+            0 => piece.to_string(),
+            _ => {
+                let digits = piece.bytes().take_while(u8::is_ascii_digit).count();
+                format!(
+                    "127.0.0.1:{}{}",
+                    kiln_testkit::free_port(),
+                    &piece[digits..]
+                )
+            }
+        })
+        .collect();
     let config = s.path().join("second.toml");
     std::fs::write(&config, toml).unwrap();
     let run = tokio::process::Command::new(kiln_testkit::bin("kiln-broker"))
