@@ -76,6 +76,7 @@ const STATUS_PRESENTED: &[&str] = &[
     "gpu",
     "progress",
     "queue_position",
+    "waiting",
     "error",
     "artifacts",
     "info",
@@ -289,6 +290,26 @@ mod tests {
         assert!(text.contains("\npriority   -2\n"), "{text}");
         assert!(text.contains("\ndegrade    1\n"), "{text}");
         assert!(!text.contains("seed") && !text.contains("prompt"), "{text}");
+    }
+
+    /// A queued job says why it waits, once, in words (`waiting` has its own
+    /// line, so it must not come back as a raw map among the other fields).
+    #[test]
+    fn a_queued_job_says_why_it_waits_once() {
+        let snap: JobSnapshot = serde_json::from_value(serde_json::json!({
+            "job_id": "j8", "seq": 2, "state": "queued", "backend": "sim",
+            "task": "text_to_image", "client": "c", "attempt": 0, "max_attempts": 3,
+            "created_ms": 1, "queue_position": 0,
+            "waiting": {"reason": "all_busy", "detail": "all 2 worker(s) that can run it are busy"}
+        }))
+        .unwrap();
+        let text = status(&snap);
+        assert!(
+            text.contains("\nwaiting    all 2 worker(s) that can run it are busy\n"),
+            "{text}"
+        );
+        assert_eq!(text.matches("waiting").count(), 1, "{text}");
+        assert!(!text.contains("all_busy"), "{text}");
     }
 
     #[test]

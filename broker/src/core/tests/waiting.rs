@@ -60,6 +60,24 @@ fn a_queued_job_says_why_it_waits() {
     assert_eq!(sim.reason(j3), Some(WaitReason::BackendDown));
 }
 
+/// A job accepted while a capable worker was known outlives that worker: once the
+/// broker has forgotten it (offline past `fleet_memory_ms`), nobody could run it.
+#[test]
+fn a_job_whose_only_capable_worker_was_forgotten_has_no_capable_worker() {
+    let mut sim = Sim::with(CoreConfig {
+        fleet_memory_ms: 20 * HB,
+        ..CoreConfig::default()
+    });
+    sim.register("w1", 24_000);
+    let (j1, _) = sim.submit(spec());
+    sim.advance(4 * HB);
+    assert_eq!(sim.reason(j1), Some(WaitReason::BackendDown));
+    sim.advance(30 * HB);
+    assert_eq!(sim.reason(j1), Some(WaitReason::NoCapableWorker));
+    let detail = sim.snapshot(j1).waiting.unwrap().detail;
+    assert!(detail.contains("no registered worker"), "{detail}");
+}
+
 #[test]
 fn a_held_job_names_its_holder() {
     let mut sim = Sim::new();
