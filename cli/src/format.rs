@@ -297,7 +297,7 @@ mod tests {
     #[test]
     fn a_queued_job_says_why_it_waits_once() {
         let snap: JobSnapshot = serde_json::from_value(serde_json::json!({
-            "job_id": "j8", "seq": 2, "state": "queued", "backend": "sim",
+            "job_id": "j8", "seq": 2, "state": "queued", "backend": "sim", "priority": 0,
             "task": "text_to_image", "client": "c", "attempt": 0, "max_attempts": 3,
             "created_ms": 1, "queue_position": 0,
             "waiting": {"reason": "all_busy", "detail": "all 2 worker(s) that can run it are busy"}

@@ -112,6 +112,9 @@ enum Command {
     Status(On<JobArg>),
     /// Cancel a queued or running job.
     Cancel(On<JobArg>),
+    /// Run a job again: the broker copies its whole spec (input files, workflow
+    /// and every option) into a new job under this client's name.
+    Resubmit(On<JobArg>),
     /// List jobs, newest first.
     Jobs(On<commands::jobs::JobsArgs>),
     /// Download a job's outputs (or one artifact, `j42.0`).
@@ -268,6 +271,9 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
                 Command::Cancel(c) => {
                     commands::jobs::cancel(&client, &c.args.job, c.out.json).await
                 }
+                Command::Resubmit(c) => {
+                    commands::jobs::resubmit(&client, &c.args.job, c.out.json).await
+                }
                 Command::Jobs(c) => commands::jobs::list(&client, c.args, c.out.json).await,
                 Command::Fetch(c) => commands::jobs::fetch(&client, c.args, c.out.json).await,
                 Command::Workers(c) => commands::fleet::workers(&client, c.out.json).await,
@@ -291,7 +297,9 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
 fn conn_of(command: &Command) -> &Conn {
     match command {
         Command::Submit(c) => &c.conn,
-        Command::Watch(c) | Command::Status(c) | Command::Cancel(c) => &c.conn,
+        Command::Watch(c) | Command::Status(c) | Command::Cancel(c) | Command::Resubmit(c) => {
+            &c.conn
+        }
         Command::Jobs(c) => &c.conn,
         Command::Fetch(c) => &c.conn,
         Command::Workers(c) | Command::Models(c) | Command::Health(c) => &c.conn,

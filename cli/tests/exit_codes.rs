@@ -250,6 +250,18 @@ async fn job_outcomes_have_their_own_codes() {
     assert_eq!(code(&out), 0, "{:?}", text(&out));
     let out = kiln(&s, Some(&broker), &["watch", &job], &[]);
     assert_eq!(code(&out), 4, "{:?}", text(&out));
+    // The cancelled job runs again as a new one, from the broker's copy.
+    let out = kiln(&s, Some(&broker), &["resubmit", &job], &[]);
+    let (stdout, err) = text(&out);
+    assert_eq!(code(&out), 0, "{err}");
+    assert!(
+        stdout.starts_with(&format!("{job} resubmitted as j")),
+        "{stdout}"
+    );
+    let out = kiln(&s, Some(&broker), &["resubmit", "j999999"], &[]);
+    let (_, err) = text(&out);
+    assert_eq!(code(&out), 1, "{err}");
+    assert!(err.contains("j999999"), "{err}");
 
     // A refusal from the broker: code 1, in words, without Rust type names.
     let out = kiln(&s, Some(&broker), &["cancel", "j1"], &[]);

@@ -281,22 +281,32 @@ pub async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>) -> Resp
     }
 }
 
-/// `POST /api/jobs/{id}/resubmit`: a new job with the same backend, task, model,
-/// priority and parameters.
+/// `POST /api/jobs/{id}/resubmit`: a new job with the whole spec of `id`, made by
+/// the broker (`resubmit`, so input files, workflows and every option come
+/// along). A broker without the `resubmit` feature gets a new job built from the
+/// snapshot instead ([`form::resubmission`]), which refuses what a snapshot lacks.
 pub async fn resubmit(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
     let id = match job_id(&id) {
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
-    let job = match app.client.get(id).await {
-        Ok(job) => job,
-        Err(e) => return client_error(&e),
+    let broker_resubmits = app
+        .client
+        .welcome()
+        .is_some_and(|w| w.features.iter().any(|f| f == "resubmit"));
+    let accepted = if broker_resubmits {
+        app.client.resubmit(id, None).await
+    } else {
+        let job = match app.client.get(id).await {
+            Ok(job) => job,
+            Err(e) => return client_error(&e),
+        };
+        match form::resubmission(&job) {
+            Ok(spec) => app.client.submit(spec).await,
+            Err(e) => return e.into_response(),
+        }
     };
-    let spec = match form::resubmission(&job) {
-        Ok(spec) => spec,
-        Err(e) => return e.into_response(),
-    };
-    match app.client.submit(spec).await {
+    match accepted {
         Ok(accepted) => Json(ActionResult::Resubmit { from: id, accepted }).into_response(),
         Err(e) => client_error(&e),
     }

@@ -141,7 +141,8 @@ impl TestJobForm {
     }
 }
 
-/// A new job like `job`: same backend, task, model, priority and parameters.
+/// A new job like `job`: same backend, task, model, priority and parameters, for
+/// a broker without the `resubmit` request (which copies the whole spec itself).
 /// Jobs whose spec carried what a snapshot does not (a workflow graph or
 /// template, input files) are refused rather than resubmitted without it.
 pub fn resubmission(job: &JobSnapshot) -> Result<JobSpec, FormError> {

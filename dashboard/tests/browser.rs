@@ -166,7 +166,11 @@ async fn progress(b: &fantoccini::Client, above: f64) -> f64 {
 async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
     let s = Scratch::new();
     let broker = s.broker(BrokerOpts::default()).await;
-    let _w1 = s.worker(&broker, WorkerOpts::sim("gpu-a")).await;
+    let gpu_a = WorkerOpts {
+        labels: vec!["a".into()],
+        ..WorkerOpts::sim("gpu-a")
+    };
+    let _w1 = s.worker(&broker, gpu_a).await;
     let _w2 = s.worker(&broker, WorkerOpts::sim("gpu-b")).await;
     let client: Client = broker.client();
     let (_dash, base) = start_dashboard(&s, &broker);
@@ -187,6 +191,25 @@ async fn the_dashboard_shows_the_fleet_and_acts_on_jobs_in_a_real_browser() {
                 .iter()
                 .all(|c| c[1] == "test GPU" && c[2].as_str().is_some_and(|t| t.ends_with("/ 24.0 GiB"))))
         .then_some(())
+    })
+    .await;
+
+    // Two models run on gpu-a stay resident there (the sim keeps models up to
+    // its memory); its card lists both, most recently used first.
+    for model in ["sim-sd15", "sim-sdxl"] {
+        let mut job = sim_job(2, 5);
+        job.model = Some(model.into());
+        job.labels = vec!["a".into()];
+        let id = client.submit(job).await.unwrap().job_id;
+        assert_eq!(client.wait(id).await.unwrap().state, JobState::Succeeded);
+    }
+    eventually("both resident models on gpu-a's card", WAIT, || async {
+        let text = js(
+            &b,
+            "return document.querySelector('#gpus .gpu[data-worker=\"gpu-a\"] .resident').textContent;",
+        )
+        .await;
+        (text == json!("sim-sdxl, sim-sd15")).then_some(())
     })
     .await;
     screenshot(&b, "fleet").await;

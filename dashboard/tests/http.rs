@@ -350,6 +350,58 @@ async fn tokens_guards_errors_and_artifact_ranges() {
     .await;
     assert_eq!(gone.status, 404, "{}", gone.text());
 
+    // What a snapshot lacks comes along too: the sim mixes its input files into
+    // each output's seed, so the copy's image is the original's byte for byte
+    // only if the broker resubmitted the input file with the rest.
+    let with_input = |data: Vec<u8>| {
+        let mut job = JobSpec::new(Backend::Sim, Task::ImageToImage)
+            .param("prompt", "resubmit test")
+            .param("width", 32)
+            .param("height", 32)
+            .param("steps", 1)
+            .param("seed", 11);
+        if !data.is_empty() {
+            job.inputs.push(kiln_protocol::InputFile {
+                name: "init.png".into(),
+                media_type: "image/png".into(),
+                data,
+            });
+        }
+        job.min_vram_mb = Some(1);
+        job
+    };
+    let original = client
+        .submit(with_input(vec![1, 2, 3, 4]))
+        .await
+        .unwrap()
+        .job_id;
+    let original = client.wait(original).await.unwrap();
+    let bare = client.submit(with_input(vec![])).await.unwrap().job_id;
+    let bare = client.wait(bare).await.unwrap();
+    assert_ne!(
+        bare.artifacts[0].sha256, original.artifacts[0].sha256,
+        "the input changes the image"
+    );
+    let again = request(
+        port,
+        "POST",
+        &format!("/api/jobs/{}/resubmit", original.job_id),
+        &[bearer[0], json],
+        "{}",
+    )
+    .await;
+    assert_eq!(again.status, 200, "{}", again.text());
+    let v: serde_json::Value = serde_json::from_slice(&again.body).unwrap();
+    let copy: kiln_protocol::JobId = v["accepted"]["job_id"].as_str().unwrap().parse().unwrap();
+    let copy = client.wait(copy).await.unwrap();
+    assert_eq!(copy.state, JobState::Succeeded, "{:?}", copy.error);
+    assert_eq!(copy.artifacts[0].sha256, original.artifacts[0].sha256);
+    let copy = client.get(copy.job_id).await.unwrap();
+    assert_eq!(
+        copy.history[0].note,
+        format!("resubmitted from {}", original.job_id)
+    );
+
     // Without a token, only the loopback names are answered (DNS rebinding).
     let (_d2, open_port) = dashboard(&s, &broker, "", &[]);
     until_up(open_port, &[]).await;

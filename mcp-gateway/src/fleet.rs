@@ -52,6 +52,9 @@ pub struct WorkerView {
     pub temperature_c: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loaded_model: Option<String>,
+    /// Every model in the GPU's memory, most recently used first (a job of one
+    /// of these starts without a model load).
+    pub resident: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub current_job: Option<String>,
     pub backends: Vec<String>,
@@ -71,6 +74,7 @@ fn worker_view(w: WorkerInfo) -> WorkerView {
         utilization_pct: w.gpu.utilization_pct,
         temperature_c: w.gpu.temperature_c,
         loaded_model: w.loaded_model,
+        resident: w.resident,
         current_job: w.current_job.map(|j| j.to_string()),
         backends: w
             .backends

@@ -27,7 +27,7 @@ const FIXED: [(&str, &str, &str); 5] = [
     (
         "kiln://workers",
         "workers",
-        "GPU workers: GPU, VRAM free/total, loaded model, state, current job",
+        "GPU workers: GPU, VRAM free/total, resident models, state, current job",
     ),
     (
         "kiln://health",

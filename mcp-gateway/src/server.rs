@@ -448,7 +448,7 @@ impl KilnMcp {
     }
 
     #[tool(
-        description = "GPU workers: name, GPU, VRAM free/total, loaded model, state and current job.",
+        description = "GPU workers: name, GPU, VRAM free/total, models resident in GPU memory, state and current job.",
         annotations(read_only_hint = true)
     )]
     async fn list_workers(&self, Parameters(_): Parameters<NoArgs>) -> CallToolResult {

@@ -112,6 +112,7 @@ mod tests {
             }],
             labels: vec![],
             loaded_model: None,
+            resident: vec![],
             current_job: None,
             jobs_done: 0,
             last_seen_ms: 0,

@@ -258,6 +258,28 @@ impl Client {
         }
     }
 
+    /// Submits a new job with the whole stored spec of `job_id` (see
+    /// [`Resubmit`]), under this client's name. Like [`Client::submit`], a key is
+    /// made up when none is given, so a resend after a reconnect makes one job.
+    pub async fn resubmit(
+        &self,
+        job_id: JobId,
+        idempotency_key: Option<String>,
+    ) -> Result<Accepted, ClientError> {
+        let key = idempotency_key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        match self
+            .request(Request::Resubmit(Resubmit {
+                req_id: 0,
+                job_id,
+                idempotency_key: Some(key),
+            }))
+            .await?
+        {
+            Reply::Accepted(a) => Ok(a),
+            other => Err(unexpected(other)),
+        }
+    }
+
     pub async fn workers(&self) -> Result<Vec<WorkerInfo>, ClientError> {
         match self.request(Request::Workers(Simple { req_id: 0 })).await? {
             Reply::Workers(w) => Ok(w.workers),

@@ -22,6 +22,7 @@ pub enum Request {
     Get(Get),
     List(List),
     Cancel(Cancel),
+    Resubmit(Resubmit),
     Fetch(Fetch),
     Workers(Simple),
     Models(Simple),
@@ -35,6 +36,7 @@ wire_message!(Request {
     "get" => Get,
     "list" => List,
     "cancel" => Cancel,
+    "resubmit" => Resubmit,
     "fetch" => Fetch,
     "workers" => Simple,
     "models" => Simple,
@@ -50,6 +52,7 @@ impl Request {
             Request::Get(m) => m.req_id,
             Request::List(m) => m.req_id,
             Request::Cancel(m) => m.req_id,
+            Request::Resubmit(m) => m.req_id,
             Request::Fetch(m) => m.req_id,
             Request::Workers(m) | Request::Models(m) | Request::Health(m) | Request::Ping(m) => {
                 m.req_id
@@ -65,6 +68,7 @@ impl Request {
             Request::Get(m) => m.req_id = id,
             Request::List(m) => m.req_id = id,
             Request::Cancel(m) => m.req_id = id,
+            Request::Resubmit(m) => m.req_id = id,
             Request::Fetch(m) => m.req_id = id,
             Request::Workers(m) | Request::Models(m) | Request::Health(m) | Request::Ping(m) => {
                 m.req_id = id
@@ -113,6 +117,22 @@ pub struct List {
 pub struct Cancel {
     pub req_id: u64,
     pub job_id: JobId,
+}
+
+/// Submits a new job with the whole spec of `job_id` (prompt, parameters, model,
+/// LoRAs, labels, limits, input files, workflow or template): what a client
+/// that did not make the job (a dashboard, an operator) cannot rebuild from a
+/// snapshot. The new job belongs to the requesting client and goes through every
+/// check of `submit`; the earlier job's idempotency key is not copied, and
+/// `idempotency_key` here gives the new job its own. Replied with `accepted`;
+/// `not_found` when the broker no longer holds the job (past
+/// `broker.retention`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resubmit {
+    pub req_id: u64,
+    pub job_id: JobId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Reads up to `max_len` bytes of an artifact from `offset`.
@@ -209,7 +229,12 @@ pub struct Welcome {
 }
 
 /// The optional features this version of the broker announces in `welcome`.
-pub const FEATURES: &[&str] = &["idempotency_per_client", "list_cursor", "param_schemas"];
+pub const FEATURES: &[&str] = &[
+    "idempotency_per_client",
+    "list_cursor",
+    "param_schemas",
+    "resubmit",
+];
 
 /// The job is committed to the broker's store (when durable) and will run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -359,6 +359,12 @@ pub struct WorkerInfo {
     pub labels: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loaded_model: Option<String>,
+    /// Every model resident in the GPU's memory, most recently used first, as the
+    /// worker last reported it (a GPU with room keeps several; `loaded_model` is
+    /// the first; a worker that reports only `loaded_model` gives that one).
+    /// Absent when there is none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resident: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_job: Option<JobId>,
     pub jobs_done: u64,

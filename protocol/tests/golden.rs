@@ -8,7 +8,9 @@
 //! "Compatibility"). `0.1.0-dc6b6c9/` was written by the release before the contract
 //! of issue #12 (main at dc6b6c9), the previous release's peers as they speak;
 //! `0.1.0-6910ff2/` holds the three messages as they were before `power_mw` (main
-//! at 6910ff2), which must keep decoding.
+//! at 6910ff2), which must keep decoding; `0.1.0-844955c/` the `workers` reply
+//! before `resident` and the `welcome` before the `resubmit` feature (main at
+//! 844955c).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -201,6 +203,14 @@ fn requests() -> Vec<(&'static str, Request)> {
             }),
         ),
         (
+            "resubmit",
+            Request::Resubmit(Resubmit {
+                req_id: 11,
+                job_id: JobId(42),
+                idempotency_key: Some("again-1".into()),
+            }),
+        ),
+        (
             "fetch",
             Request::Fetch(Fetch {
                 req_id: 6,
@@ -286,6 +296,7 @@ fn replies() -> Vec<(&'static str, Reply)> {
                     backends: vec![inventory()],
                     labels: vec!["fast".into()],
                     loaded_model: Some("sim-xl".into()),
+                    resident: vec!["sim-xl".into(), "sim-sd15".into()],
                     current_job: None,
                     jobs_done: 3,
                     last_seen_ms: 1_700_000_000_000,

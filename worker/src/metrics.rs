@@ -168,9 +168,9 @@ impl WorkerMetrics {
         self.registry.clone()
     }
 
-    /// Sets the GPU and backend figures from a fresh status; `loaded` lists the
-    /// model each backend has resident.
-    pub fn update(&self, status: &Status, loaded: &[(kiln_protocol::Backend, Option<String>)]) {
+    /// Sets the GPU and backend figures from a fresh status; `resident` lists the
+    /// models each backend holds on the GPU (most recently used first).
+    pub fn update(&self, status: &Status, resident: &[(kiln_protocol::Backend, Vec<String>)]) {
         let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
         self.update_gpu(&status.gpu, &mut shown);
         for b in &status.backends {
@@ -181,10 +181,10 @@ impl WorkerMetrics {
                 })
                 .set(b.healthy as i64);
         }
-        let now: Vec<ModelLabels> = loaded
+        let now: Vec<ModelLabels> = resident
             .iter()
-            .filter_map(|(b, m)| {
-                m.as_ref().map(|model| ModelLabels {
+            .flat_map(|(b, models)| {
+                models.iter().map(|model| ModelLabels {
                     worker: self.worker.clone(),
                     backend: b.as_str(),
                     model: model.clone(),
@@ -352,7 +352,7 @@ mod tests {
         let m = WorkerMetrics::new("box1-gpu0");
         m.update(
             &status(probe.probe().unwrap()),
-            &[(Backend::Sim, Some("sim-sdxl".into()))],
+            &[(Backend::Sim, vec!["sim-sdxl".into(), "sim-sd15".into()])],
         );
         let text = kiln_metrics::encode(&m.registry());
         let mib = 1024.0 * 1024.0;
@@ -377,11 +377,19 @@ mod tests {
             text.contains(r#"kiln_worker_resident_models{worker="box1-gpu0",backend="sim",model="sim-sdxl"} 1"#),
             "{text}"
         );
+        assert!(
+            text.contains(r#"kiln_worker_resident_models{worker="box1-gpu0",backend="sim",model="sim-sd15"} 1"#),
+            "every resident model has its series: {text}"
+        );
 
-        // The model is unloaded: its series goes.
-        m.update(&status(probe.probe().unwrap()), &[(Backend::Sim, None)]);
+        // One model is evicted: its series goes, the other stays.
+        m.update(
+            &status(probe.probe().unwrap()),
+            &[(Backend::Sim, vec!["sim-sd15".into()])],
+        );
         let text = kiln_metrics::encode(&m.registry());
         assert!(!text.contains("model=\"sim-sdxl\""), "{text}");
+        assert!(text.contains("model=\"sim-sd15\""), "{text}");
     }
 
     #[test]

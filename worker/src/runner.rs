@@ -147,12 +147,12 @@ impl Worker {
 
     /// Updates the metrics from a status and the models the backends hold.
     fn record_status(&self, status: &Status) {
-        let loaded: Vec<_> = self
+        let resident: Vec<_> = self
             .backends
             .iter()
-            .map(|b| (b.kind(), b.loaded_model()))
+            .map(|b| (b.kind(), b.resident_models()))
             .collect();
-        self.metrics.update(status, &loaded);
+        self.metrics.update(status, &resident);
     }
 
     /// Reads the GPU and asks every backend for health and inventory. The worker

@@ -235,10 +235,13 @@ async fn out_of_memory_moves_the_job_to_a_gpu_with_more_memory() {
         .await
         .unwrap()
         .job_id;
+    // Back in the queue after the OOM (with pipelined dispatch the busy big GPU
+    // may already hold it as its next job: queued, with attempt 2 on `big`).
     let requeued = wait_state(&client, id, "the OOM on the small GPU", |s| {
-        s.attempt == 1 && s.state == JobState::Queued
+        s.state == JobState::Queued && s.error.is_some()
     })
     .await;
+    assert_eq!(requeued.tries, 1, "{requeued:?}");
     let oom = requeued.error.clone().unwrap();
     assert_eq!(oom.kind, FailureKind::OutOfMemory, "{}", oom.message);
     assert!(oom.message.contains("unsufficient VRAM"), "{}", oom.message);

@@ -118,7 +118,10 @@ impl Core {
         let client = session.name.clone();
 
         if let Some(cause) = &self.store_fault {
-            if matches!(request, Request::Submit(_) | Request::Cancel(_)) {
+            if matches!(
+                request,
+                Request::Submit(_) | Request::Cancel(_) | Request::Resubmit(_)
+            ) {
                 let message = format!(
                     "the broker cannot write its job store ({cause}); jobs already accepted are kept, and writes resume by themselves once the store can write again"
                 );
@@ -152,7 +155,10 @@ impl Core {
                 };
                 reply(out, peer, Reply::Welcome(welcome));
             }
-            Request::Submit(s) => self.submit(now_ms, peer, client, req_id, s.job, out),
+            Request::Submit(s) => {
+                let r = self.submit(now_ms, client, req_id, s.job, "submitted", out);
+                reply(out, peer, r);
+            }
             Request::Get(g) => {
                 let r = match self.jobs.get(&g.job_id) {
                     Some(job) => {
@@ -177,6 +183,16 @@ impl Core {
                 reply(out, peer, r);
             }
             Request::Cancel(c) => self.cancel(now_ms, peer, req_id, c.job_id, out),
+            Request::Resubmit(r) => match self.jobs.get(&r.job_id) {
+                Some(job) => {
+                    let mut spec = JobSpec::clone(&job.spec);
+                    spec.idempotency_key = r.idempotency_key;
+                    let note = format!("resubmitted from {}", r.job_id);
+                    let r = self.submit(now_ms, client, req_id, spec, note, out);
+                    reply(out, peer, r);
+                }
+                None => reply(out, peer, not_found(req_id, r.job_id)),
+            },
             Request::Fetch(f) => self.fetch(peer, req_id, f, out),
             Request::Workers(_) => {
                 let mut workers: Vec<_> = self.workers.iter().map(|(_, w)| w.info()).collect();
@@ -195,19 +211,21 @@ impl Core {
         }
     }
 
+    /// Accepts `spec` as a new job of `client` (`note` starts its history), or
+    /// refuses it; the reply to send, after everything the job's acceptance put in
+    /// `out`.
     fn submit(
         &mut self,
         now_ms: u64,
-        peer: PeerId,
         client: std::sync::Arc<str>,
         req_id: u64,
         spec: JobSpec,
+        note: impl Into<std::borrow::Cow<'static, str>>,
         out: &mut Vec<Output>,
-    ) {
+    ) -> Reply {
         if let Err(e) = spec.validate(&self.cfg.limits) {
             self.stats.protocol_errors += 1;
-            reply(out, peer, Reply::error(Some(req_id), e));
-            return;
+            return Reply::error(Some(req_id), e);
         }
         if let Some(key) = &spec.idempotency_key {
             if let Some(&id) = self.idempotency.get(&(client.clone(), key.clone())) {
@@ -223,21 +241,18 @@ impl Core {
                         state: job.map_or(JobState::Queued, |j| j.state),
                     }),
                 };
-                reply(out, peer, r);
-                return;
+                return r;
             }
         }
         let req = Requirements::of(&spec, spec.min_vram_mb.unwrap_or(0));
         if let Err((field, why)) = self.fleet_can_run(now_ms, &req) {
             let mut body = error(ErrorCode::Unschedulable, why);
             body.field = field.map(str::to_string);
-            reply(out, peer, Reply::error(Some(req_id), body));
-            return;
+            return Reply::error(Some(req_id), body);
         }
         if let Err(e) = self.check_params(now_ms, &req, &spec) {
             self.stats.protocol_errors += 1;
-            reply(out, peer, Reply::error(Some(req_id), e));
-            return;
+            return Reply::error(Some(req_id), e);
         }
         let queued = self.queued_per_client.get(&client).copied().unwrap_or(0);
         if queued >= self.cfg.limits.max_queued_per_client {
@@ -249,8 +264,7 @@ impl Core {
                 ),
             );
             body.limit = Some(self.cfg.limits.max_queued_per_client);
-            reply(out, peer, Reply::error(Some(req_id), body));
-            return;
+            return Reply::error(Some(req_id), body);
         }
 
         let id = JobId(self.next_job_id);
@@ -280,22 +294,18 @@ impl Core {
         }
         self.jobs.insert(id, Box::new(job));
         self.stats.submitted += 1;
-        self.change(now_ms, id, JobState::Queued, "submitted", out);
+        self.change(now_ms, id, JobState::Queued, note, out);
         if let Some(at) = queue_deadline_ms {
             self.add_timer(at, TimerKind::QueueTimeout, id, 0);
         }
         self.enqueue(now_ms, id, out);
         let state = self.jobs[&id].state;
-        reply(
-            out,
-            peer,
-            Reply::Accepted(Accepted {
-                req_id,
-                job_id: id,
-                duplicate: false,
-                state,
-            }),
-        );
+        Reply::Accepted(Accepted {
+            req_id,
+            job_id: id,
+            duplicate: false,
+            state,
+        })
     }
 
     /// Whether any worker the broker knows (online, or offline for less than the

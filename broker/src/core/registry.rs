@@ -215,6 +215,11 @@ impl Worker {
             backends: self.backends.clone(),
             labels: self.labels.clone(),
             loaded_model: self.loaded_model.clone(),
+            resident: if self.resident.is_empty() {
+                self.loaded_model.iter().cloned().collect()
+            } else {
+                self.resident.clone()
+            },
             current_job: self.current.map(|r| r.job_id),
             jobs_done: self.jobs_done,
             last_seen_ms: self.last_seen_ms,

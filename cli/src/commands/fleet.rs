@@ -27,7 +27,7 @@ pub async fn workers(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
         "GPU",
         "VRAM FREE/TOTAL GiB",
         "LOAD TEMP POWER",
-        "LOADED MODEL",
+        "RESIDENT MODELS",
         "STATE",
         "JOB",
         "BACKENDS",
@@ -49,7 +49,11 @@ pub async fn workers(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
             gpu,
             format!("{} / {}", gib(w.gpu.free_vram_mb), gib(w.gpu.total_vram_mb)),
             gpu_readings(&w.gpu),
-            w.loaded_model.unwrap_or_else(|| "-".into()),
+            if w.resident.is_empty() {
+                w.loaded_model.unwrap_or_else(|| "-".into())
+            } else {
+                w.resident.join(", ")
+            },
             w.state.as_str().to_string(),
             w.current_job
                 .map(|j| j.to_string())

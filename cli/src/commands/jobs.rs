@@ -241,6 +241,18 @@ pub async fn cancel(client: &Client, job: &str, json: bool) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
+/// `kiln resubmit j42`: the broker's copy of the whole job, as a new one.
+pub async fn resubmit(client: &Client, job: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let from = parse_job(job)?;
+    let a = client.resubmit(from, None).await?;
+    if json {
+        print_json(&a);
+    } else {
+        println!("{from} resubmitted as {} ({})", a.job_id, a.state);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[derive(Args)]
 pub struct JobsArgs {
     /// Only jobs in these states (comma-separated): queued, running, succeeded,

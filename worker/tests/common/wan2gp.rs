@@ -90,11 +90,26 @@ pub async fn wait_state(
     what: &str,
     pred: impl Fn(&JobSnapshot) -> bool,
 ) -> JobSnapshot {
-    eventually(what, WAIT, || async {
-        let snap = client.get(id).await.ok()?;
-        pred(&snap).then_some(snap)
-    })
-    .await
+    let last = std::sync::Mutex::new(None);
+    let found = tokio::time::timeout(
+        WAIT,
+        eventually(what, WAIT * 2, || async {
+            let snap = client.get(id).await.ok()?;
+            if pred(&snap) {
+                return Some(snap);
+            }
+            *last.lock().unwrap() = Some(snap);
+            None
+        }),
+    )
+    .await;
+    match found {
+        Ok(snap) => snap,
+        Err(_) => panic!(
+            "timed out after {WAIT:?} waiting for {what}; the job was {:#?}",
+            last.lock().unwrap().take()
+        ),
+    }
 }
 
 /// The settings the fake WanGP recorded in an output.
