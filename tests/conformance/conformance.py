@@ -310,6 +310,16 @@ def run_and_fetch(state):
     check("fetch defaults: from 0, up to max_chunk_bytes", whole.get("offset") == 0 and whole.get("data") == data and whole.get("eof"), whole.get("offset"))
     expect_error("fetch of an unknown artifact", c.call("fetch", artifact_id=f"{job_id}.9"), "not_found")
     expect_error("cancel a finished job", c.call("cancel", job_id=job_id), "invalid_state")
+    # resubmit: the broker's copy of the whole job, as a new job of this client.
+    check("welcome lists resubmit", "resubmit" in c.welcome.get("features", []), c.welcome)
+    again = c.call("resubmit", job_id=job_id, idempotency_key="again-1")
+    check("resubmit makes a new job", again.get("type") == "accepted" and again.get("job_id") != job_id and not again.get("duplicate"), again)
+    twice = c.call("resubmit", job_id=job_id, idempotency_key="again-1")
+    check("a resubmit retried with its key is the same job", twice.get("job_id") == again.get("job_id") and twice.get("duplicate") is True, twice)
+    copy = wait(c, again["job_id"])
+    check("the copy has the job's parameters", copy.get("params") == snap.get("params") and copy["state"] == "succeeded", copy)
+    check("the copy's history says where it came from", copy["history"][0]["note"] == f"resubmitted from {job_id}", copy["history"][0])
+    expect_error("resubmit of an unknown job", c.call("resubmit", job_id="j999999"), "not_found")
     state["finished"] = {"job_id": job_id, "seq": snap["seq"]}
     c.close()
 
