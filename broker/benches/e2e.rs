@@ -174,7 +174,9 @@ impl Cluster {
 async fn processes(kind: TransportKind, durable: bool, workers: usize) -> Cluster {
     use kiln_testkit::{BrokerOpts, Scratch, WorkerOpts};
     let scratch = Scratch::new();
-    let quiet = vec![("KILN_LOG".to_string(), "warn".to_string())];
+    // `KILN_BENCH_LOG` sets the daemons' log filter (warnings only by default).
+    let level = std::env::var("KILN_BENCH_LOG").unwrap_or_else(|_| "warn".into());
+    let quiet = vec![("KILN_LOG".to_string(), level)];
     let broker = scratch
         .broker(BrokerOpts {
             durable,

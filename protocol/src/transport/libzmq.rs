@@ -14,7 +14,6 @@
 //! ZAP handler in [`super::curve`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as smpsc, Arc, OnceLock};
@@ -23,6 +22,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use super::backlog::{Attempt, Backlogs};
+use super::caps::Caps;
 use super::curve::{self, RateLimit};
 use super::{BindOptions, ConnectOptions, Incoming, Routed, TransportError};
 
@@ -138,6 +139,8 @@ enum Role {
         /// the connection ends.
         by_fd: HashMap<RawFd, Bytes>,
         stalled: HashSet<Bytes>,
+        /// Messages refused for a moment (`EAGAIN`), sent as the pipe drains.
+        backlog: Box<Backlogs>,
         log: RateLimit,
         caps: Caps,
     },
@@ -148,111 +151,6 @@ enum Role {
         caps: Caps,
     },
     Sub,
-}
-
-/// The connections a bound socket holds, counted from its monitor's accepted and
-/// disconnected events (each carries the connection's descriptor), and the caps
-/// on them. libzmq has no connection limit of its own, so a connection accepted
-/// past a cap is shut down (`shutdown(2)`, not `close`: libzmq still owns the
-/// descriptor, sees the end of the stream and closes it as for any peer).
-struct Caps {
-    max_total: usize,
-    max_per_address: usize,
-    open: HashMap<RawFd, Option<IpAddr>>,
-    per_address: HashMap<IpAddr, usize>,
-    /// Shut down for being over a cap; their disconnect is not counted down.
-    refused: HashSet<RawFd>,
-    log: RateLimit,
-}
-
-impl Caps {
-    fn new(opts: &BindOptions) -> Caps {
-        Caps {
-            max_total: opts.max_connections.max(1),
-            max_per_address: opts.max_connections_per_address.max(1),
-            open: HashMap::new(),
-            per_address: HashMap::new(),
-            refused: HashSet::new(),
-            log: RateLimit::new(Duration::from_secs(10)),
-        }
-    }
-
-    fn accepted(&mut self, fd: RawFd, endpoint: &str) {
-        // A descriptor still counted lost its disconnect event (the monitor queue
-        // overflowed): forget the old connection first.
-        self.closed(fd);
-        let ip = peer_ip(fd);
-        if self.open.len() >= self.max_total {
-            self.prune();
-        }
-        let from_ip = ip
-            .and_then(|ip| self.per_address.get(&ip))
-            .copied()
-            .unwrap_or(0);
-        let over = if self.open.len() >= self.max_total {
-            Some(("connections", self.max_total))
-        } else if from_ip >= self.max_per_address {
-            Some(("connections from this address", self.max_per_address))
-        } else {
-            None
-        };
-        if let Some((what, cap)) = over {
-            // SAFETY: shuts down the stream of a descriptor libzmq just accepted.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-            self.refused.insert(fd);
-            if let Some(suppressed) = self.log.allow(Instant::now()) {
-                let peer = ip.map(|i| i.to_string()).unwrap_or_default();
-                tracing::warn!(%endpoint, %peer, cap, suppressed, "refused a connection: already holding the most {what} allowed");
-            }
-            return;
-        }
-        self.open.insert(fd, ip);
-        if let Some(ip) = ip {
-            *self.per_address.entry(ip).or_default() += 1;
-        }
-    }
-
-    fn closed(&mut self, fd: RawFd) {
-        if self.refused.remove(&fd) {
-            return;
-        }
-        if let Some(Some(ip)) = self.open.remove(&fd) {
-            if let Some(n) = self.per_address.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_address.remove(&ip);
-                }
-            }
-        }
-    }
-
-    /// Drops counted descriptors that are no longer connected sockets, in case
-    /// disconnect events were lost.
-    fn prune(&mut self) {
-        let gone: Vec<RawFd> = self
-            .open
-            .keys()
-            .copied()
-            .filter(|fd| peer_ip(*fd).is_none() && !is_socket(*fd))
-            .collect();
-        for fd in gone {
-            self.closed(fd);
-        }
-    }
-}
-
-/// The peer address of a connected TCP descriptor; `None` for IPC or a closed one.
-fn peer_ip(fd: RawFd) -> Option<IpAddr> {
-    // SAFETY: the stream is never dropped (ManuallyDrop), so the descriptor stays
-    // libzmq's; only getpeername(2) is called on it.
-    let s = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
-    s.peer_addr().ok().map(|a| a.ip())
-}
-
-fn is_socket(fd: RawFd) -> bool {
-    // SAFETY: fstat on any descriptor number only reads into a local struct.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    unsafe { libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK }
 }
 
 static NEXT_MONITOR: AtomicU64 = AtomicU64::new(1);
@@ -469,8 +367,13 @@ fn serve(
             if let Some(m) = mon {
                 items.push(m.as_poll_item(zmq::POLLIN));
             }
-            // With messages waiting for room upstairs, look again in a millisecond.
-            let timeout = if pending.is_empty() { -1 } else { 1 };
+            // With messages waiting for room upstairs or in a peer's pipe, look
+            // again in a millisecond.
+            let timeout = if pending.is_empty() && !role.waiting_to_send() {
+                -1
+            } else {
+                1
+            };
             if zmq::poll(&mut items, timeout).is_err() {
                 continue;
             }
@@ -483,6 +386,7 @@ fn serve(
                 Err(smpsc::TryRecvError::Disconnected) => return,
             }
         }
+        role.flush(sock, &mut pending);
         if let Some(m) = mon {
             while let Ok(frames) = m.recv_multipart(zmq::DONTWAIT) {
                 if let Some(ev) = frames.first().filter(|f| f.len() >= 6) {
@@ -550,38 +454,75 @@ impl Role {
                     tracing::warn!(error = %e, "subscription change failed");
                 }
             }
-            Cmd::Send(frames) => {
-                let result = sock.send_multipart(frames.iter().map(|b| &b[..]), zmq::DONTWAIT);
-                match self {
-                    Role::Router { stalled, log, .. } => {
-                        let peer = frames.first().cloned().unwrap_or_default();
-                        match result {
-                            Ok(()) => {
-                                if !stalled.is_empty() {
-                                    stalled.remove(&peer);
-                                }
-                            }
-                            Err(zmq::Error::EAGAIN) => {
-                                if stalled.insert(peer.clone()) {
-                                    if let Some(suppressed) = log.allow(Instant::now()) {
-                                        tracing::warn!(suppressed, "a peer stopped reading and its queue is full; dropping its messages");
-                                    }
-                                    up.push_back(Up::Routed(Routed::Stalled { peer }));
-                                }
-                            }
-                            // Gone (or never there): a worker may be reconnecting.
-                            Err(e) => tracing::debug!(error = %e, "peer not reachable"),
+            Cmd::Send(frames) => match self {
+                Role::Router {
+                    stalled,
+                    backlog,
+                    log,
+                    ..
+                } => {
+                    let peer = frames.first().cloned().unwrap_or_default();
+                    let now = Instant::now();
+                    if backlog.has(&peer) {
+                        // Behind what already waits for this peer, in order.
+                        if !backlog.push(peer.clone(), frames, now) {
+                            declare_stalled(peer, stalled, log, up);
                         }
+                        return;
                     }
-                    Role::Dealer { log } => {
-                        if let Err(e) = result {
-                            if let Some(suppressed) = log.allow(Instant::now()) {
-                                tracing::warn!(error = %e, suppressed, "cannot queue a message to the broker; dropped");
+                    match attempt(sock, &frames) {
+                        Attempt::Sent => {
+                            if !stalled.is_empty() {
+                                stalled.remove(&peer);
                             }
                         }
+                        // A peer already found stalled gets nothing kept for it.
+                        Attempt::Full if stalled.contains(&peer) => {}
+                        Attempt::Full => {
+                            if !backlog.push(peer.clone(), frames, now) {
+                                declare_stalled(peer, stalled, log, up);
+                            }
+                        }
+                        // Gone (or never there): a worker may be reconnecting.
+                        Attempt::Undeliverable => {}
                     }
-                    Role::Pub { .. } | Role::Sub => {}
                 }
+                Role::Dealer { log } => {
+                    let result = sock.send_multipart(frames.iter().map(|b| &b[..]), zmq::DONTWAIT);
+                    if let Err(e) = result {
+                        if let Some(suppressed) = log.allow(Instant::now()) {
+                            tracing::warn!(error = %e, suppressed, "cannot queue a message to the broker; dropped");
+                        }
+                    }
+                }
+                Role::Pub { .. } | Role::Sub => {
+                    let _ = sock.send_multipart(frames.iter().map(|b| &b[..]), zmq::DONTWAIT);
+                }
+            },
+        }
+    }
+
+    /// Whether messages wait for room in a peer's pipe (the thread then looks
+    /// again within a millisecond).
+    fn waiting_to_send(&self) -> bool {
+        matches!(self, Role::Router { backlog, .. } if !backlog.is_empty())
+    }
+
+    /// Sends what waits in the backlogs while the pipes take it; a peer whose
+    /// oldest message waited too long is reported stalled.
+    fn flush(&mut self, sock: &zmq::Socket, up: &mut VecDeque<Up>) {
+        if let Role::Router {
+            stalled,
+            backlog,
+            log,
+            ..
+        } = self
+        {
+            if backlog.is_empty() {
+                return;
+            }
+            for peer in backlog.flush(Instant::now(), |frames| attempt(sock, frames)) {
+                declare_stalled(peer, stalled, log, up);
             }
         }
     }
@@ -629,6 +570,7 @@ impl Role {
                 by_fd,
                 caps,
                 stalled,
+                backlog,
                 ..
             } => match event {
                 EVENT_ACCEPTED => caps.accepted(fd, endpoint),
@@ -639,6 +581,7 @@ impl Role {
                         if conns.get(&peer).is_some_and(|(_, f)| *f == fd) {
                             conns.remove(&peer);
                             stalled.remove(&peer);
+                            backlog.forget(&peer);
                             up.push_back(Up::Routed(Routed::Gone { peer }));
                         }
                     }
@@ -671,6 +614,34 @@ impl Role {
             },
             Role::Sub => {}
         }
+    }
+}
+
+/// One non-blocking send of a routed message (routing id first).
+fn attempt(sock: &zmq::Socket, frames: &[Bytes]) -> Attempt {
+    match sock.send_multipart(frames.iter().map(|b| &b[..]), zmq::DONTWAIT) {
+        Ok(()) => Attempt::Sent,
+        Err(zmq::Error::EAGAIN) => Attempt::Full,
+        Err(e) => {
+            tracing::debug!(error = %e, "peer not reachable");
+            Attempt::Undeliverable
+        }
+    }
+}
+
+/// A peer that stopped reading: logged (rate-limited), reported once, and sent
+/// nothing more until a send to it succeeds again.
+fn declare_stalled(
+    peer: Bytes,
+    stalled: &mut HashSet<Bytes>,
+    log: &mut RateLimit,
+    up: &mut VecDeque<Up>,
+) {
+    if stalled.insert(peer.clone()) {
+        if let Some(suppressed) = log.allow(Instant::now()) {
+            tracing::warn!(suppressed, peer = %hex(&peer), "a peer stopped reading and its queue is full; dropping its messages");
+        }
+        up.push_back(Up::Routed(Routed::Stalled { peer }));
     }
 }
 
@@ -721,6 +692,7 @@ pub fn bind_router(
         conns: HashMap::new(),
         by_fd: HashMap::new(),
         stalled: HashSet::new(),
+        backlog: Box::default(),
         log: RateLimit::new(Duration::from_secs(10)),
         caps: Caps::new(&opts),
     };
@@ -799,4 +771,9 @@ impl Subscriber {
             }
         }
     }
+}
+
+/// A routing id as hex, for logs.
+fn hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
 }

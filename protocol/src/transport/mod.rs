@@ -19,7 +19,9 @@
 //! [`Routed::Gone`] for a routing id whose connection ended or was replaced, so the
 //! broker forgets whatever that id had proved.
 
+mod backlog;
 mod backoff;
+mod caps;
 pub mod curve;
 mod libzmq;
 mod zeromq_crate;
