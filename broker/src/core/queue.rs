@@ -76,6 +76,39 @@ struct Level {
     lanes: HashMap<Arc<str>, Lanes>,
 }
 
+impl Level {
+    /// Takes job `seq` from lane `lane` of the client at ring position `at`, and
+    /// moves the rotation past that client (dropping the client once it has
+    /// nothing left waiting at this level).
+    fn take_at(&mut self, at: usize, lane: usize, seq: u64) -> JobId {
+        let n = self.ring.len();
+        let lanes = self
+            .lanes
+            .get_mut(&self.ring[at])
+            .expect("ring matches lanes");
+        let job = lanes.by_class[lane]
+            .1
+            .remove(&seq)
+            .expect("job in its lane");
+        if lanes.by_class[lane].1.is_empty() {
+            lanes.by_class.swap_remove(lane);
+        }
+        if lanes.by_class.is_empty() {
+            let client = self.ring[at].clone();
+            Queue::drop_client(self, &client);
+            // The next client has moved into position `at`.
+            self.cursor = if self.ring.is_empty() {
+                0
+            } else {
+                at % self.ring.len()
+            };
+        } else {
+            self.cursor = (at + 1) % n;
+        }
+        job
+    }
+}
+
 /// One client's waiting jobs at one priority, a FIFO per class keyed by enqueue
 /// sequence number.
 #[derive(Default)]
@@ -191,24 +224,8 @@ impl Queue {
                     .filter_map(|(i, (_, q))| q.first_key_value().map(|(seq, _)| (*seq, i)))
                     .min();
                 let Some((seq, i)) = best else { continue };
-                let lanes_class = lanes.by_class[i].0;
-                let job = lanes.by_class[i].1.remove(&seq).expect("seen above");
-                if lanes.by_class[i].1.is_empty() {
-                    lanes.by_class.swap_remove(i);
-                }
-                if lanes.by_class.is_empty() {
-                    let client = level.ring[at].clone();
-                    Self::drop_client(level, &client);
-                    // The next client has moved into position `at`.
-                    level.cursor = if level.ring.is_empty() {
-                        0
-                    } else {
-                        at % level.ring.len()
-                    };
-                } else {
-                    level.cursor = (at + 1) % n;
-                }
-                found = Some((*key, job, lanes_class));
+                let class = lanes.by_class[i].0;
+                found = Some((*key, level.take_at(at, i, seq), class));
                 break;
             }
             if found.is_some() {
@@ -216,11 +233,7 @@ impl Queue {
             }
         }
         let (key, job, class) = found?;
-        self.len -= 1;
-        self.class_len[class as usize] -= 1;
-        if self.levels.get(&key).is_some_and(|l| l.lanes.is_empty()) {
-            self.levels.remove(&key);
-        }
+        self.count_taken(key, class);
         Some(job)
     }
 
@@ -272,43 +285,29 @@ impl Queue {
     pub fn take(&mut self, c: &Candidate) -> JobId {
         let key = Reverse(c.priority);
         let level = self.levels.get_mut(&key).expect("candidate level");
-        let n = level.ring.len();
-        let at = (level.cursor + c.turn as usize) % n;
-        let lanes = level
-            .lanes
-            .get_mut(&level.ring[at])
-            .expect("ring matches lanes");
-        let i = lanes
+        let at = (level.cursor + c.turn as usize) % level.ring.len();
+        let lane = level.lanes[&level.ring[at]]
             .by_class
             .iter()
             .position(|(class, _)| *class == c.class)
             .expect("candidate lane");
-        let job = lanes.by_class[i].1.remove(&c.seq).expect("candidate job");
-        if lanes.by_class[i].1.is_empty() {
-            lanes.by_class.swap_remove(i);
-        }
-        if lanes.by_class.is_empty() {
-            let client = level.ring[at].clone();
-            Self::drop_client(level, &client);
-            level.cursor = if level.ring.is_empty() {
-                0
-            } else {
-                at % level.ring.len()
-            };
-        } else {
-            level.cursor = (at + 1) % n;
-        }
-        self.len -= 1;
-        self.class_len[c.class as usize] -= 1;
-        if level.lanes.is_empty() {
-            self.levels.remove(&key);
-        }
+        let job = level.take_at(at, lane, c.seq);
+        self.count_taken(key, c.class);
         job
     }
 
     /// Jobs waiting in a class.
     pub fn class_len(&self, class: ClassId) -> u32 {
         self.class_len.get(class as usize).copied().unwrap_or(0)
+    }
+
+    /// Counts a job taken out of level `key`, dropping the level once empty.
+    fn count_taken(&mut self, key: Reverse<i8>, class: ClassId) {
+        self.len -= 1;
+        self.class_len[class as usize] -= 1;
+        if self.levels.get(&key).is_some_and(|l| l.lanes.is_empty()) {
+            self.levels.remove(&key);
+        }
     }
 
     fn drop_client(level: &mut Level, client: &Arc<str>) {
