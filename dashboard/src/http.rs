@@ -16,7 +16,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
-use kiln_protocol::auth::token_matches;
+use kiln_protocol::auth::{bearer_token, token_matches};
 use kiln_protocol::Client;
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -122,10 +122,7 @@ fn presented(headers: &HeaderMap) -> Option<String> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
     {
-        let (scheme, token) = auth.trim_start().split_once(' ')?;
-        return scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim_matches(' ').to_string());
+        return bearer_token(auth).map(str::to_string);
     }
     headers
         .get_all(header::COOKIE)

@@ -18,7 +18,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use kiln_protocol::auth::token_matches;
+use kiln_protocol::auth::{bearer_token, token_matches};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio_util::sync::CancellationToken;
@@ -88,15 +88,6 @@ async fn require_token(
         }
     }
     next.run(request).await
-}
-
-/// The credentials of an `Authorization: Bearer <token>` header; the scheme name
-/// is case-insensitive (RFC 9110 §11.1).
-fn bearer_token(header: &str) -> Option<&str> {
-    let (scheme, token) = header.trim_start().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim_matches(' '))
 }
 
 /// JSON-RPC's "Parse error" code.
@@ -194,18 +185,4 @@ pub async fn serve(
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .map_err(HttpError::Serve)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::bearer_token;
-
-    #[test]
-    fn the_bearer_scheme_is_case_insensitive() {
-        for h in ["Bearer t0k", "bearer t0k", "BEARER t0k", "BeArEr  t0k"] {
-            assert_eq!(bearer_token(h), Some("t0k"), "{h}");
-        }
-        assert_eq!(bearer_token("Basic t0k"), None);
-        assert_eq!(bearer_token("Bearer"), None);
-    }
 }

@@ -14,9 +14,19 @@ pub fn token_matches(given: Option<&str>, expected: &str) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// The credentials of an `Authorization: Bearer <token>` header value; the
+/// scheme name is case-insensitive (RFC 9110 §11.1). Used by the MCP gateway and
+/// the dashboard.
+pub fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_matches(' '))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::token_matches;
+    use super::{bearer_token, token_matches};
 
     #[test]
     fn only_the_exact_token_matches() {
@@ -30,5 +40,14 @@ mod tests {
         ] {
             assert!(!token_matches(wrong, "s3cret"), "{wrong:?}");
         }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for h in ["Bearer t0k", "bearer t0k", "BEARER t0k", "BeArEr  t0k"] {
+            assert_eq!(bearer_token(h), Some("t0k"), "{h}");
+        }
+        assert_eq!(bearer_token("Basic t0k"), None);
+        assert_eq!(bearer_token("Bearer"), None);
     }
 }
