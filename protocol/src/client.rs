@@ -419,7 +419,7 @@ fn unexpected(reply: Reply) -> ClientError {
     ClientError::Unexpected(format!("{reply:?}").chars().take(200).collect())
 }
 
-/// Lowercase hex of a digest.
+/// Lowercase hex of bytes: digests, and routing ids in logs.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes.iter().fold(String::with_capacity(64), |mut s, b| {

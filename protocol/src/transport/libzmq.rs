@@ -639,7 +639,7 @@ fn declare_stalled(
 ) {
     if stalled.insert(peer.clone()) {
         if let Some(suppressed) = log.allow(Instant::now()) {
-            tracing::warn!(suppressed, peer = %hex(&peer), "a peer stopped reading and its queue is full; dropping its messages");
+            tracing::warn!(suppressed, peer = %crate::client::hex(&peer), "a peer stopped reading and its queue is full; dropping its messages");
         }
         up.push_back(Up::Routed(Routed::Stalled { peer }));
     }
@@ -771,9 +771,4 @@ impl Subscriber {
             }
         }
     }
-}
-
-/// A routing id as hex, for logs.
-fn hex(id: &[u8]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
 }
