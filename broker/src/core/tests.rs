@@ -180,16 +180,8 @@ impl Sim {
                 job: spec,
             }),
         );
-        for o in &out {
-            if let Output::Reply { reply, .. } = o {
-                match reply {
-                    Reply::Accepted(a) => return Ok((a.job_id, out.clone())),
-                    Reply::Error(e) => return Err(e.error.clone()),
-                    _ => {}
-                }
-            }
-        }
-        panic!("no reply to submit: {out:?}")
+        let accepted = acceptance(&out).unwrap_or_else(|| panic!("no reply to submit: {out:?}"));
+        accepted.map(|a| (a.job_id, out))
     }
 
     pub(super) fn submit(&mut self, spec: JobSpec) -> (JobId, Vec<Output>) {
@@ -229,6 +221,21 @@ impl Sim {
     pub(super) fn state(&self, job: JobId) -> JobState {
         self.core.job(job).unwrap().state
     }
+}
+
+/// The answer to a submit in `out`: `accepted`, or the error body.
+pub(super) fn acceptance(out: &[Output]) -> Option<Result<Accepted, ErrorBody>> {
+    out.iter().find_map(|o| match o {
+        Output::Reply {
+            reply: Reply::Accepted(a),
+            ..
+        } => Some(Ok(a.clone())),
+        Output::Reply {
+            reply: Reply::Error(e),
+            ..
+        } => Some(Err(e.error.clone())),
+        _ => None,
+    })
 }
 
 /// The (worker peer, job, attempt) of every Assign in `out`.

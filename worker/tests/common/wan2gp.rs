@@ -90,25 +90,21 @@ pub async fn wait_state(
     what: &str,
     pred: impl Fn(&JobSnapshot) -> bool,
 ) -> JobSnapshot {
-    let last = std::sync::Mutex::new(None);
-    let found = tokio::time::timeout(
-        WAIT,
-        eventually(what, WAIT * 2, || async {
-            let snap = client.get(id).await.ok()?;
+    // `eventually`, keeping the last snapshot for the failure message.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut last = None;
+    loop {
+        if let Ok(snap) = client.get(id).await {
             if pred(&snap) {
-                return Some(snap);
+                return snap;
             }
-            *last.lock().unwrap() = Some(snap);
-            None
-        }),
-    )
-    .await;
-    match found {
-        Ok(snap) => snap,
-        Err(_) => panic!(
-            "timed out after {WAIT:?} waiting for {what}; the job was {:#?}",
-            last.lock().unwrap().take()
-        ),
+            last = Some(snap);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}; the job was {last:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 

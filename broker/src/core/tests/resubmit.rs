@@ -19,19 +19,7 @@ impl Sim {
                 idempotency_key: key.map(str::to_string),
             }),
         );
-        out.into_iter()
-            .find_map(|o| match o {
-                Output::Reply {
-                    reply: Reply::Accepted(a),
-                    ..
-                } => Some(Ok(a)),
-                Output::Reply {
-                    reply: Reply::Error(e),
-                    ..
-                } => Some(Err(e.error)),
-                _ => None,
-            })
-            .expect("a reply to resubmit")
+        acceptance(&out).expect("a reply to resubmit")
     }
 }
 
