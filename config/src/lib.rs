@@ -101,8 +101,10 @@ pub struct BrokerConfig {
     /// How long an offline worker still counts when deciding whether a job could
     /// ever run (so a restarting worker does not make jobs unschedulable).
     pub fleet_memory_s: u64,
-    /// Messages queued for one peer before further ones are dropped (clients) or the
-    /// peer is declared stalled (workers).
+    /// Messages queued for one peer (libzmq's send high-water mark; clients get
+    /// less when artifact chunks are large). Past it, and past 16 MiB or 10 s of
+    /// further backlog, the peer is stalled: messages that find no room are
+    /// dropped. A stalled worker counts as lost; a client keeps its session.
     pub peer_queue: usize,
     /// Connections each port holds at once (libzmq); past it a new connection is
     /// closed as soon as it is accepted, and that is logged at most every 10 s.

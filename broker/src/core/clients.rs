@@ -188,7 +188,17 @@ impl Core {
                     let mut spec = JobSpec::clone(&job.spec);
                     spec.idempotency_key = r.idempotency_key;
                     let note = format!("resubmitted from {}", r.job_id);
-                    let r = self.submit(now_ms, client, req_id, spec, note, out);
+                    let mut r = self.submit(now_ms, client, req_id, spec, note, out);
+                    // The key is the request's own field here, not the job's.
+                    if let Reply::Error(e) = &mut r {
+                        if e.error.field.as_deref() == Some("job.idempotency_key") {
+                            e.error.field = Some("idempotency_key".into());
+                            e.error.message = e
+                                .error
+                                .message
+                                .replace("job.idempotency_key", "idempotency_key");
+                        }
+                    }
                     reply(out, peer, r);
                 }
                 None => reply(out, peer, not_found(req_id, r.job_id)),

@@ -139,8 +139,9 @@ pub enum Input {
         attempt: u32,
         result: Result<Vec<ArtifactMeta>, String>,
     },
-    /// Messages to this peer could not be delivered (its queue is full or it is
-    /// gone).
+    /// Messages to this peer are being dropped (its queue overflowed or its send
+    /// timed out). A worker counts as lost; a client keeps its session, since its
+    /// connection and identity are unchanged.
     PeerUnreachable { peer: PeerId, worker: bool },
     /// The connection behind this routing id ended or was replaced: whatever it
     /// proved (`hello`, `register`) is void, so nobody inherits it by reusing the id.
@@ -408,7 +409,10 @@ impl Core {
                         self.worker_lost(now_ms, idx, "its connection stalled or closed", out);
                     }
                 } else {
-                    self.sessions.remove(&peer);
+                    // The connection lives and its session with it: the client
+                    // misses the replies that were dropped, and it must not come
+                    // back as a stranger whose idempotency keys no longer match.
+                    tracing::debug!("a client stopped reading; its replies are dropped");
                 }
             }
             Input::PeerGone { peer, worker } => {

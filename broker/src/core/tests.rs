@@ -1197,4 +1197,5 @@ fn nothing_starts_while_the_store_cannot_write_and_the_queue_resumes_after() {
 
 mod pipeline;
 mod resubmit;
+mod sessions;
 mod waiting;

@@ -138,6 +138,8 @@ enum Role {
         /// The routing id last seen on each descriptor, to end its session when
         /// the connection ends.
         by_fd: HashMap<RawFd, Bytes>,
+        /// Peers whose backlog overflowed: nothing more is kept for them (what
+        /// finds no room in their pipe is dropped) until a send gets through.
         stalled: HashSet<Bytes>,
         /// Messages refused for a moment (`EAGAIN`), sent as the pipe drains.
         backlog: Box<Backlogs>,

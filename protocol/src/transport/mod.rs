@@ -90,8 +90,9 @@ pub struct BindOptions {
     /// Messages larger than this are refused; on libzmq a peer announcing a larger
     /// frame is disconnected before the frame is read (`ZMQ_MAXMSGSIZE`).
     pub max_message_bytes: u64,
-    /// Messages queued for one peer before further ones are dropped and the peer
-    /// reported [`Routed::Stalled`] (send high-water mark).
+    /// Messages queued for one peer (send high-water mark); past it and a bounded
+    /// backlog the peer is reported [`Routed::Stalled`] and messages that find no
+    /// room are dropped.
     pub peer_queue: usize,
     /// CURVE server keys and the public keys allowed in; `None` for plain ZMTP.
     pub curve: Option<CurveServer>,
@@ -218,8 +219,9 @@ pub enum Routed {
     /// This routing id's connection ended or a new connection took the id:
     /// anything it had proved (a `hello`, a `register`) is void.
     Gone { peer: Bytes },
-    /// The peer stopped reading: its queue (bounded by [`BindOptions::peer_queue`])
-    /// is full and messages to it are being dropped.
+    /// The peer stopped reading: its queue (bounded by [`BindOptions::peer_queue`]
+    /// and a backlog of 16 MiB or 10 s) is full, and messages to it that find no
+    /// room are dropped.
     Stalled { peer: Bytes },
 }
 

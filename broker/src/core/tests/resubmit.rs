@@ -124,8 +124,10 @@ fn a_resubmit_gets_the_errors_of_a_submit() {
     assert_eq!(refused.code, ErrorCode::Unschedulable);
     assert_eq!(refused.field.as_deref(), Some("job.min_vram_mb"));
 
-    // A bad key is named like a submit's.
+    // A bad key is the request's own field, not the copied job's.
     let long = "k".repeat(129);
     let bad = sim.resubmit("client", first, Some(&long)).unwrap_err();
-    assert_eq!(bad.field.as_deref(), Some("job.idempotency_key"));
+    assert_eq!(bad.code, ErrorCode::FieldTooLarge);
+    assert_eq!(bad.field.as_deref(), Some("idempotency_key"));
+    assert!(!bad.message.contains("job."), "{}", bad.message);
 }
