@@ -114,6 +114,27 @@ pub trait Backend: Send + Sync {
         cancel: CancellationToken,
     ) -> Result<RunOutput, RunError>;
 
+    /// Whether [`Backend::stage`] hands held attempts to the generator ahead of
+    /// their turn. The runner stages nothing for a backend that does not.
+    fn stages_ahead(&self) -> bool {
+        false
+    }
+
+    /// Pipelined dispatch: hands an attempt the worker holds to the generator's
+    /// own queue while another one runs, so the generator starts it the moment
+    /// it is free, with no request in between. The runner calls it once the
+    /// attempt before this one is in the generator's queue (or over), and calls
+    /// [`Backend::run`] for the same attempt only after `stage` returned; `run`
+    /// then takes over what `stage` queued (or starts afresh if staging failed).
+    /// `cancel` fires when the attempt is taken back while staging. Reports no
+    /// progress: a held job is not running yet.
+    async fn stage(&self, _job: &JobRun, _cancel: CancellationToken) {}
+
+    /// Takes back a staged attempt that will not run here (cancelled, or taken
+    /// back by the broker): the generator drops it, and what staging uploaded
+    /// goes. Called after [`Backend::stage`] returned.
+    async fn unstage(&self, _job: &JobRun) {}
+
     /// The parameters this backend accepts, sent to the broker in the inventory so
     /// that it refuses a job no worker would accept at submit, naming the field.
     /// `None` leaves all checking to [`Backend::run`].

@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod backends;
 pub mod gpu;
+pub mod held;
 pub mod metrics;
 pub mod progress;
 pub mod runner;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use kiln_protocol::Progress;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::backend::Phase;
 
@@ -38,6 +39,9 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     notify: Notify,
+    /// Fired once the generator has the attempt (it entered [`Phase::Queued`] or
+    /// a later phase) or the attempt is over: a held attempt stages after it.
+    handed_over: CancellationToken,
 }
 
 impl Shared {
@@ -54,6 +58,7 @@ impl Drop for SinkGuard {
     fn drop(&mut self) {
         self.0.lock().closed = true;
         self.0.notify.notify_one();
+        self.0.handed_over.cancel();
     }
 }
 
@@ -105,6 +110,7 @@ impl ProgressSink {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             notify: Notify::new(),
+            handed_over: CancellationToken::new(),
         });
         (
             ProgressSink {
@@ -118,6 +124,9 @@ impl ProgressSink {
     /// The attempt enters `phase`, which ends the phase it was in. Entering the
     /// phase it is already in changes nothing.
     pub fn enter(&self, phase: Phase) {
+        if phase != Phase::Upload {
+            self.guard.0.handed_over.cancel();
+        }
         let mut clock = self.phases.lock().unwrap_or_else(|e| e.into_inner());
         if clock.open.is_some_and(|(p, _)| p == phase) {
             return;
@@ -198,6 +207,12 @@ impl ProgressSink {
 pub struct Closed;
 
 impl ProgressFeed {
+    /// Fires once the generator has the attempt in its own queue (the backend
+    /// entered [`Phase::Queued`] or a later phase) or the attempt is over.
+    pub fn handed_over(&self) -> CancellationToken {
+        self.shared.handed_over.clone()
+    }
+
     /// Waits for a report not yet seen by this call; `Err(Closed)` once every
     /// sink is dropped and nothing new is left. Cancel-safe.
     pub async fn changed(&mut self) -> Result<(), Closed> {

@@ -23,7 +23,7 @@ use kiln_protocol::transport::{
     Backoff, ConnectOptions, CurveClient, Dealer, Incoming, TransportKind,
 };
 use kiln_protocol::worker::*;
-use kiln_protocol::{ErrorCode, FailureKind, JobError, JobSpec, Progress};
+use kiln_protocol::{ErrorCode, FailureKind, JobError, Progress};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, JobRun, OutputData, ProgressSink, RunError};
 use crate::gpu::{GpuError, GpuProbe};
+use crate::held::Held;
 use crate::metrics::WorkerMetrics;
 use crate::progress::ProgressFeed;
 
@@ -343,7 +344,7 @@ struct Session {
     done_rx: mpsc::Receiver<Done>,
     running: Option<Running>,
     /// Assignments held to start the moment the GPU is free, oldest first.
-    staged: VecDeque<Assign>,
+    staged: VecDeque<Held>,
     /// The finished attempt whose result is being sent, until acknowledged.
     unacked: Option<Done>,
     /// Finished attempts whose results wait for `unacked` to be acknowledged.
@@ -396,7 +397,7 @@ impl Session {
                 .pending
                 .iter()
                 .map(|d| d.r)
-                .chain(self.staged.iter().map(assign_ref))
+                .chain(self.staged.iter().map(|h| assign_ref(&h.assign)))
                 .collect(),
             max_held: s.pipeline_depth,
         }))
@@ -422,7 +423,7 @@ impl Session {
             .map(|d| d.r)
             .chain(self.pending.iter().map(|d| d.r))
             .chain(self.running.as_ref().map(|r| r.r))
-            .chain(self.staged.iter().map(assign_ref))
+            .chain(self.staged.iter().map(|h| assign_ref(&h.assign)))
             .collect()
     }
 
@@ -439,7 +440,8 @@ impl Session {
         }
         if self.running.is_none() {
             if let Some(next) = self.staged.pop_front() {
-                self.start(next);
+                let (a, staging) = next.start();
+                self.start(a, staging);
             }
         }
         if !matches!(done.outcome, Outcome::Succeeded { .. }) {
@@ -464,6 +466,21 @@ impl Session {
         if let Some(next) = self.pending.pop_front() {
             self.unacked = Some(next);
             self.cursor = Some(Cursor { file: 0, offset: 0 });
+        }
+    }
+
+    /// Takes back every held attempt (the broker requeues them on `goodbye`),
+    /// so the generator's queue keeps nothing nobody will collect; waits up to
+    /// [`STOP_GRACE`] for the generator to confirm.
+    async fn release_held(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        let all = futures::future::join_all(self.staged.drain(..).map(Held::release));
+        if tokio::time::timeout(STOP_GRACE, all).await.is_err() {
+            tracing::warn!(
+                "the generator did not drop the held jobs within {STOP_GRACE:?}; leaving anyway"
+            );
         }
     }
 
@@ -516,9 +533,12 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    // Stop the job on the generator first, so the broker's retry
-                    // does not queue behind an abandoned prompt; then goodbye, so
-                    // it requeues at once instead of after three heartbeats.
+                    // Take the held jobs off the generator's queue, then stop
+                    // the running one (so nothing staged starts in its place and
+                    // the broker's retry does not queue behind an abandoned
+                    // prompt); then goodbye, so it requeues at once instead of
+                    // after three heartbeats.
+                    self.release_held().await;
                     let reason = match self.stop_job().await {
                         Some(r) => format!("worker shutting down; attempt {} of job {} was stopped", r.attempt, r.job_id),
                         None => "worker shutting down".to_string(),
@@ -567,9 +587,11 @@ impl Session {
                                 if let Some(run) = self.running.as_ref().filter(|run| run.r == r) {
                                     tracing::info!(job = %r.job_id, attempt = r.attempt, "cancelling at the broker's request");
                                     run.cancel.cancel();
-                                } else if self.staged.iter().any(|a| assign_ref(a) == r) {
+                                } else if let Some(i) = self.staged.iter().position(|h| assign_ref(&h.assign) == r) {
                                     tracing::info!(job = %r.job_id, attempt = r.attempt, "dropping a held job at the broker's request");
-                                    self.staged.retain(|a| assign_ref(a) != r);
+                                    if let Some(held) = self.staged.remove(i) {
+                                        tokio::spawn(held.release());
+                                    }
                                 }
                             }
                             BrokerMessage::ResultAck(r) => {
@@ -681,14 +703,21 @@ impl Session {
     async fn on_assign(&mut self, conn: &mut Dealer, a: Assign) -> Result<(), String> {
         let r = assign_ref(&a);
         if self.running.as_ref().is_some_and(|run| run.r == r)
-            || self.staged.iter().any(|s| assign_ref(s) == r)
+            || self.staged.iter().any(|h| assign_ref(&h.assign) == r)
         {
             return Ok(()); // a duplicate
         }
         if let Some(busy) = &self.running {
             if a.hold && self.staged.len() < self.worker.settings.pipeline_depth as usize {
                 tracing::debug!(job = %a.job_id, attempt = a.attempt, "holding the next job");
-                self.staged.push_back(a);
+                // Staged on the generator after the attempt before it.
+                let after = match self.staged.back() {
+                    Some(prev) => prev.staged(),
+                    None => busy.progress.handed_over(),
+                };
+                let run = self.job_run(&a);
+                let backend = self.backend_for(&a);
+                self.staged.push_back(Held::new(a, run, backend, after));
                 return Ok(());
             }
             tracing::warn!(job = %a.job_id, busy_with = %busy.r.job_id, "assigned a job while busy; refusing it");
@@ -727,20 +756,41 @@ impl Session {
             });
             return self.send(conn, &msg).await;
         }
-        self.start(a);
+        self.start(a, None);
         Ok(())
     }
 
-    /// Starts an attempt on its backend (the GPU is free).
-    fn start(&mut self, a: Assign) {
-        let r = assign_ref(&a);
-        let Some(backend) = self
-            .worker
+    /// The backend that runs `a`, if this worker has it.
+    fn backend_for(&self, a: &Assign) -> Option<Arc<dyn Backend>> {
+        self.worker
             .backends
             .iter()
             .find(|b| b.kind() == a.job.backend)
             .cloned()
-        else {
+    }
+
+    /// What a backend is given to run `a`.
+    fn job_run(&self, a: &Assign) -> JobRun {
+        JobRun {
+            job_id: a.job_id,
+            attempt: a.attempt,
+            spec: a.job.clone(),
+            degrade: a.degrade,
+            work_dir: self
+                .worker
+                .settings
+                .work_dir
+                .join(format!("{}-{}", a.job_id, a.attempt)),
+            max_outputs: self.max_outputs,
+        }
+    }
+
+    /// Starts an attempt on its backend (the GPU is free), once its `staging`
+    /// (if it was held and staged) has ended.
+    fn start(&mut self, a: Assign, staging: Option<tokio::task::JoinHandle<()>>) {
+        let r = assign_ref(&a);
+        let run = self.job_run(&a);
+        let Some(backend) = self.backend_for(&a) else {
             // Staged for a backend this worker lacks: fail it in its turn.
             let err = JobError::new(
                 FailureKind::InvalidInput,
@@ -752,11 +802,7 @@ impl Session {
                 outcome: Outcome::Failed { error: err },
                 files: Vec::new(),
                 loaded_model: None,
-                work_dir: self
-                    .worker
-                    .settings
-                    .work_dir
-                    .join(format!("{}-{}", r.job_id, r.attempt)),
+                work_dir: run.work_dir,
                 closing: VecDeque::new(),
             };
             self.finish(done);
@@ -770,18 +816,10 @@ impl Session {
             cancel: cancel.clone(),
             progress,
         });
-        let work_dir = self
-            .worker
-            .settings
-            .work_dir
-            .join(format!("{}-{}", a.job_id, a.attempt));
         tokio::spawn(run_job(
             backend,
-            r,
-            a.job,
-            a.degrade,
-            work_dir,
-            self.max_outputs,
+            run,
+            staging,
             sink,
             cancel,
             self.done_tx.clone(),
@@ -930,25 +968,23 @@ fn assign_ref(a: &Assign) -> JobRef {
 #[allow(clippy::too_many_arguments)]
 async fn run_job(
     backend: Arc<dyn Backend>,
-    r: JobRef,
-    spec: Arc<JobSpec>,
-    degrade: u8,
-    work_dir: PathBuf,
-    max_outputs: Option<u64>,
+    run: JobRun,
+    staging: Option<tokio::task::JoinHandle<()>>,
     sink: ProgressSink,
     cancel: CancellationToken,
     done: mpsc::Sender<Done>,
     metrics: Arc<WorkerMetrics>,
 ) {
-    let kind = spec.backend;
-    let run = JobRun {
-        job_id: r.job_id,
-        attempt: r.attempt,
-        spec,
-        degrade,
-        work_dir: work_dir.clone(),
-        max_outputs,
+    let kind = run.spec.backend;
+    let r = JobRef {
+        job_id: run.job_id,
+        attempt: run.attempt,
     };
+    let (work_dir, max_outputs) = (run.work_dir.clone(), run.max_outputs);
+    // A staged attempt is in the generator's queue once its staging ended.
+    if let Some(staging) = staging {
+        let _ = staging.await;
+    }
     // When the generator had the job, on the Unix clock: the gap between one
     // job's end and the next one's start is what pipelined dispatch removes.
     let started_unix_ms = kiln_protocol::unix_ms();

@@ -15,12 +15,16 @@
 //! A prompt that is neither queued nor in the history has vanished (the server
 //! restarted): a retryable failure, so the broker runs the job again.
 //!
+//! A held attempt (pipelined dispatch) goes through steps 1–4 while the one
+//! before it runs, so ComfyUI starts it from its own queue (see `attempt`).
+//!
 //! `degrade` (after running out of memory on the largest GPU) halves `width` and
 //! `height` per level (multiples of 16, at least 64) and, for video, the frame
 //! count (keeping 4n+1), wherever a template binds those parameters; raw graphs
 //! are run as given.
 
 pub mod api;
+mod attempt;
 pub mod events;
 pub mod graph;
 pub mod history;
@@ -39,14 +43,13 @@ use kiln_config::{ComfyUiConfig, ComfyUiMode};
 use kiln_protocol::job::safe_file_name;
 use kiln_protocol::worker::{GpuInfo, ModelEntry};
 use kiln_protocol::{FailureKind, JobError};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use self::api::{Api, ApiError, QueuePlace, Submitted};
+use self::api::{Api, ApiError, QueuePlace};
 use self::events::{EventStream, WsEvent};
 use self::graph::{Prepared, Templates, Uploaded};
-use self::history::Verdict;
 use self::supervisor::{Launch, ProcState, Supervisor, Timing};
 use crate::backend::*;
 
@@ -74,6 +77,8 @@ pub struct ComfyUiBackend {
     /// have been cancelled (see [`ComfyUiBackend::reap_predecessors`]).
     reaped: tokio::sync::OnceCell<()>,
     uploads: uploads::Uploads,
+    /// Prompts of held attempts, queued ahead of their turn.
+    staged: attempt::Staged,
 }
 
 fn failed(kind: FailureKind, message: impl Into<String>, retryable: bool) -> RunError {
@@ -113,6 +118,7 @@ impl ComfyUiBackend {
             client_prefix,
             reaped: tokio::sync::OnceCell::new(),
             uploads: uploads::Uploads::new(&cfg),
+            staged: attempt::Staged::default(),
             cfg,
         })
     }
@@ -731,125 +737,23 @@ impl Backend for ComfyUiBackend {
         result
     }
 
+    fn stages_ahead(&self) -> bool {
+        true
+    }
+
+    async fn stage(&self, job: &JobRun, cancel: CancellationToken) {
+        self.stage_prompt(job, cancel).await;
+    }
+
+    async fn unstage(&self, job: &JobRun) {
+        self.unstage_prompt(job).await;
+    }
+
     async fn shutdown(&self) {
         self.shutdown.cancel();
         if let Some(sup) = self.running.get().and_then(|r| r.supervisor.as_ref()) {
             sup.stop().await;
         }
-    }
-}
-
-impl ComfyUiBackend {
-    /// One attempt: [`Backend::run`] without the clean-up of its uploads.
-    async fn attempt(
-        &self,
-        job: &JobRun,
-        progress: &ProgressSink,
-        cancel: &CancellationToken,
-    ) -> Result<RunOutput, RunError> {
-        let (job, progress, cancel) = (job.clone(), progress.clone(), cancel.clone());
-        let started = Instant::now();
-        self.wait_ready(&cancel, &progress).await?;
-        progress.stage(0.0, "preparing the workflow");
-        if !job.spec.inputs.is_empty() {
-            progress.enter(Phase::Upload);
-        }
-        let uploaded = self.upload_inputs(&job).await?;
-        progress.leave();
-        let (source, prepared) = self.prepare(&job, &uploaded)?;
-        for p in &prepared.ignored {
-            tracing::debug!(job = %job.job_id, param = %p, "parameter not used by {source}");
-        }
-        let info = self.validate(&prepared, job.max_outputs).await?;
-        if cancel.is_cancelled() {
-            return Err(RunError::Cancelled);
-        }
-        let graph = Value::Object(prepared.graph.clone());
-        let mut tracker =
-            progress::Tracker::new(&graph, validate::nodes_to_run(&prepared.graph, &info));
-        // Subscribe before posting: events can arrive before the HTTP answer.
-        let mut rx = self.running().events.subscribe();
-        let prompt_id = uuid::Uuid::new_v4().hyphenated().to_string();
-        match self.api.submit(&graph, &prompt_id, &self.client_id).await {
-            Ok(Submitted::Queued { node_errors, .. }) if !node_errors.is_empty() => {
-                // Partly accepted: the rest would run without the failing outputs.
-                let _ = self.cancel_prompt(&prompt_id, &mut rx).await;
-                let body = json!({"node_errors": node_errors});
-                return Err(failed(
-                    FailureKind::InvalidInput,
-                    rejection_message(&body),
-                    false,
-                ));
-            }
-            Ok(Submitted::Queued { .. }) => {}
-            Ok(Submitted::Rejected(body)) => {
-                return Err(failed(
-                    FailureKind::InvalidInput,
-                    rejection_message(&body),
-                    false,
-                ))
-            }
-            Err(e) => return Err(unreachable_failure(&e)),
-        }
-        tracing::info!(job = %job.job_id, prompt_id, source, "queued on ComfyUI");
-        progress.stage(0.0, "queued in ComfyUI");
-        progress.enter(Phase::Queued);
-        let entry = self
-            .follow(&prompt_id, &mut rx, &mut tracker, &progress, &cancel)
-            .await?;
-        match history::verdict(&entry) {
-            Verdict::Success => {}
-            Verdict::Error(payload) => {
-                return Err(RunError::Failed(history::runtime_failure(&payload)))
-            }
-            Verdict::Interrupted if cancel.is_cancelled() => return Err(RunError::Cancelled),
-            Verdict::Interrupted => {
-                return Err(failed(
-                    FailureKind::Backend,
-                    "the prompt was interrupted by someone else on the ComfyUI server",
-                    true,
-                ))
-            }
-            Verdict::Unknown(status) => {
-                return Err(failed(
-                    FailureKind::Backend,
-                    format!("ComfyUI finished the prompt with status {status:?}"),
-                    false,
-                ))
-            }
-        }
-        if let Some(model) = &prepared.model {
-            *self.loaded.lock().expect("not poisoned") = Some(model.clone());
-        }
-        progress.enter(Phase::Download);
-        let outputs = self.download(&job, &entry, &progress).await?;
-        progress.leave();
-        if outputs.is_empty() {
-            return Err(failed(
-                FailureKind::Backend,
-                "the workflow finished without any output (no saved file, preview or text)",
-                false,
-            ));
-        }
-        progress.stage(100.0, "done");
-        let mut info = Map::new();
-        info.insert("prompt_id".into(), prompt_id.into());
-        info.insert("workflow".into(), source.into());
-        if let Some(seed) = prepared.seed {
-            info.insert("seed".into(), seed.into());
-        }
-        if let Some(model) = prepared.model {
-            info.insert("model".into(), model.into());
-        }
-        if !prepared.ignored.is_empty() {
-            info.insert("ignored_params".into(), prepared.ignored.into());
-        }
-        info.insert("degrade".into(), job.degrade.into());
-        info.insert(
-            "run_ms".into(),
-            (started.elapsed().as_millis() as u64).into(),
-        );
-        Ok(RunOutput { outputs, info })
     }
 }
 
