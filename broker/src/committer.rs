@@ -40,9 +40,21 @@ pub struct Batch {
 
 /// Where the committer's durable store lives, when there is one.
 pub struct Durable {
-    pub store: Store,
+    /// `None` when the store could not write at start ([`Durable::unsaved`]).
+    pub store: Option<Store>,
     /// Reopened from here after a failure.
     pub state_dir: PathBuf,
+    pub unsaved: Option<Unsaved>,
+}
+
+/// What the broker could not write at start (a full disk): the committer begins
+/// in a fault, holding these until the store writes again.
+pub struct Unsaved {
+    pub cause: String,
+    /// This start's number, for [`Store::count_boot`].
+    pub boot: u64,
+    /// The records recovery produced.
+    pub records: Vec<Record>,
 }
 
 /// Runs on its own thread until `batches` closes and everything held is committed
@@ -65,7 +77,19 @@ pub fn run(
     let mut fault: Option<String> = None;
     let mut retry_every = RETRY;
     let state_dir = durable.as_ref().map(|d| d.state_dir.clone());
-    let mut store = durable.take().map(|d| d.store);
+    let (mut store, unsaved) = durable
+        .take()
+        .map_or((None, None), |d| (d.store, d.unsaved));
+    // A start that could not write: its boot and records wait like a failed group.
+    let mut boot_unsaved = None;
+    if let Some(u) = unsaved {
+        fault = Some(u.cause);
+        boot_unsaved = Some(u.boot);
+        held.push(Batch {
+            records: u.records,
+            after: Vec::new(),
+        });
+    }
     loop {
         if fault.is_none() {
             let Some(first) = batches.blocking_recv() else {
@@ -106,13 +130,16 @@ pub fn run(
             (None, None) => Ok(()),
             (Some(s), _) => s.commit(held.iter().flat_map(|b| b.records.iter())),
             (None, Some(dir)) => Store::open(dir).and_then(|mut s| {
-                let r = s.commit(held.iter().flat_map(|b| b.records.iter()));
+                let r = boot_unsaved
+                    .map_or(Ok(()), |boot| s.count_boot(boot))
+                    .and_then(|()| s.commit(held.iter().flat_map(|b| b.records.iter())));
                 store = Some(s);
                 r
             }),
         };
         match result {
             Ok(()) => {
+                boot_unsaved = None;
                 if let Some(s) = &store {
                     committed(started.elapsed(), s.log_bytes());
                 }

@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::artifacts::ArtifactStore;
-use crate::committer::{self, Batch, Durable};
+use crate::committer::{self, Batch, Durable, Unsaved};
 use crate::core::{ArtifactOp, Core, CoreConfig, Input, Output, PeerId, Record};
 use crate::metrics::{BrokerMetrics, Recorder};
 use crate::store::{Store, StoreError};
@@ -179,6 +179,7 @@ impl Broker {
         let clock = Clock::new();
         let mut core = Core::new(settings.core.clone(), clock.now_ms());
         let mut store = None;
+        let mut unsaved = None;
         if settings.durable {
             let mut s = Store::open(&settings.state_dir)?;
             let loaded = s.load()?;
@@ -199,7 +200,6 @@ impl Broker {
                     _ => None,
                 })
                 .collect();
-            s.commit(&records)?;
             tracing::info!(
                 jobs = n_jobs,
                 queued = core.queued(),
@@ -207,7 +207,30 @@ impl Broker {
                 boot,
                 "recovered the job store"
             );
-            store = Some(s);
+            match s.count_boot(boot).and_then(|()| s.commit(&records)) {
+                Ok(()) => store = Some(s),
+                Err(e) => {
+                    // A full or failing disk: start anyway and serve reads; the
+                    // committer holds the boot and these records until it can
+                    // write them (nothing starts meanwhile, so a crash before
+                    // then loses nothing that was promised).
+                    let cause = e.to_string();
+                    tracing::error!(error = %cause, "cannot write the job store at start; serving reads and refusing writes until it works again");
+                    let mut ignored = Vec::new();
+                    core.handle(
+                        clock.now_ms(),
+                        Input::StoreFault {
+                            cause: Some(cause.clone()),
+                        },
+                        &mut ignored,
+                    );
+                    unsaved = Some(Unsaved {
+                        cause,
+                        boot,
+                        records,
+                    });
+                }
+            }
         }
         let artifacts =
             ArtifactStore::open(&settings.state_dir).map_err(|error| BrokerError::Artifacts {
@@ -310,9 +333,10 @@ impl Broker {
         // router's thread), with or without a store.
         let (commit_tx, commit_rx) = mpsc::channel::<Batch>(1024);
         let workers = ctx.workers.clone();
-        let durable = store.map(|store| Durable {
+        let durable = (store.is_some() || unsaved.is_some()).then(|| Durable {
             store,
             state_dir: settings.state_dir.clone(),
+            unsaved,
         });
         let faults = stored_tx_faults;
         let rt = tokio::runtime::Handle::current();

@@ -65,6 +65,10 @@ pub struct Store {
     next_job_id: u64,
     /// The encoded group, reused between commits.
     payload: Vec<u8>,
+    /// Records of the log that redb does not have yet: replaying them at open
+    /// could not write (a full disk). Reads lay them over redb's; the log keeps
+    /// them until [`Store::catch_up`] writes them.
+    unapplied: Vec<Record>,
 }
 
 impl Store {
@@ -76,9 +80,9 @@ impl Store {
             error,
         })?;
         let path = state_dir.join("jobs.redb");
-        let db = Database::create(&path).map_err(|e| StoreError::Redb {
+        let db = open_or_create(&path).map_err(|error| StoreError::Redb {
             path: path.clone(),
-            error: e.into(),
+            error,
         })?;
         let wal_path = state_dir.join("jobs.wal");
         let (wal, replay) = Wal::open(&wal_path).map_err(|error| StoreError::Log {
@@ -91,6 +95,7 @@ impl Store {
             wal,
             next_job_id: 1,
             payload: Vec::new(),
+            unapplied: Vec::new(),
         };
         store.next_job_id = store.stored_next_job_id()?;
         if replay.frames.is_empty() && replay.torn_bytes == 0 {
@@ -106,7 +111,33 @@ impl Store {
                 reason,
             })?;
         }
-        store.apply(records.iter(), Durability::Immediate)?;
+        if let Err(e) = store.apply(records.iter(), Durability::Immediate) {
+            // Nothing is lost (the log keeps it): start from redb and the log's
+            // records on top, on a fresh handle since redb refuses every call
+            // after an I/O error.
+            tracing::error!(error = %e, records = records.len(), "cannot replay the job store's log into the store; reading it on top until the store writes again");
+            let Store { db, path, wal, .. } = store;
+            drop(db);
+            let db = open_or_create(&path).map_err(|error| StoreError::Redb {
+                path: path.clone(),
+                error,
+            })?;
+            let mut store = Store {
+                db,
+                path,
+                wal,
+                next_job_id: 1,
+                payload: Vec::new(),
+                unapplied: Vec::new(),
+            };
+            let logged = records.iter().filter_map(|r| match r {
+                Record::Spec { id, .. } | Record::Job { id, .. } => Some(id.0 + 1),
+                _ => None,
+            });
+            store.next_job_id = logged.fold(store.stored_next_job_id()?, u64::max);
+            store.unapplied = records;
+            return Ok(store);
+        }
         store.wal.reset().map_err(|e| store.log_err(e))?;
         tracing::info!(
             commits = replay.frames.len(),
@@ -145,52 +176,77 @@ impl Store {
         }
     }
 
-    /// Reads every job and worker record and counts this boot.
+    /// Reads every job and worker record, and the number of this boot (one more
+    /// than the last one counted). Writes nothing: [`Store::count_boot`] does, so
+    /// a broker on a full disk can start and serve reads.
     pub fn load(&mut self) -> Result<Loaded, StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        let mut jobs = Vec::new();
-        let mut fleet = Vec::new();
-        let mut unreadable = Vec::new();
-        let boot;
-        {
-            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
-            let prev = meta
+        use redb::ReadableDatabase;
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let prev = match txn.open_table(META) {
+            Ok(meta) => meta
                 .get("boot")
                 .map_err(|e| self.err(e))?
-                .map_or(0, |v| v.value());
-            boot = prev + 1;
-            meta.insert("boot", boot).map_err(|e| self.err(e))?;
-            let table = txn.open_table(JOBS).map_err(|e| self.err(e))?;
-            let specs = txn.open_table(SPECS).map_err(|e| self.err(e))?;
-            for row in table.iter().map_err(|e| self.err(e))? {
-                let (k, v) = row.map_err(|e| self.err(e))?;
-                let spec = specs.get(k.value()).map_err(|e| self.err(e))?;
-                let decoded = match &spec {
-                    Some(spec) => {
-                        Job::from_records(v.value(), spec.value()).map_err(|e| e.to_string())
-                    }
-                    None => Err("its spec record is missing".to_string()),
-                };
-                match decoded {
-                    Ok(job) => jobs.push(job),
-                    Err(e) => {
-                        tracing::error!(job = %JobId(k.value()), error = %e, "cannot decode a stored job record; leaving it in place");
-                        unreadable.push(k.value());
-                    }
+                .map_or(0, |v| v.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut overlay = Overlay::of(&self.unapplied);
+        let mut jobs = Vec::new();
+        let mut unreadable = Vec::new();
+        let mut decode = |id: u64, state: &[u8], spec: Option<&[u8]>| {
+            let decoded = match spec {
+                Some(spec) => Job::from_records(state, spec).map_err(|e| e.to_string()),
+                None => Err("its spec record is missing".to_string()),
+            };
+            match decoded {
+                Ok(job) => jobs.push(job),
+                Err(e) => {
+                    tracing::error!(job = %JobId(id), error = %e, "cannot decode a stored job record; leaving it in place");
+                    unreadable.push(id);
                 }
             }
-            let table = txn.open_table(WORKERS).map_err(|e| self.err(e))?;
+        };
+        let table = open_if_there(&txn, JOBS).map_err(|e| self.err(e))?;
+        let specs = open_if_there(&txn, SPECS).map_err(|e| self.err(e))?;
+        let stored_spec =
+            |id: u64| -> Result<Option<redb::AccessGuard<'_, &'static [u8]>>, StoreError> {
+                match &specs {
+                    Some(t) => t.get(id).map_err(|e| self.err(e)),
+                    None => Ok(None),
+                }
+            };
+        if let Some(table) = &table {
             for row in table.iter().map_err(|e| self.err(e))? {
                 let (k, v) = row.map_err(|e| self.err(e))?;
-                match rmp_serde::from_slice::<FleetRecord>(v.value()) {
-                    Ok(w) => fleet.push(w),
-                    Err(e) => {
-                        tracing::warn!(worker = k.value(), error = %e, "skipping an unreadable worker record")
-                    }
-                }
+                let id = k.value();
+                let state = match overlay.states.remove(&id) {
+                    Some(None) => continue, // removed since
+                    Some(Some(newer)) => newer,
+                    None => v.value(),
+                };
+                let guard = stored_spec(id)?;
+                let spec = overlay
+                    .specs
+                    .get(&id)
+                    .copied()
+                    .unwrap_or_else(|| guard.as_ref().map(|g| g.value()));
+                decode(id, state, spec);
             }
         }
-        txn.commit().map_err(|e| self.err(e))?;
+        // Jobs only the log has.
+        for (id, state) in std::mem::take(&mut overlay.states) {
+            let Some(state) = state else { continue };
+            let guard = stored_spec(id)?;
+            let spec = overlay
+                .specs
+                .get(&id)
+                .copied()
+                .unwrap_or_else(|| guard.as_ref().map(|g| g.value()));
+            decode(id, state, spec);
+        }
+        let fleet = self.load_fleet(&txn, &mut overlay)?;
+        // In id order, as redb keeps them (the log's own jobs came last).
+        jobs.sort_by_key(|j| j.id.0);
         // `open` read the stored counter and replay raised it; a job above it
         // comes from a store written before the counter existed.
         self.next_job_id = self
@@ -200,9 +256,73 @@ impl Store {
             jobs,
             fleet,
             next_job_id: self.next_job_id,
-            boot,
+            boot: prev + 1,
             unreadable,
         })
+    }
+
+    fn load_fleet(
+        &self,
+        txn: &redb::ReadTransaction,
+        overlay: &mut Overlay<'_>,
+    ) -> Result<Vec<FleetRecord>, StoreError> {
+        let mut fleet = Vec::new();
+        let mut decode = |id: &str, bytes: &[u8]| match rmp_serde::from_slice::<FleetRecord>(bytes)
+        {
+            Ok(w) => fleet.push(w),
+            Err(e) => {
+                tracing::warn!(worker = id, error = %e, "skipping an unreadable worker record")
+            }
+        };
+        if let Some(table) = open_if_there(txn, WORKERS).map_err(|e| self.err(e))? {
+            for row in table.iter().map_err(|e| self.err(e))? {
+                let (k, v) = row.map_err(|e| self.err(e))?;
+                match overlay.workers.remove(k.value()) {
+                    Some(None) => {}
+                    Some(Some(newer)) => decode(k.value(), newer),
+                    None => decode(k.value(), v.value()),
+                }
+            }
+        }
+        for (id, bytes) in std::mem::take(&mut overlay.workers) {
+            if let Some(bytes) = bytes {
+                decode(id, bytes);
+            }
+        }
+        Ok(fleet)
+    }
+
+    /// Writes the log's records that open could not replay ([`Store::unapplied`])
+    /// and empties the log; nothing else may be written before.
+    fn catch_up(&mut self) -> Result<(), StoreError> {
+        if self.unapplied.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.unapplied);
+        if let Err(e) = self.apply(pending.iter(), Durability::Immediate) {
+            self.unapplied = pending;
+            return Err(e);
+        }
+        self.wal.reset().map_err(|e| self.log_err(e))?;
+        tracing::info!(records = pending.len(), "replayed the job store's log");
+        Ok(())
+    }
+
+    /// Records that the broker started for the `boot`th time (see
+    /// [`Store::load`]), so the next start counts one more.
+    pub fn count_boot(&mut self, boot: u64) -> Result<(), StoreError> {
+        self.catch_up()?;
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            let stored = meta
+                .get("boot")
+                .map_err(|e| self.err(e))?
+                .map_or(0, |v| v.value());
+            meta.insert("boot", boot.max(stored))
+                .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
     }
 
     /// Bytes in the write-ahead log now (it is emptied at each checkpoint).
@@ -221,6 +341,7 @@ impl Store {
         if records.is_empty() {
             return Ok(());
         }
+        self.catch_up()?;
         let mut last: HashMap<JobId, usize> = HashMap::new();
         for (i, r) in records.iter().enumerate() {
             if let Record::Job { id, .. } = r {
@@ -391,6 +512,76 @@ fn decode_group(mut b: &[u8], out: &mut Vec<Record>) -> Result<(), String> {
     Ok(())
 }
 
+/// The log's records that redb lacks, by key, newest last wins: `None` where a
+/// record removed the key.
+#[derive(Default)]
+struct Overlay<'a> {
+    states: HashMap<u64, Option<&'a [u8]>>,
+    specs: HashMap<u64, Option<&'a [u8]>>,
+    workers: HashMap<&'a str, Option<&'a [u8]>>,
+}
+
+impl<'a> Overlay<'a> {
+    fn of(records: &'a [Record]) -> Overlay<'a> {
+        let mut o = Overlay::default();
+        for r in records {
+            match r {
+                Record::Spec { id, bytes } => {
+                    o.specs.insert(id.0, Some(bytes));
+                }
+                Record::Job { id, bytes } => {
+                    o.states.insert(id.0, Some(bytes));
+                }
+                Record::DeleteJob(id) => {
+                    o.states.insert(id.0, None);
+                    o.specs.insert(id.0, None);
+                }
+                Record::Worker { id, bytes } => {
+                    o.workers.insert(id, Some(bytes));
+                }
+                Record::DeleteWorker(id) => {
+                    o.workers.insert(id, None);
+                }
+            }
+        }
+        o
+    }
+}
+
+/// A table of a read transaction, or `None` before anything was written to it.
+fn open_if_there<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>, redb::TableError> {
+    match txn.open_table(table) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens the database at `path`, creating a new one under another name first
+/// and renaming it into place: a creation cut short (a full disk leaves a file
+/// of zeros without redb's header) never leaves a file that no later start can
+/// open.
+fn open_or_create(path: &Path) -> Result<Database, redb::Error> {
+    if path.exists() {
+        return Ok(Database::create(path)?);
+    }
+    let fresh = path.with_extension("redb.new");
+    let _ = std::fs::remove_file(&fresh);
+    let created = Database::create(&fresh).map_err(redb::Error::from);
+    let created = created.and_then(|db| {
+        drop(db);
+        std::fs::rename(&fresh, path)?;
+        Ok(Database::create(path)?)
+    });
+    if created.is_err() {
+        let _ = std::fs::remove_file(&fresh);
+    }
+    created
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,6 +591,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
         assert_eq!(store.load().unwrap().boot, 1);
+        assert_eq!(store.load().unwrap().boot, 1, "loading counts nothing");
+        store.count_boot(1).unwrap();
         store
             .commit(&[
                 Record::Job {
@@ -479,6 +672,29 @@ mod tests {
                 bytes: b"not a job".to_vec(),
             },
         ]
+    }
+
+    /// What open leaves when it cannot replay the log (a full disk): reads see
+    /// the log's records on top of redb's, and the next write catches up first.
+    #[test]
+    fn records_open_could_not_replay_are_read_on_top_and_written_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store
+            .commit(junk_job(1).iter().chain(&junk_job(2)))
+            .unwrap();
+        store.unapplied = junk_job(3)
+            .into_iter()
+            .chain([Record::DeleteJob(JobId(1))])
+            .collect();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.unreadable, [2, 3], "job 1 deleted, job 3 added");
+
+        store.commit(&junk_job(5)).unwrap();
+        assert!(store.unapplied.is_empty(), "caught up before the commit");
+        drop(store);
+        let mut store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap().unreadable, [2, 3, 5]);
     }
 
     #[test]

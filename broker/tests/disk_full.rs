@@ -225,3 +225,80 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_loses_no_accepted_job() {
         assert_eq!(snap.state, JobState::Succeeded, "{snap:?}");
     }
 }
+
+/// A broker restarted while its disk is full: it starts, answers reads about the
+/// jobs it holds, refuses writes naming the cause, and once space returns counts
+/// its start, takes submits and runs what waited (it used to exit at start, and
+/// so restart and exit again under `Restart=on-failure` until space returned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_started_on_a_full_disk_serves_reads_and_catches_up() {
+    let s = Scratch::new();
+    let disk = Tmpfs::mount(&s.path().join("disk"), "16m");
+    let mut broker = s
+        .broker(BrokerOpts {
+            heartbeat_ms: 250,
+            state_dir: Some(disk.0.join("state")),
+            ..BrokerOpts::default()
+        })
+        .await;
+    let mut worker = s.worker(&broker, WorkerOpts::sim("w1")).await;
+    let client = broker.client();
+    let done = client.submit(job("done", 2)).await.unwrap().job_id;
+    assert_eq!(client.wait(done).await.unwrap().state, JobState::Succeeded);
+    // Its worker gone (but remembered), a job waits in the queue.
+    worker.stop();
+    let waiting = client.submit(job("waiting", 2)).await.unwrap().job_id;
+
+    broker.proc.stop();
+    let filler = disk.fill();
+    broker.proc.restart();
+    broker.wait_ready().await;
+    let log = broker.log();
+    assert!(
+        log.contains("cannot replay the job store's log"),
+        "the commits since the last checkpoint are read from the log: {log}"
+    );
+    assert!(
+        log.contains("cannot write the job store at start"),
+        "the broker says why it refuses writes"
+    );
+    let client = broker.client();
+    assert_eq!(
+        client.get(done).await.unwrap().state,
+        JobState::Succeeded,
+        "reads are answered"
+    );
+    assert_eq!(client.get(waiting).await.unwrap().state, JobState::Queued);
+    match client.submit(job("during", 2)).await {
+        Err(ClientError::Broker(e)) => {
+            assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
+            assert!(e.message.contains("No space left on device"), "{e:?}");
+        }
+        other => panic!("a submit on a full disk: {other:?}"),
+    }
+
+    std::fs::remove_file(&filler).unwrap();
+    let later = eventually(
+        "submits to be taken once space returns",
+        Duration::from_secs(60),
+        || {
+            let client = client.clone();
+            async move { client.submit(job("during", 2)).await.ok().map(|a| a.job_id) }
+        },
+    )
+    .await;
+    let _worker = s.worker(&broker, WorkerOpts::sim("w1")).await;
+    for id in [waiting, later] {
+        let snap = tokio::time::timeout(Duration::from_secs(60), client.wait(id))
+            .await
+            .expect("the job ends")
+            .unwrap();
+        assert_eq!(snap.state, JobState::Succeeded, "{snap:?}");
+    }
+    // What it wrote once space returned survives a crash.
+    broker.crash_and_restart().await;
+    let client = broker.client();
+    for id in [done, waiting, later] {
+        assert_eq!(client.get(id).await.unwrap().state, JobState::Succeeded);
+    }
+}
