@@ -215,11 +215,18 @@ impl Worker {
             backends: self.backends.clone(),
             labels: self.labels.clone(),
             loaded_model: self.loaded_model.clone(),
-            resident: if self.resident.is_empty() {
-                self.loaded_model.iter().cloned().collect()
-            } else {
-                self.resident.clone()
-            },
+            // `loaded_model` first: a result names it before the next
+            // heartbeat's resident list does.
+            resident: self
+                .loaded_model
+                .iter()
+                .chain(
+                    self.resident
+                        .iter()
+                        .filter(|m| Some(*m) != self.loaded_model.as_ref()),
+                )
+                .cloned()
+                .collect(),
             current_job: self.current.map(|r| r.job_id),
             jobs_done: self.jobs_done,
             last_seen_ms: self.last_seen_ms,

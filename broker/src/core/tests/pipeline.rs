@@ -279,3 +279,43 @@ fn a_store_fault_takes_held_jobs_back_and_holds_nothing_until_it_clears() {
     let out = sim.input(Input::StoreFault { cause: None });
     assert_eq!(assigns(&out), [("w1".to_string(), j2, 2)]);
 }
+
+/// A result names the model the GPU now holds before the next heartbeat lists
+/// the resident set: `workers` shows it first at once.
+#[test]
+fn a_result_puts_its_model_first_among_the_resident_ones() {
+    let mut sim = Sim::new();
+    sim.register("w1", 24_000);
+    sim.worker(
+        "w1",
+        WorkerMessage::Heartbeat(Heartbeat {
+            free_vram_mb: 1000,
+            utilization_pct: None,
+            temperature_c: None,
+            power_mw: None,
+            current: None,
+            held: vec![],
+            loaded_model: Some("sim-sd15".into()),
+            resident: Some(vec!["sim-sd15".into(), "sim-flux".into()]),
+            healthy: true,
+            backends: None,
+        }),
+    );
+    let (id, _) = sim.submit(spec());
+    sim.worker(
+        "w1",
+        WorkerMessage::Finished(Finished {
+            job_id: id,
+            attempt: 1,
+            outcome: Outcome::Succeeded {
+                outputs: vec![],
+                info: Default::default(),
+            },
+            loaded_model: Some("sim-sdxl".into()),
+        }),
+    );
+    let idx = sim.core.workers().by_id("w1").unwrap();
+    let info = sim.core.workers().get(idx).info();
+    assert_eq!(info.loaded_model.as_deref(), Some("sim-sdxl"));
+    assert_eq!(info.resident, ["sim-sdxl", "sim-sd15", "sim-flux"]);
+}
