@@ -306,7 +306,8 @@ async fn subscription_churn_leaves_the_broker_serving(kind: TransportKind) {
     huge[0] = 1;
     let _ = big.send(&[&huge]);
     for id in &ids {
-        assert_eq!(client.wait(*id).await.unwrap().state, JobState::Succeeded);
+        let done = client.wait(*id).await.unwrap();
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}");
     }
     drop(subs);
     drop(big);

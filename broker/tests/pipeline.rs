@@ -82,3 +82,112 @@ async fn a_workers_second_job_starts_with_no_broker_round_trip() {
     );
     assert_eq!(b.attempt, 1);
 }
+
+/// A scripted broker (plain ZMTP over TCP) that never acknowledges: a worker
+/// holding two no-output jobs sends both results without waiting for the first
+/// one's acknowledgement (which a real broker sends after its fsync), keeps
+/// naming both in its heartbeats until they are acknowledged, and forgets them
+/// once they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_without_outputs_stream_ahead_of_their_acknowledgements() {
+    use kiln_protocol::frame;
+    use kiln_protocol::worker::{Assign, BrokerMessage, JobRef, Registered, WorkerMessage};
+    use kiln_protocol::JobId;
+    use kiln_testkit::zmtp::Zmtp;
+    use std::sync::Arc;
+
+    let s = Scratch::new();
+    let broker = s.broker(BrokerOpts::default()).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("tcp://{}", listener.local_addr().unwrap());
+    let _worker = s.worker_unchecked(
+        &broker,
+        &WorkerOpts {
+            env: vec![("KILN_WORKER__BROKER".into(), endpoint)],
+            ..WorkerOpts::sim("w1")
+        },
+    );
+    let script = tokio::task::spawn_blocking(move || {
+        let mut z = loop {
+            let (stream, _) = listener.accept().expect("the worker connects");
+            if let Ok(z) = Zmtp::handshake(stream, "ROUTER") {
+                break z;
+            }
+        };
+        z.stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut recv = |z: &mut Zmtp| -> WorkerMessage {
+            let frames: Vec<bytes::Bytes> = z
+                .recv()
+                .expect("a message from the worker")
+                .into_iter()
+                .map(bytes::Bytes::from)
+                .collect();
+            frame::decode(&frames, usize::MAX).unwrap()
+        };
+        let send = |z: &mut Zmtp, msg: BrokerMessage| {
+            let [tag, body] = frame::encode(&msg);
+            z.send(&[&tag, &body]).unwrap();
+        };
+        assert!(matches!(recv(&mut z), WorkerMessage::Register(_)));
+        send(
+            &mut z,
+            BrokerMessage::Registered(Registered {
+                heartbeat_ms: 100,
+                liveness: 50,
+                chunk_bytes: 1 << 20,
+                max_outputs: None,
+            }),
+        );
+        let noop = Arc::new(
+            JobSpec::new(Backend::Sim, Task::TextToImage)
+                .param("steps", 0)
+                .param("count", 0),
+        );
+        for (id, hold) in [(1, false), (2, true)] {
+            send(
+                &mut z,
+                BrokerMessage::Assign(Assign {
+                    job_id: JobId(id),
+                    attempt: 1,
+                    job: noop.clone(),
+                    degrade: 0,
+                    hold,
+                }),
+            );
+        }
+        let r = |id| JobRef {
+            job_id: JobId(id),
+            attempt: 1,
+        };
+        let mut finished = Vec::new();
+        let mut named_both = false;
+        while finished.len() < 2 || !named_both {
+            match recv(&mut z) {
+                WorkerMessage::Finished(f) => finished.push(f.job_id),
+                WorkerMessage::Heartbeat(h) if finished.len() == 2 => {
+                    let named: Vec<JobRef> = h.current.into_iter().chain(h.held).collect();
+                    assert_eq!(named, [r(1), r(2)], "unacknowledged results stay named");
+                    named_both = true;
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(
+            finished,
+            [JobId(1), JobId(2)],
+            "in order, neither acknowledged"
+        );
+        send(&mut z, BrokerMessage::ResultAck(r(1)));
+        send(&mut z, BrokerMessage::ResultAck(r(2)));
+        loop {
+            if let WorkerMessage::Heartbeat(h) = recv(&mut z) {
+                if h.current.is_none() && h.held.is_empty() {
+                    return;
+                }
+            }
+        }
+    });
+    script.await.expect("the scripted broker's checks");
+}

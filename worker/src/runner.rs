@@ -227,6 +227,7 @@ impl Worker {
             staged: VecDeque::new(),
             unacked: None,
             pending: VecDeque::new(),
+            awaiting: VecDeque::new(),
             cursor: None,
             chunk_bytes: 1024 * 1024,
             max_outputs: None,
@@ -347,8 +348,13 @@ struct Session {
     staged: VecDeque<Held>,
     /// The finished attempt whose result is being sent, until acknowledged.
     unacked: Option<Done>,
-    /// Finished attempts whose results wait for `unacked` to be acknowledged.
+    /// Finished attempts whose results wait for `unacked` to be sent.
     pending: VecDeque<Done>,
+    /// Results sent in full, kept until the broker acknowledges them (after
+    /// its commit), oldest first. Results stream without waiting for those
+    /// acknowledgements, so the next result never waits on the broker's fsync
+    /// of the last one; after a reconnect all of them are sent again.
+    awaiting: VecDeque<Done>,
     cursor: Option<Cursor>,
     chunk_bytes: u64,
     /// The broker's `max_artifacts_per_job`, from `registered`.
@@ -415,11 +421,13 @@ impl Session {
             .collect()
     }
 
-    /// Every attempt this worker holds, oldest first: the result being sent, the
-    /// results waiting behind it, the running job, the staged ones.
+    /// Every attempt this worker holds, oldest first: the results sent and not
+    /// yet acknowledged, the result being sent, the results waiting behind it,
+    /// the running job, the staged ones.
     fn outstanding(&self) -> Vec<JobRef> {
-        self.unacked
+        self.awaiting
             .iter()
+            .chain(self.unacked.iter())
             .map(|d| d.r)
             .chain(self.pending.iter().map(|d| d.r))
             .chain(self.running.as_ref().map(|r| r.r))
@@ -449,12 +457,50 @@ impl Session {
             // (partial downloads, a whole batch before a hashing error) goes now.
             remove_scratch(&done.work_dir);
         }
-        if self.unacked.is_none() {
-            self.unacked = Some(done);
-            self.cursor = Some(Cursor { file: 0, offset: 0 });
-        } else {
-            self.pending.push_back(done);
+        self.pending.push_back(done);
+        self.next_result();
+    }
+
+    /// The result being sent is out in full: it waits for its acknowledgement
+    /// and the next one may go.
+    fn sent_in_full(&mut self) {
+        if let Some(done) = self.unacked.take() {
+            self.awaiting.push_back(done);
         }
+        self.cursor = None;
+        self.next_result();
+    }
+
+    /// Starts sending the next waiting result, unless a result with outputs is
+    /// still unacknowledged: the broker verifies those outputs before it moves
+    /// on to this worker's next attempt, and would take a result arriving
+    /// meanwhile for a stale one. A result without outputs is final when it
+    /// arrives, so the next one follows at once.
+    fn next_result(&mut self) {
+        if self.unacked.is_some() || self.awaiting.iter().any(|d| !d.files.is_empty()) {
+            return;
+        }
+        if let Some(next) = self.pending.pop_front() {
+            self.unacked = Some(next);
+            self.cursor = Some(Cursor { file: 0, offset: 0 });
+        }
+    }
+
+    /// A new connection: every result not acknowledged goes again, oldest
+    /// first (the broker acknowledges one it already has without taking it twice).
+    fn resend_all(&mut self) {
+        if self.awaiting.is_empty() {
+            return;
+        }
+        let mut all: VecDeque<Done> = self
+            .awaiting
+            .drain(..)
+            .chain(self.unacked.take())
+            .chain(self.pending.drain(..))
+            .collect();
+        self.unacked = all.pop_front();
+        self.pending = all;
+        self.cursor = Some(Cursor { file: 0, offset: 0 });
     }
 
     /// The broker has the result being sent: the next waiting one goes.
@@ -463,10 +509,7 @@ impl Session {
             remove_scratch(&done.work_dir);
         }
         self.cursor = None;
-        if let Some(next) = self.pending.pop_front() {
-            self.unacked = Some(next);
-            self.cursor = Some(Cursor { file: 0, offset: 0 });
-        }
+        self.next_result();
     }
 
     /// Takes back every held attempt (the broker requeues them on `goodbye`),
@@ -516,6 +559,7 @@ impl Session {
         let s = self.worker.settings.clone();
         let mut heartbeat_ms = s.heartbeat_ms;
         let mut liveness = s.liveness;
+        self.resend_all();
         if let Err(e) = self.send(&mut conn, &self.register_msg()).await {
             return SessionEnd::Lost(e);
         }
@@ -595,7 +639,12 @@ impl Session {
                                 }
                             }
                             BrokerMessage::ResultAck(r) => {
-                                if self.unacked.as_ref().is_some_and(|d| d.r == r) {
+                                if let Some(i) = self.awaiting.iter().position(|d| d.r == r) {
+                                    if let Some(done) = self.awaiting.remove(i) {
+                                        remove_scratch(&done.work_dir);
+                                    }
+                                    self.next_result();
+                                } else if self.unacked.as_ref().is_some_and(|d| d.r == r) {
                                     self.acknowledged();
                                 } else if let Some(i) = self.pending.iter().position(|d| d.r == r) {
                                     // A stale result the broker does not want.
@@ -606,6 +655,7 @@ impl Session {
                             }
                             BrokerMessage::Reregister(_) => {
                                 registered = false;
+                                self.resend_all();
                                 if let Err(e) = self.send(&mut conn, &self.register_msg()).await {
                                     return SessionEnd::Lost(e);
                                 }
@@ -728,12 +778,16 @@ impl Session {
             });
             return self.send(conn, &msg).await;
         }
-        if let Some(old) = self.unacked.take_if(|_| !a.hold) {
+        if !a.hold {
             // The broker counts this worker idle: it moved on without wanting
             // the results still here.
             self.cursor = None;
-            remove_scratch(&old.work_dir);
-            for old in self.pending.drain(..) {
+            let stale = self
+                .awaiting
+                .drain(..)
+                .chain(self.unacked.take())
+                .chain(self.pending.drain(..));
+            for old in stale {
                 remove_scratch(&old.work_dir);
             }
         }
@@ -847,8 +901,9 @@ impl Session {
                 outcome: done.outcome.clone(),
                 loaded_model: done.loaded_model.clone(),
             });
-            self.cursor = None;
-            return self.send(conn, &msg).await;
+            let sent = self.send(conn, &msg).await;
+            self.sent_in_full();
+            return sent;
         }
         let (meta, data) = &done.files[cursor.file];
         let len = self.chunk_bytes.min(meta.size - cursor.offset);
@@ -867,8 +922,9 @@ impl Session {
                     outcome: Outcome::Failed { error: err },
                     loaded_model: None,
                 });
-                self.cursor = None;
-                return self.send(conn, &msg).await;
+                let sent = self.send(conn, &msg).await;
+                self.sent_in_full();
+                return sent;
             }
         };
         let msg = WorkerMessage::Upload(Upload {
