@@ -117,7 +117,7 @@ async fn results_without_outputs_stream_ahead_of_their_acknowledgements() {
         z.stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
-        let mut recv = |z: &mut Zmtp| -> WorkerMessage {
+        let recv = |z: &mut Zmtp| -> WorkerMessage {
             let frames: Vec<bytes::Bytes> = z
                 .recv()
                 .expect("a message from the worker")
