@@ -24,6 +24,7 @@
 //!
 //!     cargo bench -p kiln-broker --bench fleet
 //!     KILN_FLEET=studio cargo bench -p kiln-broker --bench fleet   (one scenario)
+//!     KILN_FLEET_LOAD_WEIGHT=8 cargo bench ...   (placement's load_weight)
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -421,12 +422,15 @@ enum Event {
     /// A message from the broker reaches a worker.
     ToWorker(usize, u64),
     Arrival(usize),
+    /// The core asked to be woken (`Core::poll_timeout`).
+    Tick,
 }
 
 /// A simulated Kiln worker: what its GPU runs and what it holds.
 struct SimWorker {
-    /// The attempt, its job, how long it generates.
-    running: Option<(JobRef, usize, u64)>,
+    /// The attempt, its job, how long it generates, when it started and how
+    /// long it loaded (what the sim backend reports in a result's info).
+    running: Option<(JobRef, usize, u64, u64, u64)>,
     runs: u64,
     staged: VecDeque<(JobRef, usize)>,
     vram: Vram,
@@ -441,6 +445,11 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
         heartbeat_ms: 1 << 40,
         max_held: if pipelined { 1 } else { 0 },
         load_aware: pipelined,
+        load_weight: load_weight(),
+        affinity_max_wait_ms: std::env::var("KILN_FLEET_AFFINITY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(120_000),
         limits: kiln_protocol::Limits {
             max_queued_per_client: u64::MAX,
             ..Default::default()
@@ -530,6 +539,7 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
     let mut job_of: HashMap<JobId, usize> = HashMap::new();
     let mut decisions = 0u64;
     let mut core_ns = 0u128;
+    let mut tick_at: Option<u64> = None;
     while let Some(Reverse((now, _, ev))) = events.pop() {
         // Starts the next job on a GPU; returns the messages it sends.
         let start = |w: &mut SimWorker,
@@ -539,8 +549,14 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                      j: usize,
                      events: &mut BinaryHeap<Reverse<(u64, u64, Event)>>,
                      seq: &mut u64| {
+            let loads = rec.loads;
             let (end, run) = rec.run(s, &mut w.vram, g, j, now);
-            w.running = Some((r, j, run));
+            let load_ms = if rec.loads > loads {
+                s.models[s.jobs[j].model].load_ms
+            } else {
+                0
+            };
+            w.running = Some((r, j, run, now, load_ms));
             w.runs += 1;
             *seq += 1;
             events.push(Reverse((end, *seq, Event::GpuDone(g, w.runs))));
@@ -579,8 +595,15 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                 if w.runs != run || w.running.is_none() {
                     continue; // that run was cancelled
                 }
-                let (r, _, generated) = w.running.take().expect("a GPU was running");
+                let (r, _, generated, started, load_ms) =
+                    w.running.take().expect("a GPU was running");
                 rec.generating_ms += generated;
+                // As the sim backend and the runner report it.
+                let info = serde_json::json!({
+                    "worker_started_ms": started,
+                    "worker_ended_ms": now,
+                    "load_ms": load_ms,
+                });
                 let loaded = w.vram.resident.first().map(|&m| s.models[m].name.clone());
                 to_broker.push((
                     g,
@@ -589,7 +612,7 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                         attempt: r.attempt,
                         outcome: Outcome::Succeeded {
                             outputs: vec![],
-                            info: Default::default(),
+                            info: info.as_object().cloned().unwrap_or_default(),
                         },
                         loaded_model: loaded,
                     }),
@@ -607,7 +630,7 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                         attempt: a.attempt,
                     };
                     let w = &mut workers[g];
-                    if let Some((busy, _, _)) = w.running {
+                    if let Some((busy, ..)) = w.running {
                         if a.hold && w.staged.is_empty() {
                             w.staged.push_back((r, j));
                             continue;
@@ -628,7 +651,7 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                 Some(BrokerMessage::Cancel(r)) => {
                     let w = &mut workers[g];
                     w.staged.retain(|(s, _)| *s != r);
-                    if w.running.is_some_and(|(x, _, _)| x == r) {
+                    if w.running.is_some_and(|(x, ..)| x == r) {
                         // A held job the broker took back had already started:
                         // stop it and report, as the real worker does.
                         w.running = None;
@@ -648,6 +671,14 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                 }
                 _ => {}
             },
+            Event::Tick => {
+                if tick_at == Some(now) {
+                    tick_at = None;
+                }
+                let t = Instant::now();
+                core.handle(now, Input::Tick, &mut out);
+                core_ns += t.elapsed().as_nanos();
+            }
             Event::ToBroker(g, key) => {
                 let msg = messages.remove(&key).expect("queued message");
                 decisions += matches!(msg, WorkerMessage::Finished(_)) as u64;
@@ -674,7 +705,7 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                         utilization_pct: None,
                         temperature_c: None,
                         power_mw: None,
-                        current: w.running.map(|(r, _, _)| r),
+                        current: w.running.map(|(r, ..)| r),
                         held: w.staged.iter().map(|(r, _)| *r).collect(),
                         loaded_model: w.vram.resident.first().map(|&m| s.models[m].name.clone()),
                         resident: Some(
@@ -713,6 +744,14 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                         Event::ToWorker(g, key),
                     );
                 }
+            }
+        }
+        // Wake the core when it asks to be, while there is work left.
+        if let Some(at) = core.poll_timeout() {
+            let at = at.max(now);
+            if (core.stats().succeeded as usize) < n && tick_at.is_none_or(|t| at < t) {
+                tick_at = Some(at);
+                push(&mut events, &mut seq, at, Event::Tick);
             }
         }
     }
@@ -865,6 +904,14 @@ fn run(s: &Scenario) {
         kiln_rate,
         t.elapsed().as_secs_f64()
     );
+}
+
+/// `KILN_FLEET_LOAD_WEIGHT` overrides [`CoreConfig::load_weight`] (for tuning).
+fn load_weight() -> f64 {
+    std::env::var("KILN_FLEET_LOAD_WEIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(kiln_config::PlacementConfig::default().load_weight)
 }
 
 fn main() {

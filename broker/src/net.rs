@@ -88,6 +88,8 @@ impl BrokerSettings {
             retention_max_age_ms: b.retention.max_age_s * 1000,
             retention_max_bytes: b.retention.max_artifact_bytes,
             retention_sweep_ms: b.retention.sweep_interval_s.max(1) * 1000,
+            load_weight: b.placement.load_weight,
+            affinity_max_wait_ms: b.placement.fairness_bound_s.saturating_mul(1000),
             ..CoreConfig::default()
         };
         // With CURVE every subscriber is a known key, so the port can open even

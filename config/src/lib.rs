@@ -15,6 +15,7 @@ mod curve;
 mod dashboard;
 pub mod logging;
 mod mcp;
+mod placement;
 mod reference;
 mod secret;
 mod wan2gp;
@@ -31,6 +32,7 @@ pub use curve::BrokerCurve;
 pub use dashboard::DashboardConfig;
 pub use kiln_protocol::transport::TransportKind;
 pub use mcp::McpConfig;
+pub use placement::PlacementConfig;
 pub use reference::{defaults_toml, entries as reference_entries, Entry as ReferenceEntry};
 pub use secret::{resolve as resolve_secret, Secret};
 pub use wan2gp::{
@@ -133,6 +135,8 @@ pub struct BrokerConfig {
     pub limits: Limits,
     /// How long finished jobs and their artifacts are kept.
     pub retention: RetentionConfig,
+    /// How placement weighs model loads against waiting.
+    pub placement: PlacementConfig,
     /// Networks (CIDR) besides loopback allowed to reach the broker's ports; the
     /// systemd unit is fenced to them (`kiln config fence` prints the drop-in).
     #[schemars(example = ["10.20.0.0/16"])]
@@ -187,6 +191,7 @@ impl Default for BrokerConfig {
             worker_token_file: None,
             limits: Limits::default(),
             retention: RetentionConfig::default(),
+            placement: PlacementConfig::default(),
             allowed_networks: Vec::new(),
             curve_secret_key: None,
             curve_secret_key_file: None,
@@ -647,6 +652,7 @@ impl KilnConfig {
                 "max_connections and max_connections_per_address must be at least 1",
             );
         }
+        b.placement.validate()?;
         b.metrics_addr()?;
         for net in &b.metrics_allowed_networks {
             if !is_cidr(net) {

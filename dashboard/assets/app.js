@@ -102,6 +102,7 @@ const WAIT_REASONS = {
   all_busy: 'all busy',
   bigger_gpu: 'waiting for a bigger GPU',
   held: 'held by a busy worker',
+  warm_gpu: 'waiting for a GPU with its model loaded',
 };
 
 async function api(path, options = {}) {

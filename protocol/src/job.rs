@@ -611,6 +611,9 @@ pub enum WaitReason {
     /// A busy worker holds it and starts it when its current job ends
     /// (pipelined dispatch).
     Held,
+    /// GPUs that could run it are idle, but its model is loaded on others: loading
+    /// it would cost more than waiting for those (load-aware placement).
+    WarmGpu,
 }
 
 /// The whole observable state of a job at sequence number `seq`: what `get` returns,

@@ -83,6 +83,10 @@ pub struct Job {
     /// holder. Not stored: after a restart a held job is simply queued again.
     #[serde(skip)]
     pub held: bool,
+    /// Its model was not warm on the worker of its current attempt when assigned
+    /// (the attempt loads it): how its duration is read by [`super::costs`].
+    #[serde(skip)]
+    pub cold: bool,
     #[serde(skip)]
     pub uploads: Vec<Upload>,
 }
@@ -146,6 +150,7 @@ impl Job {
             class: 0,
             finalizing: false,
             held: false,
+            cold: false,
             uploads: Vec::new(),
         }
     }

@@ -120,18 +120,31 @@ impl Core {
         self.jobs.get_mut(&id).expect("enqueued job exists").class = class;
         // While the store cannot write, nothing new starts or is held: its outputs
         // could not be kept, and the attempt would be spent on the broker's own fault.
+        let mut loader = None;
         if self.store_fault.is_none() {
             let idle: Vec<WorkerIdx> = self.workers.idle().collect();
-            if let Some(idx) = self.best_worker(id, class, idle) {
-                self.assign(now_ms, id, idx, out);
-                return;
+            let best = match self.best_worker(now_ms, id, class, idle) {
+                Some(idx) => Some(idx),
+                None => {
+                    let open: Vec<WorkerIdx> = self.workers.open().collect();
+                    self.best_worker(now_ms, id, class, open)
+                }
+            };
+            if let Some(idx) = best {
+                let model = self.jobs[&id].spec.model.as_deref();
+                let cold = self.cfg.load_aware
+                    && model.is_some_and(|m| {
+                        !self.workers.get(idx).is_warm(m) && self.queue.waiting_for_model(m) > 0
+                    });
+                if !cold {
+                    self.assign(now_ms, id, idx, out);
+                    return;
+                }
+                // The worker loads the model for the oldest job of it waiting,
+                // in line with the others: this one queues.
+                loader = Some(idx);
             }
-            let open: Vec<WorkerIdx> = self.workers.open().collect();
-            if let Some(idx) = self.best_worker(id, class, open) {
-                self.assign(now_ms, id, idx, out);
-                return;
-            }
-            if self.preempt_held(now_ms, id, class, out) {
+            if loader.is_none() && self.preempt_held(now_ms, id, class, out) {
                 return;
             }
         }
@@ -145,16 +158,26 @@ impl Core {
         let client = job.client.clone();
         self.queue.push(id, &client, slot);
         *self.queued_per_client.entry(client).or_insert(0) += 1;
+        if let Some(idx) = loader {
+            self.dispatch(now_ms, idx, out);
+        }
     }
 
     /// Among `candidates`, the worker that can run job `id` now and ranks best.
+    /// One without the job's model warm is a candidate only when loading it there
+    /// pays (see [`Core::load_pays`]).
     pub(super) fn best_worker(
         &mut self,
+        now_ms: u64,
         id: JobId,
         class: super::queue::ClassId,
         candidates: Vec<WorkerIdx>,
     ) -> Option<WorkerIdx> {
         let backend = self.queue.requirements(class).backend;
+        let spec = self.jobs[&id].spec.clone();
+        let model = spec.model.as_deref();
+        // When a GPU should load the model: the same threshold for every one.
+        let threshold = self.load_threshold_ms(model, 1);
         let mut best: Option<(super::placement::Key, WorkerIdx)> = None;
         for idx in candidates {
             let req = self.queue.requirements(class);
@@ -163,6 +186,14 @@ impl Core {
                 continue;
             }
             let key = self.placement_key(id, idx);
+            // A load on a busy worker waits for its current attempt too: it
+            // pays when `-busy > threshold` (never when the threshold is >= 0).
+            if !key.0
+                && (threshold >= 0.0
+                    || threshold > f64::NEG_INFINITY && -self.busy_for_ms(now_ms, idx) <= threshold)
+            {
+                continue;
+            }
             if best.as_ref().is_none_or(|(b, _)| key > *b) {
                 best = Some((key, idx));
             }
@@ -203,14 +234,25 @@ impl Core {
         let start = w.current.is_none();
         let worker_id = w.id.clone();
         let gpu = w.gpu_label();
+        let cold_model = self.jobs[&id]
+            .spec
+            .model
+            .as_deref()
+            .filter(|m| !w.is_warm(m))
+            .map(str::to_string);
         let job = self.jobs.get_mut(&id).expect("assigned job exists");
         job.attempt = job.attempt.max(job.attempt_floor) + 1;
         job.worker = Some(worker_id.clone());
         job.gpu = Some(gpu);
+        job.cold = cold_model.is_some();
         let r = JobRef {
             job_id: id,
             attempt: job.attempt,
         };
+        if let Some(model) = cold_model {
+            // Warm from now on: counted when the worker is refreshed below.
+            self.workers.get_mut(idx).assumed.push((r, model));
+        }
         out.push(Output::ToWorker {
             peer,
             msg: BrokerMessage::Assign(Assign {
@@ -258,15 +300,28 @@ impl Core {
     /// then as many to hold as it has room for. An idle worker with nothing in the
     /// queue takes a job another worker holds.
     pub(super) fn dispatch(&mut self, now_ms: u64, idx: WorkerIdx, out: &mut Vec<Output>) {
+        if self.dispatch_queued(now_ms, idx, out) {
+            self.steal_held(now_ms, idx, out);
+        }
+    }
+
+    /// [`Core::dispatch`] from the queue alone; returns whether the worker is
+    /// still idle for want of a queued job it should take.
+    pub(super) fn dispatch_queued(
+        &mut self,
+        now_ms: u64,
+        idx: WorkerIdx,
+        out: &mut Vec<Output>,
+    ) -> bool {
         loop {
             let w = self.workers.get(idx);
             // While the store cannot write, nothing new starts or is held.
             if !(w.online && w.healthy && w.peer.is_some()) || self.store_fault.is_some() {
-                return;
+                return false;
             }
             let idle = w.current.is_none();
             if !idle && !w.can_hold() {
-                return;
+                return false;
             }
             let classes = self.queue.class_count();
             let mut runnable = std::mem::take(&mut self.runnable);
@@ -280,10 +335,7 @@ impl Core {
             let next = self.pop_for_worker(now_ms, idx, &runnable);
             self.runnable = runnable;
             let Some(id) = next else {
-                if idle {
-                    self.steal_held(now_ms, idx, out);
-                }
-                return;
+                return idle;
             };
             let job = self.jobs.get_mut(&id).expect("queued job exists");
             job.slot = None;

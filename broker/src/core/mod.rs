@@ -13,6 +13,7 @@
 //! transition, bumps the job's sequence number, persists it and publishes it.
 
 mod clients;
+pub mod costs;
 pub mod job;
 mod lifecycle;
 mod params_check;
@@ -81,13 +82,25 @@ pub struct CoreConfig {
     /// Placement counts model loads (see [`placement`]); off = the queue's order
     /// alone, as before pipelining (a baseline for the fleet benchmark).
     pub load_aware: bool,
-    /// The fairness bound of load-aware placement: a job at the head of its
-    /// client's line that has waited this long is taken before any warm work.
+    /// The fairness bound of load-aware placement
+    /// (`broker.placement.fairness_bound_s`): a job at the head of its client's
+    /// line that has waited this long goes before any warm work, on a worker
+    /// that has its model warm or for which a load pays.
     pub affinity_max_wait_ms: u64,
+    /// How much a model load weighs against waiting
+    /// (`broker.placement.load_weight`): a GPU without a model loads it for a
+    /// job only when the model's waiting work per warm GPU exceeds this many
+    /// times its load time, or once idle GPUs were left idle that long for it
+    /// (see [`placement`]). Lower finishes each model's queue sooner; higher
+    /// trades waiting for fewer loads (each load may also evict a model that is
+    /// needed again).
+    pub load_weight: f64,
 }
 
 impl Default for CoreConfig {
     fn default() -> Self {
+        // One source for the placement defaults: the config's.
+        let placement = kiln_config::PlacementConfig::default();
         CoreConfig {
             heartbeat_ms: kiln_protocol::HEARTBEAT_INTERVAL_MS,
             liveness: kiln_protocol::HEARTBEAT_LIVENESS,
@@ -106,7 +119,8 @@ impl Default for CoreConfig {
             retention_sweep_ms: 60_000,
             max_held: 4,
             load_aware: true,
-            affinity_max_wait_ms: 120_000,
+            affinity_max_wait_ms: placement.fairness_bound_s * 1000,
+            load_weight: placement.load_weight,
         }
     }
 }
@@ -302,6 +316,8 @@ pub struct Core {
     candidates: Vec<queue::Candidate>,
     /// Why the store cannot write right now, if it cannot.
     store_fault: Option<String>,
+    /// Load and generation times learned per model, for placement.
+    costs: costs::Costs,
 }
 
 impl Core {
@@ -331,7 +347,13 @@ impl Core {
             held_priorities: Default::default(),
             candidates: Vec::new(),
             store_fault: None,
+            costs: costs::Costs::default(),
         }
+    }
+
+    /// What the core has learned a model costs (load and generation times).
+    pub fn model_costs(&self, model: &str) -> costs::ModelCosts {
+        self.costs.of(model)
     }
 
     pub fn config(&self) -> &CoreConfig {
@@ -472,10 +494,17 @@ impl Core {
         let scan = (!self.workers.is_empty()).then_some(self.next_worker_scan_ms);
         let retention = (self.cfg.retention_max_age_ms > 0 || self.cfg.retention_max_bytes > 0)
             .then_some(self.next_retention_ms);
-        [timer, scan, retention, Some(self.next_session_sweep_ms)]
-            .into_iter()
-            .flatten()
-            .min()
+        let reoffer = self.next_reoffer_ms();
+        [
+            timer,
+            scan,
+            retention,
+            reoffer,
+            Some(self.next_session_sweep_ms),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn on_tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
@@ -489,6 +518,9 @@ impl Core {
         if now_ms >= self.next_worker_scan_ms {
             self.next_worker_scan_ms = now_ms + (self.cfg.heartbeat_ms / 2).max(1);
             self.scan_workers(now_ms, out);
+        }
+        if self.next_reoffer_ms().is_some_and(|at| at <= now_ms) {
+            self.reoffer(now_ms, out);
         }
         if now_ms >= self.next_session_sweep_ms {
             self.next_session_sweep_ms = now_ms + 60_000;

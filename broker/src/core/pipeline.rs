@@ -12,6 +12,7 @@
 //! starting does.
 
 use std::borrow::Cow;
+use std::cmp::Reverse;
 
 use kiln_protocol::worker::{BrokerMessage, JobRef};
 use kiln_protocol::{JobId, JobState};
@@ -200,41 +201,58 @@ impl Core {
 
     /// An idle worker found nothing in the queue: rather than stay idle while a
     /// busy worker holds a job it could run, it takes that job over (one whose
-    /// model it has resident first).
+    /// model it has warm first; one it would have to load only when the load
+    /// pays against what the holder still has to run, see
+    /// [`Core::load_pays`]).
     pub(super) fn steal_held(&mut self, now_ms: u64, idx: WorkerIdx, out: &mut Vec<Output>) {
         if self.held_priorities.is_empty() {
             return;
         }
-        let mut best: Option<(bool, i8, JobId)> = None;
-        let candidates: Vec<JobRef> = self
+        let mut best: Option<(bool, i8, Reverse<JobId>)> = None;
+        let candidates: Vec<(JobRef, WorkerIdx)> = self
             .workers
             .iter()
             .filter(|(other, _)| *other != idx)
-            .flat_map(|(_, w)| w.held.iter().map(|(r, _)| *r))
+            .flat_map(|(holder, w)| w.held.iter().map(move |(r, _)| (*r, holder)))
             .collect();
-        for r in candidates {
+        // Load thresholds per model, computed once (see `Core::load_threshold_ms`).
+        let mut thresholds: Vec<(String, f64)> = Vec::new();
+        for (r, holder) in candidates {
             let job = &self.jobs[&r.job_id];
             let (class, priority) = (job.class, job.spec.priority);
-            let warm = job
-                .spec
-                .model
-                .as_deref()
-                .is_some_and(|m| self.workers.get(idx).has_resident(m));
+            let model = job.spec.model.as_deref();
+            let warm = model.is_none_or(|m| self.workers.get(idx).is_warm(m));
+            // Warm first, then most urgent, then the oldest job; the cheap
+            // comparison first, the costlier checks only for a better one.
+            let key = (warm, priority, Reverse(r.job_id));
+            if best.is_some_and(|b| key <= b) {
+                continue;
+            }
             let req = self.queue.requirements(class);
             let backend = req.backend;
             let w = self.workers.get_mut(idx);
             if !w.can_run_class(class, req) || !w.backend_healthy(backend) {
                 continue;
             }
-            // Warm first, then most urgent, then the oldest job.
-            let better = |b: (bool, i8, JobId)| {
-                (warm, priority, std::cmp::Reverse(r.job_id)) > (b.0, b.1, std::cmp::Reverse(b.2))
-            };
-            if best.is_none_or(better) {
-                best = Some((warm, priority, r.job_id));
+            if !warm {
+                let model = model.unwrap_or_default();
+                let threshold = match thresholds.iter().find(|(m, _)| m == model) {
+                    Some((_, t)) => *t,
+                    None => {
+                        let t = self.load_threshold_ms(Some(model), 0);
+                        thresholds.push((model.to_string(), t));
+                        t
+                    }
+                };
+                // It pays when the holder's time left exceeds the threshold
+                // (always when the threshold is negative).
+                if threshold >= 0.0 && self.busy_for_ms(now_ms, holder) <= threshold {
+                    continue;
+                }
             }
+            best = Some(key);
         }
-        let Some((_, _, id)) = best else {
+        let Some((_, _, Reverse(id))) = best else {
             return;
         };
         let attempt = self.jobs[&id].attempt;

@@ -66,6 +66,22 @@ pub struct Queue {
     len: usize,
     /// Jobs waiting per class.
     class_len: Vec<u32>,
+    /// Jobs waiting per model, over every class that names it (placement asks
+    /// for each candidate it weighs).
+    model_len: HashMap<String, u32>,
+    /// Per model with jobs waiting: since when idle GPUs have been left idle
+    /// rather than load it (see [`Queue::note_left_idle`]).
+    left_idle: HashMap<String, LeftIdle>,
+}
+
+/// Since when idle GPUs have been left idle rather than load a model for its
+/// waiting jobs (placement's waiting clock, see `Core::waited_out`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeftIdle {
+    pub since_ms: u64,
+    /// Whether idle workers were offered the queue again once the wait was
+    /// over (it is done once per clock).
+    pub reoffered: bool,
 }
 
 /// One priority level: clients in round-robin order, each with its lanes.
@@ -172,6 +188,24 @@ impl Queue {
         lane.insert(slot.seq, job);
         self.len += 1;
         self.class_len[slot.class as usize] += 1;
+        if let Some(m) = &self.classes[slot.class as usize].model {
+            *self.model_len.entry(m.clone()).or_insert(0) += 1;
+        }
+    }
+
+    /// Counts a job that left class `class`.
+    fn uncount(&mut self, class: ClassId) {
+        self.len -= 1;
+        self.class_len[class as usize] -= 1;
+        if let Some(m) = &self.classes[class as usize].model {
+            if let Some(n) = self.model_len.get_mut(m) {
+                *n -= 1;
+                if *n == 0 {
+                    self.model_len.remove(m);
+                    self.left_idle.remove(m);
+                }
+            }
+        }
     }
 
     /// Removes a queued job (cancel, timeout). Returns whether it was there.
@@ -189,8 +223,6 @@ impl Queue {
         if lanes.by_class[i].1.remove(&slot.seq).is_none() {
             return false;
         }
-        self.len -= 1;
-        self.class_len[slot.class as usize] -= 1;
         if lanes.by_class[i].1.is_empty() {
             lanes.by_class.swap_remove(i);
         }
@@ -200,6 +232,7 @@ impl Queue {
         if level.lanes.is_empty() {
             self.levels.remove(&key);
         }
+        self.uncount(slot.class);
         true
     }
 
@@ -296,6 +329,46 @@ impl Queue {
         job
     }
 
+    /// Notes that an idle GPU was left idle at `now_ms` rather than load
+    /// `model` for its waiting jobs; the first such time counts until the
+    /// model's jobs stop waiting or a GPU loads it ([`Queue::clear_left_idle`]).
+    pub fn note_left_idle(&mut self, model: &str, now_ms: u64) {
+        if self.model_len.contains_key(model) && !self.left_idle.contains_key(model) {
+            let clock = LeftIdle {
+                since_ms: now_ms,
+                reoffered: false,
+            };
+            self.left_idle.insert(model.to_string(), clock);
+        }
+    }
+
+    /// Since when idle GPUs have been left idle rather than load `model`.
+    pub fn left_idle_since(&self, model: &str) -> Option<u64> {
+        self.left_idle.get(model).map(|c| c.since_ms)
+    }
+
+    /// Every model's waiting clock.
+    pub fn left_idle(&self) -> impl Iterator<Item = (&str, LeftIdle)> {
+        self.left_idle.iter().map(|(m, c)| (m.as_str(), *c))
+    }
+
+    /// Idle workers were offered the queue once `model`'s wait was over.
+    pub fn mark_reoffered(&mut self, model: &str) {
+        if let Some(c) = self.left_idle.get_mut(model) {
+            c.reoffered = true;
+        }
+    }
+
+    /// A GPU loads `model`: its waiting jobs' rent is paid.
+    pub fn clear_left_idle(&mut self, model: &str) {
+        self.left_idle.remove(model);
+    }
+
+    /// Jobs waiting for `model`, over every class that names it.
+    pub fn waiting_for_model(&self, model: &str) -> u32 {
+        self.model_len.get(model).copied().unwrap_or(0)
+    }
+
     /// Jobs waiting in a class.
     pub fn class_len(&self, class: ClassId) -> u32 {
         self.class_len.get(class as usize).copied().unwrap_or(0)
@@ -303,8 +376,7 @@ impl Queue {
 
     /// Counts a job taken out of level `key`, dropping the level once empty.
     fn count_taken(&mut self, key: Reverse<i8>, class: ClassId) {
-        self.len -= 1;
-        self.class_len[class as usize] -= 1;
+        self.uncount(class);
         if self.levels.get(&key).is_some_and(|l| l.lanes.is_empty()) {
             self.levels.remove(&key);
         }

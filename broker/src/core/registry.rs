@@ -59,6 +59,11 @@ pub struct Worker {
     /// How many attempts the worker will hold besides `current`: what it
     /// advertised, capped by the broker's setting.
     pub max_held: u8,
+    /// Models the worker will load for attempts assigned to it (current or
+    /// held) that were not resident then: warm from their assignment on, so a
+    /// burst of one model does not send every idle GPU loading it before the
+    /// first one reports it resident.
+    pub assumed: Vec<(JobRef, String)>,
     /// The models this worker adds to the registry's warm counts.
     counted: Vec<String>,
     pub jobs_done: u64,
@@ -93,6 +98,7 @@ impl Worker {
             current: None,
             held: Vec::new(),
             max_held: 0,
+            assumed: Vec::new(),
             counted: Vec::new(),
             jobs_done: 0,
             compat: Vec::new(),
@@ -175,13 +181,28 @@ impl Worker {
     }
 
     /// What this worker adds to the warm counts: nothing while offline, else its
-    /// loaded model and its resident set, each once.
+    /// loaded model, its resident set and the models it will load for its
+    /// attempts, each once.
     fn warm_models(&self) -> impl Iterator<Item = &String> {
         let loaded = self.loaded_model.as_ref().filter(|_| self.online);
         let resident = self.resident.iter().enumerate().filter(move |(i, m)| {
             self.online && Some(*m) != loaded && !self.resident[..*i].contains(m)
         });
-        loaded.into_iter().chain(resident.map(|(_, m)| m))
+        let assumed = self.assumed.iter().enumerate().filter(move |(i, (_, m))| {
+            self.online
+                && Some(m) != loaded
+                && !self.resident.contains(m)
+                && !self.assumed[..*i].iter().any(|(_, a)| a == m)
+        });
+        loaded
+            .into_iter()
+            .chain(resident.map(|(_, m)| m))
+            .chain(assumed.map(|(_, (_, m))| m))
+    }
+
+    /// Whether `model` is resident, or will be for an attempt it has.
+    pub fn is_warm(&self, model: &str) -> bool {
+        self.has_resident(model) || self.assumed.iter().any(|(_, m)| m == model)
     }
 
     /// Whether `model` is resident in GPU memory (no load needed to run it).
@@ -345,19 +366,28 @@ impl Registry {
     }
 
     /// Re-derives what the worker adds to the warm counts; call after changing
-    /// `online`, `loaded_model` or `resident`.
-    pub fn refresh_warm(&mut self, idx: WorkerIdx) {
+    /// `online`, `loaded_model` or `resident`. Returns whether the warm count of
+    /// some model fell (the worker evicted it or went offline): jobs that were
+    /// left to warm GPUs may be worth a load now.
+    pub fn refresh_warm(&mut self, idx: WorkerIdx) -> bool {
         let w = self.get_mut(idx);
+        if !w.assumed.is_empty() {
+            let (current, held) = (w.current, &w.held);
+            w.assumed
+                .retain(|(r, _)| current == Some(*r) || held.iter().any(|(h, _)| h == r));
+        }
         // Called on every assignment: compare before allocating anything.
         if w.warm_models().eq(w.counted.iter()) {
-            return;
+            return false;
         }
         let now: Vec<String> = w.warm_models().cloned().collect();
         let old = std::mem::replace(&mut w.counted, now.clone());
+        let fell = old.iter().any(|m| !now.contains(m));
         self.uncount(&old);
         for m in now {
             *self.warm.entry(m).or_insert(0) += 1;
         }
+        fell
     }
 
     fn uncount(&mut self, models: &[String]) {

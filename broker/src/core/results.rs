@@ -188,6 +188,15 @@ impl Core {
                     self.ack_and_release(now_ms, idx, r, out);
                     return;
                 }
+                if let Some(model) = &job.spec.model {
+                    self.costs.observe(model, &info, job.cold);
+                    let w = self.workers.get_mut(idx);
+                    if job.cold && !w.has_resident(model) {
+                        // It ran there: loaded now (counted when the worker is
+                        // released; its next report says what else is).
+                        w.loaded_model = Some(model.clone());
+                    }
+                }
                 job.info = info;
                 if outputs.is_empty() {
                     self.succeed(now_ms, f.job_id, Vec::new(), out);

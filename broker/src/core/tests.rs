@@ -1196,6 +1196,7 @@ fn nothing_starts_while_the_store_cannot_write_and_the_queue_resumes_after() {
 }
 
 mod pipeline;
+mod placement;
 mod resubmit;
 mod sessions;
 mod waiting;

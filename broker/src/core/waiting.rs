@@ -66,6 +66,9 @@ impl Core {
                 format!("its {capable} capable worker(s) are offline or their {backend} backend is down"),
             );
         }
+        if let Some(w) = self.waiting_for_warm(job, up - busy) {
+            return Some(w);
+        }
         if small_idle > 0 && busy == up {
             return wait(
                 WaitReason::BiggerGpu,
@@ -83,5 +86,33 @@ impl Core {
                     .map_or("some".to_string(), |n| n.to_string())
             ),
         )
+    }
+
+    /// `idle` capable GPUs are idle, yet the job waits: its model is warm
+    /// elsewhere and a load does not pay (see [`super::placement`]).
+    fn waiting_for_warm(&self, job: &Job, idle: u32) -> Option<Waiting> {
+        let model = job.spec.model.as_deref()?;
+        let warm = self.workers.warm_count(model);
+        if idle == 0 || warm == 0 || !self.cfg.load_aware {
+            return None;
+        }
+        let costs = self.costs.of(model);
+        let detail = match (costs.load_ms, costs.run_ms) {
+            (Some(load), Some(run)) => {
+                let queued = self.queue.waiting_for_model(model) as f64;
+                format!(
+                    "waits for one of the {warm} GPU(s) with {model} loaded (about {:.0} s of its work queued per GPU); loading it on one of the {idle} idle GPU(s) would cost about {:.0} s",
+                    queued * run / warm as f64 / 1000.0,
+                    load / 1000.0
+                )
+            }
+            _ => format!(
+                "waits for one of the {warm} GPU(s) with {model} loaded: what a load of it costs is not measured yet ({idle} GPU(s) idle)"
+            ),
+        };
+        Some(Waiting {
+            reason: WaitReason::WarmGpu,
+            detail,
+        })
     }
 }

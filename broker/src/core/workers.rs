@@ -68,7 +68,7 @@ impl Core {
                     resident.truncate(MAX_RESIDENT);
                     w.resident = resident;
                 }
-                self.workers.refresh_warm(idx);
+                let warm_fell = self.workers.refresh_warm(idx);
                 let w = self.workers.get_mut(idx);
                 let was_healthy = w.healthy;
                 w.healthy = h.healthy;
@@ -108,6 +108,11 @@ impl Core {
                         self.persist_worker(idx, out);
                     }
                     self.dispatch(now_ms, idx, out);
+                }
+                if warm_fell {
+                    // A model fewer GPUs have warm: idle workers that left its
+                    // jobs to warm ones may have to load it now.
+                    self.offer_idle(now_ms, true, out);
                 }
             }
             WorkerMessage::Progress(p) => {
@@ -468,6 +473,21 @@ impl Core {
                 if self.cfg.persist {
                     out.push(Output::Persist(Record::DeleteWorker(w.id.to_string())));
                 }
+            }
+        }
+    }
+
+    /// Offers the queue to every idle worker after something that may make a
+    /// load worth it (see [`super::placement`]); with `steal`, a worker that
+    /// finds nothing there may take over a held job as well.
+    pub(super) fn offer_idle(&mut self, now_ms: u64, steal: bool, out: &mut Vec<Output>) {
+        if self.queue.is_empty() || !self.cfg.load_aware {
+            return;
+        }
+        let idle: Vec<WorkerIdx> = self.workers.idle().collect();
+        for idx in idle {
+            if self.dispatch_queued(now_ms, idx, out) && steal {
+                self.steal_held(now_ms, idx, out);
             }
         }
     }
