@@ -121,13 +121,17 @@ impl Core {
         // While the store cannot write, nothing new starts or is held: its outputs
         // could not be kept, and the attempt would be spent on the broker's own fault.
         let mut loader = None;
+        // Whether an idle worker that could run the job was left idle because a
+        // load would not pay: the job's wait for a warm GPU starts its clock.
+        let mut left_idle = false;
         if self.store_fault.is_none() {
             let idle: Vec<WorkerIdx> = self.workers.idle().collect();
             let best = match self.best_worker(now_ms, id, class, idle) {
-                Some(idx) => Some(idx),
-                None => {
+                (Some(idx), _) => Some(idx),
+                (None, declined) => {
+                    left_idle = declined;
                     let open: Vec<WorkerIdx> = self.workers.open().collect();
-                    self.best_worker(now_ms, id, class, open)
+                    self.best_worker(now_ms, id, class, open).0
                 }
             };
             if let Some(idx) = best {
@@ -158,6 +162,11 @@ impl Core {
         let client = job.client.clone();
         self.queue.push(id, &client, slot);
         *self.queued_per_client.entry(client).or_insert(0) += 1;
+        if left_idle {
+            if let Some(model) = self.jobs[&id].spec.model.as_deref() {
+                self.queue.note_left_idle(model, now_ms);
+            }
+        }
         if let Some(idx) = loader {
             self.dispatch(now_ms, idx, out);
         }
@@ -165,20 +174,22 @@ impl Core {
 
     /// Among `candidates`, the worker that can run job `id` now and ranks best.
     /// One without the job's model warm is a candidate only when loading it there
-    /// pays (see [`Core::load_pays`]).
+    /// pays (see [`Core::load_pays`]); the second value says whether such a
+    /// worker could run the job but was passed over for that reason.
     pub(super) fn best_worker(
         &mut self,
         now_ms: u64,
         id: JobId,
         class: super::queue::ClassId,
         candidates: Vec<WorkerIdx>,
-    ) -> Option<WorkerIdx> {
+    ) -> (Option<WorkerIdx>, bool) {
         let backend = self.queue.requirements(class).backend;
         let spec = self.jobs[&id].spec.clone();
         let model = spec.model.as_deref();
         // When a GPU should load the model: the same threshold for every one.
         let threshold = self.load_threshold_ms(model, 1);
         let mut best: Option<(super::placement::Key, WorkerIdx)> = None;
+        let mut declined = false;
         for idx in candidates {
             let req = self.queue.requirements(class);
             let w = self.workers.get_mut(idx);
@@ -192,13 +203,14 @@ impl Core {
                 && (threshold >= 0.0
                     || threshold > f64::NEG_INFINITY && -self.busy_for_ms(now_ms, idx) <= threshold)
             {
+                declined = true;
                 continue;
             }
             if best.as_ref().is_none_or(|(b, _)| key > *b) {
                 best = Some((key, idx));
             }
         }
-        best.map(|(_, idx)| idx)
+        (best.map(|(_, idx)| idx), declined)
     }
 
     /// Takes a job out of the queue (cancel, timeout, adoption).

@@ -10,9 +10,14 @@
 //!   work per warm GPU (its queued jobs times its generation time, over its warm
 //!   GPUs, plus what the job would wait for a holder) exceeds `load_weight` times
 //!   its load time. Otherwise the job waits for a warm GPU and the idle one stays
-//!   idle: its load would cost more than the wait. A model no GPU has warm is
-//!   always loaded. A model whose costs are not measured yet (no attempt of it
-//!   finished) is loaded on one GPU first; the others wait for its first result.
+//!   idle: its load would cost more than the wait. A model no GPU has warm, or
+//!   whose costs are not measured yet (no attempt of it finished), is loaded.
+//! - **The wait ends by itself**: once idle GPUs have been left idle for a
+//!   model's jobs for `load_weight` times its load time, the next idle GPU loads
+//!   it whatever the estimate said (ski rental: pay rent up to the purchase
+//!   price, then buy), so a wrong estimate (warm GPUs busy with other models)
+//!   costs a bounded wait. A job held by a GPU whose current attempt overruns
+//!   its expected time is taken over by an idle GPU in the same way.
 //! - **Burst spread**: so a burst of one model spreads over more GPUs while its
 //!   queue is worth another load, and stops spreading when it is not: each GPU
 //!   that takes the model counts as warm for it from its assignment on.
@@ -22,12 +27,11 @@
 //!   warm, it loads the model whose waiting jobs have the most work per warm GPU
 //!   among those worth a load.
 //! - **Fairness bound**: priorities are never crossed, and a job at the head of
-//!   its client's line that has waited `affinity_max_wait_ms` (default 120 s) is
-//!   taken by the next free worker that can run it, before any warm work and
-//!   whatever a load costs, clients in round-robin order. Within that bound a
-//!   client's jobs of a warm model may pass its older jobs of another model, and a
-//!   job may wait for a warm GPU while another is idle; jobs of one class stay
-//!   FIFO.
+//!   its client's line that has waited `affinity_max_wait_ms`
+//!   (`broker.placement.fairness_bound_s`, default 120 s) goes before any warm
+//!   work on a worker that has its model warm or for which a load pays, clients
+//!   in round-robin order. Within that bound a client's jobs of a warm model may
+//!   pass its older jobs of another model; jobs of one class stay FIFO.
 
 use std::cmp::Reverse;
 
@@ -42,10 +46,6 @@ pub(super) type Key = (bool, u64, Reverse<WorkerIdx>);
 /// Clients whose next jobs a free worker considers, in rotation order: bounds
 /// the cost of a decision with thousands of clients waiting.
 const CANDIDATE_CLIENTS: usize = 8;
-
-/// Before a model's costs are measured, it spreads to another GPU when it has
-/// more waiting jobs than this per warm GPU.
-const UNMEASURED_JOBS_PER_GPU: u32 = 2;
 
 impl Core {
     /// Ranks worker `idx` for job `id`: its model warm first, then free memory,
@@ -92,13 +92,8 @@ impl Core {
         let waiting = self.queue.waiting_for_model(model) + extra;
         let costs = self.costs.of(model);
         let (Some(load_ms), Some(run_ms)) = (costs.load_ms, costs.run_ms) else {
-            // Not measured yet: another GPU per `UNMEASURED_JOBS_PER_GPU` waiting
-            // jobs until its first result says what it costs.
-            return if waiting > UNMEASURED_JOBS_PER_GPU * warm {
-                f64::NEG_INFINITY
-            } else {
-                f64::INFINITY
-            };
+            // Not measured yet: nothing says waiting would be shorter.
+            return f64::NEG_INFINITY;
         };
         // Waiting for a warm GPU costs `ahead + waiting * run / warm`; a load
         // pays when that exceeds `load_weight * load`.
@@ -160,9 +155,12 @@ impl Core {
         self.offer_idle(now_ms, false, out);
     }
 
-    /// What worker `idx` still has to run before it is free: its current
-    /// attempt's expected time left (load included when it started cold), 0 when
-    /// unknown.
+    /// What worker `idx` still has to run before it is free, in ms: its current
+    /// attempt's expected time left (load included when it started cold). An
+    /// attempt past its expected time is taken to need as long again as it has
+    /// overrun, and one whose model's costs are not measured yet as long again
+    /// as it has run: a GPU stuck in a long job does not keep the job it holds
+    /// from an idle GPU for ever. 0 when the worker is idle.
     pub(super) fn busy_for_ms(&self, now_ms: u64, idx: WorkerIdx) -> f64 {
         let Some(r) = self.workers.get(idx).current else {
             return 0.0;
@@ -170,15 +168,21 @@ impl Core {
         let Some(job) = self.jobs.get(&r.job_id) else {
             return 0.0;
         };
-        let (Some(model), Some(started)) = (job.spec.model.as_deref(), job.started_ms) else {
+        let Some(started) = job.started_ms else {
             return 0.0;
         };
-        let costs = self.costs.of(model);
+        let elapsed = now_ms.saturating_sub(started) as f64;
+        let costs = job
+            .spec
+            .model
+            .as_deref()
+            .map(|m| self.costs.of(m))
+            .unwrap_or_default();
         let load = if job.cold { costs.load_ms } else { Some(0.0) };
-        let (Some(load), Some(run)) = (load, costs.run_ms) else {
-            return 0.0;
-        };
-        (started as f64 + load + run - now_ms as f64).max(0.0)
+        match (load, costs.run_ms) {
+            (Some(load), Some(run)) => (load + run - elapsed).abs(),
+            _ => elapsed,
+        }
     }
 
     /// Takes the next queued job for worker `idx` among the classes `runnable`

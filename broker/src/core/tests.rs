@@ -34,6 +34,22 @@ pub(super) fn inventory(backend: Backend, models: &[&str]) -> BackendInventory {
     }
 }
 
+/// A healthy worker's heartbeat with `current` and `held`, nothing resident.
+pub(super) fn heartbeat(current: Option<JobRef>, held: Vec<JobRef>) -> Heartbeat {
+    Heartbeat {
+        free_vram_mb: 1000,
+        utilization_pct: None,
+        temperature_c: None,
+        power_mw: None,
+        current,
+        held,
+        loaded_model: None,
+        resident: None,
+        healthy: true,
+        backends: None,
+    }
+}
+
 pub(super) fn spec() -> JobSpec {
     JobSpec::new(Backend::Sim, Task::TextToImage).param("prompt", "a kiln")
 }
@@ -151,21 +167,7 @@ impl Sim {
     }
 
     fn beat_full(&mut self, w: &str, current: Option<JobRef>, held: Vec<JobRef>) -> Vec<Output> {
-        self.worker(
-            w,
-            WorkerMessage::Heartbeat(Heartbeat {
-                free_vram_mb: 1000,
-                utilization_pct: None,
-                temperature_c: None,
-                power_mw: None,
-                current,
-                held,
-                loaded_model: None,
-                resident: None,
-                healthy: true,
-                backends: None,
-            }),
-        )
+        self.worker(w, WorkerMessage::Heartbeat(heartbeat(current, held)))
     }
 
     pub(super) fn submit_as(

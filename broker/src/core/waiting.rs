@@ -96,20 +96,17 @@ impl Core {
         if idle == 0 || warm == 0 || !self.cfg.load_aware {
             return None;
         }
+        // Unmeasured models are loaded, not waited for.
         let costs = self.costs.of(model);
-        let detail = match (costs.load_ms, costs.run_ms) {
-            (Some(load), Some(run)) => {
-                let queued = self.queue.waiting_for_model(model) as f64;
-                format!(
-                    "waits for one of the {warm} GPU(s) with {model} loaded (about {:.0} s of its work queued per GPU); loading it on one of the {idle} idle GPU(s) would cost about {:.0} s",
-                    queued * run / warm as f64 / 1000.0,
-                    load / 1000.0
-                )
-            }
-            _ => format!(
-                "waits for one of the {warm} GPU(s) with {model} loaded: what a load of it costs is not measured yet ({idle} GPU(s) idle)"
-            ),
+        let (Some(load), Some(run)) = (costs.load_ms, costs.run_ms) else {
+            return None;
         };
+        let queued = self.queue.waiting_for_model(model) as f64;
+        let detail = format!(
+            "waits for one of the {warm} GPU(s) with {model} loaded (about {:.0} s of its work queued per GPU); loading it on one of the {idle} idle GPU(s) would cost about {:.0} s",
+            queued * run / warm as f64 / 1000.0,
+            load / 1000.0
+        );
         Some(Waiting {
             reason: WaitReason::WarmGpu,
             detail,

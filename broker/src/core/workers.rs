@@ -475,6 +475,14 @@ impl Core {
                 }
             }
         }
+        // A held job whose holder overran its expected time may be worth a
+        // load on an idle worker by now (see `Core::busy_for_ms`).
+        if self.cfg.load_aware && !self.held_priorities.is_empty() {
+            let idle: Vec<WorkerIdx> = self.workers.idle().collect();
+            for idx in idle {
+                self.steal_held(now_ms, idx, out);
+            }
+        }
     }
 
     /// Offers the queue to every idle worker after something that may make a

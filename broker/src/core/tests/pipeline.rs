@@ -6,7 +6,7 @@ use super::*;
 
 impl Sim {
     /// Registers a worker that holds up to `depth` jobs while it runs one.
-    fn register_holding(&mut self, w: &str, depth: u8) -> Vec<Output> {
+    pub(super) fn register_holding(&mut self, w: &str, depth: u8) -> Vec<Output> {
         let reg = Register {
             token: None,
             worker_id: w.to_string(),
@@ -37,7 +37,7 @@ impl Sim {
 }
 
 /// The holds (`hold = true` assignments) in `out`.
-fn holds(out: &[Output]) -> Vec<(String, JobId, u32)> {
+pub(super) fn holds(out: &[Output]) -> Vec<(String, JobId, u32)> {
     out.iter()
         .filter_map(|o| match o {
             Output::ToWorker {

@@ -37,21 +37,12 @@ impl Sim {
             .workers()
             .by_id(w)
             .and_then(|i| self.core.workers().get(i).current);
-        self.worker(
-            w,
-            WorkerMessage::Heartbeat(Heartbeat {
-                free_vram_mb: 1000,
-                utilization_pct: None,
-                temperature_c: None,
-                power_mw: None,
-                current,
-                held: vec![],
-                loaded_model: models.first().map(|m| m.to_string()),
-                resident: Some(models.iter().map(|m| m.to_string()).collect()),
-                healthy: true,
-                backends: None,
-            }),
-        )
+        let beat = Heartbeat {
+            loaded_model: models.first().map(|m| m.to_string()),
+            resident: Some(models.iter().map(|m| m.to_string()).collect()),
+            ..heartbeat(current, vec![])
+        };
+        self.worker(w, WorkerMessage::Heartbeat(beat))
     }
 
     /// Two idle workers, `warm` with SDXL resident and measured (a 9 s load and
@@ -124,8 +115,11 @@ fn a_burst_spreads_to_another_gpu_once_its_queue_is_worth_a_load() {
 
 #[test]
 fn past_the_fairness_bound_a_job_still_waits_for_a_warm_gpu_rather_than_force_a_load() {
+    // Load weight 20: idle GPUs wait up to 20 x 9 s for a warm one, well past
+    // the 60 s bound.
     let cfg = CoreConfig {
         affinity_max_wait_ms: 60_000,
+        load_weight: 20.0,
         ..CoreConfig::default()
     };
     let mut sim = Sim::warm_and_cold(cfg);
@@ -133,9 +127,8 @@ fn past_the_fairness_bound_a_job_still_waits_for_a_warm_gpu_rather_than_force_a_
     let (b, out) = sim.submit(sdxl());
     assert!(assigns(&out).is_empty(), "{out:?}");
     let created = sim.now;
-    // Both workers stay alive well past the bound; the idle one never loads
-    // the model for `b`: its wait for the warm GPU is bounded by that GPU's
-    // current job, not by a load.
+    // Both workers stay alive well past the bound; the idle one does not load
+    // the model for `b`.
     while sim.now < created + 150_000 {
         let mut out = sim.advance(500);
         out.extend(sim.beat_resident("warm", &[SDXL]));
@@ -152,6 +145,31 @@ fn past_the_fairness_bound_a_job_still_waits_for_a_warm_gpu_rather_than_force_a_
     );
     let out = sim.succeed("warm", a, 1);
     assert_eq!(assigns(&out), [("warm".to_string(), b, 1)]);
+}
+
+#[test]
+fn an_idle_gpu_left_idle_for_as_long_as_a_load_weighs_loads_the_model() {
+    // Weight 6 and a 9 s load: the cold GPU waits 54 s for the warm one, which
+    // is stuck in its job, then loads the model itself.
+    let mut sim = Sim::warm_and_cold(CoreConfig::default());
+    sim.submit(sdxl());
+    let (b, out) = sim.submit(sdxl());
+    assert!(assigns(&out).is_empty(), "{out:?}");
+    let created = sim.now;
+    loop {
+        let mut out = sim.advance(500);
+        out.extend(sim.beat_resident("warm", &[SDXL]));
+        out.extend(sim.beat("cold"));
+        let taken = assigns(&out);
+        if taken.is_empty() {
+            assert!(sim.now < created + 55_000, "never loaded");
+            continue;
+        }
+        assert_eq!(taken, [("cold".to_string(), b, 1)]);
+        let at = sim.now - created;
+        assert!(at >= 54_000, "loaded at {at} ms");
+        break;
+    }
 }
 
 #[test]
@@ -192,14 +210,50 @@ fn past_the_fairness_bound_a_job_goes_before_warm_work() {
 }
 
 #[test]
-fn an_unmeasured_model_loads_on_one_gpu_and_the_others_wait_for_it() {
+fn an_unmeasured_model_loads_on_an_idle_gpu_rather_than_wait_for_a_busy_warm_one() {
     let mut sim = Sim::new();
     sim.register("w1", 24_000);
     sim.register("w2", 24_000);
     let (a, out) = sim.submit(sdxl());
     assert_eq!(assigns(&out), [("w1".to_string(), a, 1)]);
-    // w1 counts as warm from its assignment on: with the costs unknown, a
-    // second job does not send w2 loading too.
-    let (_, out) = sim.submit(sdxl());
-    assert!(assigns(&out).is_empty(), "{out:?}");
+    // w1 counts as warm from its assignment on, but nothing says how long its
+    // job runs or what a load costs: the idle GPU loads.
+    let (b, out) = sim.submit(sdxl());
+    assert_eq!(assigns(&out), [("w2".to_string(), b, 1)]);
+}
+
+#[test]
+fn a_held_job_goes_to_an_idle_gpu_once_its_holder_overruns_by_more_than_a_load_weighs() {
+    let mut sim = Sim::new();
+    sim.register_holding("warm", 1);
+    let (a, _) = sim.submit(sdxl());
+    sim.finish("warm", a, 1, timed(9_000, 6_000));
+    sim.beat_resident("warm", &[SDXL]);
+    sim.register("cold", 24_000);
+    let (b, out) = sim.submit(sdxl());
+    assert_eq!(assigns(&out), [("warm".to_string(), b, 1)]);
+    let started = sim.now;
+    // `c` is held by the warm GPU: 6 s left there against a 9 s load.
+    let (c, out) = sim.submit(sdxl());
+    assert_eq!(pipeline::holds(&out), [("warm".to_string(), c, 1)]);
+    // `b` runs far past its 6 s. The hold pays off against a load (weight 6:
+    // 54 s) until `b` has overrun by that much, then the idle GPU takes `c`.
+    let r = |job| JobRef {
+        job_id: job,
+        attempt: 1,
+    };
+    loop {
+        let mut out = sim.advance(500);
+        out.extend(sim.beat_full("warm", Some(r(b)), vec![r(c)]));
+        out.extend(sim.beat("cold"));
+        let taken = assigns(&out);
+        if taken.is_empty() {
+            assert!(sim.now < started + 62_000, "never taken over");
+            continue;
+        }
+        assert_eq!(taken, [("cold".to_string(), c, 2)]);
+        let at = sim.now - started;
+        assert!((59_000..62_000).contains(&at), "taken over at {at} ms");
+        break;
+    }
 }
