@@ -61,8 +61,13 @@ pub struct JobReport {
     /// The worker and its GPU, e.g. `gpu0 (RTX 4090)`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu: Option<String>,
+    /// Starts that counted against `max_attempts` (2 after a retry). The
+    /// broker's attempt number is left out: it is an identifier that jumps
+    /// after a broker restart, not a count.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub attempt: Option<u32>,
+    pub tries: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
     /// Percent done, while running.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub progress: Option<f64>,
@@ -187,7 +192,8 @@ pub fn job_report(s: &JobSnapshot, prompt: Option<String>) -> JobReport {
         seed: seed_of(s),
         worker: s.worker.clone(),
         gpu: s.gpu.clone(),
-        attempt: (s.attempt > 0).then_some(s.attempt),
+        tries: (s.tries > 0).then_some(s.tries),
+        max_attempts: Some(s.max_attempts),
         progress: (s.state == JobState::Running)
             .then(|| round_percent(s.progress.as_ref().map_or(0.0, |p| p.pct))),
         stage: s
@@ -225,7 +231,8 @@ fn refused_report(e: &ToolError, prompt: Option<String>) -> JobReport {
         seed: None,
         worker: None,
         gpu: None,
-        attempt: None,
+        tries: None,
+        max_attempts: None,
         progress: None,
         stage: None,
         queue_position: None,
@@ -529,5 +536,23 @@ mod tests {
         assert_eq!(report["degrade"], 1);
         assert_eq!(report["priority"], -2);
         assert!(report.get("seq").is_none() && report.get("client").is_none());
+    }
+
+    /// After a broker restart the attempt number jumps (66 here); the report
+    /// counts tries against the maximum instead.
+    #[test]
+    fn a_report_counts_tries_not_attempt_numbers() {
+        let snap: JobSnapshot = serde_json::from_value(serde_json::json!({
+            "job_id": "j7", "seq": 4, "state": "running", "backend": "sim",
+            "task": "text_to_image", "priority": 0, "client": "c", "attempt": 66,
+            "tries": 2, "max_attempts": 3, "created_ms": 1, "started_ms": 2
+        }))
+        .unwrap();
+        let report = serde_json::to_value(job_report(&snap, None)).unwrap();
+        assert_eq!(
+            (report["tries"].clone(), report["max_attempts"].clone()),
+            (2.into(), 3.into())
+        );
+        assert!(report.get("attempt").is_none(), "{report}");
     }
 }

@@ -4,8 +4,8 @@
 //! values) as a [`ParamSchema`]; the worker sends it inside its inventory when it
 //! registers, and the broker refuses at submit a job that no capable worker would
 //! accept, with an `invalid_field` naming the parameter (`job.params.steps`), before
-//! any GPU time is spent. The same description serves `kiln workers --params`, the
-//! MCP gateway's tool schemas and the docs.
+//! any GPU time is spent. The same description serves `kiln submit --help` and the
+//! `params` schema of the MCP gateway's generate tools.
 //!
 //! A schema holds one [`ParamSet`] per kind of job: per task, or per named
 //! template (ComfyUI). Unknown keys are refused unless the set is `open` (a raw
