@@ -584,7 +584,7 @@ async fn route_loop(
                 Output::Persist(r) => batch.records.push(r),
                 Output::ToWorker {
                     peer,
-                    msg: msg @ BrokerMessage::Assign(_),
+                    msg: msg @ (BrokerMessage::Assign(_) | BrokerMessage::Cancel(_)),
                 } => downstream.workers.send(peer, frame::encode_body(&msg)),
                 Output::Artifact(op @ ArtifactOp::Delete { .. }) => {
                     batch.after.push(Output::Artifact(op))
@@ -611,6 +611,14 @@ async fn route_loop(
 /// them through the committer; assignments straight to the workers, because
 /// they need not wait for their records (see `Job::attempt_reserve`), so a
 /// worker's next job does not wait for the fsync of its last result.
+///
+/// Cancels go straight too, so that a worker sees them in the order the core
+/// made them relative to assignments: a more urgent job that takes a held job's
+/// place is a Cancel of the held one then an Assign, and a worker that got the
+/// Assign first would refuse it as one hold too many. A cancel needs no record
+/// first: if the broker dies before the commit, the recovered job is still
+/// held by or running on that worker, which requeues it (no longer held) or
+/// reports it cancelled, which is what the cancel asked for.
 struct Downstream {
     commits: mpsc::Sender<Batch>,
     workers: Arc<Outbox>,

@@ -191,3 +191,79 @@ async fn results_without_outputs_stream_ahead_of_their_acknowledgements() {
     });
     script.await.expect("the scripted broker's checks");
 }
+
+/// A more urgent job takes the place of a held one: the worker is told to drop
+/// the held job before it is given the urgent one (both leave the broker in
+/// that order), so it holds the urgent one instead of refusing it as one hold
+/// too many, and it goes on holding jobs afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_urgent_job_takes_a_held_jobs_place_on_the_same_worker() {
+    let s = Scratch::new();
+    let broker = s.broker(BrokerOpts::default()).await;
+    let _w = s
+        .worker(
+            &broker,
+            WorkerOpts {
+                step_ms: 40,
+                ..WorkerOpts::sim("w1")
+            },
+        )
+        .await;
+    let client = broker.client();
+    let snapshot = |id| {
+        let client = client.clone();
+        async move { client.get(id).await.unwrap() }
+    };
+    let long = client.submit(job("long", 100, 64)).await.unwrap().job_id;
+    eventually("the long job to run", Duration::from_secs(20), || async {
+        (snapshot(long).await.state == JobState::Running).then_some(())
+    })
+    .await;
+    let normal = client.submit(job("normal", 2, 64)).await.unwrap().job_id;
+    assert_eq!(snapshot(normal).await.worker.as_deref(), Some("w1"), "held");
+    let mut spec = job("urgent", 2, 64);
+    spec.priority = 5;
+    let urgent = client.submit(spec).await.unwrap().job_id;
+    let held = eventually(
+        "the urgent job held by w1",
+        Duration::from_secs(10),
+        || async {
+            let j = snapshot(urgent).await;
+            (j.worker.as_deref() == Some("w1") || j.state.is_terminal()).then_some(j)
+        },
+    )
+    .await;
+    assert_eq!(held.state, JobState::Queued, "{held:?}");
+    client.cancel(long).await.unwrap();
+    for id in [urgent, normal] {
+        let done = eventually("the jobs to end", Duration::from_secs(20), || async {
+            let j = snapshot(id).await;
+            j.state.is_terminal().then_some(j)
+        })
+        .await;
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+        assert!(
+            !done
+                .history
+                .iter()
+                .any(|t| t.note.contains("could not hold")),
+            "{:?}",
+            done.history
+        );
+    }
+    // The worker still holds: a job submitted while another runs is held by it.
+    let running = client.submit(job("again", 100, 64)).await.unwrap().job_id;
+    eventually(
+        "the next long job to run",
+        Duration::from_secs(20),
+        || async { (snapshot(running).await.state == JobState::Running).then_some(()) },
+    )
+    .await;
+    let next = client.submit(job("next", 2, 64)).await.unwrap().job_id;
+    assert_eq!(
+        snapshot(next).await.worker.as_deref(),
+        Some("w1"),
+        "w1 holds jobs again"
+    );
+    client.cancel(running).await.unwrap();
+}
