@@ -205,8 +205,20 @@ impl Core {
     /// pays against what the holder still has to run, see
     /// [`Core::load_pays`]).
     pub(super) fn steal_held(&mut self, now_ms: u64, idx: WorkerIdx, out: &mut Vec<Output>) {
+        self.steal_held_above(now_ms, idx, None, out);
+    }
+
+    /// [`Core::steal_held`] among the held jobs more urgent than `above` (all
+    /// when `None`); returns whether the worker took one.
+    pub(super) fn steal_held_above(
+        &mut self,
+        now_ms: u64,
+        idx: WorkerIdx,
+        above: Option<i8>,
+        out: &mut Vec<Output>,
+    ) -> bool {
         if self.held_priorities.is_empty() {
-            return;
+            return false;
         }
         let mut best: Option<(bool, i8, Reverse<JobId>)> = None;
         let candidates: Vec<(JobRef, WorkerIdx)> = self
@@ -220,6 +232,9 @@ impl Core {
         for (r, holder) in candidates {
             let job = &self.jobs[&r.job_id];
             let (class, priority) = (job.class, job.spec.priority);
+            if above.is_some_and(|a| priority <= a) {
+                continue;
+            }
             let model = job.spec.model.as_deref();
             let warm = model.is_none_or(|m| self.workers.get(idx).is_warm(m));
             // Warm first, then most urgent, then the oldest job; the cheap
@@ -253,7 +268,7 @@ impl Core {
             best = Some(key);
         }
         let Some((_, _, Reverse(id))) = best else {
-            return;
+            return false;
         };
         let attempt = self.jobs[&id].attempt;
         let holder = self.unhold(id, true, out);
@@ -265,5 +280,6 @@ impl Core {
             format!("held attempt {attempt} requeued: {to} was idle and took it over from {from}");
         self.note(now_ms, id, why, out);
         self.assign(now_ms, id, idx, out);
+        true
     }
 }

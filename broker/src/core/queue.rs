@@ -141,6 +141,11 @@ impl Queue {
         self.len
     }
 
+    /// The highest priority with a job waiting.
+    pub fn top_priority(&self) -> Option<i8> {
+        self.levels.keys().next().map(|Reverse(p)| *p)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -102,9 +102,11 @@ impl Core {
             return None;
         };
         let queued = self.queue.waiting_for_model(model) as f64;
+        let weight = self.cfg.load_weight;
         let detail = format!(
-            "waits for one of the {warm} GPU(s) with {model} loaded (about {:.0} s of its work queued per GPU); loading it on one of the {idle} idle GPU(s) would cost about {:.0} s",
+            "waits for one of the {warm} GPU(s) with {model} loaded: about {:.0} s of its work is queued per such GPU, less than the {:.0} s a load on one of the {idle} idle GPU(s) weighs ({weight} x its {:.0} s load); an idle GPU loads it once it has waited for it that long",
             queued * run / warm as f64 / 1000.0,
+            weight * load / 1000.0,
             load / 1000.0
         );
         Some(Waiting {

@@ -319,3 +319,22 @@ fn a_result_puts_its_model_first_among_the_resident_ones() {
     assert_eq!(info.loaded_model.as_deref(), Some("sim-sdxl"));
     assert_eq!(info.resident, ["sim-sdxl", "sim-sd15", "sim-flux"]);
 }
+
+#[test]
+fn a_free_worker_takes_a_held_job_more_urgent_than_anything_queued() {
+    let mut sim = Sim::new();
+    sim.register_holding("w1", 1);
+    let (a, out) = sim.submit(spec());
+    assert_eq!(assigns(&out), [("w1".to_string(), a, 1)]);
+    let mut urgent = spec();
+    urgent.priority = 5;
+    let (h, out) = sim.submit(urgent);
+    assert_eq!(holds(&out), [("w1".to_string(), h, 1)]);
+    let (low, _) = sim.submit(spec());
+    assert_eq!(sim.state(low), JobState::Queued);
+    // A second worker comes: it takes the urgent held job, not the queued one.
+    let out = sim.register("w2", 24_000);
+    let started = assigns(&out);
+    assert_eq!(started.first(), Some(&("w2".to_string(), h, 2)), "{out:?}");
+    assert_eq!(sim.state(low), JobState::Queued);
+}

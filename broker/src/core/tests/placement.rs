@@ -76,6 +76,13 @@ fn a_job_waits_for_a_warm_gpu_when_loading_costs_more_than_the_wait() {
     assert_eq!(sim.state(b), JobState::Queued);
     let why = sim.snapshot(b).waiting.unwrap();
     assert_eq!(why.reason, WaitReason::WarmGpu, "{}", why.detail);
+    assert!(
+        why.detail.contains(
+            "less than the 54 s a load on one of the 1 idle GPU(s) weighs (6 x its 9 s load)"
+        ),
+        "{}",
+        why.detail
+    );
     let out = sim.succeed("warm", a, 1);
     assert_eq!(assigns(&out), [("warm".to_string(), b, 1)]);
     // Without load-aware placement the idle GPU loads it at once.
