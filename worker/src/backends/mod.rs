@@ -3,3 +3,6 @@
 pub mod comfyui;
 pub mod sim;
 pub mod wan2gp;
+
+#[cfg(test)]
+mod documented;
