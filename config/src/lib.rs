@@ -670,21 +670,30 @@ impl KilnConfig {
         if self.worker.liveness == 0 {
             return invalid("worker.liveness", "must be at least 1");
         }
-        if let Some(id) = &self.worker.id {
-            if !kiln_protocol::ids::is_simple_name(id, 64) {
-                return invalid("worker.id", &kiln_protocol::ids::simple_name_rule(64));
+        // The broker's rules with its default limits (a broker configured with
+        // other limits says so when the worker registers).
+        let limits = kiln_protocol::Limits::default();
+        let named = match &self.worker.id {
+            Some(id) => {
+                kiln_protocol::ids::check_simple_name("worker.id", id, limits.max_label_len)
             }
+            None => Ok(()),
         }
-        for label in &self.worker.labels {
-            if !kiln_protocol::ids::is_simple_name(label, 64) {
-                return invalid(
-                    "worker.labels",
-                    &format!(
-                        "label {label:?} {}",
-                        kiln_protocol::ids::simple_name_rule(64)
-                    ),
-                );
-            }
+        .and_then(|()| {
+            kiln_protocol::ids::check_labels(
+                "worker.labels",
+                &self.worker.labels,
+                limits.max_labels,
+                limits.max_label_len,
+            )
+        });
+        if let Err(e) = named {
+            let key = e.to_body().field.unwrap_or_else(|| "worker".into());
+            let message = match e {
+                kiln_protocol::ProtocolError::InvalidField { reason, .. } => reason,
+                other => other.to_string(),
+            };
+            return Err(ConfigError::Invalid { key, message });
         }
         if self.worker.backends.is_empty() {
             return invalid("worker.backends", "list at least one backend");
@@ -1134,5 +1143,32 @@ mod tests {
             assert_eq!(c.broker_worker_token().unwrap().unwrap().expose(), "12345");
             Ok(())
         });
+    }
+
+    #[test]
+    fn worker_names_follow_the_brokers_rules_and_errors_name_the_entry() {
+        let mut c = KilnConfig::default();
+        c.worker.id = Some("box 1".into());
+        match c.clone().validated() {
+            Err(ConfigError::Invalid { key, message }) => {
+                assert_eq!(key, "worker.id");
+                assert!(message.contains("1 to 64 characters"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        c.worker.id = None;
+        c.worker.labels = vec!["ok".into(), "not ok".into()];
+        match c.clone().validated() {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "worker.labels[1]"),
+            other => panic!("{other:?}"),
+        }
+        c.worker.labels = (0..17).map(|i| format!("l{i}")).collect();
+        match c.validated() {
+            Err(ConfigError::Invalid { key, message }) => {
+                assert_eq!(key, "worker.labels");
+                assert!(message.contains("16"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
