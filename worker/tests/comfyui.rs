@@ -334,6 +334,26 @@ async fn comfyui_unknown_override_inputs_and_too_many_outputs_fail_once_with_the
     let client = broker.client();
     let queued = |log: Vec<String>| log.iter().filter(|l| l.starts_with("POST /prompt")).count();
 
+    // What the worker's description covers is refused at submit, naming the
+    // field, before anything reaches ComfyUI.
+    let t2i = || JobSpec::new(Backend::Comfyui, Task::TextToImage).param("prompt", "a fox");
+    for (bad, field) in [
+        (t2i().param("steps", "abc"), "job.params.steps"),
+        (t2i().param("stepz", 10), "job.params.stepz"),
+        (
+            t2i().param("filename_prefix", "renders/v1..final"),
+            "job.params.filename_prefix",
+        ),
+    ] {
+        let err = client.submit(bad).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(kiln_protocol::ErrorCode::InvalidField),
+            "{err}"
+        );
+        assert!(err.to_string().contains(field), "{field}: {err}");
+    }
+
     let mut typo = raw("01_empty_invert_save").param("overrides", json!({"1": {"colour": 1}}));
     typo.max_attempts = Some(3);
     let done = fail(&client, typo).await;

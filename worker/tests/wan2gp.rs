@@ -33,6 +33,23 @@ async fn jobs_stream_progress_the_model_stays_loaded_and_models_are_listed() {
         "weights not downloaded: not offered"
     );
 
+    // The worker's parameter description is enforced at submit, before any
+    // GPU time: each of these is refused naming its field.
+    for (key, value, field) in [
+        ("seed", json!(-1), "job.params.seed"),
+        ("width", json!(100_000), "job.params.width"),
+        ("stepz", json!(10), "job.params.stepz"),
+    ] {
+        let bad = t2v("refused", json!({})).param(key, value);
+        let err = client.submit(bad).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(kiln_protocol::ErrorCode::InvalidField),
+            "{key}: {err}"
+        );
+        assert!(err.to_string().contains(field), "{key}: {err}");
+    }
+
     let mut spec = t2v("a kiln at dusk", json!({"steps": 8, "step_s": 0.05}));
     spec.loras.push(LoraRef {
         name: "kiln_style.safetensors".into(),
