@@ -410,6 +410,13 @@ impl JobSpec {
             ));
         }
         if let Some(key) = &self.idempotency_key {
+            if key.is_empty() {
+                // An empty key would make every keyless-looking retry one job.
+                return Err(ProtocolError::invalid(
+                    "job.idempotency_key",
+                    "must not be empty; omit it for a job without a key",
+                ));
+            }
             check_len("job.idempotency_key", key, limits.max_idempotency_key_len)?;
         }
         Ok(())

@@ -155,6 +155,14 @@ fn errors_name_the_field_itself() {
     let err = check(with("params", json!({"prompt": long}))).unwrap_err();
     assert_eq!(err.code, ErrorCode::FieldTooLarge);
     assert_eq!(err.field.as_deref(), Some("job.params.prompt"));
+    // An empty idempotency key is refused, not taken as a key.
+    let err = check(with("idempotency_key", json!(""))).unwrap_err();
+    assert_eq!(
+        (err.code, err.field.as_deref()),
+        (ErrorCode::InvalidField, Some("job.idempotency_key")),
+        "{}",
+        err.message
+    );
     // req_id must be an unsigned integer.
     let err = decode_body::<Request>(&body(&json!({"type": "ping", "req_id": "7"})), 1 << 20)
         .unwrap_err()
