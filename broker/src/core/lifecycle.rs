@@ -312,8 +312,8 @@ impl Core {
     /// then as many to hold as it has room for. An idle worker with nothing in the
     /// queue takes a job another worker holds.
     pub(super) fn dispatch(&mut self, now_ms: u64, idx: WorkerIdx, out: &mut Vec<Output>) {
-        // Priorities are not crossed through holds either: a free worker takes
-        // over a held job more urgent than anything queued before the queue's.
+        // Priorities are not crossed through holds either: a free worker first
+        // takes over a held job more urgent than anything queued.
         let w = self.workers.get(idx);
         let ready = w.online && w.healthy && w.peer.is_some() && self.store_fault.is_none();
         if ready && w.current.is_none() {

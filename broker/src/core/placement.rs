@@ -180,6 +180,7 @@ impl Core {
             .unwrap_or_default();
         let load = if job.cold { costs.load_ms } else { Some(0.0) };
         match (load, costs.run_ms) {
+            // Time left; once overrun, as long again as the overrun.
             (Some(load), Some(run)) => (load + run - elapsed).abs(),
             _ => elapsed,
         }
