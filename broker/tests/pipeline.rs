@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use kiln_protocol::{Backend, JobSpec, JobState, Task};
-use kiln_testkit::{eventually, BrokerOpts, Scratch, WorkerOpts};
+use kiln_protocol::{Backend, Client, JobSpec, JobState, Task};
+use kiln_testkit::{eventually, Broker, BrokerOpts, Proc, Scratch, WorkerOpts};
 
 fn job(prompt: &str, steps: u32, side: u32) -> JobSpec {
     JobSpec::new(Backend::Sim, Task::TextToImage)
@@ -16,11 +16,12 @@ fn job(prompt: &str, steps: u32, side: u32) -> JobSpec {
         .param("count", 2)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_workers_second_job_starts_with_no_broker_round_trip() {
+/// A broker and one sim worker, `w1`, at 40 ms per step (the scratch
+/// directory, broker and worker live as long as the returned values).
+async fn one_worker() -> (Scratch, Broker, Proc, Client) {
     let s = Scratch::new();
     let broker = s.broker(BrokerOpts::default()).await;
-    let _w = s
+    let w = s
         .worker(
             &broker,
             WorkerOpts {
@@ -30,6 +31,12 @@ async fn a_workers_second_job_starts_with_no_broker_round_trip() {
         )
         .await;
     let client = broker.client();
+    (s, broker, w, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workers_second_job_starts_with_no_broker_round_trip() {
+    let (_s, _broker, _w, client) = one_worker().await;
     // The first job has outputs to upload after it ends; the second is held by
     // the worker while the first runs.
     let first = client.submit(job("first", 10, 256)).await.unwrap().job_id;
@@ -198,18 +205,7 @@ async fn results_without_outputs_stream_ahead_of_their_acknowledgements() {
 /// too many, and it goes on holding jobs afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_urgent_job_takes_a_held_jobs_place_on_the_same_worker() {
-    let s = Scratch::new();
-    let broker = s.broker(BrokerOpts::default()).await;
-    let _w = s
-        .worker(
-            &broker,
-            WorkerOpts {
-                step_ms: 40,
-                ..WorkerOpts::sim("w1")
-            },
-        )
-        .await;
-    let client = broker.client();
+    let (_s, _broker, _w, client) = one_worker().await;
     let snapshot = |id| {
         let client = client.clone();
         async move { client.get(id).await.unwrap() }
