@@ -177,7 +177,8 @@ impl Core {
             if !capable {
                 continue;
             }
-            for (r, _) in &self.workers.get(idx).held {
+            let w = self.workers.get(idx);
+            for (r, _) in w.held.iter().filter(|(r, _)| w.holds_unstarted(*r)) {
                 let p = self.jobs[&r.job_id].spec.priority;
                 if p < priority && victim.is_none_or(|(vp, _, _)| p < vp) {
                     victim = Some((p, r.job_id, idx));
@@ -225,7 +226,12 @@ impl Core {
             .workers
             .iter()
             .filter(|(other, _)| *other != idx)
-            .flat_map(|(holder, w)| w.held.iter().map(move |(r, _)| (*r, holder)))
+            .flat_map(|(holder, w)| {
+                w.held
+                    .iter()
+                    .filter(|(r, _)| w.holds_unstarted(*r))
+                    .map(move |(r, _)| (*r, holder))
+            })
             .collect();
         // Load thresholds per model, computed once (see `Core::load_threshold_ms`).
         let mut thresholds: Vec<(String, f64)> = Vec::new();

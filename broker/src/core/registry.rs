@@ -56,6 +56,11 @@ pub struct Worker {
     /// when each was sent. The first starts on the worker the moment `current`
     /// ends there, without a round trip to the broker.
     pub held: Vec<(JobRef, u64)>,
+    /// A held attempt the worker has started already (it reported progress for
+    /// it, or named it `current` in a heartbeat) before the broker saw the
+    /// previous result: it is not taken back, by an idle worker or for a more
+    /// urgent job, since that would run it twice.
+    pub held_running: Option<JobRef>,
     /// How many attempts the worker will hold besides `current`: what it
     /// advertised, capped by the broker's setting.
     pub max_held: u8,
@@ -97,6 +102,7 @@ impl Worker {
             last_seen_ms: r.last_seen_ms,
             current: None,
             held: Vec::new(),
+            held_running: None,
             max_held: 0,
             assumed: Vec::new(),
             counted: Vec::new(),
@@ -198,6 +204,12 @@ impl Worker {
             .into_iter()
             .chain(resident.map(|(_, m)| m))
             .chain(assumed.map(|(_, (_, m))| m))
+    }
+
+    /// Whether the worker holds `r` and has not started it yet (it may be
+    /// taken back).
+    pub fn holds_unstarted(&self, r: JobRef) -> bool {
+        self.held_running != Some(r) && self.held.iter().any(|(h, _)| *h == r)
     }
 
     /// Whether `model` is resident, or will be for an attempt it has.

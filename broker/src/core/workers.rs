@@ -77,6 +77,9 @@ impl Core {
                     truncate_models(&mut backends);
                     w.set_backends(backends);
                 }
+                if let Some(c) = h.current.filter(|c| w.held.iter().any(|(r, _)| r == c)) {
+                    w.held_running = Some(c);
+                }
                 let held = w.current;
                 // Held assignments the worker does not name two beats after they
                 // were sent never reached it.
@@ -121,6 +124,11 @@ impl Core {
                     attempt: p.attempt,
                 };
                 if !self.is_current(idx, r) {
+                    // Progress of a held attempt: its GPU has started it.
+                    let w = self.workers.get_mut(idx);
+                    if w.held.iter().any(|(h, _)| *h == r) {
+                        w.held_running = Some(r);
+                    }
                     return;
                 }
                 let max_stage = self.cfg.limits.max_stage_len;

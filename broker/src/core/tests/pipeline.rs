@@ -199,6 +199,44 @@ fn an_idle_worker_takes_over_a_held_job() {
 }
 
 #[test]
+fn a_held_job_its_worker_has_started_is_not_taken_back() {
+    let mut sim = Sim::new();
+    sim.register_holding("w1", 1);
+    let (j1, _) = sim.submit(spec());
+    let (j2, _) = sim.submit(spec());
+    // w1's GPU finished j1 and started j2; j1's result has not reached the
+    // broker yet, but j2's progress has.
+    sim.worker(
+        "w1",
+        WorkerMessage::Progress(ProgressReport {
+            job_id: j2,
+            attempt: 1,
+            progress: Progress {
+                pct: 5.0,
+                step: Some(1),
+                steps: Some(20),
+                stage: "sampling".into(),
+            },
+        }),
+    );
+    // An idle worker does not take it over: it would run twice.
+    let out = sim.register("w2", 24_000);
+    assert!(assigns(&out).is_empty(), "{out:?}");
+    assert!(cancels(&out).is_empty(), "{out:?}");
+    // Nor does a more urgent job take its place once w2 is busy too.
+    let (x, out) = sim.submit(spec());
+    assert_eq!(assigns(&out), [("w2".to_string(), x, 1)]);
+    let mut urgent = spec();
+    urgent.priority = 5;
+    let (u, out) = sim.submit(urgent);
+    assert!(cancels(&out).is_empty(), "{out:?}");
+    assert_eq!(sim.state(u), JobState::Queued);
+    let out = sim.succeed("w1", j1, 1);
+    assert!(cancels(&out).is_empty(), "{out:?}");
+    assert_eq!(sim.state(j2), JobState::Running);
+}
+
+#[test]
 fn a_hold_the_worker_never_names_is_requeued() {
     let mut sim = Sim::new();
     sim.register_holding("w1", 1);
