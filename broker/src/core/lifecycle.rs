@@ -315,8 +315,7 @@ impl Core {
         // Priorities are not crossed through holds either: a free worker first
         // takes over a held job more urgent than anything queued.
         let w = self.workers.get(idx);
-        let ready = w.online && w.healthy && w.peer.is_some() && self.store_fault.is_none();
-        if ready && w.current.is_none() {
+        if w.ready() && self.store_fault.is_none() && w.current.is_none() {
             if let (Some(&held), Some(queued)) = (
                 self.held_priorities.keys().next_back(),
                 self.queue.top_priority(),
@@ -342,7 +341,7 @@ impl Core {
         loop {
             let w = self.workers.get(idx);
             // While the store cannot write, nothing new starts or is held.
-            if !(w.online && w.healthy && w.peer.is_some()) || self.store_fault.is_some() {
+            if !w.ready() || self.store_fault.is_some() {
                 return false;
             }
             let idle = w.current.is_none();

@@ -64,8 +64,6 @@ pub struct Queue {
     class_ids: HashMap<Requirements, ClassId>,
     levels: BTreeMap<Reverse<i8>, Level>,
     len: usize,
-    /// Jobs waiting per class.
-    class_len: Vec<u32>,
     /// Jobs waiting per model, over every class that names it (placement asks
     /// for each candidate it weighs).
     model_len: HashMap<String, u32>,
@@ -160,7 +158,6 @@ impl Queue {
         }
         let id = self.classes.len() as ClassId;
         self.classes.push(req.clone());
-        self.class_len.push(0);
         self.class_ids.insert(req, id);
         id
     }
@@ -192,7 +189,6 @@ impl Queue {
         };
         lane.insert(slot.seq, job);
         self.len += 1;
-        self.class_len[slot.class as usize] += 1;
         if let Some(m) = &self.classes[slot.class as usize].model {
             *self.model_len.entry(m.clone()).or_insert(0) += 1;
         }
@@ -201,7 +197,6 @@ impl Queue {
     /// Counts a job that left class `class`.
     fn uncount(&mut self, class: ClassId) {
         self.len -= 1;
-        self.class_len[class as usize] -= 1;
         if let Some(m) = &self.classes[class as usize].model {
             if let Some(n) = self.model_len.get_mut(m) {
                 *n -= 1;
@@ -372,11 +367,6 @@ impl Queue {
     /// Jobs waiting for `model`, over every class that names it.
     pub fn waiting_for_model(&self, model: &str) -> u32 {
         self.model_len.get(model).copied().unwrap_or(0)
-    }
-
-    /// Jobs waiting in a class.
-    pub fn class_len(&self, class: ClassId) -> u32 {
-        self.class_len.get(class as usize).copied().unwrap_or(0)
     }
 
     /// Counts a job taken out of level `key`, dropping the level once empty.

@@ -217,6 +217,11 @@ impl Worker {
         self.has_resident(model) || self.assumed.iter().any(|(_, m)| m == model)
     }
 
+    /// Online, healthy and reachable: the broker may give it work.
+    pub fn ready(&self) -> bool {
+        self.online && self.healthy && self.peer.is_some()
+    }
+
     /// Whether `model` is resident in GPU memory (no load needed to run it).
     pub fn has_resident(&self, model: &str) -> bool {
         self.loaded_model.as_deref() == Some(model) || self.resident.iter().any(|m| m == model)
@@ -363,7 +368,7 @@ impl Registry {
     pub fn refresh_idle(&mut self, idx: WorkerIdx) {
         self.refresh_warm(idx);
         let w = self.get(idx);
-        let ready = w.online && w.healthy && w.peer.is_some();
+        let ready = w.ready();
         let (idle, open) = (ready && w.current.is_none(), ready && w.can_hold());
         if idle {
             self.idle.insert(idx);
