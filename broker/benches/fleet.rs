@@ -25,6 +25,7 @@
 //!     cargo bench -p kiln-broker --bench fleet
 //!     KILN_FLEET=studio cargo bench -p kiln-broker --bench fleet   (one scenario)
 //!     KILN_FLEET_LOAD_WEIGHT=8 cargo bench ...   (placement's load_weight)
+//!     KILN_FLEET_AFFINITY_MS=600000 cargo bench ...   (its fairness bound, in ms)
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -445,11 +446,12 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
         heartbeat_ms: 1 << 40,
         max_held: if pipelined { 1 } else { 0 },
         load_aware: pipelined,
-        load_weight: load_weight(),
-        affinity_max_wait_ms: std::env::var("KILN_FLEET_AFFINITY_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(120_000),
+        // Placement's settings, overridable for tuning.
+        load_weight: env_or("KILN_FLEET_LOAD_WEIGHT", CoreConfig::default().load_weight),
+        affinity_max_wait_ms: env_or(
+            "KILN_FLEET_AFFINITY_MS",
+            CoreConfig::default().affinity_max_wait_ms,
+        ),
         limits: kiln_protocol::Limits {
             max_queued_per_client: u64::MAX,
             ..Default::default()
@@ -906,12 +908,12 @@ fn run(s: &Scenario) {
     );
 }
 
-/// `KILN_FLEET_LOAD_WEIGHT` overrides [`CoreConfig::load_weight`] (for tuning).
-fn load_weight() -> f64 {
-    std::env::var("KILN_FLEET_LOAD_WEIGHT")
+/// The value of environment variable `name` (for tuning), else `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(kiln_config::PlacementConfig::default().load_weight)
+        .unwrap_or(default)
 }
 
 fn main() {
