@@ -345,13 +345,7 @@ async fn comfyui_unknown_override_inputs_and_too_many_outputs_fail_once_with_the
             "job.params.filename_prefix",
         ),
     ] {
-        let err = client.submit(bad).await.unwrap_err();
-        assert_eq!(
-            err.code(),
-            Some(kiln_protocol::ErrorCode::InvalidField),
-            "{err}"
-        );
-        assert!(err.to_string().contains(field), "{field}: {err}");
+        common::assert_refused_naming(&client, bad, field).await;
     }
 
     let mut typo = raw("01_empty_invert_save").param("overrides", json!({"1": {"colour": 1}}));

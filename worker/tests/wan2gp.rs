@@ -41,13 +41,7 @@ async fn jobs_stream_progress_the_model_stays_loaded_and_models_are_listed() {
         ("stepz", json!(10), "job.params.stepz"),
     ] {
         let bad = t2v("refused", json!({})).param(key, value);
-        let err = client.submit(bad).await.unwrap_err();
-        assert_eq!(
-            err.code(),
-            Some(kiln_protocol::ErrorCode::InvalidField),
-            "{key}: {err}"
-        );
-        assert!(err.to_string().contains(field), "{key}: {err}");
+        common::assert_refused_naming(client, bad, field).await;
     }
 
     let mut spec = t2v("a kiln at dusk", json!({"steps": 8, "step_s": 0.05}));
