@@ -45,6 +45,25 @@ impl Sim {
         self.worker(w, WorkerMessage::Heartbeat(beat))
     }
 
+    /// Advances the clock in 500 ms steps, `beats` keeping the workers alive
+    /// at each, until the core assigns something (returned) or the clock
+    /// reaches `until_ms` (`None`).
+    fn assigned_before(
+        &mut self,
+        until_ms: u64,
+        mut beats: impl FnMut(&mut Sim) -> Vec<Output>,
+    ) -> Option<Vec<(String, JobId, u32)>> {
+        while self.now < until_ms {
+            let mut out = self.advance(500);
+            out.extend(beats(self));
+            let taken = assigns(&out);
+            if !taken.is_empty() {
+                return Some(taken);
+            }
+        }
+        None
+    }
+
     /// Two idle workers, `warm` with SDXL resident and measured (a 9 s load and
     /// a 6 s generation), `cold` with nothing loaded.
     fn warm_and_cold(cfg: CoreConfig) -> Sim {
@@ -62,6 +81,13 @@ impl Sim {
         );
         sim
     }
+}
+
+/// The heartbeats of [`Sim::warm_and_cold`]'s workers, SDXL still resident.
+fn warm_and_cold_beat(sim: &mut Sim) -> Vec<Output> {
+    let mut out = sim.beat_resident("warm", &[SDXL]);
+    out.extend(sim.beat("cold"));
+    out
 }
 
 #[test]
@@ -136,16 +162,8 @@ fn past_the_fairness_bound_a_job_still_waits_for_a_warm_gpu_rather_than_force_a_
     let created = sim.now;
     // Both workers stay alive well past the bound; the idle one does not load
     // the model for `b`.
-    while sim.now < created + 150_000 {
-        let mut out = sim.advance(500);
-        out.extend(sim.beat_resident("warm", &[SDXL]));
-        out.extend(sim.beat("cold"));
-        assert!(
-            assigns(&out).is_empty(),
-            "at {} ms: {out:?}",
-            sim.now - created
-        );
-    }
+    let taken = sim.assigned_before(created + 150_000, warm_and_cold_beat);
+    assert_eq!(taken, None, "at {} ms", sim.now - created);
     assert_eq!(
         sim.snapshot(b).waiting.map(|w| w.reason),
         Some(WaitReason::WarmGpu)
@@ -163,20 +181,14 @@ fn an_idle_gpu_left_idle_for_as_long_as_a_load_weighs_loads_the_model() {
     let (b, out) = sim.submit(sdxl());
     assert!(assigns(&out).is_empty(), "{out:?}");
     let created = sim.now;
-    loop {
-        let mut out = sim.advance(500);
-        out.extend(sim.beat_resident("warm", &[SDXL]));
-        out.extend(sim.beat("cold"));
-        let taken = assigns(&out);
-        if taken.is_empty() {
-            assert!(sim.now < created + 55_000, "never loaded");
-            continue;
-        }
-        assert_eq!(taken, [("cold".to_string(), b, 1)]);
-        let at = sim.now - created;
-        assert!(at >= 54_000, "loaded at {at} ms");
-        break;
-    }
+    let taken = sim.assigned_before(created + 55_000, warm_and_cold_beat);
+    assert_eq!(
+        taken,
+        Some(vec![("cold".to_string(), b, 1)]),
+        "never loaded"
+    );
+    let at = sim.now - created;
+    assert!(at >= 54_000, "loaded at {at} ms");
 }
 
 #[test]
@@ -249,18 +261,16 @@ fn a_held_job_goes_to_an_idle_gpu_once_its_holder_overruns_by_more_than_a_load_w
         job_id: job,
         attempt: 1,
     };
-    loop {
-        let mut out = sim.advance(500);
-        out.extend(sim.beat_full("warm", Some(r(b)), vec![r(c)]));
+    let taken = sim.assigned_before(started + 62_000, |sim| {
+        let mut out = sim.beat_full("warm", Some(r(b)), vec![r(c)]);
         out.extend(sim.beat("cold"));
-        let taken = assigns(&out);
-        if taken.is_empty() {
-            assert!(sim.now < started + 62_000, "never taken over");
-            continue;
-        }
-        assert_eq!(taken, [("cold".to_string(), c, 2)]);
-        let at = sim.now - started;
-        assert!((59_000..62_000).contains(&at), "taken over at {at} ms");
-        break;
-    }
+        out
+    });
+    assert_eq!(
+        taken,
+        Some(vec![("cold".to_string(), c, 2)]),
+        "never taken over"
+    );
+    let at = sim.now - started;
+    assert!((59_000..62_000).contains(&at), "taken over at {at} ms");
 }
