@@ -312,17 +312,23 @@ impl Core {
     /// then as many to hold as it has room for. An idle worker with nothing in the
     /// queue takes a job another worker holds.
     pub(super) fn dispatch(&mut self, now_ms: u64, idx: WorkerIdx, out: &mut Vec<Output>) {
-        // Priorities are not crossed through holds either: a free worker first
-        // takes over a held job more urgent than anything queued.
-        let w = self.workers.get(idx);
-        if w.ready() && self.store_fault.is_none() && w.current.is_none() {
-            if let (Some(&held), Some(queued)) = (
+        // Priorities are not crossed through holds either: a worker that is
+        // free, or will be sooner than the holder, first takes over a held job
+        // more urgent than anything queued.
+        loop {
+            let w = self.workers.get(idx);
+            let room = w.current.is_none() || w.can_hold();
+            if !(w.ready() && self.store_fault.is_none() && room) {
+                break;
+            }
+            let (Some(&held), Some(queued)) = (
                 self.held_priorities.keys().next_back(),
                 self.queue.top_priority(),
-            ) {
-                if held > queued {
-                    self.steal_held_above(now_ms, idx, Some(queued), out);
-                }
+            ) else {
+                break;
+            };
+            if held <= queued || !self.steal_held_above(now_ms, idx, Some(queued), out) {
+                break;
             }
         }
         if self.dispatch_queued(now_ms, idx, out) {

@@ -210,7 +210,9 @@ impl Core {
     }
 
     /// [`Core::steal_held`] among the held jobs more urgent than `above` (all
-    /// when `None`); returns whether the worker took one.
+    /// when `None`); returns whether the worker took one. A busy worker with
+    /// room to hold takes one over only from a holder expected to be busy
+    /// longer ([`Core::busy_for_ms`]).
     pub(super) fn steal_held_above(
         &mut self,
         now_ms: u64,
@@ -235,6 +237,9 @@ impl Core {
             .collect();
         // Load thresholds per model, computed once (see `Core::load_threshold_ms`).
         let mut thresholds: Vec<(String, f64)> = Vec::new();
+        // A busy worker (holding the job for later) takes it over only from a
+        // holder expected to be busy longer than itself.
+        let free_in = self.busy_for_ms(now_ms, idx);
         for (r, holder) in candidates {
             let job = &self.jobs[&r.job_id];
             let (class, priority) = (job.class, job.spec.priority);
@@ -255,6 +260,10 @@ impl Core {
             if !w.can_run_class(class, req) || !w.backend_healthy(backend) {
                 continue;
             }
+            let gain = |core: &Self| core.busy_for_ms(now_ms, holder) - free_in;
+            if free_in > 0.0 && gain(self) <= 0.0 {
+                continue;
+            }
             if !warm {
                 let model = model.unwrap_or_default();
                 let threshold = match thresholds.iter().find(|(m, _)| m == model) {
@@ -265,9 +274,9 @@ impl Core {
                         t
                     }
                 };
-                // It pays when the holder's time left exceeds the threshold
-                // (always when the threshold is negative).
-                if threshold >= 0.0 && self.busy_for_ms(now_ms, holder) <= threshold {
+                // It pays when the job would start sooner here by more than
+                // the threshold (always when the threshold is negative).
+                if threshold >= 0.0 && gain(self) <= threshold {
                     continue;
                 }
             }

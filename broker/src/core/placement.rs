@@ -26,7 +26,10 @@
 //!   whose model it has warm, clients in their round-robin order. With none
 //!   warm, it loads the model whose waiting jobs have the most work per warm GPU
 //!   among those worth a load.
-//! - **Fairness bound**: priorities are never crossed, and a job at the head of
+//! - **Fairness bound**: priorities are not crossed (a worker that is free, or
+//!   will be before a holder, takes over a more urgent held job before a queued
+//!   one; a held job still waits for its holder when that one overruns its
+//!   estimate), and a job at the head of
 //!   its client's line that has waited `affinity_max_wait_ms`
 //!   (`broker.placement.fairness_bound_s`, default 120 s) goes before any warm
 //!   work on a worker that has its model warm or for which a load pays, clients

@@ -376,3 +376,42 @@ fn a_free_worker_takes_a_held_job_more_urgent_than_anything_queued() {
     assert_eq!(started.first(), Some(&("w2".to_string(), h, 2)), "{out:?}");
     assert_eq!(sim.state(low), JobState::Queued);
 }
+
+#[test]
+fn a_worker_free_sooner_holds_a_more_urgent_held_job_before_a_queued_one() {
+    let mut sim = Sim::new();
+    sim.register_holding("w1", 1);
+    sim.register_holding("w2", 1);
+    let (a, _) = sim.submit(spec());
+    let (b, _) = sim.submit(spec());
+    let r = |job| JobRef {
+        job_id: job,
+        attempt: 1,
+    };
+    // Both run for 10 s (alive all along).
+    for _ in 0..20 {
+        sim.advance(500);
+        sim.beat_holding("w1", Some(r(a)));
+        sim.beat_holding("w2", Some(r(b)));
+    }
+    let p = |priority| {
+        let mut s = spec();
+        s.priority = priority;
+        s
+    };
+    let (urgent, _) = sim.submit(p(5));
+    let (less, _) = sim.submit(p(3));
+    let (low, _) = sim.submit(p(0));
+    assert_eq!(sim.state(low), JobState::Queued);
+    // w0 comes: it starts the most urgent held job, then holds the next most
+    // urgent one (its holder has been busy for 10 s, w0 for nothing), not the
+    // queued one.
+    let out = sim.register_holding("w0", 1);
+    assert_eq!(
+        assigns(&out),
+        [("w0".to_string(), urgent, 2), ("w0".to_string(), less, 2)],
+        "{out:?}"
+    );
+    assert_eq!(holds(&out), [("w0".to_string(), less, 2)]);
+    assert!(sim.snapshot(low).worker.is_none(), "still queued");
+}
