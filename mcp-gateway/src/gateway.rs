@@ -47,6 +47,9 @@ pub struct Gateway {
     /// Generate calls run as MCP tasks (SEP-2663) for clients that ask for them;
     /// shared so any session (or stateless HTTP request) can poll any task.
     pub tasks: TaskManager,
+    /// The broker's worker list, reused for a few seconds to describe the tools
+    /// a call is checked against (see [`crate::tool_params`]).
+    pub fleet: crate::tool_params::FleetCache,
     post: Mutex<(HashMap<JobId, PostProcess>, VecDeque<JobId>)>,
 }
 
@@ -58,6 +61,7 @@ impl Gateway {
             cfg,
             roots,
             tasks: TaskManager::new(),
+            fleet: Default::default(),
             post: Mutex::default(),
         }
     }

@@ -3,6 +3,7 @@
 //! session or request); all share the [`Gateway`] and so one broker connection.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use kiln_protocol::{JobId, JobSpec, ListFilter};
 use rmcp::handler::server::router::tool::ToolRouter;
@@ -21,6 +22,7 @@ use crate::gateway::{Gateway, PostProcess};
 use crate::jobs::{self, CallContext, CancelReasons, CancelSource, Cancelled, Ended};
 use crate::render::{self, JobsReport};
 use crate::save::{self, SaveReport};
+use crate::tool_params::FLEET_TTL;
 use crate::{fleet, inputs, prompts, resources, schema, spec, validate};
 
 const INSTRUCTIONS: &str = "Kiln runs image and video generation on a fleet of GPUs. \
@@ -559,6 +561,9 @@ impl ServerHandler for KilnMcp {
         // assistant learns which field is wrong and what range it allows.
         let mut request = request;
         if let Some(tool) = self.tool_router.get(&request.name) {
+            let mut described = [tool.clone()];
+            crate::tool_params::describe(&self.gw, &mut described, FLEET_TTL).await;
+            let tool = &described[0];
             let mut args = request.arguments.take().unwrap_or_default();
             validate::coerce_arguments(&tool.input_schema, &mut args);
             if let Err(e) = validate::check_arguments(&tool.input_schema, &args) {
@@ -590,7 +595,7 @@ impl ServerHandler for KilnMcp {
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
         let mut tools = self.tool_router.list_all();
-        crate::tool_params::describe(&self.gw, &mut tools).await;
+        crate::tool_params::describe(&self.gw, &mut tools, Duration::ZERO).await;
         Ok(ListToolsResult::with_all_items(tools))
     }
 

@@ -1,4 +1,4 @@
-//! The `params` argument of the generate tools, described from the fleet.
+//! The generate tools' arguments, described from the fleet and the broker.
 //!
 //! Each backend describes the parameters it takes (`kiln_protocol::params`); its
 //! workers send that description when they register, and the broker enforces it
@@ -6,17 +6,25 @@
 //! `params` property of each generate tool's input schema (types, ranges, allowed
 //! values, defaults, units), so an assistant sees what `params: {"sampler": …}`
 //! may hold instead of an opaque map. The tool's own arguments (`width`, `steps`,
-//! …) are left out: they are set through the arguments. With the broker out of
-//! reach, or no worker describing its parameters, the tools keep the plain map.
+//! …) keep the gateway's ranges (sane values for an assistant), narrowed to what
+//! the backends online accept: with only simulators of `max_side = 2048` online,
+//! `width` allows 64 to 2048, not 4096. The bounds the broker's limits decide
+//! (name and label lengths, label and LoRA counts, attempts, timeouts, prompt
+//! length) come from its `welcome`, so a broker configured otherwise is described
+//! as it is. With the broker out of reach, or no worker describing its
+//! parameters, the tools keep their derived schemas.
+//!
+//! The gateway checks a call against the same description ([`crate::validate`]),
+//! so what the assistant was shown and what is refused before the broker agree.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use kiln_protocol::params::{merged_json_schema, ParamSet};
+use kiln_protocol::params::{json_num, merged_json_schema, ParamSet};
 use kiln_protocol::worker::{WorkerInfo, WorkerState};
-use kiln_protocol::Task;
+use kiln_protocol::{JobOptions, Limits, Task};
 use rmcp::model::Tool;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::gateway::Gateway;
 
@@ -32,15 +40,54 @@ pub const TOOL_TASKS: [(&str, &[Task]); 5] = [
 /// How long `tools/list` waits for the broker's worker list.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Describes `params` in `tools` from the fleet the gateway's broker knows.
-pub async fn describe(gw: &Gateway, tools: &mut [Tool]) {
-    if let Ok(Ok(workers)) = tokio::time::timeout(ASK_TIMEOUT, gw.client.workers()).await {
-        describe_with(&workers, tools);
+/// How long a worker list is reused to check tool calls (a `tools/list` always
+/// asks again).
+pub const FLEET_TTL: Duration = Duration::from_secs(5);
+
+/// The last worker list the broker gave, and when.
+#[derive(Default)]
+pub struct FleetCache(std::sync::Mutex<Option<(Instant, Arc<Vec<WorkerInfo>>)>>);
+
+impl FleetCache {
+    fn fresh(&self, ttl: Duration) -> Option<Arc<Vec<WorkerInfo>>> {
+        let slot = self.0.lock().ok()?;
+        let (at, workers) = slot.as_ref()?;
+        (at.elapsed() < ttl).then(|| workers.clone())
+    }
+
+    fn store(&self, workers: Vec<WorkerInfo>) -> Arc<Vec<WorkerInfo>> {
+        let workers = Arc::new(workers);
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some((Instant::now(), workers.clone()));
+        }
+        workers
     }
 }
 
-/// [`describe`] with the worker list at hand.
-pub fn describe_with(workers: &[WorkerInfo], tools: &mut [Tool]) {
+/// Describes `tools` from the fleet the gateway's broker knows and its limits.
+/// `max_age` is how old a remembered worker list may be (zero asks the broker).
+pub async fn describe(gw: &Gateway, tools: &mut [Tool], max_age: Duration) {
+    let described = |t: &Tool| TOOL_TASKS.iter().any(|(name, _)| *name == t.name);
+    if !tools.iter().any(described) {
+        return;
+    }
+    let workers = match gw.fleet.fresh(max_age) {
+        Some(w) => Some(w),
+        None => match tokio::time::timeout(ASK_TIMEOUT, gw.client.workers()).await {
+            Ok(Ok(workers)) => Some(gw.fleet.store(workers)),
+            _ => None,
+        },
+    };
+    let limits = gw.client.welcome().map(|w| w.limits);
+    describe_with(
+        workers.as_deref().map_or(&[], |w| w),
+        limits.as_ref(),
+        tools,
+    );
+}
+
+/// [`describe`] with the worker list and the broker's limits at hand.
+pub fn describe_with(workers: &[WorkerInfo], limits: Option<&Limits>, tools: &mut [Tool]) {
     let sets: Vec<&ParamSet> = workers
         .iter()
         .filter(|w| w.state != WorkerState::Offline)
@@ -54,6 +101,13 @@ pub fn describe_with(workers: &[WorkerInfo], tools: &mut [Tool]) {
         let Some((_, tasks)) = TOOL_TASKS.iter().find(|(name, _)| *name == tool.name) else {
             continue;
         };
+        let schema = Arc::make_mut(&mut tool.input_schema);
+        let Some(Value::Object(props)) = schema.get_mut("properties") else {
+            continue;
+        };
+        if let Some(limits) = limits {
+            bound_by_limits(props, limits);
+        }
         let for_tool: Vec<&ParamSet> = sets
             .iter()
             .copied()
@@ -62,10 +116,7 @@ pub fn describe_with(workers: &[WorkerInfo], tools: &mut [Tool]) {
         if for_tool.is_empty() {
             continue;
         }
-        let schema = Arc::make_mut(&mut tool.input_schema);
-        let Some(Value::Object(props)) = schema.get_mut("properties") else {
-            continue;
-        };
+        narrow_own_arguments(props, &merged_json_schema(for_tool.iter().copied(), &[]));
         let own: Vec<String> = props.keys().filter(|k| *k != "params").cloned().collect();
         let own: Vec<&str> = own.iter().map(String::as_str).collect();
         let mut described = merged_json_schema(for_tool, &own);
@@ -87,6 +138,50 @@ pub fn describe_with(workers: &[WorkerInfo], tools: &mut [Tool]) {
         .into();
         props.insert("params".into(), described);
     }
+}
+
+/// The job options' bounds and the prompt's and template's lengths, from the
+/// broker's limits.
+fn bound_by_limits(props: &mut Map<String, Value>, limits: &Limits) {
+    JobOptions::bound_json_schema(props, limits);
+    for (name, limit) in [
+        ("prompt", limits.max_prompt_chars),
+        ("negative_prompt", limits.max_prompt_chars),
+        ("template", limits.max_name_len),
+    ] {
+        if let Some(Value::Object(p)) = props.get_mut(name) {
+            p.insert("maxLength".into(), limit.into());
+        }
+    }
+}
+
+/// Narrows each numeric tool argument that the backends describe under the same
+/// name (`width`, `steps`, `count`, …) to the range they accept together
+/// (`described`, the widest over the backends online). A range that would come
+/// out empty is left as it was: the broker then names the parameter at submit.
+fn narrow_own_arguments(props: &mut Map<String, Value>, described: &Value) {
+    let Some(described) = described["properties"].as_object() else {
+        return;
+    };
+    for (name, arg) in props.iter_mut() {
+        let (Value::Object(arg), Some(backends)) = (arg, described.get(name)) else {
+            continue;
+        };
+        let bound = |s: &Map<String, Value>, key: &str| s.get(key).and_then(Value::as_f64);
+        let (Some(low), Some(high)) = (bound(arg, "minimum"), bound(arg, "maximum")) else {
+            continue;
+        };
+        let low = bound_value(backends, "minimum").map_or(low, |b| low.max(b));
+        let high = bound_value(backends, "maximum").map_or(high, |b| high.min(b));
+        if low <= high {
+            arg.insert("minimum".into(), json_num(low));
+            arg.insert("maximum".into(), json_num(high));
+        }
+    }
+}
+
+fn bound_value(schema: &Value, key: &str) -> Option<f64> {
+    schema.get(key).and_then(Value::as_f64)
 }
 
 #[cfg(test)]
@@ -157,7 +252,11 @@ mod tests {
             tool("generate_video"),
             tool("get_job"),
         ];
-        describe_with(&[worker(schema.clone(), WorkerState::Idle)], &mut tools);
+        describe_with(
+            &[worker(schema.clone(), WorkerState::Idle)],
+            None,
+            &mut tools,
+        );
         let image = &tools[0].input_schema["properties"]["params"];
         assert_eq!(
             image["properties"]["sampler"]["enum"],
@@ -180,9 +279,64 @@ mod tests {
 
         // Offline workers describe nothing.
         let mut tools = vec![tool("generate_image")];
-        describe_with(&[worker(schema, WorkerState::Offline)], &mut tools);
+        describe_with(&[worker(schema, WorkerState::Offline)], None, &mut tools);
         assert!(tools[0].input_schema["properties"]["params"]
             .get("properties")
             .is_none());
+    }
+
+    #[test]
+    fn own_arguments_are_narrowed_to_the_backends_and_the_brokers_limits() {
+        let set = |max_side: f64| ParamSchema {
+            sets: vec![ParamSet {
+                params: vec![
+                    ParamSpec::new("width", ParamKind::Integer, "").range(8.0, max_side),
+                    ParamSpec::new("steps", ParamKind::Integer, "").range(1.0, 10_000.0),
+                ],
+                ..ParamSet::default()
+            }],
+        };
+        let schema = json!({"type": "object", "properties": {
+            "prompt": {"type": "string", "maxLength": 16384},
+            "width": {"type": "integer", "minimum": 64, "maximum": 4096},
+            "steps": {"type": "integer", "minimum": 1, "maximum": 200},
+            "count": {"type": "integer", "minimum": 1, "maximum": 8},
+            "labels": {"type": "array", "items": {"type": "string"}, "maxItems": 16}}});
+        let tool = || {
+            Tool::new(
+                "generate_image",
+                "t",
+                Arc::new(schema.as_object().unwrap().clone()),
+            )
+        };
+        let limits = Limits {
+            max_labels: 4,
+            max_prompt_chars: 1000,
+            ..Limits::default()
+        };
+        // Two workers: the widest range over them, within the gateway's own.
+        let workers = [
+            worker(set(1024.0), WorkerState::Idle),
+            worker(set(2048.0), WorkerState::Busy),
+        ];
+        let mut tools = vec![tool()];
+        describe_with(&workers, Some(&limits), &mut tools);
+        let p = &tools[0].input_schema["properties"];
+        assert_eq!(
+            (&p["width"]["minimum"], &p["width"]["maximum"]),
+            (&json!(64), &json!(2048))
+        );
+        assert_eq!(p["steps"]["maximum"], 200, "the gateway's range is kept");
+        assert_eq!(p["count"]["maximum"], 8, "not described: untouched");
+        assert_eq!(p["labels"]["maxItems"], 4);
+        assert_eq!(p["prompt"]["maxLength"], 1000);
+
+        // A backend whose range does not meet the gateway's leaves it alone.
+        let mut tools = vec![tool()];
+        describe_with(&[worker(set(32.0), WorkerState::Idle)], None, &mut tools);
+        assert_eq!(
+            tools[0].input_schema["properties"]["width"]["maximum"],
+            4096
+        );
     }
 }

@@ -1,9 +1,11 @@
 //! Checks a tool call's arguments against the tool's own published input schema.
 //!
-//! The schema (generated from the argument types, with ranges, lengths and enums)
-//! is the single statement of what a tool accepts; checking against it means the
-//! assistant is told exactly what the schema already said, naming the field and
-//! the allowed range (`width must be between 64 and 4096, got 5000`), before
+//! The schema (generated from the argument types, with ranges, lengths and enums,
+//! then described from the fleet and the broker's limits by
+//! [`crate::tool_params`]) is the single statement of what a tool accepts;
+//! checking against it means the assistant is told exactly what the schema
+//! already said, naming the field and the allowed range (`width must be between
+//! 64 and 2048, got 5000`), before
 //! anything reaches the broker. Only the keywords schemars emits are understood:
 //! `type`, `minimum`/`maximum`, `minLength`/`maxLength`, `minItems`/`maxItems`,
 //! `enum`, `properties`/`required`/`additionalProperties`, `items`, `$ref`,

@@ -14,7 +14,7 @@ use kiln_testkit::{bin, eventually, free_port, Proc, Scratch};
 use serde_json::Value;
 
 mod common;
-use common::{fleet, Fleet, INLINE_BUDGET, MCP_TOKEN};
+use common::{fleet, Fleet, INLINE_BUDGET, MAX_LABELS, MCP_TOKEN};
 
 fn python() -> String {
     std::env::var("KILN_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
@@ -33,6 +33,7 @@ async fn run_scenarios(fleet: &Fleet, args: &[String]) -> Vec<Value> {
         .arg("--assets")
         .arg(&fleet.assets)
         .env("KILN_TEST_INLINE_BUDGET", (INLINE_BUDGET).to_string())
+        .env("KILN_TEST_MAX_LABELS", MAX_LABELS.to_string())
         .env("KILN_LOG", "info,zeromq=warn")
         .env_remove("KILN_CONFIG")
         .stdin(Stdio::null())

@@ -14,9 +14,10 @@
 //! [`JOB_BODY_FIELDS`].
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::job::{JobSpec, LoraRef};
+use crate::limits::Limits;
 
 /// The [`JobSpec`] fields each client builds its own way (what to generate); every
 /// other field is a [`JobOptions`] field.
@@ -108,6 +109,51 @@ impl JobOptions {
         Ok(())
     }
 
+    /// Sets the bounds that the broker's `limits` decide in `properties`, the
+    /// JSON Schema properties of a client's arguments where these options are
+    /// flattened (`model`, `loras`, `labels`, `max_attempts`, the timeouts,
+    /// `idempotency_key`): the derived schema carries the default limits, and a
+    /// broker configured otherwise announces its own in `welcome`. A property
+    /// absent from `properties` is skipped. JSON Schema counts characters where
+    /// the broker counts bytes, so a name of non-ASCII characters can pass the
+    /// schema and still be refused at submit (naming the field).
+    pub fn bound_json_schema(properties: &mut Map<String, Value>, limits: &Limits) {
+        let mut set = |pointer: &str, keyword: &str, value: u64| {
+            let target =
+                pointer
+                    .split('/')
+                    .try_fold(&mut *properties, |obj, key| match obj.get_mut(key) {
+                        Some(Value::Object(inner)) => Some(inner),
+                        _ => None,
+                    });
+            if let Some(schema) = target {
+                schema.insert(keyword.into(), value.into());
+            }
+        };
+        set("model", "maxLength", limits.max_name_len);
+        set("loras", "maxItems", limits.max_loras);
+        set(
+            "loras/items/properties/name",
+            "maxLength",
+            limits.max_name_len,
+        );
+        set("labels", "maxItems", limits.max_labels);
+        set("labels/items", "maxLength", limits.max_label_len);
+        set(
+            "max_attempts",
+            "maximum",
+            limits.max_attempts.min(u8::MAX.into()),
+        );
+        let timeout = limits.max_timeout_s.min(u32::MAX.into());
+        set("queue_timeout_s", "maximum", timeout);
+        set("run_timeout_s", "maximum", timeout);
+        set(
+            "idempotency_key",
+            "maxLength",
+            limits.max_idempotency_key_len,
+        );
+    }
+
     /// The options a spec carries.
     pub fn of(spec: &JobSpec) -> JobOptions {
         let mut map = match serde_json::to_value(spec) {
@@ -128,6 +174,34 @@ impl JobOptions {
 mod tests {
     use super::*;
     use crate::job::{Backend, Task, JOB_SPEC_FIELDS};
+
+    #[test]
+    fn the_brokers_limits_bound_the_schema() {
+        let schema = serde_json::to_value(schemars::schema_for!(JobOptions)).unwrap();
+        let mut properties = schema["properties"].as_object().unwrap().clone();
+        let limits = Limits {
+            max_name_len: 40,
+            max_labels: 3,
+            max_label_len: 12,
+            max_attempts: 400,
+            max_timeout_s: 600,
+            ..Limits::default()
+        };
+        JobOptions::bound_json_schema(&mut properties, &limits);
+        let p = Value::Object(properties);
+        assert_eq!(p["model"]["maxLength"], 40);
+        assert_eq!(p["labels"]["maxItems"], 3);
+        assert_eq!(p["labels"]["items"]["maxLength"], 12);
+        assert_eq!(p["max_attempts"]["maximum"], 255, "capped by the type");
+        assert_eq!(p["queue_timeout_s"]["maximum"], 600);
+        assert_eq!(p["run_timeout_s"]["maximum"], 600);
+        assert_eq!(p["loras"]["maxItems"], limits.max_loras);
+        assert_eq!(
+            p["idempotency_key"]["maxLength"],
+            limits.max_idempotency_key_len
+        );
+        assert_eq!(p["priority"]["maximum"], 10, "not a limit: untouched");
+    }
 
     fn every() -> JobOptions {
         JobOptions {

@@ -194,7 +194,7 @@ impl ParamSpec {
 }
 
 /// A bound as JSON: an integer when it is one (`16`, not `16.0`).
-fn json_num(x: f64) -> Value {
+pub fn json_num(x: f64) -> Value {
     if x.fract() == 0.0 && x.abs() < 9.0e15 {
         Value::from(x as i64)
     } else {

@@ -12,6 +12,8 @@ pub const CLIENT_TOKEN: &str = "broker-client-token";
 pub const MCP_TOKEN: &str = "mcp-http-token";
 /// A small inline budget so a 512x512 render has to be shrunk.
 pub const INLINE_BUDGET: u64 = 65_536;
+/// The broker's `max_labels` in the test fleet (the default is 16).
+pub const MAX_LABELS: u64 = 4;
 
 pub struct Fleet {
     pub scratch: Scratch,
@@ -28,6 +30,9 @@ pub async fn fleet() -> Fleet {
         .broker(BrokerOpts {
             durable: false,
             client_token: Some(CLIENT_TOKEN.into()),
+            // A limit other than the default, which the gateway's schemas must
+            // take from the broker's `welcome`.
+            extra: format!("limits.max_labels = {MAX_LABELS}\n"),
             ..BrokerOpts::default()
         })
         .await;
