@@ -192,6 +192,8 @@ mod tests {
             finished_ms: None,
             history: vec![],
             params: None,
+            options: None,
+            template: None,
         }
     }
 

@@ -682,6 +682,15 @@ pub struct JobSnapshot {
     /// MCP gateway reads a sprite's `background` from it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub params: Option<Params>,
+    /// How the job was asked to run, in `get` replies only: the submitted spec's
+    /// [`crate::JobOptions`] (LoRAs, GPU memory, labels, timeouts, requested
+    /// attempts, idempotency key, `allow_degrade`), in the one shape every client
+    /// builds them in. `model` and `priority` are repeated above for listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<crate::JobOptions>,
+    /// The workflow template the job runs, in `get` replies only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 pub(crate) fn is_zero(n: &u8) -> bool {
@@ -693,11 +702,21 @@ impl JobSnapshot {
     /// names it shows or hides deliberately), with a value: absent, `null`, empty,
     /// zero and `false` are left out. Clients show these as they are, under their
     /// own names (`kiln status`, the MCP gateway's job reports), so a field added
-    /// to the snapshot reaches every client without client code.
+    /// to the snapshot reaches every client without client code. The entries of
+    /// `options` come up as fields of their own (`labels`, `min_vram_mb`, …),
+    /// except those the snapshot itself has (`model`, `priority`, the effective
+    /// `max_attempts`).
     pub fn other_fields(&self, presented: &[&str]) -> Map<String, Value> {
         let Ok(Value::Object(mut fields)) = serde_json::to_value(self) else {
             return Map::new();
         };
+        if let Some(Value::Object(options)) = fields.remove("options") {
+            for (k, v) in options {
+                if !fields.contains_key(&k) {
+                    fields.insert(k, v);
+                }
+            }
+        }
         fields.retain(|k, v| {
             let blank = match v {
                 Value::Null => true,
@@ -857,13 +876,28 @@ mod tests {
         let snap: JobSnapshot = serde_json::from_value(serde_json::json!({
             "job_id": "j1", "seq": 4, "state": "queued", "backend": "sim",
             "task": "text_to_image", "priority": 0, "client": "c", "attempt": 0,
-            "max_attempts": 3, "degrade": 2, "created_ms": 1
+            "max_attempts": 3, "degrade": 2, "created_ms": 1,
+            "options": {"labels": ["fast"], "max_attempts": 2, "allow_degrade": true}
         }))
         .unwrap();
         let other = snap.other_fields(&["job_id", "seq", "state", "backend", "task", "client"]);
         let mut keys: Vec<&str> = other.keys().map(String::as_str).collect();
         keys.sort_unstable();
-        assert_eq!(keys, ["created_ms", "degrade", "max_attempts"]);
+        assert_eq!(
+            keys,
+            [
+                "allow_degrade",
+                "created_ms",
+                "degrade",
+                "labels",
+                "max_attempts"
+            ]
+        );
+        assert_eq!(
+            other["max_attempts"], 3,
+            "the snapshot's own (effective) value"
+        );
+        assert_eq!(other["labels"], serde_json::json!(["fast"]));
     }
 
     #[test]

@@ -106,6 +106,8 @@ fn snapshot() -> JobSnapshot {
             note: "submitted".into(),
         }],
         params: Some(spec().params),
+        options: Some(JobOptions::of(&spec())),
+        template: None,
     }
 }
 

@@ -275,7 +275,8 @@ def run_and_fetch(state):
     # A SUB's subscription reaches the PUB asynchronously and PUB is lossy (the
     # doc's Clone pattern): run the job again until its events are seen.
     for _ in range(20):
-        acc = c.call("submit", job=job("fetch me", params={"prompt": "fetch me", "steps": 3, "width": 96, "height": 64}))
+        acc = c.call("submit", job=job("fetch me", params={"prompt": "fetch me", "steps": 3, "width": 96, "height": 64},
+                                       run_timeout_s=120, allow_degrade=True))
         job_id = acc["job_id"]
         snap = wait(c, job_id)
         seqs, ended = [], False
@@ -292,6 +293,9 @@ def run_and_fetch(state):
             break
     check("the job succeeds", snap["state"] == "succeeded", snap)
     check("the snapshot counts tries", snap.get("tries") == 1 and snap.get("attempt") >= 1, snap)
+    check("a get reply says how the job was asked for",
+          snap.get("options") == {"run_timeout_s": 120, "allow_degrade": True} and snap["params"]["width"] == 96,
+          (snap.get("options"), snap.get("params")))
     check("events were published with increasing seq", seqs == sorted(seqs) and len(seqs) >= 1, seqs)
     check("the snapshot's seq is the last event's", snap["seq"] == max(seqs or [-1]), (snap["seq"], seqs))
     sub.close()

@@ -225,6 +225,8 @@ impl Job {
                 Vec::new()
             },
             params: with_history.then(|| self.spec.params.clone()),
+            options: with_history.then(|| kiln_protocol::JobOptions::of(&self.spec)),
+            template: self.spec.template.clone().filter(|_| with_history),
         }
     }
 }

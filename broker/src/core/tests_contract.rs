@@ -332,3 +332,47 @@ fn too_many_outputs_fail_once_naming_the_count_and_the_setting() {
         error.message
     );
 }
+
+#[test]
+fn a_get_reply_says_how_the_job_was_asked_to_run() {
+    let mut sim = Sim::new();
+    sim.register_full(
+        "w1",
+        24_000,
+        vec![super::tests::inventory(Backend::Sim, &["sim-sdxl"])],
+        &["fast"],
+        None,
+    );
+    let mut asked = spec();
+    asked.labels = vec!["fast".into()];
+    asked.min_vram_mb = Some(8_000);
+    asked.queue_timeout_s = Some(600);
+    asked.run_timeout_s = Some(60);
+    asked.max_attempts = Some(2);
+    asked.idempotency_key = Some("order-17".into());
+    asked.allow_degrade = true;
+    let (id, out) = sim.submit(asked.clone());
+    accepted(&out);
+    let job = sim.snapshot(id);
+    assert_eq!(job.options, Some(JobOptions::of(&asked)));
+    assert_eq!(job.options.as_ref().unwrap().labels, ["fast"]);
+    assert_eq!(job.template, None);
+
+    // Listings stay small: no parameters, options or history.
+    let out = sim.request(
+        "client",
+        Request::List(List {
+            req_id: 3,
+            filter: ListFilter::default(),
+            cursor: None,
+        }),
+    );
+    let Output::Reply {
+        reply: Reply::Jobs(page),
+        ..
+    } = &out[0]
+    else {
+        panic!("{out:?}")
+    };
+    assert!(page.jobs[0].options.is_none() && page.jobs[0].params.is_none());
+}

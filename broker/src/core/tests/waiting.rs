@@ -5,7 +5,7 @@ use kiln_protocol::job::WaitReason;
 use super::*;
 
 impl Sim {
-    pub(super) fn snapshot(&mut self, id: JobId) -> JobSnapshot {
+    pub(in crate::core) fn snapshot(&mut self, id: JobId) -> JobSnapshot {
         let out = self.request(
             "client",
             Request::Get(Get {
