@@ -503,21 +503,7 @@ async fn recv_loop(mut rx: RouterRx, inputs: mpsc::Sender<Input>, max_bytes: usi
             }
         };
         let input = match side {
-            Side::Clients => match frame::decode::<Request>(&frames, max_bytes) {
-                Ok(request) => Input::Request { peer, request },
-                Err(error) => {
-                    let req_id = frames
-                        .get(1)
-                        .filter(|b| b.len() <= max_bytes)
-                        .and_then(|b| peek_envelope(b))
-                        .and_then(|e| e.req_id);
-                    Input::BadRequest {
-                        peer,
-                        req_id,
-                        error,
-                    }
-                }
-            },
+            Side::Clients => client_input(peer, &frames, max_bytes),
             Side::Workers => match frame::decode::<WorkerMessage>(&frames, max_bytes) {
                 Ok(msg) => Input::Worker { peer, msg },
                 Err(error) => Input::BadWorkerMessage { peer, error },
@@ -525,6 +511,26 @@ async fn recv_loop(mut rx: RouterRx, inputs: mpsc::Sender<Input>, max_bytes: usi
         };
         if inputs.send(input).await.is_err() {
             return;
+        }
+    }
+}
+
+/// What a client's frames are to the core: the decoded request, or the decoding
+/// error with the `req_id` when it could be read (to echo in the error reply).
+pub(crate) fn client_input(peer: PeerId, frames: &[Bytes], max_bytes: usize) -> Input {
+    match frame::decode::<Request>(frames, max_bytes) {
+        Ok(request) => Input::Request { peer, request },
+        Err(error) => {
+            let req_id = frames
+                .get(1)
+                .filter(|b| b.len() <= max_bytes)
+                .and_then(|b| peek_envelope(b))
+                .and_then(|e| e.req_id);
+            Input::BadRequest {
+                peer,
+                req_id,
+                error,
+            }
         }
     }
 }

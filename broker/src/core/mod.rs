@@ -31,6 +31,8 @@ mod tests;
 mod tests_contract;
 #[cfg(test)]
 mod tests_goodbye;
+#[cfg(test)]
+mod tests_properties;
 mod timers;
 mod waiting;
 pub(crate) mod workers;

@@ -8,7 +8,7 @@ use kiln_protocol::*;
 use super::tests::{error_code, peer, spec, Sim};
 use super::*;
 
-fn hello(sim: &mut Sim, conn: &str, name: &str) {
+pub(super) fn hello(sim: &mut Sim, conn: &str, name: &str) {
     let out = sim.request(
         conn,
         Request::Hello(Hello {
@@ -52,7 +52,7 @@ fn submit_on(sim: &mut Sim, conn: &str, spec: JobSpec) -> Vec<Output> {
 }
 
 /// A broker restarted from the records a store would hold now.
-fn restart(sim: &Sim, cfg: CoreConfig, boot: u64) -> Sim {
+pub(super) fn restart(sim: &Sim, cfg: CoreConfig, boot: u64) -> Sim {
     let mut store = Vec::new();
     let mut id = 1;
     while let Some(j) = sim.core.job(JobId(id)) {
@@ -69,7 +69,7 @@ fn restart(sim: &Sim, cfg: CoreConfig, boot: u64) -> Sim {
     sim2
 }
 
-fn durable() -> CoreConfig {
+pub(super) fn durable() -> CoreConfig {
     CoreConfig {
         persist: true,
         ..CoreConfig::default()
