@@ -145,6 +145,22 @@ async fn a_full_disk_refuses_writes_keeps_reads_and_loses_no_accepted_job() {
         .expect("list during the outage");
     assert!(listed.len() >= 4, "{listed:?}");
     assert!(broker.proc.is_running(), "the broker stays up");
+    // The same, seen by the pyzmq client written from docs/protocol.md alone.
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/conformance/conformance.py");
+    let output = broker
+        .python_client(&script, None)
+        .arg("store_full")
+        .arg(s.path().join("unused-state.json"))
+        .output()
+        .await
+        .expect("python runs (scripts/test installs pyzmq and msgpack into .venv)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("store_full: 4 checks passed, 0 failed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     // The long job's upload hit the full disk: its attempt failed with that cause.
     let snap = eventually(
         "the long job's upload to fail",

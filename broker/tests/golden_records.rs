@@ -226,3 +226,76 @@ fn a_core_told_to_write_named_records_writes_the_old_release_bytes() {
         "the named record is the old release's, byte for byte"
     );
 }
+
+/// The job store's log (frames of broker/src/wal.rs holding record groups of
+/// broker/src/store.rs) as this version writes it, with the golden records in it:
+/// a later broker must replay a log that a crash of this one left behind, so the
+/// bytes are kept (`current/store.jobs.wal`) and a store holding only that log
+/// must load the job and the worker from it.
+#[test]
+fn the_store_log_matches_its_golden_file_and_replays() {
+    use kiln_broker::store::Store;
+    let recs = records();
+    let get = |name: &str| {
+        recs.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, b)| b.clone())
+            .expect("a golden record")
+    };
+    let groups = [
+        vec![
+            Record::Spec {
+                id: JobId(1),
+                bytes: get("record.spec.msgpack"),
+            },
+            Record::Job {
+                id: JobId(1),
+                bytes: get("record.job.msgpack"),
+            },
+            Record::Worker {
+                id: "box1-gpu0".into(),
+                bytes: get("record.worker.msgpack"),
+            },
+        ],
+        vec![
+            Record::DeleteJob(JobId(9)),
+            Record::DeleteWorker("gone".into()),
+        ],
+    ];
+    let written = tempfile::tempdir().unwrap();
+    let mut store = Store::open(written.path()).unwrap();
+    for group in &groups {
+        store.commit(group).unwrap();
+    }
+    drop(store);
+    let log = std::fs::read(written.path().join("jobs.wal")).unwrap();
+    let golden = dir().join("current/store.jobs.wal");
+    if std::env::var_os("KILN_BLESS").is_some() {
+        std::fs::write(&golden, &log).unwrap();
+        return;
+    }
+    let stored = std::fs::read(&golden).expect("bless with KILN_BLESS=1");
+    assert!(
+        stored == log,
+        "the store's log encoding changed; keep the old file in a release folder and re-bless"
+    );
+
+    for release in std::fs::read_dir(dir()).unwrap() {
+        let release = release.unwrap().path();
+        let Ok(log) = std::fs::read(release.join("store.jobs.wal")) else {
+            continue;
+        };
+        let replayed = tempfile::tempdir().unwrap();
+        std::fs::write(replayed.path().join("jobs.wal"), log).unwrap();
+        let mut store = Store::open(replayed.path())
+            .unwrap_or_else(|e| panic!("{}: the log does not replay: {e}", release.display()));
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.jobs.len(), 1, "{}", release.display());
+        assert_eq!(loaded.jobs[0].id, JobId(1));
+        assert_eq!(loaded.jobs[0].spec.prompt(), Some("a kiln at dusk"));
+        assert_eq!(loaded.next_job_id, 2, "ids after the logged job");
+        let workers: Vec<&str> = loaded.fleet.iter().map(|w| w.worker_id.as_str()).collect();
+        assert_eq!(workers, ["box1-gpu0"]);
+        assert!(loaded.unreadable.is_empty());
+    }
+}

@@ -81,6 +81,8 @@ const STATUS_PRESENTED: &[&str] = &[
     "artifacts",
     "info",
     "params",
+    // The Rust client gives every submit a random key (safe retries): noise here.
+    "idempotency_key",
     "created_ms",
     "started_ms",
     "finished_ms",

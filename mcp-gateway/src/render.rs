@@ -121,6 +121,8 @@ const REPORT_PRESENTED: &[&str] = &[
     "finished_ms",
     "history",
     "params",
+    // The Rust client gives every submit a random key (safe retries): noise here.
+    "idempotency_key",
 ];
 
 /// Why a job failed or was refused.

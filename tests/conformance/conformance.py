@@ -9,6 +9,8 @@ broker/tests/conformance.rs, which also restarts the broker between the phases).
     conformance.py before STATE_FILE     # everything; remembers jobs in STATE_FILE
     conformance.py after STATE_FILE      # after a broker restart: idempotency, seq
     conformance.py auth STATE_FILE       # against a broker with a client token
+    conformance.py store_full STATE_FILE # against a broker whose disk is full
+                                         # (broker/tests/disk_full.rs)
 
 With a client token (and no authenticating transport) the broker keeps its events
 port closed, so the main phases run without one and `auth` checks the token rules.
@@ -396,6 +398,18 @@ def after_restart(state):
     bob.close()
 
 
+def store_full():
+    """`unavailable`: the broker's store cannot write; writes are refused with the
+    cause, reads are answered."""
+    c = Conn("disk-full")
+    r = c.call("submit", job=job("no room", idempotency_key=f"full-{uuid.uuid4()}"))
+    err = expect_error("a submit while the store cannot write is unavailable", r, "unavailable")
+    check("unavailable names the cause", "No space left on device" in err.get("message", ""), err)
+    check("list is answered during the outage", c.call("list").get("type") == "jobs")
+    check("health is answered during the outage", c.call("health").get("type") == "health")
+    c.close()
+
+
 def main():
     phase, state_file = sys.argv[1], sys.argv[2]
     if phase == "before":
@@ -415,6 +429,8 @@ def main():
             json.dump(state, f)
     elif phase == "auth":
         authentication()
+    elif phase == "store_full":
+        store_full()
     else:
         with open(state_file) as f:
             state = json.load(f)
