@@ -100,6 +100,13 @@ pub enum ClientError {
     },
     #[error("the client was shut down")]
     Closed,
+    /// The broker is of a version without an optional feature this call needs
+    /// (absent from its `welcome.features`; docs/protocol.md, "Compatibility").
+    #[error("the broker (version {version}) does not support `{feature}`: upgrade it")]
+    Unsupported {
+        feature: &'static str,
+        version: String,
+    },
 }
 
 impl ClientError {
@@ -266,6 +273,7 @@ impl Client {
         job_id: JobId,
         idempotency_key: Option<String>,
     ) -> Result<Accepted, ClientError> {
+        self.require_feature("resubmit").await?;
         let key = idempotency_key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         match self
             .request(Request::Resubmit(Resubmit {
@@ -298,6 +306,22 @@ impl Client {
         match self.request(Request::Health(Simple { req_id: 0 })).await? {
             Reply::Health(h) => Ok(h.health),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// Fails with [`ClientError::Unsupported`] when the broker's `welcome` does
+    /// not announce `feature` (connecting first if no `welcome` came yet), so an
+    /// older broker is not sent a request it cannot read.
+    pub async fn require_feature(&self, feature: &'static str) -> Result<(), ClientError> {
+        if self.welcome().is_none() {
+            self.ping().await?;
+        }
+        match self.welcome() {
+            Some(w) if !w.features.iter().any(|f| f == feature) => Err(ClientError::Unsupported {
+                feature,
+                version: w.version,
+            }),
+            _ => Ok(()),
         }
     }
 
