@@ -114,7 +114,10 @@ def submit(broker, job, tries=6):
     delay = 1.0
     for attempt in range(tries):
         try:
-            return broker.request("submit", job=job)
+            # `client` repeats hello's name: a broker that restarted (and forgot
+            # the login) answers `unauthenticated` instead of filing the job under
+            # another name, where its idempotency key would not match.
+            return broker.request("submit", job=job, client=(broker.hello or {}).get("client"))
         except (TimeoutError, BrokerError) as e:
             retryable = isinstance(e, TimeoutError) or e.code == "unavailable"
             if not retryable or attempt == tries - 1:

@@ -134,6 +134,7 @@ fn submit(core: &mut Core, i: u64, now: u64, out: &mut Vec<Output>) {
             request: Request::Submit(Submit {
                 req_id: i,
                 job: spec(i),
+                client: None,
             }),
         },
         out,

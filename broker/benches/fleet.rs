@@ -577,6 +577,7 @@ fn kiln_dispatch(s: &Scenario, pipelined: bool) -> (Record, f64) {
                         request: Request::Submit(Submit {
                             req_id: j as u64,
                             job: spec,
+                            client: None,
                         }),
                     },
                     &mut out,

@@ -95,6 +95,7 @@ fn records_with(named: bool) -> Vec<(&'static str, Vec<u8>)> {
             request: Request::Submit(Submit {
                 req_id: 1,
                 job: spec,
+                client: None,
             }),
         },
         &mut out,

@@ -213,7 +213,11 @@ impl Client {
             job.idempotency_key = Some(uuid::Uuid::new_v4().to_string());
         }
         match self
-            .request(Request::Submit(Submit { req_id: 0, job }))
+            .request(Request::Submit(Submit {
+                req_id: 0,
+                job,
+                client: self.inner.opts.name.clone(),
+            }))
             .await?
         {
             Reply::Accepted(a) => Ok(a),
@@ -280,6 +284,7 @@ impl Client {
                 req_id: 0,
                 job_id,
                 idempotency_key: Some(key),
+                client: self.inner.opts.name.clone(),
             }))
             .await?
         {

@@ -90,6 +90,14 @@ pub enum ProtocolError {
     UnknownType(String),
     #[error("field `{field}`: {reason}")]
     InvalidField { field: String, reason: String },
+    /// A value outside a described range (a backend parameter's `min`/`max`);
+    /// `limit` is the maximum when it is a whole number.
+    #[error("field `{field}`: {reason}")]
+    OutsideRange {
+        field: String,
+        reason: String,
+        limit: Option<u64>,
+    },
     #[error("field `{field}` has size {actual}, over its limit of {limit}")]
     FieldTooLarge {
         field: String,
@@ -113,9 +121,9 @@ impl ProtocolError {
             ProtocolError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
             ProtocolError::TooLarge { .. } => ErrorCode::MessageTooLarge,
             ProtocolError::UnknownType(_) => ErrorCode::UnknownType,
-            ProtocolError::InvalidField { .. } | ProtocolError::OutOfRange { .. } => {
-                ErrorCode::InvalidField
-            }
+            ProtocolError::InvalidField { .. }
+            | ProtocolError::OutOfRange { .. }
+            | ProtocolError::OutsideRange { .. } => ErrorCode::InvalidField,
             ProtocolError::FieldTooLarge { .. } => ErrorCode::FieldTooLarge,
         }
     }
@@ -145,6 +153,7 @@ impl ProtocolError {
     pub fn to_body(&self) -> ErrorBody {
         let (field, limit) = match self {
             ProtocolError::InvalidField { field, .. } => (Some(field.clone()), None),
+            ProtocolError::OutsideRange { field, limit, .. } => (Some(field.clone()), *limit),
             ProtocolError::OutOfRange { field, max, .. } => {
                 (Some(field.clone()), u64::try_from(*max).ok())
             }

@@ -82,7 +82,7 @@ pub fn decode_body<T: WireMessage>(body: &[u8], max_bytes: usize) -> Result<T, P
         });
     }
     if !is_map(body) {
-        return Err(ProtocolError::Malformed(NOT_A_MAP.to_string()));
+        return Err(not_a_map(body));
     }
     // Declared lengths are checked before any value is built.
     crate::shape::check(body, &crate::shape::WIRE)?;
@@ -92,8 +92,16 @@ pub fn decode_body<T: WireMessage>(body: &[u8], max_bytes: usize) -> Result<T, P
     }
 }
 
-const NOT_A_MAP: &str = "expected a msgpack map with a string `type` field (a body is never a \
-     positional array)";
+/// The error for a body that is not a msgpack map: a positional array, or
+/// something else.
+fn not_a_map(body: &[u8]) -> ProtocolError {
+    let is_array = matches!(body.first(), Some(0x90..=0x9f | 0xdc | 0xdd));
+    ProtocolError::Malformed(if is_array {
+        "it is a positional array; a body is a map with a string `type` field".into()
+    } else {
+        "a body is a map with a string `type` field".into()
+    })
+}
 
 /// Whether a msgpack value starts with a map marker (fixmap, map 16, map 32).
 fn is_map(body: &[u8]) -> bool {
@@ -101,40 +109,60 @@ fn is_map(body: &[u8]) -> bool {
 }
 
 /// The envelope fields every message may carry, read without decoding the rest.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default)]
 pub struct Envelope {
-    #[serde(rename = "type")]
+    /// `type`, when it is a string.
     pub kind: Option<String>,
+    /// `type` is present but not a string.
+    pub kind_not_text: bool,
+    /// `req_id`, when it is an unsigned integer.
     pub req_id: Option<u64>,
 }
 
-/// Reads `type` and `req_id` from a body, if it is a map at all. Used to echo the
-/// `req_id` of a request that failed to decode.
+/// A value of the envelope, read whatever its type.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Loose {
+    Text(String),
+    Unsigned(u64),
+    Other(serde::de::IgnoredAny),
+}
+
+/// Reads `type` and `req_id` from a body, if it is a map at all, whatever else it
+/// holds. Used to echo the `req_id` of a request that failed to decode.
 pub fn peek_envelope(body: &[u8]) -> Option<Envelope> {
+    #[derive(Deserialize)]
+    struct Loosely {
+        #[serde(rename = "type", default)]
+        kind: Option<Loose>,
+        #[serde(default)]
+        req_id: Option<Loose>,
+    }
     if !is_map(body) {
         return None;
     }
-    // Non-map bodies and maps with a non-integer req_id yield None or a partial read.
-    rmp_serde::from_slice::<Envelope>(body).ok().or_else(|| {
-        #[derive(Deserialize)]
-        struct KindOnly {
-            #[serde(rename = "type")]
-            kind: Option<String>,
-        }
-        rmp_serde::from_slice::<KindOnly>(body)
-            .ok()
-            .map(|k| Envelope {
-                kind: k.kind,
-                req_id: None,
-            })
+    let read = rmp_serde::from_slice::<Loosely>(body).ok()?;
+    Some(Envelope {
+        kind_not_text: matches!(read.kind, Some(Loose::Unsigned(_) | Loose::Other(_))),
+        kind: match read.kind {
+            Some(Loose::Text(s)) => Some(s),
+            _ => None,
+        },
+        req_id: match read.req_id {
+            Some(Loose::Unsigned(n)) => Some(n),
+            _ => None,
+        },
     })
 }
 
 fn explain<T: WireMessage>(body: &[u8]) -> ProtocolError {
     let Some(envelope) = peek_envelope(body) else {
-        return ProtocolError::Malformed(NOT_A_MAP.to_string());
+        return not_a_map(body);
     };
     match envelope.kind {
+        None if envelope.kind_not_text => {
+            ProtocolError::invalid("type", "must be a string naming the message")
+        }
         None => ProtocolError::invalid("type", "missing: every message names its `type`"),
         Some(kind) if T::TYPES.contains(&kind.as_str()) => T::diagnose(&kind, body),
         Some(kind) => ProtocolError::UnknownType(kind.chars().take(64).collect()),
@@ -154,6 +182,10 @@ pub fn diagnose_as<V: DeserializeOwned>(body: &[u8]) -> ProtocolError {
             let join = |name: &str| {
                 if root {
                     name.to_string()
+                } else if path.ends_with(&format!(".{name}")) {
+                    // serde's derived decoder (`loras[]`, `inputs[]`) already
+                    // stepped into the unknown key.
+                    path.clone()
                 } else {
                     format!("{path}.{name}")
                 }
@@ -208,6 +240,7 @@ mod tests {
         encode_body(&Request::Submit(Submit {
             req_id: 7,
             job: JobSpec::new(Backend::Sim, Task::TextToImage).param("prompt", "x"),
+            client: None,
         }))
     }
 

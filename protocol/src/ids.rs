@@ -99,10 +99,13 @@ pub fn is_simple_name(s: &str, max: usize) -> bool {
 }
 
 /// The naming rule for worker ids, labels, client names and template names, as a
-/// checked error naming `field`; the message is built from `max`, the limit in
-/// force (`Limits::max_label_len` or `max_name_len`), so it stays true when an
-/// operator changes it.
+/// checked error naming `field`: a name longer than `max` bytes (the limit in
+/// force, `Limits::max_label_len` or `max_name_len`) is `field_too_large` with that
+/// limit, like every other size over its limit; an empty one or one with another
+/// character is `invalid_field`, with the rule in words built from `max`, so it
+/// stays true when an operator changes it.
 pub fn check_simple_name(field: &str, s: &str, max: u64) -> Result<(), crate::ProtocolError> {
+    crate::limits::check_len(field, s, max)?;
     if is_simple_name(s, max as usize) {
         Ok(())
     } else {

@@ -131,17 +131,22 @@ impl ParamSpec {
             let lo = self.min.unwrap_or(f64::NEG_INFINITY);
             let hi = self.max.unwrap_or(f64::INFINITY);
             if x < lo || x > hi {
-                return Err(ProtocolError::InvalidField {
+                let unit = self
+                    .unit
+                    .as_deref()
+                    .map(|u| format!(" {u}"))
+                    .unwrap_or_default();
+                let bounds = match (self.min, self.max) {
+                    (Some(lo), Some(hi)) => format!("from {} to {}", fmt_num(lo), fmt_num(hi)),
+                    (Some(lo), None) => format!("at least {}", fmt_num(lo)),
+                    _ => format!("at most {}", fmt_num(hi)),
+                };
+                let whole =
+                    |m: f64| (m >= 0.0 && m.fract() == 0.0 && m < 1.8e19).then_some(m as u64);
+                return Err(ProtocolError::OutsideRange {
                     field: field.to_string(),
-                    reason: format!(
-                        "must be from {} to {}{}, got {shown}",
-                        fmt_num(lo),
-                        fmt_num(hi),
-                        self.unit
-                            .as_deref()
-                            .map(|u| format!(" {u}"))
-                            .unwrap_or_default()
-                    ),
+                    reason: format!("must be {bounds}{unit}, got {shown}"),
+                    limit: self.max.and_then(whole),
                 });
             }
             Ok(())
@@ -172,14 +177,21 @@ impl ParamSpec {
                         format!("must be one of {}, got {s:?}", self.choices.join(", ")),
                     ));
                 }
-                let len = s.chars().count() as f64;
-                if self.min.is_some_and(|m| len < m) || self.max.is_some_and(|m| len > m) {
+                let len = s.chars().count() as u64;
+                if let Some(max) = self.max.filter(|m| len as f64 > *m) {
+                    // A size over its limit, like every other.
+                    return Err(ProtocolError::FieldTooLarge {
+                        field: field.to_string(),
+                        limit: max as u64,
+                        actual: len,
+                    });
+                }
+                if let Some(min) = self.min.filter(|m| (len as f64) < *m) {
                     return Err(ProtocolError::invalid(
                         field,
                         format!(
-                            "must be {} to {} characters long, is {len}",
-                            fmt_num(self.min.unwrap_or(0.0)),
-                            fmt_num(self.max.unwrap_or(f64::INFINITY))
+                            "must be at least {} characters long, is {len}",
+                            fmt_num(min)
                         ),
                     ));
                 }
@@ -374,9 +386,7 @@ fn widen(old: &mut Map<String, Value>, new: &Value) {
 }
 
 fn fmt_num(x: f64) -> String {
-    if x.is_infinite() {
-        if x > 0.0 { "any" } else { "-any" }.to_string()
-    } else if x.fract() == 0.0 && x.abs() < 1e15 {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
         format!("{}", x as i64)
     } else {
         format!("{x}")

@@ -93,6 +93,13 @@ pub struct Submit {
     pub req_id: u64,
     #[serde(deserialize_with = "JobSpec::deserialize_strict")]
     pub job: JobSpec,
+    /// The name this connection said `hello` with, when it did. A broker that
+    /// files the connection under another name (it restarted and forgot the
+    /// login) answers `unauthenticated` instead of filing the job elsewhere, so
+    /// the client says `hello` again and its idempotency keys keep matching.
+    /// Older brokers ignore it (an unknown top-level key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,6 +140,9 @@ pub struct Resubmit {
     pub job_id: JobId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// As [`Submit::client`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
 }
 
 /// Reads up to `max_len` bytes of an artifact from `offset`.

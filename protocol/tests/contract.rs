@@ -180,9 +180,55 @@ fn label_messages_follow_the_configured_limit() {
         labels: vec!["much-too-long-label".into()],
         ..JobSpec::new(Backend::Sim, Task::TextToImage)
     };
+    // Too long: a size over the limit in force, as every size is.
     let err = spec.validate(&limits).unwrap_err().to_body();
-    assert_eq!(err.field.as_deref(), Some("job.labels[0]"));
+    assert_eq!(
+        (err.code, err.field.as_deref(), err.limit),
+        (ErrorCode::FieldTooLarge, Some("job.labels[0]"), Some(8))
+    );
+    // Another character: the rule in words, with the limit in force.
+    let spec = JobSpec {
+        labels: vec!["a b".into()],
+        ..JobSpec::new(Backend::Sim, Task::TextToImage)
+    };
+    let err = spec.validate(&limits).unwrap_err().to_body();
+    assert_eq!(err.code, ErrorCode::InvalidField);
     assert!(err.message.contains("1 to 8 characters"), "{}", err.message);
+}
+
+#[test]
+fn a_type_that_is_not_a_string_is_named_and_the_req_id_echoed() {
+    let body = body(&json!({"type": 5, "req_id": 7}));
+    let err = decode_body::<Request>(&body, 1 << 20)
+        .unwrap_err()
+        .to_body();
+    assert_eq!(
+        (err.code, err.field.as_deref()),
+        (ErrorCode::InvalidField, Some("type"))
+    );
+    assert_eq!(
+        kiln_protocol::frame::peek_envelope(&body).unwrap().req_id,
+        Some(7)
+    );
+}
+
+#[test]
+fn an_unknown_key_in_a_list_entry_is_named_once() {
+    for (key, entry, want) in [
+        (
+            "loras",
+            json!({"name": "x", "weight": 1}),
+            "job.loras[0].weight",
+        ),
+        (
+            "inputs",
+            json!({"name": "a.png", "media_type": "image/png", "data": [1], "foo": 1}),
+            "job.inputs[0].foo",
+        ),
+    ] {
+        let err = check(with(key, json!([entry]))).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some(want), "{}", err.message);
+    }
 }
 
 #[test]

@@ -174,6 +174,7 @@ fn requests() -> Vec<(&'static str, Request)> {
             Request::Submit(Submit {
                 req_id: 2,
                 job: spec(),
+                client: Some("render-farm".into()),
             }),
         ),
         (
@@ -210,6 +211,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                 req_id: 11,
                 job_id: JobId(42),
                 idempotency_key: Some("again-1".into()),
+                client: Some("render-farm".into()),
             }),
         ),
         (

@@ -208,8 +208,13 @@ def null_and_absent():
     check("filter: null is no filter", r.get("type") == "jobs", r)
     r = c.call("list", filter={"states": None, "backend": None, "client": None, "worker": None, "limit": None})
     check("null filter keys are absent keys", r.get("type") == "jobs", r)
+    # The sim workers have no LoRAs: a null strength decodes, then the LoRA itself
+    # is refused at submit, as an unknown model is.
     r = c.call("submit", job=job(loras=[{"name": "ink", "strength": None}]))
-    check("loras[].strength: null is accepted", r.get("type") == "accepted", r)
+    expect_error("loras[].strength: null is accepted; a LoRA no worker has is unschedulable",
+                 r, "unschedulable", field="job.loras[0]")
+    r = c.call("submit", job=job(template="no-such-template"))
+    expect_error("a template no worker has is unschedulable", r, "unschedulable", field="job.template")
     c.close()
 
 
@@ -259,7 +264,13 @@ def idempotency(state):
     check("another client's key is its own", other.get("type") == "accepted" and other.get("job_id") != first.get("job_id") and not other.get("duplicate"), other)
     r = alice.call("submit", job=job("a wolf", idempotency_key="1"))
     err = expect_error("the same key for another job", r, "idempotency_conflict", field="job.idempotency_key")
-    check("the conflict names what differs", "job.params" in err.get("message", ""), err)
+    check("the conflict names what differs", "job.params.prompt differs" in err.get("message", ""), err)
+    r = alice.call("submit", job=job("a fox", idempotency_key="1"), client="alice")
+    check("a submit may name its hello's client", r.get("job_id") == first.get("job_id") and r.get("duplicate") is True, r)
+    r = alice.call("submit", job=job("a fox", idempotency_key="1"), client="bob")
+    expect_error("a submit naming a client the connection is not logged in as", r, "unauthenticated")
+    r = alice.call("ping")
+    check("the connection still works after that refusal", r.get("type") == "pong", r)
     state["alice"] = first.get("job_id")
     state["bob"] = other.get("job_id")
     wait(alice, state["alice"])

@@ -116,6 +116,26 @@ impl Core {
         let session = self.sessions.get_mut(&peer).expect("session ensured above");
         session.last_seen_ms = now_ms;
         let client = session.name.clone();
+        let named = match &request {
+            Request::Submit(s) => s.client.as_deref(),
+            Request::Resubmit(r) => r.client.as_deref(),
+            _ => None,
+        };
+        if let Some(named) = named.filter(|n| *n != &*client) {
+            // The client said `hello` as `named`, but this broker has this
+            // connection under another name: it restarted and forgot the login
+            // (without a token nothing else tells the client). Filing the job
+            // under `client` would make its idempotency key miss.
+            let message = format!(
+                "this connection is not logged in as {named:?} (a broker restart forgets logins): open a new connection and say `hello` again, then resend"
+            );
+            reply(
+                out,
+                peer,
+                Reply::error(Some(req_id), error(ErrorCode::Unauthenticated, message)),
+            );
+            return;
+        }
 
         if let Some(cause) = &self.store_fault {
             if matches!(
@@ -258,6 +278,11 @@ impl Core {
         if let Err((field, why)) = self.fleet_can_run(now_ms, &req) {
             let mut body = error(ErrorCode::Unschedulable, why);
             body.field = field.map(str::to_string);
+            return Reply::error(Some(req_id), body);
+        }
+        if let Err((field, why)) = self.check_installed(now_ms, &req, &spec) {
+            let mut body = error(ErrorCode::Unschedulable, why);
+            body.field = Some(field);
             return Reply::error(Some(req_id), body);
         }
         if let Err(e) = self.check_params(now_ms, &req, &spec) {
@@ -508,7 +533,12 @@ impl Core {
         }
         let max = self.cfg.limits.max_chunk_bytes;
         if f.max_len == Some(0) {
-            let err = ProtocolError::out_of_range("max_len", 1, max as i64, 0);
+            let err = ProtocolError::invalid(
+                "max_len",
+                format!(
+                    "must be at least 1 (a larger one is capped at max_chunk_bytes = {max}), got 0"
+                ),
+            );
             reply(out, peer, Reply::error(Some(req_id), err));
             return;
         }
@@ -534,13 +564,26 @@ impl Core {
     ) -> Result<(Vec<JobSnapshot>, Option<String>), ProtocolError> {
         let before = match cursor {
             None => None,
-            Some(c) => Some(c.parse::<JobId>().map_err(|_| {
-                ProtocolError::invalid("cursor", "not a cursor from a `jobs` reply's next_cursor")
-            })?),
+            Some(c) => {
+                // A cursor is a job id this broker handed out: one it never
+                // assigned is not from a reply.
+                let id = c.parse::<JobId>().ok().filter(|id| id.0 < self.next_job_id);
+                Some(id.ok_or_else(|| {
+                    ProtocolError::invalid(
+                        "cursor",
+                        "not a cursor from a `jobs` reply's next_cursor",
+                    )
+                })?)
+            }
         };
         if filter.limit == Some(0) {
-            let max = self.cfg.limits.max_list as i64;
-            return Err(ProtocolError::out_of_range("filter.limit", 1, max, 0));
+            return Err(ProtocolError::invalid(
+                "filter.limit",
+                format!(
+                    "must be at least 1 (a larger one is capped at max_list = {}), got 0",
+                    self.cfg.limits.max_list
+                ),
+            ));
         }
         let limit = filter
             .limit
@@ -656,14 +699,7 @@ impl Core {
 fn idempotency_conflict(key: &str, id: JobId, first: &JobSpec, now: &JobSpec) -> ErrorBody {
     let a = serde_json::to_value(first).unwrap_or_default();
     let b = serde_json::to_value(now).unwrap_or_default();
-    let differs = match (a.as_object(), b.as_object()) {
-        (Some(a), Some(b)) => a
-            .keys()
-            .chain(b.keys())
-            .find(|k| a.get(*k) != b.get(*k))
-            .cloned(),
-        _ => None,
-    };
+    let differs = first_difference(&a, &b);
     let mut body = error(
         ErrorCode::IdempotencyConflict,
         format!(
@@ -671,12 +707,35 @@ fn idempotency_conflict(key: &str, id: JobId, first: &JobSpec, now: &JobSpec) ->
              for a new job",
             differs
                 .as_deref()
-                .map(|f| format!(" (job.{f} differs)"))
+                .map(|f| format!(" ({f} differs)"))
                 .unwrap_or_default()
         ),
     );
     body.field = Some("job.idempotency_key".into());
     body
+}
+
+/// The path of the first field (in key order, nested into maps) where two
+/// specs differ: `job.params.prompt`, `job.max_attempts`.
+fn first_difference(a: &serde_json::Value, b: &serde_json::Value) -> Option<String> {
+    fn walk(
+        path: String,
+        a: Option<&serde_json::Value>,
+        b: Option<&serde_json::Value>,
+    ) -> Option<String> {
+        match (a, b) {
+            (Some(serde_json::Value::Object(a)), Some(serde_json::Value::Object(b))) => {
+                let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+                keys.sort_unstable();
+                keys.dedup();
+                keys.into_iter()
+                    .find_map(|k| walk(format!("{path}.{k}"), a.get(k), b.get(k)))
+            }
+            (a, b) if a != b => Some(path),
+            _ => None,
+        }
+    }
+    walk("job".into(), Some(a), Some(b))
 }
 
 fn not_found(req_id: u64, id: JobId) -> Reply {

@@ -180,6 +180,7 @@ impl Sim {
             Request::Submit(Submit {
                 req_id: 1,
                 job: spec,
+                client: None,
             }),
         );
         let accepted = acceptance(&out).unwrap_or_else(|| panic!("no reply to submit: {out:?}"));
@@ -793,6 +794,7 @@ fn tokens_gate_clients_and_workers() {
         Request::Submit(Submit {
             req_id: 1,
             job: spec(),
+            client: None,
         }),
     );
     assert_eq!(error_code(&out), Some(ErrorCode::Unauthenticated));
@@ -802,6 +804,7 @@ fn tokens_gate_clients_and_workers() {
         Request::Submit(Submit {
             req_id: 2,
             job: spec(),
+            client: None,
         }),
     );
     assert!(out.is_empty(), "{out:?}");

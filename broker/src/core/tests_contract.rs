@@ -47,6 +47,7 @@ fn submit_on(sim: &mut Sim, conn: &str, spec: JobSpec) -> Vec<Output> {
         Request::Submit(Submit {
             req_id: 5,
             job: spec,
+            client: None,
         }),
     )
 }
@@ -108,7 +109,7 @@ fn idempotency_keys_belong_to_a_client_and_compare_the_job() {
     };
     assert_eq!(e.error.field.as_deref(), Some("job.idempotency_key"));
     assert!(
-        e.error.message.contains("job.params differs"),
+        e.error.message.contains("job.params.prompt differs"),
         "{}",
         e.error.message
     );
@@ -214,6 +215,16 @@ fn list_pages_with_a_cursor_past_max_list() {
         }),
     );
     assert_eq!(error_code(&out), Some(ErrorCode::InvalidField));
+    // A job id this broker never handed out is not a cursor from a reply either.
+    let out = sim.request(
+        "c",
+        Request::List(List {
+            req_id: 5,
+            filter: ListFilter::default(),
+            cursor: Some("j999999".into()),
+        }),
+    );
+    assert_eq!(error_code(&out), Some(ErrorCode::InvalidField));
 }
 
 #[test]
@@ -241,7 +252,28 @@ fn name_errors_state_the_configured_limit() {
     else {
         panic!("{out:?}")
     };
-    assert_eq!(e.error.field.as_deref(), Some("client"));
+    // Too long is a size over its limit, like every other.
+    assert_eq!(
+        (e.error.code, e.error.field.as_deref(), e.error.limit),
+        (ErrorCode::FieldTooLarge, Some("client"), Some(12))
+    );
+    // A character outside the rule: the rule in words, with the limit in force.
+    let out = sim.request(
+        "c",
+        Request::Hello(Hello {
+            req_id: 2,
+            token: None,
+            client: Some("a b".into()),
+        }),
+    );
+    let Output::Reply {
+        reply: Reply::Error(e),
+        ..
+    } = &out[0]
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(e.error.code, ErrorCode::InvalidField);
     assert!(
         e.error.message.contains("1 to 12 characters"),
         "{}",
@@ -375,4 +407,100 @@ fn a_get_reply_says_how_the_job_was_asked_to_run() {
         panic!("{out:?}")
     };
     assert!(page.jobs[0].options.is_none() && page.jobs[0].params.is_none());
+}
+
+#[test]
+fn loras_and_templates_are_checked_at_submit_against_what_workers_have() {
+    use kiln_protocol::params::*;
+    use kiln_protocol::worker::{BackendInventory, ModelEntry};
+    let described = |loras: &[&str], templates: &[&str]| {
+        let mut inv = super::tests::inventory(Backend::Comfyui, &["sdxl.safetensors"]);
+        inv.models.extend(loras.iter().map(|l| ModelEntry {
+            name: l.to_string(),
+            kind: "loras".into(),
+        }));
+        let mut sets = vec![ParamSet::default()];
+        sets.extend(templates.iter().map(|t| ParamSet {
+            template: Some(t.to_string()),
+            ..ParamSet::default()
+        }));
+        BackendInventory {
+            params: Some(ParamSchema { sets }),
+            ..inv
+        }
+    };
+    let job = |loras: &[&str], template: Option<&str>| {
+        let mut s = JobSpec::new(Backend::Comfyui, Task::TextToImage);
+        s.loras = loras
+            .iter()
+            .map(|l| LoraRef {
+                name: l.to_string(),
+                strength: 1.0,
+            })
+            .collect();
+        s.template = template.map(str::to_string);
+        s
+    };
+    let refused = |sim: &mut Sim, spec: JobSpec| {
+        let e = sim.submit_as("c", spec).expect_err("refused at submit");
+        (e.code, e.field.unwrap_or_default(), e.message)
+    };
+    let mut sim = Sim::new();
+    sim.register_full(
+        "a",
+        8000,
+        vec![described(&["ink.safetensors"], &["portrait"])],
+        &[],
+        None,
+    );
+    sim.register_full(
+        "b",
+        8000,
+        vec![described(&["clay.safetensors"], &[])],
+        &["b"],
+        None,
+    );
+    // Each worker has what it lists; a job needs one worker with all of it.
+    assert!(sim
+        .submit_as("c", job(&["ink.safetensors"], Some("portrait")))
+        .is_ok());
+    assert!(sim.submit_as("c", job(&["clay.safetensors"], None)).is_ok());
+    let (code, field, message) = refused(
+        &mut sim,
+        job(&["ink.safetensors", "clay.safetensors"], None),
+    );
+    assert_eq!(
+        (code, field.as_str()),
+        (ErrorCode::Unschedulable, "job.loras[1]")
+    );
+    assert!(
+        message.contains("LoRA \"clay.safetensors\" is not installed"),
+        "{message}"
+    );
+    let (code, field, _) = refused(&mut sim, job(&[], Some("landscape")));
+    assert_eq!(
+        (code, field.as_str()),
+        (ErrorCode::Unschedulable, "job.template")
+    );
+    // Only among the workers that could run it: labels leave worker b alone.
+    let mut labelled = job(&["ink.safetensors"], None);
+    labelled.labels = vec!["b".into()];
+    let (_, field, _) = refused(&mut sim, labelled);
+    assert_eq!(field, "job.loras[0]");
+    assert_eq!(sim.core.jobs_len(), 2, "nothing refused was queued");
+    // A worker that describes nothing (older) checks when it runs.
+    let mut old = Sim::new();
+    old.register_full(
+        "w1",
+        8000,
+        vec![super::tests::inventory(
+            Backend::Comfyui,
+            &["sdxl.safetensors"],
+        )],
+        &[],
+        None,
+    );
+    assert!(old
+        .submit_as("c", job(&["ink.safetensors"], Some("landscape")))
+        .is_ok());
 }

@@ -132,6 +132,8 @@ enum Fault {
     MoreVramThanAnyGpu(u64),
     LabelNoWorkerHas,
     ModelNoWorkerHas,
+    LoraNoWorkerHas,
+    TemplateNoWorkerHas,
     // Parameters.
     WidthOutOfRange(i64),
     UnknownParameter,
@@ -170,6 +172,12 @@ impl Fault {
             Fault::ModelNoWorkerHas => {
                 job.insert("model".into(), "no-such-model".into());
             }
+            Fault::LoraNoWorkerHas => {
+                job.insert("loras".into(), json!([{"name": "no-such-lora"}]));
+            }
+            Fault::TemplateNoWorkerHas => {
+                job.insert("template".into(), "no-such-template".into());
+            }
             Fault::WidthOutOfRange(w) => {
                 p.insert("width".into(), (*w).into());
             }
@@ -197,6 +205,8 @@ impl Fault {
             Fault::MoreVramThanAnyGpu(_) | Fault::LabelNoWorkerHas | Fault::ModelNoWorkerHas => {
                 (Unschedulable, None)
             }
+            Fault::LoraNoWorkerHas => (Unschedulable, Some("job.loras[0]")),
+            Fault::TemplateNoWorkerHas => (Unschedulable, Some("job.template")),
             Fault::WidthOutOfRange(_) => (InvalidField, Some("job.params.width")),
             Fault::UnknownParameter => (InvalidField, Some("job.params.stepz")),
             Fault::StepsNotAnInteger => (InvalidField, Some("job.params.steps")),
@@ -225,6 +235,8 @@ fn faults() -> impl Strategy<Value = Vec<Fault>> {
         (24_001u64..=1_000_000).prop_map(Fault::MoreVramThanAnyGpu),
         Just(Fault::LabelNoWorkerHas),
         Just(Fault::ModelNoWorkerHas),
+        Just(Fault::LoraNoWorkerHas),
+        Just(Fault::TemplateNoWorkerHas),
     ];
     let parameters = prop_oneof![
         prop_oneof![2049i64..=1_000_000, -1_000i64..=7].prop_map(Fault::WidthOutOfRange),

@@ -17,6 +17,7 @@ impl Sim {
                 req_id: 7,
                 job_id,
                 idempotency_key: key.map(str::to_string),
+                client: None,
             }),
         );
         acceptance(&out).expect("a reply to resubmit")

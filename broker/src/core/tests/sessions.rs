@@ -31,6 +31,7 @@ fn a_client_whose_replies_were_dropped_keeps_its_name_and_its_keys() {
         Request::Submit(Submit {
             req_id: 2,
             job: keyed,
+            client: None,
         }),
     );
     let again = acceptance(&out)
