@@ -134,7 +134,7 @@ async fn declared_sizes_are_refused_before_values_are_built(kind: TransportKind)
         "pad",
         &[0xdb, 0xff, 0xff, 0xff, 0xff, b'x'],
     );
-    d.send([header, Bytes::from(body)]).await.unwrap();
+    d.send([header.clone(), Bytes::from(body)]).await.unwrap();
     let r = recv_within(&mut d, Duration::from_secs(10))
         .await
         .expect("an answer");
@@ -145,6 +145,21 @@ async fn declared_sizes_are_refused_before_values_are_built(kind: TransportKind)
         }
         other => panic!("{other:?}"),
     }
+
+    // 5,000 nested arrays under a key the broker only skips: refused at the
+    // nesting cap, and reading the body again for its `req_id` does not recurse
+    // (a debug broker overflowed its stack here).
+    let mut deep = vec![0x91; 5_000];
+    deep.push(0xc0);
+    let body = body_with(json!({"type": "ping", "req_id": 8}), "junk", &deep);
+    d.send([header, Bytes::from(body)]).await.unwrap();
+    let r = recv_within(&mut d, Duration::from_secs(10))
+        .await
+        .expect("an answer");
+    assert_eq!(
+        field_too_large(reply(&r)),
+        ("junk (nesting depth)".to_string(), Some(64))
+    );
 
     // Everyone else is still served.
     broker.client().ping().await.unwrap();

@@ -119,37 +119,86 @@ pub struct Envelope {
     pub req_id: Option<u64>,
 }
 
-/// A value of the envelope, read whatever its type.
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// `type` or `req_id` as read loosely: a string, an unsigned integer, or another
+/// scalar. A container is refused without being read into memory.
 enum Loose {
     Text(String),
     Unsigned(u64),
-    Other(serde::de::IgnoredAny),
+    Other,
 }
 
+impl<'de> Deserialize<'de> for Loose {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Loose, D::Error> {
+        struct Scalar;
+        impl serde::de::Visitor<'_> for Scalar {
+            type Value = Loose;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a scalar")
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Loose, E> {
+                Ok(Loose::Text(s.to_owned()))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Loose, E> {
+                Ok(Loose::Unsigned(n))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Loose, E> {
+                Ok(u64::try_from(n).map_or(Loose::Other, Loose::Unsigned))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Loose, E> {
+                Ok(Loose::Other)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Loose, E> {
+                Ok(Loose::Other)
+            }
+            fn visit_bytes<E>(self, _: &[u8]) -> Result<Loose, E> {
+                Ok(Loose::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Loose, E> {
+                Ok(Loose::Other)
+            }
+        }
+        d.deserialize_any(Scalar)
+    }
+}
+
+/// The caps [`peek_envelope`] holds a body to before reading it: no limit on
+/// sizes (a body over [`crate::shape::WIRE`]'s still has its `req_id` echoed),
+/// but the same nesting depth, so that skipping a value never recurses deeper.
+const PEEK: crate::shape::Shape = crate::shape::Shape {
+    max_container_len: u64::MAX,
+    max_values: u64::MAX,
+    max_depth: crate::shape::WIRE.max_depth,
+};
+
 /// Reads `type` and `req_id` from a body, if it is a map at all, whatever else it
-/// holds. Used to echo the `req_id` of a request that failed to decode.
+/// holds. Used to echo the `req_id` of a request that failed to decode. A body
+/// nested deeper than the wire allows, or that declares more than it holds,
+/// yields nothing (it may have failed to decode on purpose).
 pub fn peek_envelope(body: &[u8]) -> Option<Envelope> {
     #[derive(Deserialize)]
-    struct Loosely {
+    struct Kind {
         #[serde(rename = "type", default)]
         kind: Option<Loose>,
+    }
+    #[derive(Deserialize)]
+    struct ReqId {
         #[serde(default)]
         req_id: Option<Loose>,
     }
-    if !is_map(body) {
+    if !is_map(body) || crate::shape::check(body, &PEEK).is_err() {
         return None;
     }
-    let read = rmp_serde::from_slice::<Loosely>(body).ok()?;
+    // Read apart, so that a container under one key does not hide the other.
+    let kind = rmp_serde::from_slice::<Kind>(body).map(|k| k.kind);
+    let req_id = rmp_serde::from_slice::<ReqId>(body).map(|r| r.req_id);
     Some(Envelope {
-        kind_not_text: matches!(read.kind, Some(Loose::Unsigned(_) | Loose::Other(_))),
-        kind: match read.kind {
-            Some(Loose::Text(s)) => Some(s),
+        kind_not_text: matches!(kind, Ok(Some(Loose::Unsigned(_) | Loose::Other)) | Err(_)),
+        kind: match kind {
+            Ok(Some(Loose::Text(s))) => Some(s),
             _ => None,
         },
-        req_id: match read.req_id {
-            Some(Loose::Unsigned(n)) => Some(n),
+        req_id: match req_id {
+            Ok(Some(Loose::Unsigned(n))) => Some(n),
             _ => None,
         },
     })
