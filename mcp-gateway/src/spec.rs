@@ -22,6 +22,22 @@ pub fn random_seed() -> u64 {
         & 0xffff_ffff
 }
 
+/// The seed of a job whose call chose none: random, or, when the call carries an
+/// idempotency key, 32 bits derived from the key (FNV-1a, the same in every
+/// gateway process), so that a retried call is the same job and gets its first
+/// job back instead of an `idempotency_conflict` over the seed.
+pub fn default_seed(idempotency_key: Option<&str>) -> u64 {
+    match idempotency_key {
+        None => random_seed(),
+        Some(key) => {
+            let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+            });
+            hash & 0xffff_ffff
+        }
+    }
+}
+
 /// The words a style preset adds: (prompt suffix, negative prompt additions, pixel
 /// grid size for pixel styles).
 pub fn style_words(style: StylePreset) -> (&'static str, &'static str, Option<u32>) {
@@ -159,7 +175,11 @@ fn image_spec(
     if let Some(cfg_scale) = o.cfg {
         p.insert("cfg".into(), cfg_scale.into());
     }
-    p.insert("seed".into(), o.seed.unwrap_or_else(random_seed).into());
+    let key = o.job.idempotency_key.as_deref();
+    p.insert(
+        "seed".into(),
+        o.seed.unwrap_or_else(|| default_seed(key)).into(),
+    );
     if o.count > 1 {
         p.insert("count".into(), o.count.into());
     }
@@ -211,7 +231,8 @@ pub fn edit_image(
 /// prompt and per-item extras. Without seeds, items get consecutive seeds from
 /// one random start so the batch can be reproduced.
 pub fn generate_batch(a: &GenerateBatchArgs, cfg: &McpConfig) -> Result<Vec<JobSpec>, ToolError> {
-    let base_seed = a.options.seed.unwrap_or_else(random_seed);
+    let key = a.options.job.idempotency_key.as_deref();
+    let base_seed = a.options.seed.unwrap_or_else(|| default_seed(key));
     a.prompts
         .iter()
         .enumerate()
@@ -227,6 +248,10 @@ pub fn generate_batch(a: &GenerateBatchArgs, cfg: &McpConfig) -> Result<Vec<JobS
                 }
             }
             let mut spec = image_spec(Task::TextToImage, item.prompt(), &options, cfg, None)?;
+            // Each item is its own job: the call's key, numbered per item.
+            if let Some(key) = key {
+                spec.idempotency_key = Some(format!("{key}/{i}"));
+            }
             if let BatchItem::Detailed(d) = item {
                 merge_extra(
                     &mut spec.params,
@@ -289,7 +314,11 @@ pub fn generate_video(
     if let Some(steps) = a.steps {
         p.insert("steps".into(), steps.into());
     }
-    p.insert("seed".into(), a.seed.unwrap_or_else(random_seed).into());
+    let key = a.job.idempotency_key.as_deref();
+    p.insert(
+        "seed".into(),
+        a.seed.unwrap_or_else(|| default_seed(key)).into(),
+    );
     if let Some(input) = input {
         p.insert("image".into(), input.name.clone().into());
         spec.inputs.push(input);
@@ -416,6 +445,24 @@ mod tests {
         assert!(
             matches!(generate_image(&clash, &cfg), Err(ToolError::InvalidArgument { field, .. }) if field == "params.width")
         );
+    }
+
+    #[test]
+    fn a_call_with_an_idempotency_key_is_the_same_job_when_retried() {
+        let cfg = McpConfig::default();
+        let seed = |s: &JobSpec| s.params["seed"].as_u64().unwrap();
+        let a: GenerateImageArgs = parse(json!({"prompt": "x", "idempotency_key": "mk1"}));
+        let first = generate_image(&a, &cfg).unwrap();
+        assert_eq!(first, generate_image(&a, &cfg).unwrap());
+        let b: GenerateImageArgs = parse(json!({"prompt": "x", "idempotency_key": "mk2"}));
+        assert_ne!(seed(&first), seed(&generate_image(&b, &cfg).unwrap()));
+        // A batch's items are jobs of their own: the key numbered per item.
+        let batch: GenerateBatchArgs =
+            parse(json!({"prompts": ["a", "b"], "idempotency_key": "bk"}));
+        let specs = generate_batch(&batch, &cfg).unwrap();
+        let keys: Vec<_> = specs.iter().map(|s| s.idempotency_key.as_deref()).collect();
+        assert_eq!(keys, [Some("bk/0"), Some("bk/1")]);
+        assert_eq!(specs, generate_batch(&batch, &cfg).unwrap());
     }
 
     #[test]

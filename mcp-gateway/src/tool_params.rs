@@ -65,19 +65,20 @@ impl FleetCache {
 }
 
 /// Describes `tools` from the fleet the gateway's broker knows and its limits.
-/// `max_age` is how old a remembered worker list may be (zero asks the broker).
+/// `max_age` is how old a remembered worker list may be (zero asks the broker);
+/// the broker is asked only when one of `tools` has a `params` argument.
 pub async fn describe(gw: &Gateway, tools: &mut [Tool], max_age: Duration) {
-    let described = |t: &Tool| TOOL_TASKS.iter().any(|(name, _)| *name == t.name);
-    if !tools.iter().any(described) {
-        return;
+    let generates = |t: &Tool| TOOL_TASKS.iter().any(|(name, _)| *name == t.name);
+    let mut workers = None;
+    if tools.iter().any(generates) {
+        workers = match gw.fleet.fresh(max_age) {
+            Some(w) => Some(w),
+            None => match tokio::time::timeout(ASK_TIMEOUT, gw.client.workers()).await {
+                Ok(Ok(workers)) => Some(gw.fleet.store(workers)),
+                _ => None,
+            },
+        };
     }
-    let workers = match gw.fleet.fresh(max_age) {
-        Some(w) => Some(w),
-        None => match tokio::time::timeout(ASK_TIMEOUT, gw.client.workers()).await {
-            Ok(Ok(workers)) => Some(gw.fleet.store(workers)),
-            _ => None,
-        },
-    };
     let limits = gw.client.welcome().map(|w| w.limits);
     describe_with(
         workers.as_deref().map_or(&[], |w| w),
@@ -86,8 +87,15 @@ pub async fn describe(gw: &Gateway, tools: &mut [Tool], max_age: Duration) {
     );
 }
 
-/// [`describe`] with the worker list and the broker's limits at hand.
+/// [`describe`] with the worker list and the broker's limits at hand. The limits
+/// bound every tool that takes the job options (`run_workflow` too); the workers'
+/// descriptions apply to the generate tools.
 pub fn describe_with(workers: &[WorkerInfo], limits: Option<&Limits>, tools: &mut [Tool]) {
+    if let Some(limits) = limits {
+        for tool in tools.iter_mut() {
+            bound_by_limits(Arc::make_mut(&mut tool.input_schema), limits);
+        }
+    }
     let sets: Vec<&ParamSet> = workers
         .iter()
         .filter(|w| w.state != WorkerState::Offline)
@@ -105,9 +113,6 @@ pub fn describe_with(workers: &[WorkerInfo], limits: Option<&Limits>, tools: &mu
         let Some(Value::Object(props)) = schema.get_mut("properties") else {
             continue;
         };
-        if let Some(limits) = limits {
-            bound_by_limits(props, limits);
-        }
         let for_tool: Vec<&ParamSet> = sets
             .iter()
             .copied()
@@ -141,8 +146,27 @@ pub fn describe_with(workers: &[WorkerInfo], limits: Option<&Limits>, tools: &mu
 }
 
 /// The job options' bounds and the prompt's and template's lengths, from the
-/// broker's limits.
-fn bound_by_limits(props: &mut Map<String, Value>, limits: &Limits) {
+/// broker's limits, in a tool's input `schema` (a tool without these arguments is
+/// left as it is).
+fn bound_by_limits(schema: &mut Map<String, Value>, limits: &Limits) {
+    // A LoRA entry may be a shared definition (`"$ref": "#/$defs/LoraRef"`).
+    let lora_def = schema
+        .get("properties")
+        .and_then(|p| p.pointer("/loras/items/$ref"))
+        .and_then(Value::as_str)
+        .and_then(|r| r.strip_prefix("#/$defs/"))
+        .map(str::to_string);
+    if let Some(def) = lora_def {
+        let name = schema
+            .get_mut("$defs")
+            .and_then(|d| d.pointer_mut(&format!("/{def}/properties/name")));
+        if let Some(Value::Object(name)) = name {
+            name.insert("maxLength".into(), limits.max_name_len.into());
+        }
+    }
+    let Some(Value::Object(props)) = schema.get_mut("properties") else {
+        return;
+    };
     JobOptions::bound_json_schema(props, limits);
     for (name, limit) in [
         ("prompt", limits.max_prompt_chars),
@@ -338,5 +362,29 @@ mod tests {
             tools[0].input_schema["properties"]["width"]["maximum"],
             4096
         );
+    }
+
+    #[test]
+    fn the_brokers_limits_bound_every_tool_with_job_options_and_shared_definitions() {
+        let schema = json!({"type": "object",
+            "properties": {
+                "labels": {"type": "array", "items": {"type": "string"}, "maxItems": 16},
+                "loras": {"type": "array", "items": {"$ref": "#/$defs/LoraRef"}}},
+            "$defs": {"LoraRef": {"type": "object", "properties": {
+                "name": {"type": "string", "maxLength": 256}}}}});
+        let mut tools = vec![Tool::new(
+            "run_workflow",
+            "t",
+            Arc::new(schema.as_object().unwrap().clone()),
+        )];
+        let limits = Limits {
+            max_labels: 2,
+            max_name_len: 40,
+            ..Limits::default()
+        };
+        describe_with(&[], Some(&limits), &mut tools);
+        let s = &tools[0].input_schema;
+        assert_eq!(s["properties"]["labels"]["maxItems"], 2);
+        assert_eq!(s["$defs"]["LoraRef"]["properties"]["name"]["maxLength"], 40);
     }
 }

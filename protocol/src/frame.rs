@@ -161,12 +161,14 @@ impl<'de> Deserialize<'de> for Loose {
     }
 }
 
-/// The caps [`peek_envelope`] holds a body to before reading it: no limit on
-/// sizes (a body over [`crate::shape::WIRE`]'s still has its `req_id` echoed),
-/// but the same nesting depth, so that skipping a value never recurses deeper.
+/// The caps [`peek_envelope`] holds a body to before reading it: no limit on a
+/// container's length (a body over [`crate::shape::WIRE`]'s still has its
+/// `req_id` echoed), but the same nesting depth, so that skipping a value never
+/// recurses deeper, and the same count of values, so that a body built to be
+/// slow to walk is not walked twice.
 const PEEK: crate::shape::Shape = crate::shape::Shape {
     max_container_len: u64::MAX,
-    max_values: u64::MAX,
+    max_values: crate::shape::WIRE.max_values,
     max_depth: crate::shape::WIRE.max_depth,
 };
 

@@ -318,11 +318,11 @@ impl JobSpec {
         }
         check("job.loras", self.loras.len() as u64, limits.max_loras)?;
         for (i, lora) in self.loras.iter().enumerate() {
-            check_len(
-                &format!("job.loras[{i}].name"),
-                &lora.name,
-                limits.max_name_len,
-            )?;
+            let field = format!("job.loras[{i}].name");
+            check_len(&field, &lora.name, limits.max_name_len)?;
+            if lora.name.is_empty() {
+                return Err(ProtocolError::invalid(field, "must not be empty"));
+            }
             if !(lora.strength.is_finite() && (-10.0..=10.0).contains(&lora.strength)) {
                 return Err(ProtocolError::out_of_range(
                     format!("job.loras[{i}].strength"),

@@ -213,6 +213,15 @@ fn a_type_that_is_not_a_string_is_named_and_the_req_id_echoed() {
 }
 
 #[test]
+fn an_empty_lora_name_is_refused_naming_it() {
+    let err = check(with("loras", json!([{"name": ""}]))).unwrap_err();
+    assert_eq!(
+        (err.code, err.field.as_deref()),
+        (ErrorCode::InvalidField, Some("job.loras[0].name"))
+    );
+}
+
+#[test]
 fn an_unknown_key_in_a_list_entry_is_named_once() {
     for (key, entry, want) in [
         (

@@ -13,6 +13,7 @@ use kiln_protocol::{
 };
 
 use super::job::Job;
+use super::params_check::Refusal;
 use super::queue::Requirements;
 use super::registry::PeerId;
 use super::{ArtifactOp, Core, Output, Record, Session, TimerKind};
@@ -280,14 +281,21 @@ impl Core {
             body.field = field.map(str::to_string);
             return Reply::error(Some(req_id), body);
         }
-        if let Err((field, why)) = self.check_installed(now_ms, &req, &spec) {
-            let mut body = error(ErrorCode::Unschedulable, why);
-            body.field = Some(field);
-            return Reply::error(Some(req_id), body);
-        }
-        if let Err(e) = self.check_params(now_ms, &req, &spec) {
-            self.stats.protocol_errors += 1;
-            return Reply::error(Some(req_id), e);
+        match self.check_described(now_ms, &req, &spec) {
+            Ok(()) => {}
+            Err(Refusal::Missing { field, what }) => {
+                let why = format!(
+                    "{what} is not installed on any {} worker that could run the job",
+                    spec.backend
+                );
+                let mut body = error(ErrorCode::Unschedulable, why);
+                body.field = Some(field);
+                return Reply::error(Some(req_id), body);
+            }
+            Err(Refusal::Params(e)) => {
+                self.stats.protocol_errors += 1;
+                return Reply::error(Some(req_id), e);
+            }
         }
         let queued = self.queued_per_client.get(&client).copied().unwrap_or(0);
         if queued >= self.cfg.limits.max_queued_per_client {

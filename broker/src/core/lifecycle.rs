@@ -193,7 +193,7 @@ impl Core {
         for idx in candidates {
             let req = self.queue.requirements(class);
             let w = self.workers.get_mut(idx);
-            if !w.can_run_class(class, req) || !w.backend_healthy(backend) {
+            if !w.can_run_class(class, req) || !w.backend_healthy(backend) || !w.accepts(&spec) {
                 continue;
             }
             let key = self.placement_key(id, idx);

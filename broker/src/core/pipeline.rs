@@ -173,7 +173,8 @@ impl Core {
             let capable = w.online
                 && w.peer.is_some()
                 && w.can_run_class(class, req)
-                && w.backend_healthy(backend);
+                && w.backend_healthy(backend)
+                && w.accepts(&self.jobs[&id].spec);
             if !capable {
                 continue;
             }
@@ -257,7 +258,10 @@ impl Core {
             let req = self.queue.requirements(class);
             let backend = req.backend;
             let w = self.workers.get_mut(idx);
-            if !w.can_run_class(class, req) || !w.backend_healthy(backend) {
+            if !w.can_run_class(class, req)
+                || !w.backend_healthy(backend)
+                || !w.accepts(&self.jobs[&r.job_id].spec)
+            {
                 continue;
             }
             let gain = |core: &Self| core.busy_for_ms(now_ms, holder) - free_in;

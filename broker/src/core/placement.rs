@@ -197,15 +197,22 @@ impl Core {
         idx: WorkerIdx,
         runnable: &[bool],
     ) -> Option<JobId> {
-        if !self.cfg.load_aware {
-            return self.queue.pop_for(|class| runnable[class as usize]);
-        }
         let mut cands = std::mem::take(&mut self.candidates);
         self.queue.candidates(
             |class| runnable[class as usize],
             CANDIDATE_CLIENTS,
             &mut cands,
         );
+        // Only what this worker would take by its own description.
+        let w = self.workers.get(idx);
+        cands.retain(|c| w.accepts(&self.jobs[&c.job].spec));
+        if !self.cfg.load_aware {
+            // Queue order: the first client in the rotation, its oldest job.
+            let first = (0..cands.len()).min_by_key(|&i| (cands[i].turn, cands[i].seq));
+            let job = first.map(|i| self.queue.take(&cands[i]));
+            self.candidates = cands;
+            return job;
+        }
         let chosen = self.choose(now_ms, idx, &cands);
         self.note_declined(now_ms, idx, &cands, chosen);
         let job = chosen.map(|i| self.queue.take(&cands[i]));

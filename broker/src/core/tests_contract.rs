@@ -504,3 +504,85 @@ fn loras_and_templates_are_checked_at_submit_against_what_workers_have() {
         .submit_as("c", job(&["ink.safetensors"], Some("landscape")))
         .is_ok());
 }
+
+#[test]
+fn a_job_goes_only_to_workers_that_would_take_it() {
+    use kiln_protocol::params::*;
+    use kiln_protocol::worker::{BackendInventory, BrokerMessage, ModelEntry};
+    let described = |max_side: f64, lora: Option<&str>| {
+        let mut inv = super::tests::inventory(Backend::Sim, &[]);
+        inv.models.extend(lora.map(|l| ModelEntry {
+            name: l.into(),
+            kind: "loras".into(),
+        }));
+        BackendInventory {
+            params: Some(ParamSchema {
+                sets: vec![ParamSet {
+                    params: vec![
+                        ParamSpec::new("prompt", ParamKind::String, ""),
+                        ParamSpec::new("width", ParamKind::Integer, "").range(8.0, max_side),
+                    ],
+                    ..ParamSet::default()
+                }],
+            }),
+            ..inv
+        }
+    };
+    let mut sim = Sim::new();
+    sim.register_full("small", 8000, vec![described(1024.0, None)], &[], None);
+    sim.register_full("big", 8000, vec![described(2048.0, Some("ink"))], &[], None);
+    let assigned_to = |out: &[Output]| -> Vec<String> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::ToWorker {
+                    peer,
+                    msg: BrokerMessage::Assign(_),
+                } => Some(String::from_utf8_lossy(peer).into_owned()),
+                _ => None,
+            })
+            .collect()
+    };
+    // Wide jobs and LoRA jobs: accepted (one worker takes them), and only ever
+    // given to that worker, the other staying idle; a plain job takes the other.
+    let mut wide = Vec::new();
+    for n in 0..3 {
+        let mut s = spec()
+            .param("width", 1536)
+            .param("prompt", format!("wide {n}"));
+        if n == 2 {
+            s.loras = vec![LoraRef {
+                name: "ink".into(),
+                strength: 1.0,
+            }];
+        }
+        let (id, out) = sim.submit(s);
+        wide.push(id);
+        assert!(
+            assigned_to(&out).iter().all(|w| w == "big"),
+            "{:?}",
+            assigned_to(&out)
+        );
+    }
+    assert_eq!(sim.core.job(wide[1]).unwrap().state, JobState::Queued);
+    let (narrow, out) = sim.submit(spec().param("width", 512));
+    assert_eq!(
+        assigned_to(&out),
+        ["small"],
+        "the plain job takes the idle worker"
+    );
+    // `small` frees up while wide jobs wait: it takes none of them.
+    let attempt = sim.core.job(narrow).unwrap().attempt;
+    let out = sim.succeed("small", narrow, attempt);
+    assert!(assigned_to(&out).is_empty(), "{:?}", assigned_to(&out));
+    // Each wide job runs on `big` in turn.
+    for (n, id) in wide.iter().enumerate() {
+        let attempt = sim.core.job(*id).unwrap().attempt;
+        let out = sim.succeed("big", *id, attempt);
+        if n + 1 < wide.len() {
+            assert_eq!(assigned_to(&out), ["big"]);
+        }
+    }
+    for id in wide {
+        assert_eq!(sim.core.job(id).unwrap().state, JobState::Succeeded);
+    }
+}
