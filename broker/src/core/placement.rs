@@ -207,8 +207,7 @@ impl Core {
         let w = self.workers.get(idx);
         cands.retain(|c| w.accepts(&self.jobs[&c.job].spec));
         if !self.cfg.load_aware {
-            // Queue order: the first client in the rotation, its oldest job.
-            let first = (0..cands.len()).min_by_key(|&i| (cands[i].turn, cands[i].seq));
+            let first = super::queue::Queue::first_in_order(&cands);
             let job = first.map(|i| self.queue.take(&cands[i]));
             self.candidates = cands;
             return job;

@@ -239,35 +239,17 @@ impl Queue {
     /// Takes the next job for a worker that can run the classes for which
     /// `can_run` says true: the highest priority level with such a job, the next
     /// client in that level's rotation that has one, and that client's oldest.
-    pub fn pop_for(&mut self, mut can_run: impl FnMut(ClassId) -> bool) -> Option<JobId> {
-        let mut found = None;
-        for (key, level) in self.levels.iter_mut() {
-            let n = level.ring.len();
-            for step in 0..n {
-                let at = (level.cursor + step) % n;
-                let lanes = level
-                    .lanes
-                    .get_mut(&level.ring[at])
-                    .expect("ring matches lanes");
-                let best = lanes
-                    .by_class
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, (class, _))| can_run(*class))
-                    .filter_map(|(i, (_, q))| q.first_key_value().map(|(seq, _)| (*seq, i)))
-                    .min();
-                let Some((seq, i)) = best else { continue };
-                let class = lanes.by_class[i].0;
-                found = Some((*key, level.take_at(at, i, seq), class));
-                break;
-            }
-            if found.is_some() {
-                break;
-            }
-        }
-        let (key, job, class) = found?;
-        self.count_taken(key, class);
-        Some(job)
+    pub fn pop_for(&mut self, can_run: impl FnMut(ClassId) -> bool) -> Option<JobId> {
+        let mut cands = Vec::new();
+        self.candidates(can_run, 1, &mut cands);
+        let first = Self::first_in_order(&cands)?;
+        Some(self.take(&cands[first]))
+    }
+
+    /// Of candidates from [`Queue::candidates`] (perhaps some left out), the one
+    /// queue order takes first: the client whose turn is nearest, its oldest job.
+    pub fn first_in_order(cands: &[Candidate]) -> Option<usize> {
+        (0..cands.len()).min_by_key(|&i| (cands[i].turn, cands[i].seq))
     }
 
     /// The jobs a worker could take next: the oldest job of each runnable class
