@@ -237,48 +237,30 @@ fn name_errors_state_the_configured_limit() {
         ..CoreConfig::default()
     };
     let mut sim = Sim::with(cfg);
-    let out = sim.request(
-        "c",
-        Request::Hello(Hello {
-            req_id: 1,
-            token: None,
-            client: Some("a-very-long-client-name".into()),
-        }),
-    );
-    let Output::Reply {
-        reply: Reply::Error(e),
-        ..
-    } = &out[0]
-    else {
-        panic!("{out:?}")
+    let mut refused = |name: &str| {
+        let out = sim.request(
+            "c",
+            Request::Hello(Hello {
+                req_id: 1,
+                token: None,
+                client: Some(name.into()),
+            }),
+        );
+        match super::tests::acceptance(&out) {
+            Some(Err(e)) => e,
+            _ => panic!("{out:?}"),
+        }
     };
     // Too long is a size over its limit, like every other.
+    let e = refused("a-very-long-client-name");
     assert_eq!(
-        (e.error.code, e.error.field.as_deref(), e.error.limit),
+        (e.code, e.field.as_deref(), e.limit),
         (ErrorCode::FieldTooLarge, Some("client"), Some(12))
     );
     // A character outside the rule: the rule in words, with the limit in force.
-    let out = sim.request(
-        "c",
-        Request::Hello(Hello {
-            req_id: 2,
-            token: None,
-            client: Some("a b".into()),
-        }),
-    );
-    let Output::Reply {
-        reply: Reply::Error(e),
-        ..
-    } = &out[0]
-    else {
-        panic!("{out:?}")
-    };
-    assert_eq!(e.error.code, ErrorCode::InvalidField);
-    assert!(
-        e.error.message.contains("1 to 12 characters"),
-        "{}",
-        e.error.message
-    );
+    let e = refused("a b");
+    assert_eq!(e.code, ErrorCode::InvalidField);
+    assert!(e.message.contains("1 to 12 characters"), "{}", e.message);
     let _ = peer("unused");
 }
 
