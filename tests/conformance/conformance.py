@@ -269,6 +269,8 @@ def idempotency(state):
     check("a submit may name its hello's client", r.get("job_id") == first.get("job_id") and r.get("duplicate") is True, r)
     r = alice.call("submit", job=job("a fox", idempotency_key="1"), client="bob")
     expect_error("a submit naming a client the connection is not logged in as", r, "unauthenticated")
+    r = alice.call("submit", job=job("a fox", idempotency_key="1"), client="")
+    expect_error("a submit naming no valid client name", r, "invalid_field", field="client")
     r = alice.call("ping")
     check("the connection still works after that refusal", r.get("type") == "pong", r)
     state["alice"] = first.get("job_id")

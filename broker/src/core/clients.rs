@@ -122,6 +122,13 @@ impl Core {
             Request::Resubmit(r) => r.client.as_deref(),
             _ => None,
         };
+        if let Some(Err(err)) =
+            named.map(|n| check_simple_name("client", n, self.cfg.limits.max_label_len))
+        {
+            // Not a name `hello` could have taken: a mistake, not a lost login.
+            reply(out, peer, Reply::error(Some(req_id), err));
+            return;
+        }
         if let Some(named) = named.filter(|n| *n != &*client) {
             // The client said `hello` as `named`, but this broker has this
             // connection under another name: it restarted and forgot the login
