@@ -90,10 +90,10 @@ pub enum ProtocolError {
     UnknownType(String),
     #[error("field `{field}`: {reason}")]
     InvalidField { field: String, reason: String },
-    /// A value outside a described range (a backend parameter's `min`/`max`);
-    /// `limit` is the maximum when it is a whole number.
+    /// A value outside its range (a job field's, or a backend parameter's
+    /// `min`/`max`); `limit` is the maximum when it is a whole number.
     #[error("field `{field}`: {reason}")]
-    OutsideRange {
+    OutOfRange {
         field: String,
         reason: String,
         limit: Option<u64>,
@@ -103,13 +103,6 @@ pub enum ProtocolError {
         field: String,
         limit: u64,
         actual: u64,
-    },
-    #[error("field `{field}` must be from {min} to {max}, got {actual}")]
-    OutOfRange {
-        field: String,
-        min: i64,
-        max: i64,
-        actual: String,
     },
 }
 
@@ -121,9 +114,9 @@ impl ProtocolError {
             ProtocolError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
             ProtocolError::TooLarge { .. } => ErrorCode::MessageTooLarge,
             ProtocolError::UnknownType(_) => ErrorCode::UnknownType,
-            ProtocolError::InvalidField { .. }
-            | ProtocolError::OutOfRange { .. }
-            | ProtocolError::OutsideRange { .. } => ErrorCode::InvalidField,
+            ProtocolError::InvalidField { .. } | ProtocolError::OutOfRange { .. } => {
+                ErrorCode::InvalidField
+            }
             ProtocolError::FieldTooLarge { .. } => ErrorCode::FieldTooLarge,
         }
     }
@@ -144,19 +137,15 @@ impl ProtocolError {
     ) -> Self {
         ProtocolError::OutOfRange {
             field: field.into(),
-            min,
-            max,
-            actual: actual.to_string(),
+            reason: format!("must be from {min} to {max}, got {}", actual.to_string()),
+            limit: u64::try_from(max).ok(),
         }
     }
 
     pub fn to_body(&self) -> ErrorBody {
         let (field, limit) = match self {
             ProtocolError::InvalidField { field, .. } => (Some(field.clone()), None),
-            ProtocolError::OutsideRange { field, limit, .. } => (Some(field.clone()), *limit),
-            ProtocolError::OutOfRange { field, max, .. } => {
-                (Some(field.clone()), u64::try_from(*max).ok())
-            }
+            ProtocolError::OutOfRange { field, limit, .. } => (Some(field.clone()), *limit),
             ProtocolError::FieldTooLarge { field, limit, .. } => {
                 (Some(field.clone()), Some(*limit))
             }

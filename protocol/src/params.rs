@@ -143,7 +143,7 @@ impl ParamSpec {
                 };
                 let whole =
                     |m: f64| (m >= 0.0 && m.fract() == 0.0 && m < 1.8e19).then_some(m as u64);
-                return Err(ProtocolError::OutsideRange {
+                return Err(ProtocolError::OutOfRange {
                     field: field.to_string(),
                     reason: format!("must be {bounds}{unit}, got {shown}"),
                     limit: self.max.and_then(whole),
