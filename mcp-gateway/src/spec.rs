@@ -29,12 +29,7 @@ pub fn random_seed() -> u64 {
 pub fn default_seed(idempotency_key: Option<&str>) -> u64 {
     match idempotency_key {
         None => random_seed(),
-        Some(key) => {
-            let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-            });
-            hash & 0xffff_ffff
-        }
+        Some(key) => kiln_protocol::fnv1a(key.as_bytes()) & 0xffff_ffff,
     }
 }
 

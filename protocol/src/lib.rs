@@ -54,6 +54,16 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// FNV-1a, 64 bits: a small hash that is the same in every process and on every
+/// platform (std's hashers are seeded per process), for values derived from
+/// names that must come out alike everywhere (the sim's pictures, kiln-mcp's
+/// seed for a call with an idempotency key).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 #[cfg(test)]
 mod doc_tests {
     use crate::frame::WireMessage;

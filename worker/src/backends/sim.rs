@@ -210,7 +210,9 @@ impl Backend for SimBackend {
         let frames = int_param(spec, "frames", 8, 2, 48)? as u32;
         let fps = int_param(spec, "fps", 8, 1, 60)? as u16;
         let seed = match spec.params.get("seed") {
-            None | Some(serde_json::Value::Null) => fnv(prompt.as_bytes()) & 0xffff_ffff,
+            None | Some(serde_json::Value::Null) => {
+                kiln_protocol::fnv1a(prompt.as_bytes()) & 0xffff_ffff
+            }
             Some(v) => v
                 .as_u64()
                 .or_else(|| v.as_i64().map(|i| i as u64))
@@ -303,7 +305,10 @@ impl Backend for SimBackend {
         }
         progress.stage(96.0, "encoding");
         let video = spec.task.is_video();
-        let inputs_hash = spec.inputs.iter().fold(0u64, |h, i| h ^ fnv(&i.data));
+        let inputs_hash = spec
+            .inputs
+            .iter()
+            .fold(0u64, |h, i| h ^ kiln_protocol::fnv1a(&i.data));
         let job_id = job.job_id;
         // Rendering is CPU work: off the async threads, which keep the heartbeats.
         let render = move || -> Result<Vec<OutputFile>, png::EncodingError> {
@@ -382,18 +387,10 @@ async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> Result<(), 
     }
 }
 
-/// FNV-1a: a small, stable hash so the same prompt and seed always give the same
-/// picture on every platform.
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 /// RGB pixels of one frame: overlapping colour waves whose directions, speeds and
 /// hues come from a hash of prompt and seed, so different prompts look different.
 fn pixels(prompt: &str, seed: u64, width: u32, height: u32, t: f32) -> Vec<u8> {
-    let h = fnv(prompt.as_bytes()) ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let h = kiln_protocol::fnv1a(prompt.as_bytes()) ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let param = |k: u32| ((h >> (k * 5)) & 0x1f) as f32 / 31.0;
     let waves: Vec<(f32, f32, f32, f32)> = (0..3)
         .map(|c| {
