@@ -187,25 +187,21 @@ fn narrow_own_arguments(props: &mut Map<String, Value>, described: &Value) {
     let Some(described) = described["properties"].as_object() else {
         return;
     };
+    let bound = |s: &Value, key: &str| s.get(key).and_then(Value::as_f64);
     for (name, arg) in props.iter_mut() {
-        let (Value::Object(arg), Some(backends)) = (arg, described.get(name)) else {
+        let Some(backends) = described.get(name) else {
             continue;
         };
-        let bound = |s: &Map<String, Value>, key: &str| s.get(key).and_then(Value::as_f64);
         let (Some(low), Some(high)) = (bound(arg, "minimum"), bound(arg, "maximum")) else {
             continue;
         };
-        let low = bound_value(backends, "minimum").map_or(low, |b| low.max(b));
-        let high = bound_value(backends, "maximum").map_or(high, |b| high.min(b));
-        if low <= high {
+        let low = bound(backends, "minimum").map_or(low, |b| low.max(b));
+        let high = bound(backends, "maximum").map_or(high, |b| high.min(b));
+        if let (true, Value::Object(arg)) = (low <= high, arg) {
             arg.insert("minimum".into(), json_num(low));
             arg.insert("maximum".into(), json_num(high));
         }
     }
-}
-
-fn bound_value(schema: &Value, key: &str) -> Option<f64> {
-    schema.get(key).and_then(Value::as_f64)
 }
 
 #[cfg(test)]
