@@ -177,6 +177,14 @@ const PEEK: crate::shape::Shape = crate::shape::Shape {
 /// nested deeper than the wire allows, or that declares more than it holds,
 /// yields nothing (it may have failed to decode on purpose).
 pub fn peek_envelope(body: &[u8]) -> Option<Envelope> {
+    if !is_map(body) || crate::shape::check(body, &PEEK).is_err() {
+        return None;
+    }
+    Some(read_envelope(body))
+}
+
+/// [`peek_envelope`] for a map body already held to the caps (no second walk).
+fn read_envelope(body: &[u8]) -> Envelope {
     #[derive(Deserialize)]
     struct Kind {
         #[serde(rename = "type", default)]
@@ -187,13 +195,10 @@ pub fn peek_envelope(body: &[u8]) -> Option<Envelope> {
         #[serde(default)]
         req_id: Option<Loose>,
     }
-    if !is_map(body) || crate::shape::check(body, &PEEK).is_err() {
-        return None;
-    }
     // Read apart, so that a container under one key does not hide the other.
     let kind = rmp_serde::from_slice::<Kind>(body).map(|k| k.kind);
     let req_id = rmp_serde::from_slice::<ReqId>(body).map(|r| r.req_id);
-    Some(Envelope {
+    Envelope {
         kind_not_text: matches!(kind, Ok(Some(Loose::Unsigned(_) | Loose::Other)) | Err(_)),
         kind: match kind {
             Ok(Some(Loose::Text(s))) => Some(s),
@@ -203,13 +208,13 @@ pub fn peek_envelope(body: &[u8]) -> Option<Envelope> {
             Ok(Some(Loose::Unsigned(n))) => Some(n),
             _ => None,
         },
-    })
+    }
 }
 
+/// Why `body`, a map within the wire's caps (checked by [`decode_body`]), did
+/// not decode as `T`.
 fn explain<T: WireMessage>(body: &[u8]) -> ProtocolError {
-    let Some(envelope) = peek_envelope(body) else {
-        return not_a_map(body);
-    };
+    let envelope = read_envelope(body);
     match envelope.kind {
         None if envelope.kind_not_text => {
             ProtocolError::invalid("type", "must be a string naming the message")
