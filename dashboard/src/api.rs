@@ -290,21 +290,19 @@ pub async fn resubmit(State(app): State<Arc<App>>, Path(id): Path<String>) -> Re
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
-    let broker_resubmits = app
-        .client
-        .welcome()
-        .is_some_and(|w| w.features.iter().any(|f| f == "resubmit"));
-    let accepted = if broker_resubmits {
-        app.client.resubmit(id, None).await
-    } else {
-        let job = match app.client.get(id).await {
-            Ok(job) => job,
-            Err(e) => return client_error(&e),
-        };
-        match form::resubmission(&job) {
-            Ok(spec) => app.client.submit(spec).await,
-            Err(e) => return e.into_response(),
+    let accepted = match app.client.resubmit(id, None).await {
+        // The client checks the broker's features before sending `resubmit`.
+        Err(ClientError::Unsupported { .. }) => {
+            let job = match app.client.get(id).await {
+                Ok(job) => job,
+                Err(e) => return client_error(&e),
+            };
+            match form::resubmission(&job) {
+                Ok(spec) => app.client.submit(spec).await,
+                Err(e) => return e.into_response(),
+            }
         }
+        answered => answered,
     };
     match accepted {
         Ok(accepted) => Json(ActionResult::Resubmit { from: id, accepted }).into_response(),
